@@ -1,0 +1,91 @@
+"""Atomic, resumable training checkpoints.
+
+A checkpoint is a folder ``<run>/checkpoints/step-00000100/`` holding
+
+* ``model.safetensors`` — the student's weights (``safetensors.torch.save_model``: shared/tied
+  tensors stored once),
+* ``optimizer.pt``, ``scheduler.pt`` — their ``state_dict``s (plain tensors and numbers, read back with
+  ``torch.load(weights_only=True)``: no pickle of arbitrary objects),
+* ``rng.pt`` — torch CPU (and CUDA) RNG states and the sampling generator's state,
+* ``state.json`` — step, data position, tokens seen, and the config fingerprint,
+* ``COMPLETE`` — written last.
+
+It is written under a temporary name and renamed into place, so a crash at any point leaves either
+the previous checkpoint or the new one, never a half-written folder that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer, scheduler,
+                    state: dict, generator: torch.Generator | None = None, keep: int = 2) -> Path:
+    """Write checkpoint ``step`` atomically; keep the newest ``keep`` checkpoints."""
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:08d}.", dir=root))
+    save_model(model, str(tmp / "model.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    if generator is not None:
+        rng["generator"] = generator.get_state()
+    torch.save(rng, tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    (tmp / "COMPLETE").write_text("ok\n")
+    if final.exists():  # a stale one from a run that crashed after the rename but before cleanup
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Finished checkpoints, oldest first (temporary and incomplete folders are ignored)."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [p for p in root.glob("step-*") if (p / "COMPLETE").is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler,
+                    generator: torch.Generator | None = None) -> dict:
+    """Restore everything saved by :func:`save_checkpoint`; return its ``state.json``."""
+    load_model(model, str(path / "model.safetensors"))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    if generator is not None and "generator" in rng:
+        generator.set_state(rng["generator"])
+    return json.loads((path / "state.json").read_text())

@@ -1,0 +1,125 @@
+"""Command line: parse, load config, call one library function. No logic here.
+
+Errors the user can cause end as one line ``error: ...`` and exit status 2 (set
+``DISTILLERY_DEBUG=1`` for the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _cmd_distill(args) -> int:
+    from .config import load_config
+    from .train import distill
+
+    cfg = load_config(args.recipe, args.overrides)
+    summary = distill(cfg, resume=args.resume)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .evaluate import run_eval
+
+    metrics = run_eval(args.teacher, args.student, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
+                       max_blocks=args.max_blocks, json_out=args.json)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(quick=args.quick, output_dir=args.output_dir, overrides=args.overrides)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distillery", description="Distill a teacher LLM into a small student for consumer devices.")
+    p.add_argument("--version", action="version", version=f"distillery {__import__('distillery').__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("distill", help="distill a teacher into a student from a YAML recipe")
+    d.add_argument("recipe", help="YAML recipe (see configs/)")
+    d.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=200")
+    d.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
+    d.set_defaults(func=_cmd_distill)
+
+    e = sub.add_parser("eval", help="compare a student to its teacher on held-out text")
+    e.add_argument("--teacher", required=True, help="teacher folder, .gguf file, or 'smollm2'")
+    e.add_argument("--student", required=True, help="student folder (HF format)")
+    e.add_argument("--data", required=True, nargs="+", help="held-out text/JSONL files or demo:milton")
+    e.add_argument("--seq-len", type=int, default=256)
+    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--max-blocks", type=int, default=None, help="evaluate at most this many blocks")
+    e.add_argument("--json", default=None, help="write the metrics to this JSON file")
+    e.set_defaults(func=_cmd_eval)
+
+    m = sub.add_parser("demo", help="distill SmolLM2-135M-Instruct into a small student and print the results")
+    m.add_argument("--quick", action="store_true", help="a short run (under 3 minutes on 2 CPU cores)")
+    m.add_argument("--output-dir", default="runs/demo")
+    m.add_argument("overrides", nargs="*", help="key=value overrides for the demo recipe")
+    m.set_defaults(func=_cmd_demo)
+
+    _optional_verbs(sub)
+    return p
+
+
+def _optional_verbs(sub) -> None:
+    """Verbs whose parts register their own arguments (cache, generate, prune, quantize, export, bench, report, plan)."""
+    registrations = [
+        ("distillery.cache", "add_cache_parser"),
+        ("distillery.api", "add_generate_parser"),
+        ("distillery.prune", "add_prune_parser"),
+        ("distillery.quantize", "add_quantize_parser"),
+        ("distillery.export", "add_export_parser"),
+        ("distillery.bench", "add_bench_parser"),
+        ("distillery.report", "add_report_parser"),
+        ("distillery.plan", "add_plan_parser"),
+    ]
+    import importlib
+
+    for module, fn in registrations:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("distillery"):
+                continue  # that part is not built yet
+            raise
+        if hasattr(mod, fn):
+            getattr(mod, fn)(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import DistilleryError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DistilleryError as exc:
+        if os.environ.get("DISTILLERY_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+        if os.environ.get("DISTILLERY_DEBUG"):
+            raise
+        print(f"error: {exc.strerror or exc}: {exc.filename}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if os.environ.get("DISTILLERY_DEBUG") or exc.errno is None:
+            raise
+        print(f"error: {exc.strerror}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Fidelity to the teacher on held-out text: perplexities, KL(p_T ‖ q_S), top-1 agreement.
+
+All metrics are token-weighted means over the target positions (``labels != -100``):
+
+* ``teacher_perplexity`` / ``student_perplexity`` = exp(mean cross-entropy of the label token),
+* ``kl_teacher_student`` = mean over positions of Σ_v p_T(v) (log p_T(v) − log q_S(v)) (nats, T = 1),
+* ``top1_agreement`` = fraction of positions where argmax p_T == argmax q_S,
+* ``tokens`` = number of target positions.
+
+Logits are formed chunk by chunk over the target rows (never ``(B, T, V)`` for both models at once).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from .targets import TeacherTargets
+
+
+def student_hidden(model, batch: dict) -> torch.Tensor:
+    """Final (post-norm) hidden states of a HF causal LM, ``(B, T, H)``."""
+    return model.base_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).last_hidden_state
+
+
+@torch.no_grad()
+def evaluate(teacher, student, batches: Iterable[dict], *, vocab_size: int | None = None,
+             chunk_rows: int = 1024, progress: bool = False, max_batches: int | None = None) -> dict:
+    """Compare ``student`` to ``teacher`` (a live ``Teacher``) on ``batches``; returns the metric dict."""
+    was_training = student.training
+    student.eval()
+    device = next(student.parameters()).device
+    head = student.get_output_embeddings()
+    sums = {"t_ce": 0.0, "s_ce": 0.0, "kl": 0.0, "agree": 0.0, "tokens": 0}
+    it = batches if not progress else tqdm(batches, desc="eval", leave=False, total=max_batches)
+    for i, batch in enumerate(it):
+        if max_batches is not None and i >= max_batches:
+            break
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch["labels"].reshape(-1)  # (B*T,)
+        rows = (labels != -100).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        targets: TeacherTargets = teacher.targets(batch, vocab_size=vocab_size).to(device)
+        h = student_hidden(student, batch)
+        h = h.reshape(-1, h.shape[-1])  # (B*T, H)
+        for start in range(0, rows.numel(), chunk_rows):
+            r = rows[start:start + chunk_rows]
+            s_logits = torch.nn.functional.linear(h[r], head.weight, head.bias).float()  # (n, V_s)
+            t_logits = targets.dense_logits(r).float()  # (n, V_t)
+            v = vocab_size or min(s_logits.shape[-1], t_logits.shape[-1])
+            s_lp = torch.log_softmax(s_logits[:, :v], dim=-1)
+            t_lp = torch.log_softmax(t_logits[:, :v], dim=-1)
+            y = labels[r]
+            sums["s_ce"] += -s_lp.gather(1, y[:, None]).sum().item()
+            sums["t_ce"] += -t_lp.gather(1, y[:, None]).sum().item()
+            sums["kl"] += (t_lp.exp() * (t_lp - s_lp)).sum().item()
+            sums["agree"] += (t_lp.argmax(-1) == s_lp.argmax(-1)).sum().item()
+            sums["tokens"] += r.numel()
+    student.train(was_training)
+    n = max(sums["tokens"], 1)
+    return {
+        "teacher_perplexity": math.exp(sums["t_ce"] / n),
+        "student_perplexity": math.exp(sums["s_ce"] / n),
+        "kl_teacher_student": sums["kl"] / n,
+        "top1_agreement": sums["agree"] / n,
+        "tokens": sums["tokens"],
+    }
+
+
+def write_json(metrics: dict, path: str | Path) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    tmp.replace(p)
+
+
+def run_eval(teacher_src: str, student_dir: str, data: list[str], *, seq_len: int = 256, batch_size: int = 4,
+             max_blocks: int | None = None, json_out: str | None = None, progress: bool = True) -> dict:
+    """``distillery eval``: load both models, check their tokenizers, score every held-out block."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .config import DataConfig
+    from .data import build_datasets
+    from .errors import DistilleryError
+    from .students import check_vocab
+    from .teachers import load_teacher
+
+    if json_out is not None:  # fail before spending compute if the output cannot be written
+        _check_writable(Path(json_out))
+    sdir = Path(student_dir)
+    if not (sdir / "config.json").is_file():
+        raise DistilleryError(f"student '{student_dir}' is not a model folder (no config.json)")
+    teacher = load_teacher(teacher_src)
+    student = AutoModelForCausalLM.from_pretrained(sdir, dtype=torch.float32).eval()
+    s_tok = AutoTokenizer.from_pretrained(sdir) if (sdir / "tokenizer_config.json").is_file() else teacher.tokenizer
+    vocab = check_vocab(teacher.tokenizer, s_tok, teacher.model.get_output_embeddings().weight.shape[0],
+                        student.get_output_embeddings().weight.shape[0])
+    limit = min(teacher.model.config.max_position_embeddings, student.config.max_position_embeddings)
+    cfg = DataConfig(train=list(data), seq_len=seq_len, val_fraction=0.0, max_train_blocks=max_blocks)
+    ds = build_datasets(cfg, teacher.tokenizer, max_positions=limit).train
+    batches = ({k: torch.stack([torch.as_tensor(ds[j][k]) for j in range(i, min(i + batch_size, len(ds)))])
+                for k in ("input_ids", "labels", "attention_mask")} for i in range(0, len(ds), batch_size))
+    metrics = evaluate(teacher, student, batches, vocab_size=vocab, progress=progress,
+                       max_batches=math.ceil(len(ds) / batch_size))
+    metrics.update({"teacher": teacher_src, "student": str(student_dir), "data": list(data), "seq_len": seq_len})
+    if json_out is not None:
+        write_json(metrics, json_out)
+    return metrics
+
+
+def _check_writable(path: Path) -> None:
+    from .errors import DistilleryError
+
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = parent / f".{path.name}.probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise DistilleryError(f"cannot write '{path}': {exc.strerror}") from None

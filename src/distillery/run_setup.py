@@ -1,0 +1,100 @@
+"""Everything a run needs before its first step: teacher, tokenizer, data, student, vocabulary check.
+
+Kept apart from ``train.py`` so the loop stays readable, and shared by ``distill``, ``eval`` and the
+demo. The order matters: the tokenizer comes from the teacher (or its cache), the data are tokenized
+with it, and the student is checked against it before any compute is spent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .config import RunConfig
+from .errors import DistilleryError
+from .students import build_student, check_vocab, load_student_tokenizer
+from .teachers import load_teacher
+
+
+@dataclass
+class Run:
+    cfg: RunConfig
+    teacher: Any              # has .targets(batch, vocab_size) -> TeacherTargets
+    eval_teacher: Any | None  # a teacher for validation metrics (live, or the cache's validation split)
+    tokenizer: Any
+    train: Any
+    val: Any | None
+    fingerprint: dict
+    student: torch.nn.Module
+    vocab_size: int
+    save_student: Callable[[torch.nn.Module, Path], None]
+
+
+def _max_positions(*models) -> int | None:
+    limits = [getattr(m.config, "max_position_embeddings", None) for m in models if m is not None]
+    limits = [x for x in limits if x]
+    return min(limits) if limits else None
+
+
+def prepare_run(cfg: RunConfig, device: torch.device, is_main: bool = True) -> Run:
+    from .data import build_datasets  # imported here: data pulls in tokenizers machinery
+
+    tcfg = cfg.teacher
+    if tcfg.kind == "cache":
+        from .cache.teacher import CachedTeacher  # the teacher cache backend
+
+        if not tcfg.cache_path:
+            raise DistilleryError("teacher.kind is 'cache' but teacher.cache_path is not set")
+        teacher = CachedTeacher(tcfg.cache_path)
+        tokenizer = teacher.tokenizer
+        teacher_model = None
+        teacher_width = teacher.vocab_width
+    else:
+        teacher = load_teacher(tcfg.source, device=tcfg.device if tcfg.device != "auto" else str(device),
+                               dtype=tcfg.dtype, trust_remote_code=tcfg.trust_remote_code)
+        tokenizer = teacher.tokenizer
+        teacher_model = teacher.model
+        teacher_width = teacher_model.get_output_embeddings().weight.shape[0]
+
+    splits = build_datasets(cfg.data, tokenizer, max_positions=_max_positions(teacher_model))
+    if tcfg.kind == "cache":
+        teacher.check(splits.fingerprint, cfg)
+
+    calib = None
+    if cfg.student.init == "pruned":
+        from .train import collate
+
+        n = min(len(splits.train), cfg.student.prune.calibration_batches * cfg.train.micro_batch_size)
+        calib = [collate(splits.train, torch.arange(i, min(i + cfg.train.micro_batch_size, n)))
+                 for i in range(0, n, cfg.train.micro_batch_size)]
+    student = build_student(cfg.student, teacher_model, calibration=calib, seed=cfg.train.seed)
+    limit = getattr(student.config, "max_position_embeddings", None)
+    if limit and cfg.data.seq_len > limit:
+        raise DistilleryError(f"data.seq_len ({cfg.data.seq_len}) is above the student's limit "
+                              f"max_position_embeddings={limit}")
+    student_tok = load_student_tokenizer(cfg.student, tokenizer)
+    vocab = check_vocab(tokenizer, student_tok, teacher_width, student.get_output_embeddings().weight.shape[0])
+    student.to(device)
+
+    def save_student(model: torch.nn.Module, folder: Path) -> None:
+        """Plain HF folder (safetensors + tokenizer + generation config): no distillery needed to load it."""
+        import os
+        import shutil
+        import tempfile
+
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.rename(tmp, folder)
+
+    eval_teacher = teacher if tcfg.kind != "cache" else teacher.eval_teacher()
+    return Run(cfg=cfg, teacher=teacher, eval_teacher=eval_teacher, tokenizer=tokenizer, train=splits.train,
+               val=splits.val, fingerprint=splits.fingerprint, student=student, vocab_size=vocab,
+               save_student=save_student)

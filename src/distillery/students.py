@@ -1,0 +1,120 @@
+"""Students: plain Hugging Face causal LMs, built from a config, loaded pretrained, or pruned from the teacher.
+
+A student is always a ``PreTrainedModel`` of a family every runtime converter knows (Llama, Qwen2),
+saved with ``save_pretrained`` (safetensors) plus the tokenizer, so
+``AutoModelForCausalLM.from_pretrained(folder)`` loads it without distillery.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .config import StudentConfig
+from .errors import DistilleryError
+
+SUPPORTED_FAMILIES = ("llama", "qwen2")
+
+# Fields copied from the teacher's config when the student's model section does not set them:
+# the vocabulary and special tokens must match; the rest are architecture defaults of the family.
+_INHERITED = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "rope_theta", "rope_scaling",
+              "rope_parameters", "rms_norm_eps", "hidden_act", "max_position_embeddings", "tie_word_embeddings",
+              "attention_bias", "mlp_bias")
+
+
+def student_config(model_fields: dict, teacher_config) -> "AutoConfig":
+    """HF config for a fresh student: the recipe's ``student.model`` fields over the teacher's basics."""
+    fields = dict(model_fields)
+    model_type = fields.pop("model_type", getattr(teacher_config, "model_type", "llama"))
+    if model_type not in SUPPORTED_FAMILIES:
+        raise DistilleryError(f"student.model.model_type '{model_type}' is not supported "
+                              f"(choose one of {', '.join(SUPPORTED_FAMILIES)})")
+    base = {}
+    if teacher_config is not None:
+        tdict = teacher_config.to_dict()
+        base = {k: tdict[k] for k in _INHERITED if k in tdict and tdict[k] is not None}
+    base.update(fields)
+    if "hidden_size" in base and "num_attention_heads" in base and "head_dim" not in fields:
+        base["head_dim"] = base["hidden_size"] // base["num_attention_heads"]
+    try:
+        cfg = AutoConfig.for_model(model_type, **base)
+    except (TypeError, ValueError) as exc:
+        raise DistilleryError(f"student.model: invalid config ({exc})".splitlines()[0]) from None
+    heads, kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+    if heads % kv:
+        raise DistilleryError(f"student.model: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv})")
+    return cfg
+
+
+def build_student(cfg: StudentConfig, teacher_model: PreTrainedModel | None = None,
+                  calibration: Iterable[dict] | None = None, seed: int = 0) -> PreTrainedModel:
+    """Make the student named by ``cfg`` (fp32, train mode)."""
+    if cfg.init == "pretrained":
+        if not cfg.pretrained:
+            raise DistilleryError("student.init is 'pretrained' but student.pretrained (a folder) is not set")
+        path = Path(cfg.pretrained)
+        if not (path / "config.json").is_file():
+            raise DistilleryError(f"student.pretrained '{path}' is not a model folder (no config.json)")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    elif cfg.init == "pruned":
+        if teacher_model is None:
+            raise DistilleryError("student.init 'pruned' needs a live teacher (teacher.kind: hf)")
+        from .prune import prune_model  # pruning lives in its own part
+
+        p = cfg.prune
+        model = prune_model(teacher_model, list(calibration or []), layers=p.layers, hidden=p.hidden,
+                            ffn=p.ffn, heads=p.heads, method=p.method)
+        model = model.to(torch.float32)
+    else:
+        config = student_config(cfg.model, None if teacher_model is None else teacher_model.config)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if model.config.model_type not in SUPPORTED_FAMILIES:
+        raise DistilleryError(f"student family '{model.config.model_type}' is not supported "
+                              f"(choose one of {', '.join(SUPPORTED_FAMILIES)})")
+    model.requires_grad_(True)
+    return model.train()
+
+
+def load_student_tokenizer(cfg: StudentConfig, teacher_tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """A pretrained student brings its own tokenizer; built and pruned students share the teacher's."""
+    if cfg.init == "pretrained" and cfg.pretrained and (Path(cfg.pretrained) / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(cfg.pretrained)
+    return teacher_tokenizer
+
+
+def check_vocab(teacher_tok: PreTrainedTokenizerBase, student_tok: PreTrainedTokenizerBase,
+                teacher_width: int, student_width: int) -> int:
+    """Check the two tokenizers agree and both embedding tables cover them; return the shared vocab size.
+
+    Compares the token → id maps (not only sizes): a student with another tokenizer must never be
+    fed the teacher's ids. Embedding tables may be padded past the tokenizer (151,936 vs 152,064 in
+    Qwen2 checkpoints): the loss then uses the first ``len(tokenizer)`` columns of both.
+    """
+    tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
+    if tv != sv:
+        only_t = sorted(set(tv) - set(sv))
+        moved = sorted(k for k in set(tv) & set(sv) if tv[k] != sv[k])
+        example = (only_t or moved or sorted(set(sv) - set(tv)))[:3]
+        raise DistilleryError(
+            f"tokenizer mismatch: teacher has {len(tv)} tokens, student {len(sv)}; {len(only_t)} teacher tokens "
+            f"missing from the student and {len(moved)} with other ids (e.g. {example}); "
+            "same-tokenizer distillation needs identical vocabularies")
+    n = len(teacher_tok)
+    for who, width in (("teacher", teacher_width), ("student", student_width)):
+        if width < n:
+            raise DistilleryError(f"{who} output layer has {width} logits but the tokenizer has {n} tokens")
+    return n
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel()
+    return total

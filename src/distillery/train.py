@@ -1,0 +1,212 @@
+"""The distillation loop: one function, read top to bottom.
+
+``distill(cfg)`` loads the teacher and the data, builds the student, checks the vocabularies, then
+runs ``train.max_steps`` optimizer steps of
+
+    loss = (kd_weight · Σ_t KD(teacher_t ‖ student_t) + ce_weight · Σ_t CE_t) / N_window
+
+where the sums run over the target positions of every micro-batch in the accumulation window (all
+ranks) and ``N_window`` is their count, computed once per step (TRL #4719: normalise by the global
+token count once, not per micro-batch). The student's LM head and the loss are applied in chunks of
+rows (``losses.chunked_distill_loss``), so neither model's ``(B, T, V)`` logits are ever held whole.
+
+Data order is a pure function of (seed, step): step ``s`` takes global batch ``s mod steps_per_epoch``
+of the permutation for epoch ``s // steps_per_epoch``; rank ``r`` of ``W`` takes every W-th
+micro-batch of it. A W-process run therefore sees the same global batches as a one-process run, and
+resuming needs nothing but the step number (kept in the checkpoint with the RNG states).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .config import RunConfig, dump_config
+from .errors import DistilleryError
+from .evaluate import evaluate, student_hidden, write_json
+from .losses import chunked_distill_loss
+from .run_setup import prepare_run
+
+
+class HiddenStates(torch.nn.Module):
+    """Wraps a HF causal LM so that DDP's forward returns final hidden states ``(B, T, H)``, not logits."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return student_hidden(self.model, {"input_ids": input_ids, "attention_mask": attention_mask})
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total`` steps."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on norms, biases (1-D tensors)."""
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas))
+
+
+def global_batch_indices(n_items: int, step: int, global_batch: int, seed: int) -> torch.Tensor:
+    """Dataset indices of global batch ``step`` (shuffled per epoch by ``seed``; the tail is dropped)."""
+    per_epoch = n_items // global_batch
+    epoch, pos = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n_items, generator=g)
+    return order[pos * global_batch:(pos + 1) * global_batch]
+
+
+def collate(dataset, indices: torch.Tensor) -> dict:
+    items = [dataset[int(i)] for i in indices]
+    return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
+
+
+def distill(cfg: RunConfig, resume: bool = False) -> dict:
+    """Run the distillation described by ``cfg``; return the final summary (also written to JSON)."""
+    tc = cfg.train
+    out = Path(tc.output_dir)
+    acc = Accelerator(mixed_precision="no" if tc.mixed_precision == "auto" else tc.mixed_precision,
+                      cpu=not torch.cuda.is_available())
+    if tc.mixed_precision == "auto" and acc.device.type == "cuda" and torch.cuda.is_bf16_supported():
+        acc.native_amp = True  # bf16 autocast on GPUs that have it; fp32 on CPU (bf16 is ~50x slower there)
+        acc.mixed_precision = "bf16"
+    if not resume and list_checkpoints(out):
+        raise DistilleryError(f"{out} already holds checkpoints: pass --resume to continue, or choose another train.output_dir")
+    run = prepare_run(cfg, device=acc.device, is_main=acc.is_main_process)  # teacher, data, student, vocab
+    student, teacher, train_ds = run.student, run.teacher, run.train
+    world, rank = acc.num_processes, acc.process_index
+    global_batch = tc.micro_batch_size * tc.grad_accum * world
+    if len(train_ds) < global_batch:
+        raise DistilleryError(f"the training split has {len(train_ds)} blocks, fewer than one global batch "
+                              f"({global_batch} = micro_batch_size x grad_accum x processes)")
+
+    optimizer = make_optimizer(student, tc)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.warmup_steps, tc.max_steps, tc.min_lr_ratio))
+    gen = torch.Generator().manual_seed(tc.seed + 17 * rank)  # on-policy sampling
+    step, tokens_seen = 0, 0
+    if resume:
+        ckpts = list_checkpoints(out)
+        if ckpts:
+            state = load_checkpoint(ckpts[-1], student, optimizer, scheduler, gen)
+            step, tokens_seen = state["step"], state["tokens_seen"]
+            if acc.is_main_process:
+                print(f"resuming from {ckpts[-1]} (step {step})")
+    wrapped, optimizer = acc.prepare(HiddenStates(student), optimizer)
+    head = student.get_output_embeddings()
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(cfg))
+    metrics_path = out / "metrics.jsonl"
+    if acc.is_main_process and resume and metrics_path.exists():  # drop lines logged after the checkpoint
+        kept = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        metrics_path.write_text("".join(ln + "\n" for ln in kept))
+    log = open(metrics_path, "a") if acc.is_main_process else None
+    lc = cfg.loss
+    bar = tqdm(total=tc.max_steps, initial=step, desc="distill", disable=not (tc.progress and acc.is_main_process))
+    qat_on = False
+    t_start, window_tokens = time.perf_counter(), 0
+    while step < tc.max_steps:
+        if cfg.qat.enabled and not qat_on and step >= tc.max_steps - cfg.qat.last_steps:
+            from .quantize import qat_wrap  # fake-quantized weights (STE) for the last steps
+            qat_wrap(student, bits=cfg.qat.bits, group_size=cfg.qat.group_size)
+            qat_on = True
+        idx = global_batch_indices(len(train_ds), step, global_batch, tc.seed)
+        micro = [collate(train_ds, idx[(i * world + rank) * tc.micro_batch_size:(i * world + rank + 1) * tc.micro_batch_size])
+                 for i in range(tc.grad_accum)]
+        if cfg.generation.on_policy_fraction > 0:
+            from .onpolicy import choose_on_policy, on_policy_batch  # GKD: student samples, teacher scores
+            if choose_on_policy(step, cfg.generation.on_policy_fraction, tc.seed):
+                micro = [on_policy_batch(student, mb, run.tokenizer, cfg.generation, generator=gen) for mb in micro]
+        micro = [{k: v.to(acc.device) for k, v in mb.items()} for mb in micro]
+        # N_window: target tokens in the whole accumulation window, summed over ranks, counted once.
+        n_tokens = torch.tensor(float(sum(int((mb["labels"] != -100).sum()) for mb in micro)), device=acc.device)
+        n_tokens = acc.reduce(n_tokens, reduction="sum").item() if world > 1 else n_tokens.item()
+        kd_sum = ce_sum = 0.0
+        for i, mb in enumerate(micro):
+            targets = teacher.targets(mb, vocab_size=run.vocab_size).to(acc.device) if lc.kd_weight > 0 else None
+            ctx = acc.no_sync(wrapped) if i < len(micro) - 1 else contextlib.nullcontext()
+            with ctx, acc.autocast():
+                hidden = wrapped(mb["input_ids"], mb.get("attention_mask"))  # (B, T, H)
+                loss, stats = chunked_distill_loss(
+                    hidden, head.weight, targets, mb["labels"], kd=lc.kd, beta=lc.beta, alpha=lc.alpha,
+                    loss_temperature=lc.loss_temperature, kd_weight=lc.kd_weight, ce_weight=lc.ce_weight,
+                    n_tokens=max(n_tokens, 1.0), chunk_size=lc.chunk_size, vocab_size=run.vocab_size,
+                    lm_head_bias=head.bias)
+                if not torch.isfinite(loss):
+                    last = list_checkpoints(out)
+                    raise DistilleryError(f"step {step}: loss is {loss.item()}; stopped before the update "
+                                          f"(last good checkpoint: {last[-1] if last else 'none'})")
+                acc.backward(loss * world)  # DDP averages gradients over ranks; the loss is already global
+            kd_sum += stats["kd_sum"]
+            ce_sum += stats["ce_sum"]
+            window_tokens += int(mb["attention_mask"].sum()) if "attention_mask" in mb else mb["input_ids"].numel()
+        grad_norm = acc.clip_grad_norm_(wrapped.parameters(), tc.max_grad_norm) if tc.max_grad_norm > 0 else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += int(n_tokens)
+        if acc.is_main_process and (step % tc.log_every == 0 or step == tc.max_steps):
+            elapsed = time.perf_counter() - t_start
+            rec = {"step": step, "loss": (lc.kd_weight * kd_sum + lc.ce_weight * ce_sum) / max(n_tokens, 1) * world,
+                   "kd": kd_sum / max(n_tokens, 1) * world, "ce": ce_sum / max(n_tokens, 1) * world,
+                   "lr": scheduler.get_last_lr()[0], "grad_norm": None if grad_norm is None else float(grad_norm),
+                   "tokens_seen": tokens_seen, "tok_s": window_tokens * world / max(elapsed, 1e-9)}
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tok_s']:.0f}")
+            t_start, window_tokens = time.perf_counter(), 0
+        bar.update(1)
+        if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps and run.val is not None:
+            _validate(run, student, step, log, tc, acc)
+        if (tc.save_every and step % tc.save_every == 0) or step == tc.max_steps:
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                save_checkpoint(out, step, student, optimizer, scheduler,
+                                {"tokens_seen": tokens_seen, "data_step": step}, gen, keep=tc.keep_checkpoints)
+    bar.close()
+    if qat_on:
+        from .quantize import qat_unwrap
+        qat_unwrap(student)
+    summary = {"steps": step, "tokens_seen": tokens_seen}
+    if run.val is not None:
+        summary["validation"] = _validate(run, student, step, log, tc, acc)
+    if acc.is_main_process:
+        run.save_student(student, out / "student")
+        write_json(summary, out / "summary.json")
+        log.close()
+    acc.wait_for_everyone()
+    return summary
+
+
+def _validate(run, student, step: int, log, tc, acc) -> dict | None:
+    if not acc.is_main_process or run.eval_teacher is None:
+        return None
+    batches = (collate(run.val, torch.arange(i, min(i + tc.micro_batch_size, len(run.val))))
+               for i in range(0, len(run.val), tc.micro_batch_size))
+    m = evaluate(run.eval_teacher, student, batches, vocab_size=run.vocab_size, max_batches=tc.eval_batches)
+    log.write(json.dumps({"step": step, "split": "val", **m}) + "\n")
+    log.flush()
+    return m
