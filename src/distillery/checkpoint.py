@@ -26,6 +26,19 @@ import torch
 from safetensors.torch import load_model, save_model
 
 
+def ensure_writable_dir(folder: Path, what: str = "output folder") -> None:
+    """Create ``folder`` and prove it is writable, before any compute is spent (one-line error if not)."""
+    from .errors import DistilleryError
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise DistilleryError(f"cannot write to {what} '{folder}': {exc.strerror or exc}") from None
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

@@ -93,7 +93,9 @@ def run_eval(teacher_src: str, student_dir: str, data: list[str], *, seq_len: in
     from .teachers import load_teacher
 
     if json_out is not None:  # fail before spending compute if the output cannot be written
-        _check_writable(Path(json_out))
+        from .checkpoint import ensure_writable_dir
+
+        ensure_writable_dir(Path(json_out).parent if str(Path(json_out).parent) else Path("."), "--json folder")
     sdir = Path(student_dir)
     if not (sdir / "config.json").is_file():
         raise DistilleryError(f"student '{student_dir}' is not a model folder (no config.json)")
@@ -114,15 +116,3 @@ def run_eval(teacher_src: str, student_dir: str, data: list[str], *, seq_len: in
         write_json(metrics, json_out)
     return metrics
 
-
-def _check_writable(path: Path) -> None:
-    from .errors import DistilleryError
-
-    parent = path.parent if str(path.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        probe = parent / f".{path.name}.probe"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise DistilleryError(f"cannot write '{path}': {exc.strerror}") from None

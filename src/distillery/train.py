@@ -28,7 +28,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import ensure_writable_dir, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import RunConfig, dump_config
 from .errors import DistilleryError
 from .evaluate import evaluate, student_hidden, write_json
@@ -92,6 +92,7 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
     if tc.mixed_precision == "auto" and acc.device.type == "cuda" and torch.cuda.is_bf16_supported():
         acc.native_amp = True  # bf16 autocast on GPUs that have it; fp32 on CPU (bf16 is ~50x slower there)
         acc.mixed_precision = "bf16"
+    ensure_writable_dir(out, "train.output_dir")
     if not resume and list_checkpoints(out):
         raise DistilleryError(f"{out} already holds checkpoints: pass --resume to continue, or choose another train.output_dir")
     run = prepare_run(cfg, device=acc.device, is_main=acc.is_main_process)  # teacher, data, student, vocab
