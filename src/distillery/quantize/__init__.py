@@ -1,0 +1,59 @@
+"""Weight-only int8/int4 quantization of a student and quantization-aware training helpers.
+
+Public API (imported lazily so that ``distillery --help`` stays fast):
+
+* :func:`quantize_model` / :func:`load_quantized` — ``distillery quantize``; see ``quantize.model``.
+* :func:`qat_wrap` / :func:`qat_unwrap` — fake-quantized linear layers with STE gradients for the
+  last steps of distillation; see ``quantize.qat``.
+* :func:`fake_quantize`, :func:`quantize_weight`, :func:`dequantize_weight` — the grids (GGUF
+  Q8_0/Q4_0 compatible); see ``quantize.core``.
+* :func:`add_quantize_parser` — registers the ``quantize`` verb on an argparse subparsers object.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+_LAZY = {
+    "quantize_model": "model", "load_quantized": "model", "quantize_linears": "model",
+    "qat_wrap": "qat", "qat_unwrap": "qat",
+    "fake_quantize": "core", "fake_quantize_ste": "core", "quantize_weight": "core", "dequantize_weight": "core",
+}
+
+__all__ = [*_LAZY, "add_quantize_parser"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(name)
+
+
+def _group_size(text: str) -> int | None:
+    """argparse type: an int, or 'channel' for per-channel scales."""
+    return None if text in ("channel", "none", "0") else int(text)
+
+
+def _run_quantize(args) -> int:
+    from .model import quantize_model
+
+    report = quantize_model(args.student, bits=args.bits, group_size=args.group_size, out_dir=args.out,
+                            include_lm_head=args.include_lm_head, eval_tokens=args.eval_tokens,
+                            teacher_dir=args.teacher)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def add_quantize_parser(subparsers) -> None:
+    """Register ``distillery quantize STUDENT --bits 8|4 [--group-size N] [--out DIR]``."""
+    p = subparsers.add_parser("quantize", help="weight-only int8/int4 quantization of a student folder")
+    p.add_argument("student", help="student folder (HF format, with its tokenizer)")
+    p.add_argument("--bits", type=int, choices=(8, 4), default=8)
+    p.add_argument("--group-size", type=_group_size, default=-1,
+                   help="scales per group of N input columns, or 'channel' (default: channel for 8, 32 for 4)")
+    p.add_argument("--out", default=None, help="output folder (default: STUDENT-int<bits>)")
+    p.add_argument("--include-lm-head", action="store_true", help="quantize the LM head too (untied heads only)")
+    p.add_argument("--eval-tokens", type=int, default=512, help="held-out tokens for the report (0: skip)")
+    p.add_argument("--teacher", default=None, help="teacher HF folder: also report KL(teacher || student)")
+    p.set_defaults(func=_run_quantize)

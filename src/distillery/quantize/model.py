@@ -1,0 +1,171 @@
+"""``quantize_model``: weight-only int8/int4 quantization of a student folder, saved loadably.
+
+What is written to ``out_dir``:
+
+* ``model.safetensors`` + ``config.json`` + tokenizer: a plain HF model whose linear weights are the
+  *dequantized* values (``q * d``). Every loader and converter takes it as is (``from_pretrained``,
+  ``export_model`` — and GGUF Q8_0/Q4_0 export of an int8/int4-g32 model re-quantizes onto the same
+  grid, so it loses nothing more).
+* ``quantized.safetensors``: the compact form, ``<linear>.qweight`` (int8 codes, or int4 codes packed
+  two per byte as uint8), ``<linear>.scales`` (fp32, ``(O, I // g)``) and every other tensor as is.
+  ``load_quantized(out_dir)`` rebuilds the model from this file alone (dequantizing on load).
+* ``quantization.json``: the scheme and the report below.
+
+The report compares the quantized student with its fp32 self on held-out text (default: the tail of
+*Paradise Lost*): perplexity of both, KL(fp32 ‖ quantized), top-1 agreement and relative logit error;
+with ``teacher_dir``, also KL(teacher ‖ student) before and after.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import DistilleryError
+from ..export.inputs import check_student_dir, heldout_ids, load_student
+from ..export.metrics import compare_logits, mean_nll
+from .core import (SUPPORTED_BITS, default_group_size, dequantize_weight, pack_int4, quantize_weight,
+                   unpack_int4)
+
+SCHEME_FILE = "quantization.json"
+PACKED_FILE = "quantized.safetensors"
+
+
+def _quantizable(model: nn.Module, include_lm_head: bool) -> dict[str, nn.Linear]:
+    head = None if include_lm_head else model.get_output_embeddings()
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
+
+
+def quantize_linears(model: nn.Module, bits: int, group_size: int | None,
+                     include_lm_head: bool = False) -> dict[str, torch.Tensor]:
+    """Quantize ``model``'s linear weights in place (weights become ``q * d``); return the packed tensors."""
+    packed: dict[str, torch.Tensor] = {}
+    for name, lin in _quantizable(model, include_lm_head).items():
+        q, d = quantize_weight(lin.weight, bits, group_size, name=name)
+        with torch.no_grad():
+            lin.weight.copy_(dequantize_weight(q, d, lin.weight.dtype))
+        packed[f"{name}.qweight"] = pack_int4(q) if bits == 4 else q
+        packed[f"{name}.scales"] = d.contiguous()
+    return packed
+
+
+@torch.no_grad()
+def _heldout_logits(model, ids: list[int], window: int) -> torch.Tensor:
+    """Logits ``(N, V)`` for ``ids`` run in independent windows of ``window`` tokens."""
+    rows = [model(torch.tensor([ids[i:i + window]])).logits[0] for i in range(0, len(ids), window)]
+    return torch.cat(rows)
+
+
+def _window_ppl(logits: torch.Tensor, ids: list[int], window: int) -> float:
+    """Perplexity over independent windows (each window's first token is not predicted)."""
+    nll, n = 0.0, 0
+    for i in range(0, len(ids), window):
+        chunk = ids[i:i + window]
+        if len(chunk) > 1:
+            mean, count = mean_nll(logits[i:i + len(chunk)], chunk)
+            nll, n = nll + mean * count, n + count
+    return math.exp(nll / max(n, 1))
+
+
+def quantize_model(student_dir: str | Path, bits: int = 8, group_size: int | None = -1,
+                   out_dir: str | Path | None = None, include_lm_head: bool = False,
+                   eval_tokens: int = 512, teacher_dir: str | Path | None = None) -> dict:
+    """Quantize a student folder's linear layers (weight-only, symmetric) and save it; return a report.
+
+    ``group_size=-1``: the default for ``bits`` (int8 per channel, int4 groups of 32); ``None``: per
+    channel. ``out_dir`` defaults to ``<student_dir>-int<bits>``. The LM head (often tied to the
+    embeddings) stays fp32 unless ``include_lm_head``. ``eval_tokens=0`` skips the evaluation.
+    """
+    if bits not in SUPPORTED_BITS:
+        raise DistilleryError(f"--bits {bits} is not supported (choose 8 or 4)")
+    src = check_student_dir(student_dir)
+    group_size = default_group_size(bits) if group_size == -1 else group_size
+    out = Path(out_dir) if out_dir is not None else src.with_name(f"{src.name}-int{bits}")
+    if out.resolve() == src.resolve():
+        raise DistilleryError(f"output folder '{out}' is the student folder; choose another")
+    model, tok = load_student(src)
+    if include_lm_head and model.config.tie_word_embeddings:
+        raise DistilleryError("include_lm_head with tied embeddings would quantize the input embeddings too")
+    reference = None
+    if eval_tokens:
+        ids = heldout_ids(tok, eval_tokens)
+        window = min(256, model.config.max_position_embeddings)
+        reference = _heldout_logits(model, ids, window)
+    packed = quantize_linears(model, bits, group_size, include_lm_head)
+    report = {"student": str(src), "out_dir": str(out), "bits": bits, "group_size": group_size,
+              "quantized_linears": len(packed) // 2, "include_lm_head": include_lm_head}
+    if reference is not None:
+        quant = _heldout_logits(model, ids, window)
+        cmp = compare_logits(reference, quant)
+        report.update(eval_tokens=len(ids), perplexity_fp32=_window_ppl(reference, ids, window),
+                      perplexity_quant=_window_ppl(quant, ids, window), kl_fp32_quant=cmp["kl_ref_test"],
+                      top1_agreement=cmp["top1_agreement"], rel_logit_error=cmp["rel_error"])
+        report["perplexity_change_pct"] = 100 * (report["perplexity_quant"] / report["perplexity_fp32"] - 1)
+        if teacher_dir is not None:
+            report.update(_teacher_kl(teacher_dir, ids, window, reference, quant))
+    _save(model, tok, packed, out, report)
+    report["bytes_packed"] = (out / PACKED_FILE).stat().st_size
+    report["bytes_fp32"] = sum(p.numel() * 4 for p in model.state_dict().values())
+    (out / SCHEME_FILE).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _teacher_kl(teacher_dir, ids, window, student_fp32, student_quant) -> dict:
+    teacher, _ = load_student(teacher_dir, need_tokenizer=False)
+    t_logits = _heldout_logits(teacher, ids, window)
+    if t_logits.shape[-1] != student_fp32.shape[-1]:
+        raise DistilleryError(f"teacher vocab {t_logits.shape[-1]} != student vocab {student_fp32.shape[-1]}")
+    before = compare_logits(t_logits, student_fp32)["kl_ref_test"]
+    after = compare_logits(t_logits, student_quant)["kl_ref_test"]
+    return {"kl_teacher_student_fp32": before, "kl_teacher_student_quant": after}
+
+
+def _save(model, tok, packed: dict[str, torch.Tensor], out: Path, report: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    if tok is not None:
+        tok.save_pretrained(out)
+    quantized = {n for n in packed if n.endswith(".qweight")}
+    skip = {n.removesuffix(".qweight") + ".weight" for n in quantized}
+    rest = {k: v.contiguous() for k, v in model.state_dict().items() if k not in skip}
+    if model.config.tie_word_embeddings:
+        rest.pop("lm_head.weight", None)  # shared with the embeddings: store once
+    meta = {"bits": str(report["bits"]), "group_size": str(report["group_size"])}
+    save_file({**rest, **packed}, str(out / PACKED_FILE), metadata=meta)
+    (out / SCHEME_FILE).write_text(json.dumps(report, indent=2))
+
+
+def load_quantized(quant_dir: str | Path):
+    """Rebuild the quantized student from ``quantized.safetensors`` alone, dequantizing into a plain
+    fp32 HF model (eval mode). The result equals ``from_pretrained(quant_dir)``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = check_student_dir(quant_dir)
+    if not (path / PACKED_FILE).is_file():
+        raise DistilleryError(f"{path} has no {PACKED_FILE}; is it the output of `distillery quantize`?")
+    scheme = json.loads((path / SCHEME_FILE).read_text())
+    tensors = load_file(str(path / PACKED_FILE))
+    state = {}
+    for key, value in tensors.items():
+        if key.endswith(".scales"):
+            continue
+        if key.endswith(".qweight"):
+            base = key.removesuffix(".qweight")
+            q = unpack_int4(value) if scheme["bits"] == 4 else value
+            state[base + ".weight"] = dequantize_weight(q, tensors[base + ".scales"])
+        else:
+            state[key] = value
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise DistilleryError(f"{path / PACKED_FILE}: missing {missing[:3]} unexpected {unexpected[:3]} tensors")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()

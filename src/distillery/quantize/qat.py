@@ -1,0 +1,76 @@
+"""Quantization-aware distillation: train linear layers through fake-quantized weights (STE).
+
+``qat_wrap(model, bits, group_size)`` registers a ``torch.nn.utils.parametrize`` parametrization on
+the weight of every ``nn.Linear`` (the LM head excluded by default): each forward then sees
+``fake_quantize(w)`` while gradients flow to the fp32 latent weight unchanged (straight-through
+estimator). The latent ``nn.Parameter`` objects are kept (moved to
+``module.parametrizations.weight.original``), so an optimizer built before wrapping keeps updating
+them. ``qat_unwrap(model)`` removes the parametrizations and leaves the *latent* fp32 weights in
+place (quantize or export afterwards; the grids match GGUF Q8_0/Q4_0, see ``core``).
+
+Call it for the last N steps of training; save only after ``qat_unwrap`` (a parametrized module's
+state dict has different keys).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..errors import DistilleryError
+from .core import SUPPORTED_BITS, default_group_size, fake_quantize_ste
+
+
+class FakeQuantSTE(nn.Module):
+    """Parametrization: weight ``(O, I)`` → fake-quantized weight, identity gradient."""
+
+    def __init__(self, bits: int, group_size: int | None):
+        super().__init__()
+        self.bits, self.group_size = bits, group_size
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return fake_quantize_ste(weight, self.bits, self.group_size)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, group_size={self.group_size}"
+
+
+def _lm_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if callable(get) else None
+
+
+def qat_wrap(model: nn.Module, bits: int = 4, group_size: int | None = -1,
+             include_lm_head: bool = False) -> list[str]:
+    """Make every ``nn.Linear`` of ``model`` use fake-quantized weights in forward; return their names.
+
+    ``group_size=-1`` means the default for ``bits`` (per channel for 8, 32 for 4); ``None`` means per
+    channel. Layers whose ``in_features`` the group size does not divide raise ``DistilleryError``.
+    Wrapping twice is an error.
+    """
+    if bits not in SUPPORTED_BITS:
+        raise DistilleryError(f"qat bits={bits} is not supported (choose 8 or 4)")
+    group_size = default_group_size(bits) if group_size == -1 else group_size
+    head = None if include_lm_head else _lm_head(model)
+    wrapped = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or module is head:
+            continue
+        if parametrize.is_parametrized(module, "weight"):
+            raise DistilleryError(f"{name}: already wrapped for QAT (call qat_unwrap first)")
+        if group_size is not None and module.in_features % group_size:
+            raise DistilleryError(f"{name}: in_features={module.in_features} is not a multiple of group_size={group_size}")
+        parametrize.register_parametrization(module, "weight", FakeQuantSTE(bits, group_size), unsafe=True)
+        wrapped.append(name)
+    return wrapped
+
+
+def qat_unwrap(model: nn.Module) -> list[str]:
+    """Remove the QAT parametrizations, keeping the latent fp32 weights; return the unwrapped names."""
+    unwrapped = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+            unwrapped.append(name)
+    return unwrapped
