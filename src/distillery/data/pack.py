@@ -1,0 +1,131 @@
+"""Packed blocks: every block is ``seq_len + 1`` consecutive entries of one flat token tensor.
+
+A block ``blk`` of width ``T + 1`` gives ``input_ids = blk[:-1]`` and ``labels = blk[1:]`` (already
+shifted: ``labels[t]`` is the token after ``input_ids[:t+1]``), with ``-100`` wherever the next token
+is not a target (padding, or a non-assistant token in chat data).
+
+* **Text**: the token stream is cut with stride ``T``, so block ``i`` is ``stream[i*T : i*T + T + 1]``
+  and neighbouring blocks share one token: every token but the first is a target exactly once.
+  The tail shorter than a block is dropped.
+* **Chat**: each conversation (truncated to ``T + 1`` tokens if longer) is placed whole into a block;
+  blocks are filled greedily in file order (next fit) and right-padded (``attention_mask`` 0,
+  labels -100). Limitation: conversations packed into one block attend to the ones before them
+  (no block-diagonal mask); only assistant tokens are targets, so no loss is taken across them.
+
+The dataset never copies blocks: it holds the flat tensor and the block start offsets, so a split
+is just a subset of offsets.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+
+class BlockDataset(Dataset):
+    """Blocks cut from one flat token tensor.
+
+    Args:
+        tokens: ``(N,)`` int32 token ids of the whole corpus.
+        starts: ``(n,)`` int64 offset of each block in ``tokens``; block ``i`` is
+            ``tokens[starts[i] : starts[i] + seq_len + 1]``.
+        seq_len: ``T``, the length of ``input_ids``.
+        targets: ``(N,)`` bool, False where a token must not be a label; ``None`` = all targets.
+        real: ``(N,)`` bool, False on padding; ``None`` = no padding.
+
+    ``dataset[i]`` is a dict ``input_ids (T,)``, ``labels (T,)``, ``attention_mask (T,)`` (int64) and
+    ``index ()`` int64 = ``i``, the block's number within this dataset (the teacher cache's key).
+    """
+
+    def __init__(self, tokens: torch.Tensor, starts: torch.Tensor, seq_len: int,
+                 targets: torch.Tensor | None = None, real: torch.Tensor | None = None):
+        self.tokens, self.starts, self.seq_len = tokens, starts.to(torch.int64), int(seq_len)
+        self.targets, self.real = targets, real
+        self._offsets = torch.arange(self.seq_len + 1, dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return int(self.starts.numel())
+
+    def batch(self, indices) -> dict[str, torch.Tensor]:
+        """Blocks ``indices`` as a batch: ``input_ids, labels, attention_mask (B, T)``, ``index (B,)``."""
+        idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
+        pos = self.starts[idx].unsqueeze(1) + self._offsets  # (B, T+1)
+        blk = self.tokens[pos].to(torch.int64)
+        labels = blk[:, 1:].clone()
+        if self.targets is not None:
+            labels[~self.targets[pos[:, 1:]]] = -100
+        if self.real is not None:
+            attention = self.real[pos[:, :-1]].to(torch.int64)
+        else:
+            attention = torch.ones_like(labels)
+        return {"input_ids": blk[:, :-1].contiguous(), "labels": labels, "attention_mask": attention, "index": idx}
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not -len(self) <= int(i) < len(self):
+            raise IndexError(f"block {i} out of range for {len(self)} blocks")
+        i = int(i) % len(self)
+        return {k: v[0] for k, v in self.batch([i]).items()}
+
+    def subset(self, order: torch.Tensor) -> "BlockDataset":
+        """A dataset of blocks ``order`` (in that order, renumbered 0..len-1), sharing storage."""
+        return BlockDataset(self.tokens, self.starts[order], self.seq_len, self.targets, self.real)
+
+    def n_targets(self) -> int:
+        """Number of label positions that are not -100 (counts each block's own targets)."""
+        if self.targets is None:
+            return len(self) * self.seq_len
+        pos = self.starts.unsqueeze(1) + self._offsets[1:]
+        return int(self.targets[pos].sum())
+
+
+def collate(items: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack dataset items into a batch: every ``(T,)`` becomes ``(B, T)``, ``index ()`` becomes ``(B,)``."""
+    return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
+
+
+def text_starts(n_tokens: int, seq_len: int) -> np.ndarray:
+    """``(n,)`` start offsets of the stride-``T`` blocks of a stream of ``n_tokens`` tokens."""
+    n = max(0, (n_tokens - 1) // seq_len)
+    return np.arange(n, dtype=np.int64) * seq_len
+
+
+def pack_chat(convs: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> dict:
+    """Greedy next-fit packing of rendered conversations into padded blocks of ``T + 1`` tokens.
+
+    Args:
+        convs: ``(ids, assistant_mask)`` per conversation, in file order.
+    Returns:
+        dict with ``tokens (n*(T+1),)`` int32, ``targets`` / ``real`` ``(n*(T+1),)`` bool,
+        ``starts (n,)`` int64, and the counts ``truncated`` (conversations cut to ``T + 1`` tokens)
+        and ``dropped`` (conversations with no assistant token left after the cut).
+    """
+    width = seq_len + 1
+    blocks: list[list[tuple[list[int], list[int]]]] = []
+    used = width  # forces a new block for the first conversation
+    truncated = dropped = 0
+    for ids, mask in convs:
+        if len(ids) > width:
+            truncated += 1
+            ids, mask = ids[:width], mask[:width]
+        if not any(mask):  # the cut removed every assistant token: nothing to learn
+            dropped += 1
+            continue
+        if used + len(ids) > width:
+            blocks.append([])
+            used = 0
+        blocks[-1].append((ids, mask))
+        used += len(ids)
+    n = len(blocks)
+    tokens = np.full(n * width, pad_id, dtype=np.int32)
+    targets = np.zeros(n * width, dtype=bool)
+    real = np.zeros(n * width, dtype=bool)
+    for b, members in enumerate(blocks):
+        at = b * width
+        for ids, mask in members:
+            tokens[at:at + len(ids)] = ids
+            targets[at:at + len(ids)] = np.asarray(mask, dtype=bool)
+            real[at:at + len(ids)] = True
+            at += len(ids)
+    return {"tokens": tokens, "targets": targets, "real": real, "starts": np.arange(n, dtype=np.int64) * width,
+            "truncated": truncated, "dropped": dropped}
