@@ -167,3 +167,16 @@ def test_validation_files_and_fingerprint(tmp_path, tok):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert tokenizer_hash(tiny_tokenizer()) == tokenizer_hash(tok)  # a fresh copy hashes the same
+
+
+def test_text_and_chat_files_mix(tmp_path, tok):
+    (tmp_path / "a.txt").write_text(corpus_text(2000))
+    p = chat_file(tmp_path)
+    ds, files, stats = build_blocks([str(tmp_path / "a.txt"), str(p)], DataConfig(seq_len=128), tok, "data.train",
+                                    progress=False)
+    assert [f["format"] for f in files] == ["text", "chat"]
+    n_text = (stats["text_tokens"] - 1) // 128
+    b = ds.batch(torch.arange(len(ds)))
+    assert len(ds) == n_text + 2 and bool((b["labels"][:n_text] != -100).all())  # text blocks: every position
+    targets = [t for row in b["labels"][n_text:].tolist() for t in row if t != -100]
+    assert tok.decode(targets) == assistant_text(CONVS)
