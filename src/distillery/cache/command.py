@@ -1,0 +1,89 @@
+"""``distillery cache``: run the recipe's teacher over its data once and write a teacher cache.
+
+::
+
+    distillery cache RECIPE.yaml [key=value ...] [--out DIR] [--k 32]
+    accelerate launch --num_processes N -m distillery.cli cache RECIPE.yaml ...   (one shard set per rank)
+    distillery cache --info DIR [--verify]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from ..errors import DistilleryError
+from .codec import LOGPROB_KINDS
+
+
+def _rank_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (torchrun / ``accelerate launch`` set these)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def run_cache(cfg, out_dir: str, *, k: int = 32, batch_size: int = 8, shard_blocks: int = 256,
+              logprob_encoding: str = "sqrt_u8", logprob_range: float = 32.0, progress: bool = True) -> dict:
+    """Load the recipe's teacher and data, then :func:`~distillery.cache.writer.write_cache` this rank's share."""
+    from ..data import build_datasets, tokenizer_hash
+    from ..teachers import load_teacher
+    from .writer import write_cache
+
+    if cfg.teacher.kind != "hf":
+        raise DistilleryError("`distillery cache` needs a live teacher: set teacher.kind to 'hf'")
+    rank, world = _rank_world()
+    device = cfg.teacher.device
+    if device == "auto":
+        import torch
+
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    teacher = load_teacher(cfg.teacher.source, device=device, dtype=cfg.teacher.dtype,
+                           trust_remote_code=cfg.teacher.trust_remote_code)
+    tok = teacher.tokenizer
+    splits = build_datasets(cfg.data, tok)
+    width = teacher.model.get_output_embeddings().weight.shape[0]
+    vocab = min(len(tok), width)
+    info = {"teacher": {"name": teacher.name, "weights_hash": teacher.weights_hash()},
+            "tokenizer_hash": tokenizer_hash(tok), "data_fingerprint": splits.fingerprint}
+    return write_cache(lambda batch: teacher.targets(batch, vocab_size=vocab), splits, out_dir, k=k,
+                       loss_temperature=cfg.loss.loss_temperature, manifest_info=info, shard_blocks=shard_blocks,
+                       rank=rank, world_size=world, batch_size=batch_size, vocab_size=vocab,
+                       logprob_encoding=logprob_encoding, logprob_range=logprob_range, tokenizer=tok,
+                       progress=progress)
+
+
+def _cmd_cache(args) -> int:
+    from .info import cache_info
+
+    if args.info:
+        print(cache_info(args.info, verify=args.verify))
+        return 0
+    if not args.recipe:
+        raise DistilleryError("give a recipe (distillery cache RECIPE.yaml) or --info DIR")
+    from ..config import load_config
+
+    cfg = load_config(args.recipe, args.overrides)
+    out = args.out or cfg.teacher.cache_path
+    if not out:
+        raise DistilleryError("say where to write the cache: --out DIR or teacher.cache_path=DIR")
+    summary = run_cache(cfg, out, k=args.k, batch_size=args.batch_size, shard_blocks=args.shard_blocks,
+                        logprob_encoding=args.logprob_encoding, logprob_range=args.logprob_range,
+                        progress=not args.no_progress)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def add_cache_parser(subparsers) -> None:
+    """Register ``distillery cache`` on the CLI's subparsers."""
+    c = subparsers.add_parser("cache", help="run the teacher once and store its top-k targets (teacher cache)")
+    c.add_argument("recipe", nargs="?", help="YAML recipe: its teacher and data (as for `distill`)")
+    c.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.max_train_blocks=100")
+    c.add_argument("--out", default=None, help="cache folder (default: teacher.cache_path)")
+    c.add_argument("--k", type=int, default=32, help="top-k entries per position (default 32: 98 bytes/token at vocab <= 65,536)")
+    c.add_argument("--batch-size", type=int, default=8, help="blocks per teacher forward")
+    c.add_argument("--shard-blocks", type=int, default=256, help="blocks per shard (the unit of commit and resume)")
+    c.add_argument("--logprob-encoding", choices=LOGPROB_KINDS, default="sqrt_u8")
+    c.add_argument("--logprob-range", type=float, default=32.0, help="most negative log-prob the sqrt_* codes hold")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.add_argument("--info", metavar="DIR", default=None, help="print what the cache at DIR holds and exit")
+    c.add_argument("--verify", action="store_true", help="with --info: check every shard's sha256")
+    c.set_defaults(func=_cmd_cache)
