@@ -103,8 +103,9 @@ def _write_shard(teacher_fn: Callable, ds: Any, split: str, shard: int, root: Pa
     start, stop = shard * shard_blocks, min((shard + 1) * shard_blocks, len(ds))
     arrays = ShardArrays.empty(stop - start, seq_len, k, enc)
     for b0 in range(start, stop, batch_size):
-        items = [ds[i] for i in range(b0, min(b0 + batch_size, stop))]
-        batch = _collate(items)
+        items = list(range(b0, min(b0 + batch_size, stop)))
+        # distillery.data's BlockDataset gathers a batch in one step; other datasets item by item
+        batch = ds.batch(items) if hasattr(ds, "batch") else _collate([ds[i] for i in items])
         ids_in = batch["input_ids"]
         if ids_in.ndim != 2 or ids_in.shape[1] != seq_len:
             raise DistilleryError(f"block {b0} of split '{split}' has {tuple(ids_in.shape[1:])} tokens, "
