@@ -148,7 +148,8 @@ def sparse_from_logits(logits: torch.Tensor, k: int, loss_temperature: float,
     """
     if vocab_size is not None:
         logits = logits[..., :vocab_size]
-    logprobs = torch.log_softmax(logits.float() / loss_temperature, dim=-1)  # (B, T, V)
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    logprobs = torch.log_softmax(logits / loss_temperature, dim=-1)  # (B, T, V)
     k = min(k, logprobs.shape[-1])
     top_lp, top_ids = logprobs.topk(k, dim=-1)  # (B, T, K)
     kept = top_lp.exp().sum(-1)  # (B, T)

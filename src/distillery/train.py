@@ -10,10 +10,11 @@ ranks) and ``N_window`` is their count, computed once per step (TRL #4719: norma
 token count once, not per micro-batch). The student's LM head and the loss are applied in chunks of
 rows (``losses.chunked_distill_loss``), so neither model's ``(B, T, V)`` logits are ever held whole.
 
-Data order is a pure function of (seed, step): step ``s`` takes global batch ``s mod steps_per_epoch``
-of the permutation for epoch ``s // steps_per_epoch``; rank ``r`` of ``W`` takes every W-th
-micro-batch of it. A W-process run therefore sees the same global batches as a one-process run, and
-resuming needs nothing but the step number (kept in the checkpoint with the RNG states).
+Data order is a pure function of (seed, step) (``data.BlockSampler``): micro-batch ``i`` of step ``s``
+is global batch ``j = s·A + i`` of the run (``A`` = grad_accum), i.e. batch ``j mod n`` of epoch
+``j div n``; rank ``r`` of ``W`` takes the ``r``-th slice of it. A W-process run therefore sees the same
+global batches as a one-process run, and resuming needs nothing but the step number (kept in the
+checkpoint with the RNG states).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import ensure_writable_dir, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import RunConfig, dump_config
+from .data import BlockSampler
 from .errors import DistilleryError
 from .evaluate import evaluate, student_hidden, write_json
 from .losses import chunked_distill_loss
@@ -69,18 +71,9 @@ def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas))
 
 
-def global_batch_indices(n_items: int, step: int, global_batch: int, seed: int) -> torch.Tensor:
-    """Dataset indices of global batch ``step`` (shuffled per epoch by ``seed``; the tail is dropped)."""
-    per_epoch = n_items // global_batch
-    epoch, pos = divmod(step, per_epoch)
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(n_items, generator=g)
-    return order[pos * global_batch:(pos + 1) * global_batch]
-
-
 def collate(dataset, indices: torch.Tensor) -> dict:
-    items = [dataset[int(i)] for i in indices]
-    return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
+    """Blocks ``indices`` of ``dataset`` as one batch of ``(B, T)`` tensors."""
+    return dataset.batch(indices)
 
 
 def distill(cfg: RunConfig, resume: bool = False) -> dict:
@@ -98,10 +91,10 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
     run = prepare_run(cfg, device=acc.device, is_main=acc.is_main_process)  # teacher, data, student, vocab
     student, teacher, train_ds = run.student, run.teacher, run.train
     world, rank = acc.num_processes, acc.process_index
-    global_batch = tc.micro_batch_size * tc.grad_accum * world
-    if len(train_ds) < global_batch:
+    sampler = BlockSampler(len(train_ds), tc.micro_batch_size, seed=tc.seed, rank=rank, world_size=world)
+    if len(sampler) == 0:
         raise DistilleryError(f"the training split has {len(train_ds)} blocks, fewer than one global batch "
-                              f"({global_batch} = micro_batch_size x grad_accum x processes)")
+                              f"({tc.micro_batch_size * world} = micro_batch_size x processes)")
 
     optimizer = make_optimizer(student, tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.warmup_steps, tc.max_steps, tc.min_lr_ratio))
@@ -133,8 +126,7 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
             from .quantize import qat_wrap  # fake-quantized weights (STE) for the last steps
             qat_wrap(student, bits=cfg.qat.bits, group_size=cfg.qat.group_size)
             qat_on = True
-        idx = global_batch_indices(len(train_ds), step, global_batch, tc.seed)
-        micro = [collate(train_ds, idx[(i * world + rank) * tc.micro_batch_size:(i * world + rank + 1) * tc.micro_batch_size])
+        micro = [train_ds.batch(sampler.indices(*divmod(step * tc.grad_accum + i, len(sampler))))
                  for i in range(tc.grad_accum)]
         if cfg.generation.on_policy_fraction > 0:
             from .onpolicy import choose_on_policy, on_policy_batch  # GKD: student samples, teacher scores
