@@ -72,9 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _optional_verbs(sub) -> None:
     """Verbs whose parts register their own arguments (cache, generate, prune, quantize, export, bench, report, plan)."""
     registrations = [
-        ("distillery.cache", "add_cache_parser"),
-        ("distillery.api", "add_generate_parser"),
-        ("distillery.prune", "add_prune_parser"),
+        ("distillery.cache.command", "add_cache_parser"),
+        ("distillery.api.command", "add_generate_parser"),
+        ("distillery.prune.cli", "add_prune_parser"),
         ("distillery.quantize", "add_quantize_parser"),
         ("distillery.export", "add_export_parser"),
         ("distillery.bench", "add_bench_parser"),

@@ -52,11 +52,14 @@ def evaluate(teacher, student, batches: Iterable[dict], *, vocab_size: int | Non
         for start in range(0, rows.numel(), chunk_rows):
             r = rows[start:start + chunk_rows]
             s_logits = torch.nn.functional.linear(h[r], head.weight, head.bias).float()  # (n, V_s)
+            y = labels[r]
+            if targets.is_sparse:
+                _sparse_chunk(sums, s_logits, targets, r, y, vocab_size)
+                continue
             t_logits = targets.dense_logits(r).float()  # (n, V_t)
             v = vocab_size or min(s_logits.shape[-1], t_logits.shape[-1])
             s_lp = torch.log_softmax(s_logits[:, :v], dim=-1)
             t_lp = torch.log_softmax(t_logits[:, :v], dim=-1)
-            y = labels[r]
             sums["s_ce"] += -s_lp.gather(1, y[:, None]).sum().item()
             sums["t_ce"] += -t_lp.gather(1, y[:, None]).sum().item()
             sums["kl"] += (t_lp.exp() * (t_lp - s_lp)).sum().item()
@@ -65,12 +68,30 @@ def evaluate(teacher, student, batches: Iterable[dict], *, vocab_size: int | Non
     student.train(was_training)
     n = max(sums["tokens"], 1)
     return {
-        "teacher_perplexity": math.exp(sums["t_ce"] / n),
+        "teacher_perplexity": None if sums.get("sparse") else math.exp(sums["t_ce"] / n),
         "student_perplexity": math.exp(sums["s_ce"] / n),
         "kl_teacher_student": sums["kl"] / n,
         "top1_agreement": sums["agree"] / n,
         "tokens": sums["tokens"],
     }
+
+
+def _sparse_chunk(sums: dict, s_logits: torch.Tensor, targets: TeacherTargets, rows: torch.Tensor,
+                  labels: torch.Tensor, vocab_size: int | None) -> None:
+    """Metrics against a cached (top-k + tail) teacher: KL over the K+1 buckets at the cache's
+    temperature, agreement with the teacher's top-1 id; the teacher's perplexity is unknown."""
+    from .losses import forward_kl
+
+    ids, lp, tail = targets.sparse_rows(rows)
+    rows_tt = TeacherTargets(topk_ids=ids[None], topk_logprobs=lp[None], tail_logprob=tail[None],
+                             loss_temperature=targets.loss_temperature)
+    v = vocab_size or s_logits.shape[-1]
+    s_lp = torch.log_softmax(s_logits[:, :v], dim=-1)
+    sums["s_ce"] += -s_lp.gather(1, labels[:, None]).sum().item()
+    sums["kl"] += forward_kl(s_logits[None, :, :v], rows_tt, loss_temperature=targets.loss_temperature).sum().item()
+    sums["agree"] += (ids[:, 0].to(s_lp.device) == s_lp.argmax(-1)).sum().item()
+    sums["tokens"] += rows.numel()
+    sums["sparse"] = True
 
 
 def write_json(metrics: dict, path: str | Path) -> None:
