@@ -18,7 +18,8 @@ def _cmd_distill(args) -> int:
 
     cfg = load_config(args.recipe, args.overrides)
     summary = distill(cfg, resume=args.resume)
-    print(json.dumps(summary, indent=2))
+    if os.environ.get("RANK", "0") == "0":  # under accelerate launch / torchrun only the main process prints
+        print(json.dumps(summary, indent=2))
     return 0
 
 

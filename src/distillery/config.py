@@ -113,7 +113,7 @@ class TrainConfig(_Section):
     adam_betas: tuple[float, float] = (0.9, 0.95)
     max_grad_norm: float = Field(1.0, ge=0.0, description="0 disables clipping.")
     eval_every: int = Field(50, ge=0, description="Steps between validations (0 = only at the end).")
-    eval_batches: int = Field(8, gt=0)
+    eval_batches: int = Field(8, gt=0, description="Validation batches of micro_batch_size x processes blocks each.")
     save_every: int = Field(100, ge=0, description="Steps between checkpoints (0 = only at the end).")
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(1, gt=0)

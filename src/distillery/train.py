@@ -22,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -91,6 +93,10 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
     run = prepare_run(cfg, device=acc.device, is_main=acc.is_main_process)  # teacher, data, student, vocab
     student, teacher, train_ds = run.student, run.teacher, run.train
     world, rank = acc.num_processes, acc.process_index
+    if world == 1 and os.environ.get("ACCELERATE_USE_CPU") == "True" and acc.is_main_process:
+        print("note: one process. `accelerate launch --cpu` starts a single process on one machine; for CPU DDP "
+              "use --config_file configs/accelerate/ddp_cpu.yaml (see docs/scale.md)", file=sys.stderr)
+    global_batch = tc.micro_batch_size * world * tc.grad_accum  # blocks per optimizer step, all ranks
     sampler = BlockSampler(len(train_ds), tc.micro_batch_size, seed=tc.seed, rank=rank, world_size=world)
     if len(sampler) == 0:
         raise DistilleryError(f"the training split has {len(train_ds)} blocks, fewer than one global batch "
@@ -105,6 +111,13 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
         if ckpts:
             state = load_checkpoint(ckpts[-1], student, optimizer, scheduler, gen)
             step, tokens_seen = state["step"], state["tokens_seen"]
+            # The step number is the data position only while the blocks per step stay the same: a run may
+            # resume on another number of processes if micro_batch_size x processes x grad_accum is unchanged.
+            if state.get("global_batch", global_batch) != global_batch:
+                raise DistilleryError(
+                    f"{ckpts[-1]} was written with {state['global_batch']} blocks per step, this run takes "
+                    f"{global_batch} (micro_batch_size {tc.micro_batch_size} x {world} processes x grad_accum "
+                    f"{tc.grad_accum}): choose train.micro_batch_size so the product is {state['global_batch']}")
             if acc.is_main_process:
                 print(f"resuming from {ckpts[-1]} (step {step})")
     wrapped, optimizer = acc.prepare(HiddenStates(student), optimizer)
@@ -161,10 +174,14 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens_seen += int(n_tokens)
-        if acc.is_main_process and (step % tc.log_every == 0 or step == tc.max_steps):
+        logging_step = step % tc.log_every == 0 or step == tc.max_steps
+        if logging_step and world > 1:  # the logged loss is the global one: sum every rank's sums (all ranks call this)
+            kd_sum, ce_sum = acc.reduce(torch.tensor([kd_sum, ce_sum], dtype=torch.float64, device=acc.device),
+                                        reduction="sum").tolist()
+        if acc.is_main_process and logging_step:
             elapsed = time.perf_counter() - t_start
-            rec = {"step": step, "loss": (lc.kd_weight * kd_sum + lc.ce_weight * ce_sum) / max(n_tokens, 1) * world,
-                   "kd": kd_sum / max(n_tokens, 1) * world, "ce": ce_sum / max(n_tokens, 1) * world,
+            rec = {"step": step, "loss": (lc.kd_weight * kd_sum + lc.ce_weight * ce_sum) / max(n_tokens, 1),
+                   "kd": kd_sum / max(n_tokens, 1), "ce": ce_sum / max(n_tokens, 1),
                    "lr": scheduler.get_last_lr()[0], "grad_norm": None if grad_norm is None else float(grad_norm),
                    "tokens_seen": tokens_seen, "tok_s": window_tokens * world / max(elapsed, 1e-9)}
             log.write(json.dumps(rec) + "\n")
@@ -178,7 +195,8 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
             acc.wait_for_everyone()
             if acc.is_main_process:
                 save_checkpoint(out, step, student, optimizer, scheduler,
-                                {"tokens_seen": tokens_seen, "data_step": step}, gen, keep=tc.keep_checkpoints)
+                                {"tokens_seen": tokens_seen, "data_step": step, "global_batch": global_batch,
+                                 "world_size": world}, gen, keep=tc.keep_checkpoints)
     bar.close()
     if qat_on:
         from .quantize import qat_unwrap
@@ -199,7 +217,10 @@ def _validate(run, student, step: int, log, tc, acc) -> dict | None:
         return None
     batches = (collate(run.val, torch.arange(i, min(i + tc.micro_batch_size, len(run.val))))
                for i in range(0, len(run.val), tc.micro_batch_size))
-    m = evaluate(run.eval_teacher, student, batches, vocab_size=run.vocab_size, max_batches=tc.eval_batches)
+    # eval_batches counts global batches (micro_batch_size x processes blocks), so the validation blocks are
+    # the same whatever the number of processes; the main process evaluates them alone.
+    m = evaluate(run.eval_teacher, student, batches, vocab_size=run.vocab_size,
+                 max_batches=tc.eval_batches * acc.num_processes)
     log.write(json.dumps({"step": step, "split": "val", **m}) + "\n")
     log.flush()
     return m

@@ -1,0 +1,103 @@
+"""Data parallel on CPU: two processes (``accelerate launch``, DDP over gloo) against one process.
+
+The two-process run uses ``micro_batch_size=4`` per rank, the one-process run ``8``: the same global
+batches (``data.BlockSampler``), so the loss curve, the gradient norm (which checks the
+``loss × world`` scaling under DDP's gradient averaging and the all-reduced token count) and the
+final weights must agree up to float summation order. Tolerances: relative 1e-5 on every logged
+loss and gradient norm, absolute 1e-5 on every weight (measured: ~1e-7 and ~2e-7).
+
+The same run then resumes on one process from the two-process checkpoint (the step number is the
+data position when micro_batch_size × processes is kept), and a resume that would change the
+blocks per step is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distillery.config import load_config
+from distillery.errors import DistilleryError
+from distillery.train import distill
+from helpers_run import write_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+DDP_CPU = REPO / "configs" / "accelerate" / "ddp_cpu.yaml"
+COMMON = {"max_steps": 6, "save_every": 3, "eval_every": 0, "eval_batches": 1, "warmup_steps": 1}
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "student" / "model.safetensors"))
+
+
+def _launch_two(recipe: Path, *overrides: str) -> subprocess.CompletedProcess:
+    accelerate = Path(sys.executable).with_name("accelerate")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run([str(accelerate), "launch", "--config_file", str(DDP_CPU), "--main_process_port", "0",
+                           "-m", "distillery.cli", "distill", str(recipe), *overrides],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    two, one = root / "two", root / "one"
+    loss = {"ce_weight": 0.5}
+    proc = _launch_two(write_recipe(root, two, loss=loss, train={**COMMON, "micro_batch_size": 4}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count('"steps": 6') == 1  # only the main process prints the summary
+    distill(load_config(write_recipe(root, one, loss=loss, train={**COMMON, "micro_batch_size": 8})))
+    return root, two, one
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(runs):
+    _, two, one = runs
+    a = [m for m in _metrics(two) if "loss" in m]
+    b = [m for m in _metrics(one) if "loss" in m]
+    assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
+    for x, y in zip(a, b):
+        for key in ("loss", "kd", "ce", "grad_norm"):
+            assert x[key] == pytest.approx(y[key], rel=1e-5), (x["step"], key, x[key], y[key])
+        assert x["tokens_seen"] == y["tokens_seen"] and x["lr"] == y["lr"]
+    wa, wb = _weights(two), _weights(one)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-5)
+    va, vb = _metrics(two)[-1], _metrics(one)[-1]
+    assert va["split"] == vb["split"] == "val" and va["tokens"] == vb["tokens"]  # the same validation blocks
+    assert va["teacher_perplexity"] == pytest.approx(vb["teacher_perplexity"], rel=1e-6)
+    state = json.loads((two / "checkpoints" / "step-00000006" / "state.json").read_text())
+    assert (state["world_size"], state["global_batch"], state["step"]) == (2, 8, 6)
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
+
+
+def test_resume_on_one_process_from_a_two_process_checkpoint(runs):
+    root, two, one = runs
+    part = root / "part"
+    shutil.copytree(two, part)
+    shutil.rmtree(part / "checkpoints" / "step-00000006")
+    shutil.rmtree(part / "student")
+    recipe = write_recipe(root, part, loss={"ce_weight": 0.5}, train={**COMMON, "micro_batch_size": 4})
+    with pytest.raises(DistilleryError, match=r"written with 8 blocks per step, this run takes 4 .*product is 8"):
+        distill(load_config(recipe), resume=True)
+    distill(load_config(recipe, ["train.micro_batch_size=8"]), resume=True)
+    a = [m for m in _metrics(part) if "loss" in m]
+    b = [m for m in _metrics(one) if "loss" in m]
+    assert [m["step"] for m in a] == [1, 2, 3, 4, 5, 6]
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["tokens_seen"] == y["tokens_seen"]
+    wa, wb = _weights(part), _weights(one)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-5)
