@@ -251,3 +251,16 @@ def test_blocks_keyed_by_their_index_field(tmp_path):
     with torch.no_grad():
         ref = sparse_from_logits(model(collate(ds, [0, 6])["input_ids"]), 4, 1.0)
     assert torch.equal(got.topk_ids[got.mask], ref.topk_ids[got.mask])
+
+
+def test_datasets_opens_the_shards(small_cache, tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    out, *_ = small_cache
+    one = datasets.Dataset.from_file(str(out / "train" / "00000.arrow"))
+    assert one.num_rows == 4 and one.features["ids"].length == T
+    one.set_format("numpy")
+    assert one[0:2]["ids"].shape == (2, T, 8)
+    every = datasets.load_dataset("arrow", data_files={"train": str(out / "train" / "*.arrow")},
+                                  cache_dir=str(tmp_path / "hf"))
+    assert sorted(every["train"]["index"]) == list(range(12))
