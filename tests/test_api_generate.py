@@ -221,3 +221,15 @@ def test_output_is_read_by_distillerys_chat_reader(tmp_path):
     # The output folder holds the data set and its side files; only the data set is read as chat.
     recs = list(data.read_records([str(tmp_path / "out")], DataConfig(format="auto")))
     assert len(recs) == 8 and all([m["role"] for m in r.messages] == ["system", "user", "assistant"] for r in recs)
+
+
+def test_many_servers_share_the_work_and_a_dead_one_is_routed_around(tmp_path):
+    from distillery.api.local_server import free_port
+
+    write_prompts(tmp_path / "prompts.jsonl", 10)
+    dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there: connection refused
+    with StubServer() as a, StubServer() as b:
+        s = generate_dataset(base_cfg(tmp_path, [a.base_url, dead, b.base_url]))
+        assert a.requests >= 5 and b.requests >= 5
+    assert (s["done"], s["failed"]) == (20, 0) and s["retries"] >= 5
+    assert len({r["id"] for r in read_out(tmp_path)}) == 20

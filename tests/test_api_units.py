@@ -218,3 +218,12 @@ def test_store_is_locked_to_one_run_and_compacts_failures(tmp_path):
     assert list(left) == ["x"] and left["x"]["reason"] == "timeout"
     with DatasetStore(out, tmp_path / "d.f") as st:  # lock released on close
         assert set(st.previous_failures) == {"x"}
+
+
+def test_a_key_pasted_as_the_variable_name_is_refused_without_echo(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("api_key_env: AIzaSyD3mo0Key0123456789abcdefXYZ\n")  # alphanumeric, like Gemini keys
+    with pytest.raises(DistilleryError) as err:
+        load_api_config(p)
+    assert "looks like an API key" in str(err.value) and "AIzaSy" not in str(err.value)
+    assert ApiConfig(api_key_env="GEMINI_API_KEY").api_key_env == "GEMINI_API_KEY"

@@ -47,7 +47,7 @@ class SamplingConfig(_Section):
 class ApiConfig(_Section):
     """Where the served teacher is, what to ask it, how hard to push it, and where the answers go."""
 
-    base_url: str = Field("http://127.0.0.1:8080/v1", description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (vLLM), https://generativelanguage.googleapis.com/v1beta/openai/ (Gemini).")
+    base_url: str | list[str] = Field("http://127.0.0.1:8080/v1", description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (vLLM), https://generativelanguage.googleapis.com/v1beta/openai/ (Gemini); or a list of endpoints serving the same model: attempts go round-robin, so a retry lands on the next server. Not part of the record id.")
     model: str = Field("teacher", description="Model name sent with each request. Part of the record id.")
     api_key_env: str = Field("OPENAI_API_KEY", description="Name of the environment variable holding the API key. The key itself never goes into a recipe, output, log or error message.")
     prompts: list[str] = Field(default_factory=list, description="Prompt files: .jsonl with `prompt` (text) or `messages` (chat) per line, or text files with one prompt per line.")
@@ -69,12 +69,26 @@ class ApiConfig(_Section):
     fsync: bool = Field(True, description="fsync after every record (exactly-once across power loss and kill -9). Off only for throwaway runs.")
     progress_every: float = Field(10.0, ge=0, description="Seconds between progress log lines (0 = none).")
 
+    @field_validator("base_url")
+    @classmethod
+    def _urls(cls, v: str | list[str]) -> str | list[str]:
+        urls = [v] if isinstance(v, str) else v
+        if not urls or any(not u.startswith(("http://", "https://")) for u in urls):
+            raise ValueError("needs one or more http(s):// URLs")
+        return v
+
+    def base_urls(self) -> list[str]:
+        return [self.base_url] if isinstance(self.base_url, str) else list(self.base_url)
+
     @field_validator("api_key_env")
     @classmethod
     def _looks_like_env_name(cls, v: str) -> str:
         # Guard against the most damaging mistake: pasting the key itself here (it would then be in the recipe).
         if not v or not all(c.isalnum() or c == "_" for c in v) or v[0].isdigit():
             raise ValueError("must be the NAME of an environment variable (letters, digits, _), not the key itself")
+        mixed = any(c.islower() for c in v) and any(c.isupper() for c in v) and any(c.isdigit() for c in v)
+        if mixed and len(v) >= 20:  # looks like random key material (e.g. 'AIzaSy...'), not a name
+            raise ValueError("looks like an API key, not the NAME of an environment variable holding one")
         return v
 
     def failures_path(self) -> str:

@@ -50,15 +50,18 @@ def resolve_api_key(cfg: ApiConfig) -> str:
     key = os.environ.get(cfg.api_key_env)
     if key:
         return key
-    host = urlparse(cfg.base_url).hostname or ""
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if loopback:
+    def loopback(url: str) -> bool:
+        host = urlparse(url).hostname or ""
+        try:
+            return host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    if all(loopback(u) for u in cfg.base_urls()):
         return NO_KEY
-    raise DistilleryError(f"api.api_key_env: environment variable {cfg.api_key_env} is not set "
-                          f"(it must hold the API key for {cfg.base_url})")
+    named = cfg.api_key_env if cfg.api_key_env.isupper() else "named by api.api_key_env"
+    raise DistilleryError(f"api.api_key_env: environment variable {named} is not set "
+                          f"(it must hold the API key for {', '.join(cfg.base_urls())})")
 
 
 def _token_entry(t: Any, with_top: bool) -> dict:
@@ -133,8 +136,11 @@ class _Run:
         self.tokens_in = self.tokens_out = 0
         self.reasons: Counter[str] = Counter()
 
-    async def produce(self, client: Any, item: WorkItem) -> None:
-        """Get one record: attempt, back off, retry; write it or record its failure."""
+    async def produce(self, clients: list[Any], item: WorkItem) -> None:
+        """Get one record: attempt, back off, retry; write it or record its failure.
+
+        Attempts are spread over ``clients`` (one per server) round-robin, so a retry goes elsewhere.
+        """
         cfg = self.cfg
         kw = request_kwargs(item, cfg)
         est = estimate_tokens(kw["messages"], cfg.sampling.max_tokens)
@@ -142,6 +148,7 @@ class _Run:
         while True:
             ticket = await self.limiter.acquire(est)
             attempt += 1
+            client = clients[self.requests % len(clients)]
             self.requests += 1
             try:
                 resp = await asyncio.wait_for(client.chat.completions.create(**kw), cfg.timeout + 5.0)
@@ -187,10 +194,10 @@ async def _progress(run: _Run, total: int, t0: float) -> None:
                  run.done, total, run.failed, run.retries, run.done / max(el, 1e-9))
 
 
-def _make_client(cfg: ApiConfig, key: str) -> Any:
+def _make_clients(cfg: ApiConfig, key: str) -> list[Any]:
     import openai
 
-    return openai.AsyncOpenAI(api_key=key, base_url=cfg.base_url, max_retries=0, timeout=cfg.timeout)
+    return [openai.AsyncOpenAI(api_key=key, base_url=url, max_retries=0, timeout=cfg.timeout) for url in cfg.base_urls()]
 
 
 async def agenerate_dataset(cfg: ApiConfig) -> dict:
@@ -210,12 +217,12 @@ async def agenerate_dataset(cfg: ApiConfig) -> dict:
         run = _Run(cfg, store, RateLimiter(cfg.rpm, cfg.tpm),
                    Backoff(cfg.backoff_base, cfg.backoff_max, cfg.max_retry_after), key)
         log.info("generate: %d records planned, %d already present, %d to do", len(items), skipped, len(todo))
-        client = _make_client(cfg, key)
+        clients = _make_clients(cfg, key)
         queue = iter(todo)
 
         async def worker() -> None:
             for item in queue:  # shared iterator: each item goes to exactly one worker
-                await run.produce(client, item)
+                await run.produce(clients, item)
 
         ticker = asyncio.create_task(_progress(run, len(todo), t0)) if cfg.progress_every > 0 else None
         fatal: str | None = None
@@ -231,14 +238,15 @@ async def agenerate_dataset(cfg: ApiConfig) -> dict:
         finally:
             if ticker is not None:
                 ticker.cancel()
-            await client.close()
+            for c in clients:
+                await c.close()
             still_failed = store.finish_failures()
         summary = _summary(cfg, run, len(items), skipped, dup_prompts, len(held_back & {i.id for i in items}),
                            len(store.done_ids), len(still_failed), store.torn_bytes, time.monotonic() - t0)
         summary["fatal_error"] = fatal
     _write_summary(cfg, summary, key)
     if fatal:
-        raise DistilleryError(f"api: {cfg.base_url} refused the run: {fatal}")
+        raise DistilleryError(f"api: {', '.join(cfg.base_urls())} refused the run: {fatal}")
     return summary
 
 
