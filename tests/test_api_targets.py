@@ -101,3 +101,18 @@ def test_other_tokenizer_is_refused_with_a_clear_message(tok):
 def test_records_without_top_logprobs_are_refused(tok):
     with pytest.raises(DistilleryError, match="no top_logprobs stored"):
         api_targets({"id": "x", "messages": []}, tok)
+
+
+def test_tokens_that_lost_bytes_are_reported_as_such(tok):
+    """llama-cpp-python sends bytes: null and drops undecodable bytes of a token that splits a character."""
+    e_acute = [tok.convert_tokens_to_ids(c) for c in ("\u00c3", "\u00a9")]  # byte-level spelling of b"\xc3", b"\xa9"
+    rec = {"id": "r", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\u00e9"}],
+           "logprobs": [{"token": "", "bytes": None, "logprob": -0.1, "top_logprobs": [{"token": "", "bytes": None, "logprob": -0.1}]},
+                        {"token": "", "bytes": None, "logprob": -0.1, "top_logprobs": [{"token": "", "bytes": None, "logprob": -0.1}]}]}
+    with pytest.raises(DistilleryError, match="do not add up to the answer"):
+        api_targets(rec, tok)
+    for e, b in zip(rec["logprobs"], (0xC3, 0xA9)):  # with bytes (OpenAI, vLLM) the ids come back exactly
+        e["bytes"] = [b]
+        e["top_logprobs"] = [dict(e), {"token": "", "bytes": None, "logprob": -3.0}]  # a lost alternative: dropped
+    assert answer_token_ids(rec, tok) == e_acute
+    assert api_targets(rec, tok).topk_ids[0, :, 0].tolist() == e_acute

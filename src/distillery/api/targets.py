@@ -97,12 +97,32 @@ def _not_shared(record: dict, entry: dict) -> DistilleryError:
         "(sequence-level KD on the answers; drop the sparse KD term)")
 
 
+def _lost_bytes(entry: dict) -> bool:
+    """A token whose text lost undecodable bytes (servers without ``bytes`` that split a character)."""
+    return entry.get("bytes") is None and (entry["token"] == "" or "\ufffd" in entry["token"])
+
+
+def _lost(record: dict) -> DistilleryError:
+    return DistilleryError(
+        f"record {record.get('id', '?')}: the server's token texts do not add up to the answer (it drops the bytes "
+        "of tokens that split a multi-byte character and sends no 'bytes', as llama-cpp-python does), so token ids "
+        "cannot be recovered exactly: use this record as text only")
+
+
 def answer_token_ids(record: dict, tokenizer, id_map: dict[bytes, int] | None = None) -> list[int]:
-    """Ids of the teacher's own generated tokens (length ``T``), for lining targets up with labels."""
+    """Ids of the teacher's own generated tokens (length ``T``), for lining targets up with labels.
+
+    The tokens' bytes must add up to the answer text (or to a prefix of it, or it to a prefix of
+    them when a stop sequence was cut off); otherwise the server lost bytes and this raises.
+    """
     lps = record.get("logprobs")
     if not lps:
         raise DistilleryError(f"record {record.get('id', '?')}: no logprobs stored (generate with sampling.logprobs: true)")
     id_map = id_map if id_map is not None else token_id_map(tokenizer)
+    joined = b"".join(_entry_bytes(e) for e in lps)
+    answer = record["messages"][-1]["content"].encode("utf-8") if record.get("messages") else joined
+    if any(_lost_bytes(e) for e in lps) or not (answer.startswith(joined) or joined.startswith(answer)):
+        raise _lost(record)
     ids = []
     for e in lps:
         i = id_map.get(_entry_bytes(e))
@@ -117,7 +137,8 @@ def api_targets(record: dict, tokenizer, *, id_map: dict[bytes, int] | None = No
     """Sparse ``TeacherTargets`` ``(1, T, K)`` from one generated record's ``top_logprobs``.
 
     ``strict``: an alternative with no id in ``tokenizer`` is an error (a sign of another tokenizer);
-    with ``strict=False`` it is left out and its mass falls into the tail. A *generated* token with
+    with ``strict=False`` it is left out and its mass falls into the tail (as is, always, an
+    alternative whose text lost undecodable bytes). A *generated* token with
     no id is always an error. Pass ``id_map=token_id_map(tokenizer)`` when converting many records.
     """
     rid = record.get("id", "?")
@@ -131,9 +152,9 @@ def api_targets(record: dict, tokenizer, *, id_map: dict[bytes, int] | None = No
     for t, e in enumerate(lps):
         merged: dict[int, float] = {}
         for alt in e.get("top_logprobs") or []:
-            i = id_map.get(_entry_bytes(alt))
+            i = None if _lost_bytes(alt) else id_map.get(_entry_bytes(alt))
             if i is None:
-                if strict:
+                if strict and not _lost_bytes(alt):  # lost bytes: the server's fault, not another tokenizer
                     raise _not_shared(record, alt)
                 continue
             lp = float(alt["logprob"])
