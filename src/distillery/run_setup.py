@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
@@ -37,6 +38,25 @@ def _max_positions(*models) -> int | None:
     limits = [getattr(m.config, "max_position_embeddings", None) for m in models if m is not None]
     limits = [x for x in limits if x]
     return min(limits) if limits else None
+
+
+def _cached_teacher_basics(tcfg, tokenizer, width: int) -> SimpleNamespace:
+    """A stand-in teacher (``.config`` only) for a student built next to a teacher cache.
+
+    Without it a student built from ``student.model`` would take its family's defaults, e.g. Llama's
+    32,000-entry vocabulary, whatever the cache's tokenizer. The teacher's own config is read (no
+    weights) when ``teacher.source`` is set to a local model folder; otherwise the student inherits what
+    the cache knows: its vocabulary width and the tokenizer's special-token ids.
+    """
+    from transformers import AutoConfig
+
+    folder = Path(tcfg.source).expanduser()
+    if "source" in tcfg.model_fields_set and (folder / "config.json").is_file():
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=tcfg.trust_remote_code)
+    else:
+        config = AutoConfig.for_model("llama", vocab_size=width, eos_token_id=tokenizer.eos_token_id,
+                                      bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return SimpleNamespace(config=config)
 
 
 def prepare_run(cfg: RunConfig, device: torch.device, is_main: bool = True) -> Run:
@@ -70,7 +90,10 @@ def prepare_run(cfg: RunConfig, device: torch.device, is_main: bool = True) -> R
         n = min(len(splits.train), cfg.student.prune.calibration_batches * cfg.train.micro_batch_size)
         calib = [collate(splits.train, torch.arange(i, min(i + cfg.train.micro_batch_size, n)))
                  for i in range(0, n, cfg.train.micro_batch_size)]
-    student = build_student(cfg.student, teacher_model, calibration=calib, seed=cfg.train.seed)
+    base = teacher_model
+    if base is None and cfg.student.init == "config":
+        base = _cached_teacher_basics(tcfg, tokenizer, teacher_width)
+    student = build_student(cfg.student, base, calibration=calib, seed=cfg.train.seed)
     limit = getattr(student.config, "max_position_embeddings", None)
     if limit and cfg.data.seq_len > limit:
         raise DistilleryError(f"data.seq_len ({cfg.data.seq_len}) is above the student's limit "

@@ -112,9 +112,21 @@ def resolve_source(source: str) -> tuple[str, str]:
 
 
 def pick_device(device: str) -> torch.device:
+    """``'auto'`` = the first GPU if any, else the CPU; a named device must exist (one-line error if not)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DistilleryError(f"teacher.device '{device}' is not a device name (cpu, cuda, cuda:1, mps)") from None
+    n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if dev.type == "cuda" and (dev.index or 0) >= n_cuda:
+        raise DistilleryError(f"teacher.device '{device}' does not exist here ({n_cuda} CUDA devices)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DistilleryError(f"teacher.device '{device}': MPS is not available here")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise DistilleryError(f"teacher.device '{device}': only cpu, cuda[:N] and mps are supported")
+    return dev
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
