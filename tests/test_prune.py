@@ -95,18 +95,18 @@ def _mask_heads(teacher, plan, head_dim):
 
 @pytest.mark.parametrize("heads,kv_heads,expect_kv", [(4, None, 2), (2, None, 2), (3, None, 1), (4, 1, 1)])
 def test_head_pruning_keeps_gqa_valid(heads, kv_heads, expect_kv):
-    teacher = tiny_llama(layers=2, hidden=64, heads=8, kv_heads=2)  # groups of 4 query heads, head_dim 8
+    teacher = tiny_llama(layers=2, hidden=48, heads=8, kv_heads=2)  # groups of 4 query heads, head_dim 6
     plan = plan_pruning(teacher, calib(), heads=heads, kv_heads=kv_heads)
     student = prune_model(teacher, calib(), heads=heads, kv_heads=kv_heads)
     c = student.config
     assert c.num_attention_heads == heads and c.num_key_value_heads == expect_kv
-    assert c.num_attention_heads % c.num_key_value_heads == 0 and c.head_dim == 8
+    assert c.num_attention_heads % c.num_key_value_heads == 0 and c.head_dim == 6
     for q, kv in zip(plan.q_heads, plan.kv_heads):
         per = heads // expect_kv
         # new query head j reads new KV head j // per, which must be its teacher group
         assert [int(h) // 4 for h in q] == [int(kv[j // per]) for j in range(heads)]
     b = calib(seed=2)[0]
-    torch.testing.assert_close(logits(student, b), logits(_mask_heads(teacher, plan, 8), b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(student, b), logits(_mask_heads(teacher, plan, 6), b), rtol=1e-5, atol=1e-5)
 
 
 def test_head_target_that_breaks_gqa_is_refused():
@@ -213,3 +213,10 @@ def test_unsupported_architectures_and_targets_are_refused():
         prune_model(teacher, calib(), layers=0)
     with pytest.raises(DistilleryError, match="calibration data is empty"):
         prune_model(teacher, [], layers=1)
+
+
+def test_llama_hidden_must_divide_by_heads_before_any_calibration():
+    # transformers' LlamaConfig refuses to save/load hidden_size % num_attention_heads != 0, head_dim or not
+    teacher = tiny_llama(layers=1, hidden=64, heads=4, kv_heads=2)
+    with pytest.raises(DistilleryError, match=r"rejects the pruned llama config .*multiple"):
+        prune_model(teacher, [], hidden=50)

@@ -21,7 +21,7 @@ import torch
 from ..errors import DistilleryError
 from .importance import Calibration, calibrate, calibration_loss, loss_importance
 from .plan import PrunePlan, check_target, choose_heads, choose_layers, kv_group_count, top_k
-from .slicing import apply_plan
+from .slicing import apply_plan, sized_config
 
 SUPPORTED = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
@@ -56,6 +56,8 @@ def plan_pruning(teacher, calib_batches: Iterable[dict], *, layers: int | None =
     if method not in ("block_importance", "loss"):
         raise DistilleryError(f"prune: method '{method}' is not one of block_importance, loss")
 
+    sized_config(cfg, list(range(n_layers)), hidden=n_hidden, ffn=n_ffn, heads=n_heads, kv_heads=n_kv,
+                 head_dim=hd)  # refuse what transformers would not save or load, before calibrating
     width = n_hidden < D or n_ffn < F or n_heads < H or n_kv < KV
     depth = n_layers < L
     full = PrunePlan(layers=list(range(L)), channels=torch.arange(D), q_heads=[torch.arange(H)] * L,

@@ -54,18 +54,35 @@ def _slice(t: torch.Tensor, rows: torch.Tensor | None = None, cols: torch.Tensor
 
 def pruned_config(config, plan: PrunePlan):
     """A copy of the teacher's HF config with the pruned sizes (head_dim explicit, layer_types subset)."""
+    return sized_config(config, plan.layers, hidden=int(plan.channels.numel()), ffn=int(plan.neurons[0].numel()),
+                        heads=int(plan.q_heads[0].numel()), kv_heads=int(plan.kv_heads[0].numel()),
+                        head_dim=plan.head_dim)
+
+
+def sized_config(config, layers: list[int], *, hidden: int, ffn: int, heads: int, kv_heads: int, head_dim: int):
+    """The teacher's config with new sizes, checked by the config class's own validation.
+
+    transformers validates configs when saving and loading (e.g. ``LlamaConfig`` demands
+    ``hidden_size % num_attention_heads == 0`` even with an explicit ``head_dim``); a target it would
+    reject is refused here, before any calibration, with the rule in the message.
+    """
     cfg = copy.deepcopy(config)
-    cfg.num_hidden_layers = len(plan.layers)
-    cfg.hidden_size = int(plan.channels.numel())
-    cfg.intermediate_size = int(plan.neurons[0].numel()) if plan.neurons else cfg.intermediate_size
-    cfg.num_attention_heads = int(plan.q_heads[0].numel()) if plan.q_heads else cfg.num_attention_heads
-    cfg.num_key_value_heads = int(plan.kv_heads[0].numel()) if plan.kv_heads else cfg.num_key_value_heads
-    cfg.head_dim = plan.head_dim
+    cfg.num_hidden_layers = len(layers)
+    cfg.hidden_size, cfg.intermediate_size = hidden, ffn
+    cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = heads, kv_heads, head_dim
     types = getattr(config, "layer_types", None)
     if types is not None:
-        cfg.layer_types = [types[i] for i in plan.layers]
+        cfg.layer_types = [types[i] for i in layers]
     if getattr(config, "max_window_layers", None) is not None:  # Qwen2: sliding from this layer on
-        cfg.max_window_layers = sum(1 for i in plan.layers if i < config.max_window_layers)
+        cfg.max_window_layers = sum(1 for i in layers if i < config.max_window_layers)
+    validate = getattr(cfg, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except Exception as exc:  # huggingface_hub's StrictDataclassClassValidationError wraps the reason
+            reason = str(getattr(exc, "__cause__", None) or exc).strip().splitlines()[-1].strip()
+            raise DistilleryError(f"prune: transformers rejects the pruned {config.model_type} config "
+                                  f"(hidden={hidden}, heads={heads}, kv_heads={kv_heads}, ffn={ffn}): {reason}") from None
     return cfg
 
 
