@@ -220,3 +220,16 @@ def test_llama_hidden_must_divide_by_heads_before_any_calibration():
     teacher = tiny_llama(layers=1, hidden=64, heads=4, kv_heads=2)
     with pytest.raises(DistilleryError, match=r"rejects the pruned llama config .*multiple"):
         prune_model(teacher, [], hidden=50)
+
+
+def test_student_init_pruned_goes_through_prune_model():
+    from distillery.config import StudentConfig
+    from distillery.students import build_student
+
+    teacher = tiny_qwen2(layers=3, hidden=64, heads=4, kv_heads=2, ffn=128)
+    cfg = StudentConfig(init="pruned", prune={"layers": 2, "hidden": 32, "ffn": 64, "heads": 2})
+    student = build_student(cfg, teacher, calibration=calib())
+    c = student.config
+    assert (c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads, c.head_dim) == (2, 32, 64, 2, 16)
+    assert student.training and all(p.requires_grad for p in student.parameters())
+    assert teacher.config.num_hidden_layers == 3 and len(teacher.model.layers) == 3
