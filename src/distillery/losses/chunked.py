@@ -1,149 +1,277 @@
-"""Memory-bounded distillation loss with the student's LM head fused in.
+"""The training objective with the student's LM head fused in, in bounded memory.
 
-    loss = Σ_{t ∈ targets} [ kd_weight · τ² · KD_t + ce_weight · CE_t ] / n_tokens
+    loss = Σ_{t: labels_t ≠ −100} [ kd_weight · s_τ · KD_t + ce_weight · CE_t ] / n_tokens
 
-``hidden (B, T, H)`` are the student's final hidden states and ``W (V, H)`` its LM head. Only the
-target rows (``labels != -100``) are gathered, then processed ``chunk_size`` rows at a time: the
-chunk's student logits ``(n, V)``, the teacher's rows (``TeacherTargets.dense_logits(rows)`` — the
-live teacher's LM head is applied to those rows only — or its sparse rows), the loss, and at once its
-gradient with respect to the chunk's hidden rows and ``W`` (the forward pass computes gradients, as
-Liger's fused losses do). Peak extra memory is a few ``(chunk_size, V)`` tensors instead of several
-``(B·T, V)`` ones; nothing is recomputed in backward, which only scales the stored gradients by the
-incoming scalar.
+``KD_t`` is the chosen divergence between teacher and student at ``loss_temperature`` τ (see
+:mod:`.divergences`, :mod:`.sparse`), ``CE_t`` the student's cross-entropy on the label (τ = 1),
+``s_τ = τ²`` when ``kd_t2_scale`` (default, Hinton et al.: softening by τ shrinks the KD gradient
+by ~1/τ², so τ² keeps its magnitude comparable across temperatures and to the CE term) else 1, and
+``n_tokens`` the target count of the whole accumulation window (see :func:`.per_token.reduce`).
 
-Why hand-written: no library here offers a fused LM-head + KD loss that takes sparse top-k
-teachers and a lazy teacher head on CPU (Liger's kernels are Triton, GPU only).
+How (Liger-style, for CPU): the target rows of the flattened ``(B·T, H)`` hidden states are gathered
+first (masked positions cost nothing), then handled ``chunk_size`` rows at a time. For each chunk
+the forward pass computes the student logits ``(c, V)`` into a reusable buffer, the teacher's rows
+into another (``logits[rows]``, or the lazy teacher's LM head applied to those rows only, or the
+sparse rows), the loss, and — with the hand-written gradients of :mod:`.kernels` — ``∂loss/∂z``,
+from which ``∂/∂hidden_rows = dz·W`` and ``∂/∂W += dzᵀ·h`` follow by two matmuls. Backward only
+scales the stored gradients by the incoming scalar. Peak extra memory is five ``(chunk_size, V)``
+buffers plus one ``(V, H)`` gradient, against several ``(B·T, V)`` tensors for the plain path.
+
+:func:`distill_loss_full` is the plain path (materialised logits, autograd): the parity reference.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
+import torch.nn.functional as F
 
 from ..targets import TeacherTargets
-from .divergences import KD_LOSSES, divergence_from_logprobs, teacher_student_logprobs
+from . import divergences, kernels
+from .inputs import LossInputError, as_targets, check_sparse_ids, combined_mask, temperature, vocab_width
+from .per_token import cross_entropy, divergence, reduce
 
 
-def _row_losses(logits: torch.Tensor, teacher, labels: torch.Tensor, rows, *, kd: str, beta: float, alpha: float,
-                loss_temperature: float, vocab_size: int | None, want_kd: bool, want_ce: bool):
-    """Per-row KD and CE ``(n,)`` for student logits ``(n, V)``; either may be None."""
-    kd_rows = ce_rows = None
-    if want_kd:
-        lp, lq = teacher_student_logprobs(logits, teacher, loss_temperature, vocab_size, rows=rows)
-        kd_rows = divergence_from_logprobs(kd, lp, lq, beta=beta, alpha=alpha)
-    if want_ce:
-        s = logits[:, :vocab_size] if vocab_size else logits
-        ce_rows = torch.nn.functional.cross_entropy(s if s.dtype == torch.float64 else s.float(), labels,
-                                                  reduction="none")
-    return kd_rows, ce_rows
+@dataclass
+class _Plan:
+    """Everything the fused forward needs besides the differentiable tensors."""
+
+    kd: str
+    beta: float
+    alpha: float
+    tau: float
+    kd_coef: float  # kd_weight · s_τ / n_tokens
+    ce_coef: float  # ce_weight / n_tokens
+    teacher: TeacherTargets | None
+    rows: torch.Tensor  # (n,) flattened positions of the target rows
+    labels: torch.Tensor  # (n,) their labels
+    kd_on: torch.Tensor | None  # (n,) bool: the teacher has a target there (TeacherTargets.mask)
+    vocab: int
+    chunk_size: int
+    stats: dict = field(default_factory=dict)
 
 
-class _FusedLoss(torch.autograd.Function):
-    """Forward computes the loss and its gradients chunk by chunk; backward scales them."""
+def _teacher_rows_into(t: TeacherTargets, rows: torch.Tensor, vocab: int, out: torch.Tensor) -> None:
+    """``out (c, V) = t.dense_logits(rows)[:, :V]``, written into ``out`` without a temporary when
+    the dtypes allow (lazy form: the teacher's LM head applied to these rows only)."""
+    if t.logits is not None:
+        flat = t.logits.reshape(-1, t.logits.shape[-1])[:, :vocab]  # (B*T, V)
+        if int(rows[-1] - rows[0]) == rows.numel() - 1:  # a contiguous run of positions: plain copy
+            out.copy_(flat.narrow(0, int(rows[0]), rows.numel()))
+        elif flat.dtype == out.dtype:
+            torch.index_select(flat, 0, rows, out=out)
+        else:
+            out.copy_(flat.index_select(0, rows))
+        return
+    h = t.hidden.reshape(-1, t.hidden.shape[-1]).index_select(0, rows)  # (c, H_t)
+    w = t.lm_head_weight[:vocab]  # (V, H_t)
+    if h.dtype == out.dtype and w.dtype == out.dtype:
+        torch.mm(h, w.t(), out=out)
+    else:
+        out.copy_(F.linear(h, w))
+    if t.lm_head_bias is not None:
+        out.add_(t.lm_head_bias[:vocab].to(out.dtype))
+
+
+def _fused_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: _Plan,
+                   need_w: bool, need_b: bool):
+    """Loss and its gradients w.r.t. ``h (n, H)``, ``weight[:V]`` and ``bias[:V]``, chunk by chunk."""
+    dtype = torch.float64 if torch.float64 in (h.dtype, weight.dtype) else torch.float32
+    n, hid = h.shape
+    v, c = plan.vocab, max(1, min(plan.chunk_size, h.shape[0]))
+    hc, w = h.to(dtype), weight[:v].to(dtype)  # (n, H), (V, H)
+    b = None if bias is None else bias[:v].to(dtype)
+    grad_h = torch.empty(n, hid, dtype=dtype, device=h.device)
+    grad_w = torch.zeros(v, hid, dtype=dtype, device=h.device) if need_w else None
+    grad_b = torch.zeros(v, dtype=dtype, device=h.device) if need_b else None
+    t = plan.teacher
+    dense_teacher = t is not None and not t.is_sparse
+    n_buffers = 3 + (2 if dense_teacher else 1 if t is not None else 0)
+    buffers = [torch.empty(c, v, dtype=dtype, device=h.device) for _ in range(n_buffers if n else 0)]
+    kd_sum = torch.zeros((), dtype=dtype, device=h.device)
+    ce_sum = torch.zeros((), dtype=dtype, device=h.device)
+    for start in range(0, n, c):
+        end = min(start + c, n)
+        z, q, out, *rest = (buf[:end - start] for buf in buffers)  # (k, V) views
+        hk, y = hc[start:end], plan.labels[start:end]
+        torch.mm(hk, w.t(), out=z)  # student logits (k, V)
+        if b is not None:
+            z.add_(b)
+        if t is not None and plan.tau != 1.0:
+            ce_rows = kernels.cross_entropy_(z, y, out, plan.ce_coef)  # at τ = 1, before z is softened
+            z.div_(plan.tau)
+            kernels.log_softmax_(z, q)
+        else:
+            kernels.log_softmax_(z, q)  # τ = 1: the KD and CE log-probs are the same
+            ce_rows = kernels.cross_entropy_from_logprobs_(z, q, y, out, plan.ce_coef)
+        ce_sum += ce_rows.sum()
+        if t is not None:
+            rows = plan.rows[start:end]
+            coef = torch.full((end - start, 1), plan.kd_coef / plan.tau, dtype=dtype, device=h.device)
+            if plan.kd_on is not None:
+                coef.mul_(plan.kd_on[start:end].unsqueeze(1).to(dtype))
+            if dense_teacher:
+                tl, p = rest
+                _teacher_rows_into(t, rows, v, tl)
+                if plan.tau != 1.0:
+                    tl.div_(plan.tau)
+                kernels.log_softmax_(tl, p)
+                kd_rows = kernels.dense_kd_(plan.kd, z, q, tl, p, out, coef, plan.beta, plan.alpha)
+            else:
+                ids, t_lp, t_tail = t.sparse_rows(rows)
+                kd_rows = kernels.sparse_kd_(plan.kd, z, q, ids.long(), t_lp, t_tail, rest[0], out, coef,
+                                             plan.beta, plan.alpha)
+            if plan.kd_on is not None:
+                kd_rows = torch.where(plan.kd_on[start:end], kd_rows, torch.zeros_like(kd_rows))
+            kd_sum += kd_rows.sum()
+        torch.mm(out, w, out=grad_h[start:end])  # ∂loss/∂h rows (k, H)
+        if grad_w is not None:
+            grad_w.addmm_(out.t(), hk)  # ∂loss/∂W (V, H)
+        if grad_b is not None:
+            grad_b.add_(out.sum(dim=0))
+    loss = plan.kd_coef * kd_sum + plan.ce_coef * ce_sum
+    plan.stats.update(kd_sum=float(kd_sum), ce_sum=float(ce_sum), tokens=float(n))
+    return loss, grad_h, grad_w, grad_b
+
+
+class _FusedDistillLoss(torch.autograd.Function):
+    """Forward computes the loss and its gradients chunk by chunk; backward scales them by grad_output."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher, labels, opts):
-        B, T, H = hidden.shape
-        flat_h = hidden.detach().reshape(B * T, H)  # (B*T, H)
-        flat_y = labels.reshape(B * T)
-        rows = (flat_y != -100).nonzero().squeeze(1)  # target positions only
-        grad_h = torch.zeros_like(flat_h)
-        grad_w = torch.zeros_like(weight) if weight.requires_grad else None
-        grad_b = torch.zeros_like(bias) if bias is not None and bias.requires_grad else None
-        w = weight.detach().requires_grad_(weight.requires_grad)
-        b = None if bias is None else bias.detach().requires_grad_(bias.requires_grad)
-        acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        total = torch.zeros((), dtype=acc_dtype, device=hidden.device)
-        kd_sum = ce_sum = 0.0
-        want_kd, want_ce = opts["kd_weight"] > 0 and teacher is not None, opts["ce_weight"] > 0
-        kd_scale = opts["kd_weight"] * opts["loss_temperature"] ** 2 / opts["n_tokens"]
-        ce_scale = opts["ce_weight"] / opts["n_tokens"]
-        for start in range(0, rows.numel(), opts["chunk_size"]):
-            r = rows[start:start + opts["chunk_size"]]
-            with torch.enable_grad():
-                h = flat_h[r].requires_grad_(True)  # (n, H)
-                logits = torch.nn.functional.linear(h, w, b)  # (n, V)
-                kd_rows, ce_rows = _row_losses(logits, teacher, flat_y[r], r, kd=opts["kd"], beta=opts["beta"],
-                                               alpha=opts["alpha"], loss_temperature=opts["loss_temperature"],
-                                               vocab_size=opts["vocab_size"], want_kd=want_kd, want_ce=want_ce)
-                chunk = torch.zeros((), dtype=acc_dtype, device=hidden.device)
-                if kd_rows is not None:
-                    chunk = chunk + kd_scale * kd_rows.sum()
-                    kd_sum += float(kd_rows.detach().sum())
-                if ce_rows is not None:
-                    chunk = chunk + ce_scale * ce_rows.sum()
-                    ce_sum += float(ce_rows.detach().sum())
-                inputs = [h] + [t for t in (w, b) if t is not None and t.requires_grad]
-                if chunk.requires_grad:
-                    grads = torch.autograd.grad(chunk, inputs)
-                    grad_h[r] = grads[0].to(grad_h.dtype)
-                    k = 1
-                    if grad_w is not None:
-                        grad_w += grads[k].to(grad_w.dtype)
-                        k += 1
-                    if grad_b is not None:
-                        grad_b += grads[k].to(grad_b.dtype)
-            total += chunk.detach()
-        ctx.save_for_backward(grad_h.reshape(B, T, H), grad_w, grad_b)
-        opts["stats"].update(kd_sum=kd_sum, ce_sum=ce_sum, tokens=int(rows.numel()))
-        return total
+    def forward(ctx, h, weight, bias, plan):
+        need_w, need_b = ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
+        with torch.autocast(h.device.type, enabled=False):
+            loss, gh, gw, gb = _fused_forward(h.detach(), weight.detach(), None if bias is None else bias.detach(),
+                                              plan, need_w, need_b)
+        ctx.grads = (gh, gw, gb)
+        ctx.shapes = (h.dtype, weight.shape, weight.dtype, None if bias is None else (bias.shape, bias.dtype))
+        return loss
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        scale = lambda g: None if g is None else g * grad_out.to(g.dtype)  # noqa: E731
-        return scale(grad_h), scale(grad_w), scale(grad_b), None, None, None
+        gh, gw, gb = ctx.grads
+        h_dtype, w_shape, w_dtype, b_meta = ctx.shapes
+        g = grad_out.to(gh.dtype)
+        scale = (lambda x: x) if bool(g == 1) else (lambda x: x * g)
+        grad_h = scale(gh).to(h_dtype)
+        grad_w = grad_b = None
+        if gw is not None:
+            grad_w = scale(gw).to(w_dtype)
+            if gw.shape[0] != w_shape[0]:  # head rows beyond vocab_size (padding) get no gradient
+                grad_w = torch.cat([grad_w, grad_w.new_zeros(w_shape[0] - gw.shape[0], w_shape[1])])
+        if gb is not None:
+            grad_b = scale(gb).to(b_meta[1])
+            if gb.shape[0] != b_meta[0][0]:
+                grad_b = torch.cat([grad_b, grad_b.new_zeros(b_meta[0][0] - gb.shape[0])])
+        ctx.grads = None
+        return grad_h, grad_w, grad_b, None
 
 
-def chunked_distill_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, teacher: TeacherTargets | torch.Tensor | None,
-                         labels: torch.Tensor, *, kd: str = "forward_kl", beta: float = 0.5, alpha: float = 0.1,
-                         loss_temperature: float = 1.0, kd_weight: float = 1.0, ce_weight: float = 0.0,
+def _prepare(hidden, lm_head_weight, teacher, labels, kd, beta, alpha, loss_temperature, kd_weight, ce_weight,
+             n_tokens, vocab_size):
+    """Validate the arguments shared by the fused and the full path; returns (targets, V, τ, s_τ-free n)."""
+    divergences.check_params(kd, beta, alpha)
+    if kd_weight < 0 or ce_weight < 0:
+        raise LossInputError(f"kd_weight and ce_weight must be >= 0 (got {kd_weight}, {ce_weight})")
+    if kd_weight > 0 and teacher is None:
+        raise LossInputError("kd_weight > 0 needs teacher targets (teacher=None)")
+    if hidden.shape[:-1] != labels.shape:
+        raise LossInputError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree on (B, T)")
+    if lm_head_weight.shape[1] != hidden.shape[-1]:
+        raise LossInputError(f"lm_head_weight {tuple(lm_head_weight.shape)} does not match hidden size {hidden.shape[-1]}")
+    n = float(n_tokens)
+    if n < 0:
+        raise LossInputError(f"n_tokens must be >= 0, got {n}")
+    t = None if teacher is None else as_targets(teacher)
+    if t is None:
+        v = vocab_size if vocab_size is not None else lm_head_weight.shape[0]
+        if not 0 < v <= lm_head_weight.shape[0]:
+            raise LossInputError(f"vocab_size={v} exceeds the LM head's {lm_head_weight.shape[0]} rows")
+        return t, v, (1.0 if loss_temperature is None else float(loss_temperature)), max(n, 1.0)
+    if t.shape != tuple(labels.shape):
+        raise LossInputError(f"teacher targets cover {t.shape} positions, labels {tuple(labels.shape)}")
+    v = vocab_width(lm_head_weight.shape[0], t, vocab_size)
+    tau = temperature(t, loss_temperature)
+    if t.is_sparse:
+        check_sparse_ids(t.topk_ids, v)
+    return t, v, tau, max(n, 1.0)
+
+
+def chunked_distill_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor,
+                         teacher: TeacherTargets | torch.Tensor | None, labels: torch.Tensor, *,
+                         kd: str = "forward_kl", beta: float = 0.5, alpha: float = 0.1,
+                         loss_temperature: float | None = 1.0, kd_weight: float = 1.0, ce_weight: float = 0.0,
                          n_tokens: float, chunk_size: int = 1024, vocab_size: int | None = None,
-                         lm_head_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    """Fused LM head + KD/CE loss over target rows, in chunks (see module docstring).
+                         lm_head_bias: torch.Tensor | None = None,
+                         kd_t2_scale: bool = True) -> tuple[torch.Tensor, dict]:
+    """Fused LM head + KD/CE loss over the target rows, ``chunk_size`` rows at a time (module docstring).
 
     Args:
-        hidden: student final hidden states ``(B, T, H)`` (requires grad).
-        lm_head_weight: ``(V_s, H)``; ``lm_head_bias``: ``(V_s,)`` or None.
-        teacher: ``TeacherTargets`` (dense, lazy dense or sparse), raw teacher logits ``(B, T, V_t)``,
-            or None when ``kd_weight == 0``.
-        labels: ``(B, T)`` already shifted, −100 = no target.
-        n_tokens: target count of the whole accumulation window (all ranks), the divisor.
+        hidden: student final hidden states ``(B, T, H)``.
+        lm_head_weight: the student's LM head ``(V_s, H)`` (``lm_head_bias (V_s,)`` or None); rows
+            beyond ``vocab_size`` (embedding padding) are unused and get a zero gradient.
+        teacher: raw logits ``(B, T, V_t)`` or ``TeacherTargets`` (dense, lazy dense, sparse), or None
+            when ``kd_weight == 0``. It is a constant: no gradient flows into it. Where
+            ``TeacherTargets.mask`` is False the KD term is 0 (CE still applies).
+        labels: ``(B, T)`` already shifted; ``-100`` = no loss at that position.
+        kd / beta / alpha: divergence name and its mixture weights (``jsd`` uses beta, skews alpha).
+        loss_temperature: τ for the KD term (sparse targets: must equal the recorded τ; None = theirs).
+        kd_weight, ce_weight: weights of the two terms (the KD term is computed whenever a teacher is
+            given, so ``stats`` report it, even at ``kd_weight = 0``).
+        n_tokens: target tokens in the whole accumulation window (all ranks); the divisor.
+        chunk_size: target rows per chunk (memory ≈ 5·chunk_size·V floats).
+        vocab_size: compare only the first ``vocab_size`` columns (padded vocabularies).
+        kd_t2_scale: multiply the KD term by τ² (Hinton); False = the plain divergence.
     Returns:
-        ``(loss, stats)``: a scalar with gradients to ``hidden`` and the head, and detached sums
-        ``kd_sum`` / ``ce_sum`` (unweighted, over this call's targets) and ``tokens``.
+        ``(loss, stats)``: a scalar with gradients to ``hidden``, ``lm_head_weight`` (and the bias),
+        and floats ``kd_sum`` / ``ce_sum`` (unweighted, unscaled sums over this call's target rows),
+        ``tokens`` (their number) and ``kd_scale`` (the s_τ applied).
     """
-    if kd not in KD_LOSSES:
-        raise ValueError(f"unknown kd loss '{kd}' (choose one of {', '.join(KD_LOSSES)})")
-    if kd_weight > 0 and teacher is None:
-        raise ValueError("kd_weight > 0 needs teacher targets")
-    if isinstance(teacher, torch.Tensor):
-        teacher = TeacherTargets(logits=teacher)
-    stats: dict = {}
-    opts = dict(kd=kd, beta=beta, alpha=alpha, loss_temperature=loss_temperature, kd_weight=kd_weight,
-                ce_weight=ce_weight, n_tokens=max(float(n_tokens), 1.0), chunk_size=chunk_size,
-                vocab_size=vocab_size, stats=stats)
-    loss = _FusedLoss.apply(hidden, lm_head_weight, lm_head_bias, teacher, labels, opts)
-    return loss, stats
+    t, v, tau, n = _prepare(hidden, lm_head_weight, teacher, labels, kd, beta, alpha, loss_temperature,
+                            kd_weight, ce_weight, n_tokens, vocab_size)
+    if chunk_size <= 0:
+        raise LossInputError(f"chunk_size must be > 0, got {chunk_size}")
+    flat_y = labels.reshape(-1)
+    rows = (flat_y != -100).nonzero().squeeze(1)  # (n_sel,) target positions
+    y = flat_y.index_select(0, rows)
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= v):
+        raise LossInputError(f"labels span [{int(y.min())}, {int(y.max())}], outside the vocabulary [0, {v})")
+    mask = None if t is None else combined_mask(None, t)
+    scale = tau ** 2 if kd_t2_scale else 1.0
+    plan = _Plan(kd=kd, beta=beta, alpha=alpha, tau=tau, kd_coef=kd_weight * scale / n, ce_coef=ce_weight / n,
+                 teacher=t, rows=rows, labels=y, kd_on=None if mask is None else mask.reshape(-1)[rows],
+                 vocab=v, chunk_size=chunk_size)
+    h_rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)  # (n_sel, H): skip masked positions
+    loss = _FusedDistillLoss.apply(h_rows, lm_head_weight, lm_head_bias, plan)
+    return loss, dict(plan.stats, kd_scale=scale)
 
 
-def distill_loss_full(hidden: torch.Tensor, lm_head_weight: torch.Tensor, teacher, labels: torch.Tensor, *,
-                      kd: str = "forward_kl", beta: float = 0.5, alpha: float = 0.1, loss_temperature: float = 1.0,
-                      kd_weight: float = 1.0, ce_weight: float = 0.0, n_tokens: float, vocab_size: int | None = None,
-                      lm_head_bias: torch.Tensor | None = None, **_ignored) -> tuple[torch.Tensor, dict]:
-    """Reference path: materialise ``(B, T, V)`` logits and let autograd do the rest (parity tests only)."""
-    from .divergences import divergence, cross_entropy, reduce
-
-    logits = torch.nn.functional.linear(hidden, lm_head_weight, lm_head_bias)  # (B, T, V)
+def distill_loss_full(hidden: torch.Tensor, lm_head_weight: torch.Tensor,
+                      teacher: TeacherTargets | torch.Tensor | None, labels: torch.Tensor, *,
+                      kd: str = "forward_kl", beta: float = 0.5, alpha: float = 0.1,
+                      loss_temperature: float | None = 1.0, kd_weight: float = 1.0, ce_weight: float = 0.0,
+                      n_tokens: float, chunk_size: int | None = None, vocab_size: int | None = None,
+                      lm_head_bias: torch.Tensor | None = None, kd_t2_scale: bool = True) -> tuple[torch.Tensor, dict]:
+    """The same objective as :func:`chunked_distill_loss` on materialised ``(B, T, V)`` logits with
+    autograd: the parity reference (memory grows with B·T·V). ``chunk_size`` is accepted and ignored
+    so the two are interchangeable."""
+    t, v, tau, n = _prepare(hidden, lm_head_weight, teacher, labels, kd, beta, alpha, loss_temperature,
+                            kd_weight, ce_weight, n_tokens, vocab_size)
+    bias = None if lm_head_bias is None else lm_head_bias[:v]
+    logits = F.linear(hidden, lm_head_weight[:v], bias)  # (B, T, V)
     mask = labels != -100
-    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    stats = {"kd_sum": 0.0, "ce_sum": 0.0, "tokens": int(mask.sum())}
-    if kd_weight > 0 and teacher is not None:
-        per = divergence(kd, logits, teacher, loss_temperature=loss_temperature, beta=beta, alpha=alpha,
-                         vocab_size=vocab_size, mask=mask)
-        loss = loss + kd_weight * loss_temperature ** 2 * reduce(per, mask, n_tokens)
-        stats["kd_sum"] = float(per.detach().sum())
+    scale = tau ** 2 if kd_t2_scale else 1.0
+    loss = torch.zeros((), dtype=logits.dtype if logits.dtype == torch.float64 else torch.float32,
+                       device=hidden.device)
+    stats = {"kd_sum": 0.0, "ce_sum": 0.0, "tokens": float(mask.sum()), "kd_scale": scale}
+    if t is not None:
+        kd_tok = divergence(kd, logits, t, beta=beta, alpha=alpha, loss_temperature=tau, vocab_size=v, mask=mask)
+        loss = loss + kd_weight * scale * reduce(kd_tok, mask, n)
+        stats["kd_sum"] = float(kd_tok.detach().sum())
+    with torch.set_grad_enabled(torch.is_grad_enabled() and ce_weight > 0):
+        ce_tok = cross_entropy(logits, labels, vocab_size=v)
     if ce_weight > 0:
-        per = cross_entropy(logits, labels, vocab_size=vocab_size)
-        loss = loss + ce_weight * reduce(per, mask, n_tokens)
-        stats["ce_sum"] = float(per.detach().sum())
+        loss = loss + ce_weight * reduce(ce_tok, mask, n)
+    stats["ce_sum"] = float(ce_tok.detach().sum())
     return loss, stats

@@ -1,0 +1,172 @@
+"""In-place row kernels of the fused loss: per-row divergence and its gradient w.r.t. the student's logits.
+
+The fused path (:mod:`.chunked`) holds one chunk of ``c`` rows at a time in a few reusable
+``(c, V)`` buffers and computes each loss *and its gradient* with in-place tensor ops, so no
+``(c, V)`` temporary is allocated per chunk (on CPU every such allocation is an ``mmap`` plus a page
+fault per 4 KiB, which cost more than the maths). Autograd is not used for the dense divergences.
+
+Notation per row: student ``s = z / τ``, ``lq = log_softmax(s)``, ``q = exp(lq)``; teacher ``lp``,
+``p``. For a loss ``L(lq)`` let ``G_j = ∂L/∂lq_j`` (log-probs as free coordinates); since
+``∂lq_i/∂s_j = δ_ij − q_j`` the gradient is ``∂L/∂s_j = G_j − q_j·Σ_i G_i`` and ``∂L/∂z = ∂L/∂s / τ``.
+
+=================  ===================================================  ===============================
+divergence         G_j                                                  ∂L/∂s_j
+=================  ===================================================  ===============================
+forward KL         −p_j                                                 q_j·Σp − p_j
+reverse KL         q_j (a_j + 1),  a = lq − lp                           q_j (a_j + 1 − L − Σq)
+jsd(β)             (1−β) q_j d_j,  d = lq − lm, m = βp + (1−β)q          (1−β) q_j (d_j − Σ_i q_i d_i)
+skew fwd KL(α)     −(1−α) w_j,  w = p·q/m, m = αp + (1−α)q               (1−α)(q_j·Σw − w_j)
+skew rev KL(α)     q_j (a_j + 1),  a = d − α·q/m, m = αq + (1−α)p        q_j (a_j + 1 − Σ q a − Σq)
+tvd                ½ q_j sign(q_j − p_j)                                G_j − q_j ΣG
+cross-entropy      −[j = y]   (at τ = 1)                                q_j − [j = y]
+=================  ===================================================  ===============================
+
+(For JSD ``∂L/∂q_j = (1−β)(lq_j − lm_j)``: the two ``1/m`` terms cancel. Σp and Σq are used as
+computed, not assumed 1, so the result matches autograd of the reference to rounding.)
+
+Sparse targets: the student's K+1 bucket log-probs ``lQ`` (kept ids and the tail, :mod:`.sparse`)
+are tiny ``(c, K+1)`` tensors, so the bucket divergence and ``G = ∂L/∂lQ`` come from autograd on
+them; the map back to the vocabulary is analytic: with ``lQ_k = lq_{id_k}`` and
+``lQ_tail = logsumexp_{v ∉ ids} lq_v``,
+``∂L/∂s_j = [j = id_k]·G_k + [j ∉ ids]·G_tail·q_j/Q_tail − q_j·Σ_b G_b``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import divergences, sparse
+
+
+def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_j a_ij·b_ij per row ``(c,)``, without a ``(c, V)`` temporary (batched mat-vec)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def log_softmax_(z: torch.Tensor, q: torch.Tensor) -> None:
+    """In place: ``z (c, V)`` becomes ``log_softmax(z)`` and ``q = exp(z)`` its probabilities
+    (torch's fused row kernel writing over its input, then one ``exp`` pass)."""
+    torch.log_softmax(z, dim=1, out=z)
+    torch.exp(z, out=q)
+
+
+def cross_entropy_(z: torch.Tensor, y: torch.Tensor, out: torch.Tensor, coef: float) -> torch.Tensor:
+    """CE rows ``lse(z) − z_y`` ``(c,)`` at τ = 1 from raw logits ``z`` (left intact); sets
+    ``out = coef·(softmax(z) − onehot(y))``, its gradient."""
+    m = z.amax(dim=1, keepdim=True)
+    torch.sub(z, m, out=out)
+    out.exp_()
+    total = out.sum(dim=1, keepdim=True)
+    ce = (m + total.log()).view(-1) - z.gather(1, y.unsqueeze(1)).view(-1)
+    out.mul_(coef / total)
+    if coef != 0.0:
+        out.scatter_add_(1, y.unsqueeze(1), torch.full_like(m, -coef))
+    return ce
+
+
+def cross_entropy_from_logprobs_(lq: torch.Tensor, q: torch.Tensor, y: torch.Tensor, out: torch.Tensor,
+                                 coef: float) -> torch.Tensor:
+    """CE rows ``−lq_y`` when the τ = 1 log-probs are at hand; sets ``out = coef·(q − onehot(y))``."""
+    ce = -lq.gather(1, y.unsqueeze(1)).view(-1)
+    torch.mul(q, coef, out=out)
+    if coef != 0.0:
+        out.scatter_add_(1, y.unsqueeze(1), torch.full((y.numel(), 1), -coef, dtype=out.dtype, device=out.device))
+    return ce
+
+
+def _log_mix_(la: torch.Tensor, lb: torch.Tensor, w: float, into: torch.Tensor) -> None:
+    """``into = log(w·a + (1−w)·b)`` (``logaddexp``, finite where both underflow). ``into`` is ``la``
+    or a free buffer; the inputs that are not ``into`` are shifted in place and restored (to rounding)."""
+    la.add_(math.log(w))
+    lb.add_(math.log1p(-w))
+    torch.logaddexp(la, lb, out=into)
+    lb.sub_(math.log1p(-w))
+    if into is not la:
+        la.sub_(math.log(w))
+
+
+def dense_kd_(name: str, lq: torch.Tensor, q: torch.Tensor, lp: torch.Tensor, p: torch.Tensor,
+              out: torch.Tensor, coef: torch.Tensor, beta: float, alpha: float) -> torch.Tensor:
+    """Divergence rows ``(c,)``; adds ``coef·∂L/∂s`` to ``out`` (``coef (c, 1)``).
+
+    ``lq, q, lp, p`` are ``(c, V)`` buffers of both sides' log-probs and probs; they are clobbered.
+    """
+    if name == "jsd" and beta in (0.0, 1.0):
+        name = "forward_kl" if beta == 0.0 else "reverse_kl"
+    if name.startswith("skew_") and alpha == 0.0:
+        name = "forward_kl" if name == "skew_forward_kl" else "reverse_kl"
+    if name.startswith("skew_") and alpha == 1.0:  # m = the first argument: the divergence is 0
+        return torch.zeros(lq.shape[0], dtype=lq.dtype, device=lq.device)
+
+    if name == "forward_kl":
+        loss = rowdot(p, lp.sub_(lq))  # Σ p (lp − lq)
+        q.mul_(p.sum(dim=1, keepdim=True)).sub_(p)  # q·Σp − p
+        out.addcmul_(q, coef)
+    elif name == "reverse_kl":
+        lq.sub_(lp)  # a = lq − lp
+        loss = rowdot(q, lq)
+        lq.sub_(loss.unsqueeze(1) + q.sum(dim=1, keepdim=True) - 1.0).mul_(q)
+        out.addcmul_(lq, coef)
+    elif name == "jsd":
+        ppl = rowdot(p, lp)  # Σ p lp
+        _log_mix_(lp, lq, beta, into=lp)  # lp buffer := lm
+        kl_pm = ppl - rowdot(p, lp)
+        lq.sub_(lp)  # d = lq − lm
+        kl_qm = rowdot(q, lq)
+        loss = beta * kl_pm + (1.0 - beta) * kl_qm
+        lq.sub_(kl_qm.unsqueeze(1)).mul_(q)
+        out.addcmul_(lq, coef * (1.0 - beta))
+    elif name == "skew_forward_kl":
+        ppl = rowdot(p, lp)
+        _log_mix_(lp, lq, alpha, into=lp)  # lm, m = αp + (1−α)q
+        loss = ppl - rowdot(p, lp)
+        lq.sub_(lp).exp_().mul_(p)  # w = p·q/m
+        q.mul_(lq.sum(dim=1, keepdim=True)).sub_(lq)  # q·Σw − w
+        out.addcmul_(q, coef * (1.0 - alpha))
+    elif name == "skew_reverse_kl":
+        _log_mix_(lq, lp, alpha, into=p)  # p buffer := lm, m = αq + (1−α)p (lq shifted and restored)
+        lq.sub_(p)  # d = lq − lm
+        loss = rowdot(q, lq)
+        torch.exp(lq, out=p).mul_(alpha)  # α·q/m
+        lq.sub_(p)  # a = d − α q/m
+        lq.sub_(rowdot(q, lq).unsqueeze(1) + q.sum(dim=1, keepdim=True) - 1.0).mul_(q)
+        out.addcmul_(lq, coef)
+    elif name == "tvd":
+        torch.sub(q, p, out=lp)
+        torch.sign(lp, out=p)
+        loss = 0.5 * rowdot(p, lp)  # ½ Σ |q − p|
+        p.mul_(q)  # q·sign(q − p) = 2G
+        p.addcmul_(q, -p.sum(dim=1, keepdim=True))
+        out.addcmul_(p, coef * 0.5)
+    else:
+        raise ValueError(f"unknown divergence '{name}'")
+    return loss
+
+
+def sparse_kd_(name: str, lq: torch.Tensor, q: torch.Tensor, ids: torch.Tensor, t_lp: torch.Tensor,
+               t_tail: torch.Tensor, scratch: torch.Tensor, out: torch.Tensor, coef: torch.Tensor,
+               beta: float, alpha: float) -> torch.Tensor:
+    """Bucket divergence rows ``(c,)`` for sparse rows ``ids, t_lp (c, K)``, ``t_tail (c,)``;
+    adds ``coef·∂L/∂s`` to ``out``. ``lq, q`` (student, ``(c, V)``) are left intact; ``scratch`` is clobbered."""
+    k, vocab = ids.shape[1], lq.shape[1]
+    l_student = lq.gather(1, ids)  # (c, K)
+    tail = sparse.has_tail(k, vocab)
+    if tail:
+        scratch.copy_(lq).scatter_(1, ids, float("-inf"))  # the student's log-probs outside the kept ids
+        m = scratch.amax(dim=1, keepdim=True)
+        scratch.sub_(m).exp_()
+        total = scratch.sum(dim=1, keepdim=True)
+        scratch.div_(total)  # r_j = q_j / Q_tail outside ids, 0 at ids
+        l_student = torch.cat([l_student, m + total.log()], dim=1)  # (c, K+1)
+    l_teacher = sparse.teacher_buckets(t_lp, t_tail, vocab, lq.dtype)
+    with torch.enable_grad():
+        l_student = l_student.detach().requires_grad_(True)
+        loss = divergences.apply(name, l_teacher, l_student, beta=beta, alpha=alpha)  # (c,)
+        (g,) = torch.autograd.grad(loss.sum(), l_student)  # (c, K[+1]) = ∂L/∂lQ
+    if tail:
+        out.addcmul_(scratch, g[:, k:] * coef)
+    out.addcmul_(q, -g.sum(dim=1, keepdim=True) * coef)
+    out.scatter_add_(1, ids, g[:, :k] * coef)
+    return loss.detach()
