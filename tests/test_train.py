@@ -100,3 +100,16 @@ def test_nan_loss_stops_cleanly(tmp_path):
     with pytest.raises(DistilleryError, match=r"step 0: loss is nan"):
         distill(load_config(recipe, [f"teacher.source={bad}"]))
     assert not (out / "student").exists()
+
+
+def test_on_policy_fraction_zero_is_exactly_supervised_and_one_runs(tmp_path):
+    sup, zero, onp = tmp_path / "sup", tmp_path / "zero", tmp_path / "onp"
+    common = ["train.max_steps=2", "train.eval_every=0", "train.save_every=0"]
+    distill(load_config(write_recipe(tmp_path, sup), common))
+    distill(load_config(write_recipe(tmp_path, zero), common + ["generation.on_policy_fraction=0.0"]))
+    a, b = _weights(sup / "student"), _weights(zero / "student")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    summary = distill(load_config(write_recipe(tmp_path, onp), common + [
+        "generation.on_policy_fraction=1.0", "generation.max_new_tokens=8", "generation.prompt_tokens=8"]))
+    lines = [json.loads(x) for x in (onp / "metrics.jsonl").read_text().splitlines() if "kd" in x]
+    assert summary["steps"] == 2 and all(torch.isfinite(torch.tensor(x["kd"])) for x in lines)
