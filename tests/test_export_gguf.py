@@ -175,3 +175,15 @@ def test_verification_without_llama_cpp_says_how_to_install(student_dir, tmp_pat
     with pytest.raises(DistilleryError, match="llama-cpp-python is not installed.*--no-verify"):
         export_model(student_dir, "gguf", tmp_path / "s.gguf", "f16", verify=True)
     assert (tmp_path / "s.gguf").is_file()                    # written, reported as unverified
+
+
+def test_int4_quantized_student_exports_to_q4_0_without_new_rounding(tmp_path, tok):
+    """quantize --bits 4 puts weights on the Q4_0 grid, so GGUF q4_0 export only rounds the scales to fp16."""
+    from distillery.quantize import quantize_linears
+
+    model = tiny_llama()
+    quantize_linears(model, bits=4, group_size=32)
+    _, tensors = _read(write_gguf(model, tok, tmp_path / "q.gguf", "q4_0", "llama")["path"])
+    back = gguf.quants.dequantize(np.asarray(tensors["blk.0.ffn_gate.weight"].data), Q.Q4_0).reshape(128, 64)
+    w = model.model.layers[0].mlp.gate_proj.weight.detach().numpy()
+    assert np.abs(back - w).max() <= np.abs(w).max() * 2 ** -10

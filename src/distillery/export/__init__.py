@@ -54,5 +54,5 @@ def add_export_parser(subparsers) -> None:
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                    help="load the export in its runtime and compare logits with PyTorch (default: on)")
     p.add_argument("--verify-text", default=None, help="text file for the check (default: tail of Paradise Lost)")
-    p.add_argument("--verify-tokens", type=int, default=256, help="held-out tokens compared (default 256)")
+    p.add_argument("--verify-tokens", type=int, default=512, help="held-out tokens compared (default 512)")
     p.set_defaults(func=_run_export)

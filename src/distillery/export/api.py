@@ -25,7 +25,7 @@ def _reject(path: Path) -> Path:
 
 
 def export_model(student_dir: str | Path, fmt: str, out: str | Path, quant: str = "f16", verify: bool = True,
-                 verify_text: str | None = None, verify_tokens: int = 256) -> dict:
+                 verify_text: str | None = None, verify_tokens: int = 512) -> dict:
     """Export a Llama/Qwen2 student to ``fmt`` ('gguf': file ``out``; 'onnx': folder ``out``); return a report.
 
     ``quant``: f32|f16|q8_0|q4_0 for GGUF; ONNX graphs are fp32 (pass 'f32' or leave the default).

@@ -71,7 +71,10 @@ def write_onnx(model, tokenizer, out_dir: str | Path) -> dict:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise DistilleryError(f"ONNX output '{out}' is a file; give a folder")
-    model = model.float().eval()
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        # not model.float(): transformers refuses it on configs that carry a quantization_config
+        model = model.to(torch.float32)
+    model.eval()
     cfg = model.config
     n_layers = cfg.num_hidden_layers
     n_kv, head_dim = kv_shape(cfg)
