@@ -133,4 +133,7 @@ def run_demo(quick: bool = False, output_dir: str = "runs/demo", overrides: list
                < results["runs"]["ce"]["heldout"]["kl_teacher_student"] else "CE matched or beat KD on held-out KL")
     console.print(f"{verdict}. Students saved under {out}/kd/student and {out}/ce/student; "
                   f"results in {out}/results.json ({results['seconds']:.0f} s).")
+    from .report import write_report  # curves, tables and the sample as one HTML page, from the JSON above
+
+    console.print(f"Report: {write_report(out)}")
     return results
