@@ -257,3 +257,8 @@ def test_fp32_inputs_compute_in_fp32_and_bf16_is_upcast():
     s, t = _rand((1, 2, 7), 0, dtype=torch.float32), _rand((1, 2, 7), 1, dtype=torch.float32)
     assert forward_kl(s, t).dtype == torch.float32
     torch.testing.assert_close(forward_kl(s.bfloat16(), t), forward_kl(s.bfloat16().float(), t))
+
+
+def test_positions_must_line_up():
+    with pytest.raises(ValueError, match="positions"):
+        forward_kl(_rand((2, 3, 5), 0), _rand((3, 2, 5), 1))

@@ -39,6 +39,9 @@ def teacher_student_logprobs(student_logits: torch.Tensor, teacher: TeacherTarge
     (``N = K`` when K = V), see :mod:`.sparse`.
     """
     t = as_targets(teacher)
+    if t.shape != tuple(student_logits.shape[:-1]):
+        raise LossInputError(f"teacher targets cover positions {t.shape}, the student logits "
+                             f"{tuple(student_logits.shape[:-1])}")
     v = vocab_width(student_logits.shape[-1], t, vocab_size)
     tau = temperature(t, loss_temperature)
     dtype = compute_dtype(student_logits)
@@ -48,9 +51,6 @@ def teacher_student_logprobs(student_logits: torch.Tensor, teacher: TeacherTarge
         ids = t.topk_ids.long()
         return sparse.teacher_buckets(t.topk_logprobs, t.tail_logprob, v, dtype), sparse.student_buckets(lq, ids)
     tl = t.dense_logits().reshape(*student_logits.shape[:-1], -1)[..., :v]  # (B, T, V)
-    if tl.shape[:-1] != student_logits.shape[:-1]:
-        raise LossInputError(f"teacher positions {tuple(tl.shape[:-1])} do not match the student's "
-                             f"{tuple(student_logits.shape[:-1])}")
     return torch.log_softmax(tl.to(dtype) / tau, dim=-1), lq
 
 
