@@ -13,6 +13,7 @@ from distillery.cache import CachedTeacher, CacheReader, cache_info, write_cache
 from distillery.cache.codec import Encoding
 from distillery.errors import DistilleryError
 from distillery.targets import sparse_from_logits
+from distillery.losses import forward_kl
 from test_cache_support import BlockDataset, TinyTeacher, collate, forward_kl_dense, forward_kl_sparse
 
 V, T = 512, 16
@@ -97,12 +98,17 @@ def test_k_equals_vocab_matches_live_loss_and_gradient(tmp_path, encoding, loss_
         logits = student(batch["input_ids"]).detach().requires_grad_(True)
         with torch.no_grad():
             t_logits = teacher(batch["input_ids"])
-        per_tok = forward_kl_dense(logits, t_logits, 2.0) if target == "live" else forward_kl_sparse(logits, cached)
+        teacher_signal = t_logits if target == "live" else cached
+        per_tok = forward_kl(logits, teacher_signal, loss_temperature=2.0)  # distillery.losses: dense or sparse
         loss = per_tok[mask].sum() / mask.sum()
         loss.backward()
         losses.append(loss.item())
         grads.append(logits.grad[mask])
     assert losses[0] > 0.05
+    with torch.no_grad():  # the inline reference formulas agree with distillery.losses
+        ref = forward_kl_dense(student(batch["input_ids"]), teacher(batch["input_ids"]), 2.0)[mask].mean()
+        ref_sparse = forward_kl_sparse(student(batch["input_ids"]), cached)[mask].mean()
+    assert abs(ref.item() - losses[0]) < 1e-5 * losses[0] and abs(ref_sparse.item() - losses[1]) < 1e-4 * losses[0]
     assert abs(losses[1] - losses[0]) <= loss_tol * losses[0]  # relative; measured 2e-5 / 6e-6 / 2e-3
     assert (grads[1] - grads[0]).norm() <= grad_tol * grads[0].norm()  # measured 1e-3 / 1.3e-4 / 3.3e-2
 
@@ -264,3 +270,18 @@ def test_datasets_opens_the_shards(small_cache, tmp_path, monkeypatch):
     every = datasets.load_dataset("arrow", data_files={"train": str(out / "train" / "*.arrow")},
                                   cache_dir=str(tmp_path / "hf"))
     assert sorted(every["train"]["index"]) == list(range(12))
+
+
+def test_cached_top_k_loss_matches_the_bucket_formula(small_cache):
+    """k < V: distillery.losses' sparse forward KL on cached targets == the (K+1)-bucket formula the benchmark uses."""
+    out, model, splits, _ = small_cache
+    idx = torch.arange(12)
+    cached = CacheReader(out).targets(idx)
+    batch = collate(splits["train"], idx)
+    student = TinyTeacher(V, seed=9, scale=2.0)(batch["input_ids"]).detach()
+    got = forward_kl(student, cached)[cached.mask]
+    ref = forward_kl_sparse(student, cached)[cached.mask]
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        live = forward_kl_dense(student, model(batch["input_ids"]), 2.0)[cached.mask]
+    assert (got <= live + 1e-4).all()  # the bucketed KL never exceeds the dense one
