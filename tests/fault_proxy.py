@@ -8,7 +8,9 @@ misbehaves in one of these ways (``kinds``):
 * ``"drop"``: closes the connection (RST) before forwarding anything;
 * ``"midbody"``: forwards, lets the server do the work, then sends the headers and only half the
   body and resets the connection (the costly case: a retry pays twice);
-* ``"timeout"``: forwards, then withholds the answer until the client gives up (or ``hang_s``).
+* ``"timeout"``: never answers; holds the connection until the client gives up (or ``hang_s``).
+  It does not forward: a serial server (llama-cpp-python) would otherwise keep computing abandoned
+  requests, and the queue behind them would time out too (a retry storm the test is not about).
 
 Every other request is relayed unchanged. Each connection carries one request (the proxy answers
 ``Connection: close``), which the openai SDK's HTTP client handles transparently. ``stats`` counts
@@ -94,19 +96,19 @@ class FaultProxy:
             elif kind == "drop":
                 writer.transport.abort()
                 return
+            elif kind == "timeout":
+                try:  # the client closing its end (EOF) means it timed out
+                    await asyncio.wait_for(reader.read(), self.hang_s)
+                except asyncio.TimeoutError:
+                    pass
+                writer.transport.abort()
+                return
             else:
                 raw = await self._forward(head, body)
                 if kind == "midbody":
                     cut = raw.find(b"\r\n\r\n") + 4
                     writer.write(raw[: cut + max(1, (len(raw) - cut) // 2)])
                     await writer.drain()
-                    writer.transport.abort()
-                    return
-                if kind == "timeout":
-                    try:  # the client closing its end (EOF) means it timed out
-                        await asyncio.wait_for(reader.read(), self.hang_s)
-                    except asyncio.TimeoutError:
-                        pass
                     writer.transport.abort()
                     return
                 cut = raw.find(b"\r\n\r\n") + 4

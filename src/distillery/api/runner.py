@@ -232,6 +232,7 @@ async def agenerate_dataset(cfg: ApiConfig) -> dict:
                 await asyncio.gather(*workers)
             except _FatalApiError as exc:
                 fatal = str(exc)
+            finally:  # on a fatal reply, an unwritable disk or Ctrl-C: stop every worker before closing
                 for w in workers:
                     w.cancel()
                 await asyncio.gather(*workers, return_exceptions=True)
