@@ -18,7 +18,6 @@ def _kd(run) -> list[float]:
 
 
 def test_train_from_cache_k_equals_v_matches_live(tmp_path):
-    torch.set_num_threads(1)
     extra = ["train.eval_every=0", "train.save_every=0", "loss.loss_temperature=1.0"]  # eval KL is at T = 1 live
     recipe = write_recipe(tmp_path, tmp_path / "live", data={"max_train_blocks": 24, "max_val_blocks": 4})
     cache = tmp_path / "cache"
