@@ -3,7 +3,8 @@
 ::
 
     distillery cache RECIPE.yaml [key=value ...] [--out DIR] [--k 32]
-    accelerate launch --num_processes N -m distillery.cli cache RECIPE.yaml ...   (one shard set per rank)
+    accelerate launch --num_processes N -m distillery.cli cache RECIPE.yaml ...   (GPUs: one shard set per rank)
+    accelerate launch --config_file configs/accelerate/ddp_cpu.yaml -m distillery.cli cache RECIPE.yaml ...  (CPU)
     distillery cache --info DIR [--verify]
 """
 

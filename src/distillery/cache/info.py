@@ -10,6 +10,10 @@ from . import layout
 from .codec import Encoding
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
 def _folder_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
@@ -53,7 +57,7 @@ def cache_info(path: str | Path, verify: bool = False) -> str:
         lines.append(f"  split {split + ':':<8}{info['blocks']} blocks in {info['shards']} shards of "
                      f"{header['shard_blocks']}; {sum(r['rows'] for r in done)} blocks committed")
     if tokens:
-        lines.append(f"  size:         {shard_bytes / 1e6:.1f} MB of shards ({_folder_bytes(root) / 1e6:.1f} MB folder) "
+        lines.append(f"  size:         {_size(shard_bytes)} of shards ({_size(_folder_bytes(root))} folder) "
                      f"for {tokens:,} tokens ({targets:,} targets): {shard_bytes / tokens:.1f} bytes/token")
     fp = header.get("data_fingerprint")
     if fp is not None:
