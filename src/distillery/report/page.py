@@ -15,7 +15,7 @@ body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2rem auto;
 h1{font-size:1.6rem;margin-bottom:.2rem} h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #ddd;padding-bottom:.3rem}
 .sub{color:#666;margin-top:0} table{border-collapse:collapse;margin:.5rem 0;font-size:.9rem}
 th,td{border:1px solid #ddd;padding:.35rem .6rem;text-align:right;vertical-align:top} th{background:#f5f5f5}
-td:first-child,th:first-child{text-align:left} img{max-width:100%;display:block;margin:.5rem 0}
+td:first-child,th:first-child,td:nth-child(2),th:nth-child(2){text-align:left} img{max-width:100%;display:block;margin:.5rem 0}
 .pair td{text-align:left;white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:.85rem;width:50%}
 .note{color:#666;font-size:.85rem} details pre{background:#f7f7f7;padding:.6rem;overflow:auto;font-size:.8rem}
 """
@@ -67,7 +67,7 @@ def comparison(data: dict) -> tuple[str, list[dict]]:
         rows.append(row)
         points.append({"name": "teacher", "kl": 0.0, "parameters": t_params, "teacher": True,
                        "speed": t_speed, "speed_label": f"decode tok/s ({SAMPLE_RUNTIME})"})
-    for r in runs:
+    for i, r in enumerate(runs):
         h, s = r.get("heldout") or {}, r.get("second") or {}
         row = [esc(r["name"]), esc(r["objective"]), human(r["parameters"]), human(r["size_bytes"], "B"),
                num(h.get("student_perplexity"), "{:.2f}"), num(h.get("kl_teacher_student")), num(h.get("top1_agreement"))]
@@ -75,7 +75,7 @@ def comparison(data: dict) -> tuple[str, list[dict]]:
         row += [num(r["train_tok_s"], "{:.0f}")] + [num(r["runtime_tok_s"].get(rt), "{:.0f}") for rt in runtimes]
         rows.append(row)
         speeds = r.get("runtime_tok_s") or {}
-        points.append({"name": r["name"], "kl": h.get("kl_teacher_student"), "parameters": r["parameters"],
+        points.append({"name": r["name"], "kl": h.get("kl_teacher_student"), "parameters": r["parameters"], "color": i,
                        "speed": next(iter(speeds.values()), None),
                        "speed_label": f"decode tok/s ({next(iter(speeds), '')})"})
     return table(head, rows), points
@@ -88,7 +88,7 @@ def samples(results: dict | None) -> str:
         return "<p class='note'>No prompts were answered in this run (results.json has no sample).</p>"
     out = []
     for s in items:
-        who = esc(s.get("student_run", "student"))
+        who = esc(s.get("student_run", "kd"))  # the demo answers with its KD student
         out.append(f"<p><b>prompt:</b> {esc(s.get('prompt', ''))}</p><table class='pair'><tr><th>teacher</th>"
                    f"<th>student ({who})</th></tr><tr><td>{esc(s.get('teacher', ''))}</td>"
                    f"<td>{esc(s.get('student', ''))}</td></tr></table>")

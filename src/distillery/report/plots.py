@@ -68,7 +68,8 @@ def scatter(points: list[dict]) -> str | None:
     """Quality vs size and vs speed across students (and the teacher).
 
     ``points``: dicts with ``name``, ``kl`` (held-out KL to the teacher, lower is better), ``parameters``,
-    ``speed`` (tok/s or None), ``speed_label`` and ``teacher`` (bool).
+    ``speed`` (tok/s or None), ``speed_label``, ``teacher`` (bool) and ``color`` (the run's index, so a
+    student has the same colour as its curves).
     """
     pts = [p for p in points if p.get("kl") is not None and p.get("parameters")]
     if not pts:
@@ -80,7 +81,7 @@ def scatter(points: list[dict]) -> str | None:
         panels.append(("speed", speed_pts[0].get("speed_label") or "tok/s", speed_pts))
     for ax, (key, xlabel, group) in zip(axes[0], panels):
         for i, p in enumerate(group):
-            marker, color = ("*", "black") if p.get("teacher") else ("o", COLORS[i % len(COLORS)])
+            marker, color = ("*", "black") if p.get("teacher") else ("o", COLORS[p.get("color", i) % len(COLORS)])
             ax.scatter(p[key], p["kl"], s=140 if p.get("teacher") else 60, marker=marker, color=color, zorder=3)
             ax.annotate(p["name"], (p[key], p["kl"]), textcoords="offset points", xytext=(6, 5), fontsize=8)
         ax.set_xscale("log")
