@@ -11,11 +11,15 @@ A checkpoint is a folder ``<run>/checkpoints/step-00000100/`` holding
 * ``COMPLETE`` — written last.
 
 It is written under a temporary name and renamed into place, so a crash at any point leaves either
-the previous checkpoint or the new one, never a half-written folder that looks finished.
+the previous checkpoint or the new one, never a half-written folder that looks finished; temporary
+folders left by a crash are removed by the next save. A full disk ends the save with a one-line
+:class:`DistilleryError` (safetensors and ``torch.save`` report it in their own words) after removing
+the partial folder; the previous checkpoint stays, so the run resumes once space is freed.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -50,13 +54,51 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def is_disk_full(exc: BaseException, folder: Path) -> bool:
+    """Whether ``exc`` (OSError, safetensors' or torch's own errors) came from a full disk under ``folder``."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    if "No space left" in text or "os error 28" in text or "Disk quota" in text:
+        return True
+    try:  # torch.save says only "unexpected pos ..." or "file write failed"
+        return shutil.disk_usage(folder).free < (1 << 20)
+    except OSError:
+        return False
+
+
+def disk_full_error(folder: Path, what: str) -> "DistilleryError":
+    from .errors import DistilleryError
+
+    return DistilleryError(f"no space left on the device of '{folder}' while writing {what}: free some space, "
+                           "then rerun the same command (distill: with --resume; nothing finished was lost)")
+
+
+def remove_stale(folder: Path, pattern: str) -> None:
+    """Delete temporary folders a killed process left behind (only one process writes here)."""
+    for old in folder.glob(pattern):
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer, scheduler,
                     state: dict, generator: torch.Generator | None = None, keep: int = 2) -> Path:
     """Write checkpoint ``step`` atomically; keep the newest ``keep`` checkpoints."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
+    remove_stale(root, ".step-*")
     tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:08d}.", dir=root))
+    try:
+        return _write_checkpoint(root, tmp, step, model, optimizer, scheduler, state, generator, keep)
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(exc, root):
+            raise disk_full_error(root, f"checkpoint step {step}") from None
+        raise
+
+
+def _write_checkpoint(root: Path, tmp: Path, step: int, model, optimizer, scheduler, state: dict,
+                      generator, keep: int) -> Path:
+    final = root / f"step-{step:08d}"
     save_model(model, str(tmp / "model.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -75,7 +117,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer,
         shutil.rmtree(final)
     os.rename(tmp, final)
     _fsync_dir(root)
-    for old in list_checkpoints(run_dir)[:-keep]:
+    for old in list_checkpoints(root.parent)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -7,6 +7,7 @@ Errors the user can cause end as one line ``error: ...`` and exit status 2 (set
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         if os.environ.get("DISTILLERY_DEBUG") or exc.errno is None:
             raise
-        print(f"error: {exc.strerror}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        hint = "; free some space, then rerun the same command (distill: with --resume)" if exc.errno == errno.ENOSPC else ""
+        print(f"error: {exc.strerror}: {exc.filename or ''}".rstrip(": ") + hint, file=sys.stderr)
         return 2
 
 

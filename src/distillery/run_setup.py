@@ -63,6 +63,9 @@ def prepare_run(cfg: RunConfig, device: torch.device, is_main: bool = True) -> R
     from .data import build_datasets  # imported here: data pulls in tokenizers machinery
 
     tcfg = cfg.teacher
+    if tcfg.kind == "cache" and cfg.generation.on_policy_fraction > 0:
+        raise DistilleryError("generation.on_policy_fraction > 0 needs a live teacher to score the student's samples; "
+                              "a teacher cache only holds targets for the cached text (use teacher.kind: hf)")
     if tcfg.kind == "cache":
         from .cache.teacher import CachedTeacher  # the teacher cache backend
 
@@ -108,11 +111,20 @@ def prepare_run(cfg: RunConfig, device: torch.device, is_main: bool = True) -> R
         import shutil
         import tempfile
 
+        from .checkpoint import disk_full_error, is_disk_full, remove_stale
+
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(folder.parent, folder.name + ".tmp-*")  # left by a killed run
         tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        except Exception as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if is_disk_full(exc, folder.parent):
+                raise disk_full_error(folder.parent, f"the student to {folder}") from None
+            raise
         if folder.exists():
             shutil.rmtree(folder)
         os.rename(tmp, folder)

@@ -124,11 +124,11 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
     head = student.get_output_embeddings()
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(cfg))
+        (out / "config.yaml.tmp").write_text(dump_config(cfg))
+        os.replace(out / "config.yaml.tmp", out / "config.yaml")
     metrics_path = out / "metrics.jsonl"
-    if acc.is_main_process and resume and metrics_path.exists():  # drop lines logged after the checkpoint
-        kept = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        metrics_path.write_text("".join(ln + "\n" for ln in kept))
+    if acc.is_main_process and resume and metrics_path.exists():
+        _trim_metrics(metrics_path, step, tc.max_steps)
     log = open(metrics_path, "a") if acc.is_main_process else None
     lc = cfg.loss
     bar = tqdm(total=tc.max_steps, initial=step, desc="distill", disable=not (tc.progress and acc.is_main_process))
@@ -212,15 +212,31 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
     return summary
 
 
+def _trim_metrics(path: Path, step: int, max_steps: int) -> None:
+    """Keep what a run resuming at ``step`` will not log again: lines up to ``step``, except a final validation
+    logged after the last checkpoint (it is redone), and any line a crash cut short. Rewritten atomically."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # torn by a crash or a full disk
+        if rec["step"] < step or (rec["step"] == step and ("split" not in rec or step < max_steps)):
+            kept.append(line)
+    path.with_suffix(".tmp").write_text("".join(ln + "\n" for ln in kept))
+    os.replace(path.with_suffix(".tmp"), path)
+
+
 def _validate(run, student, step: int, log, tc, acc) -> dict | None:
     if not acc.is_main_process or run.eval_teacher is None:
         return None
     batches = (collate(run.val, torch.arange(i, min(i + tc.micro_batch_size, len(run.val))))
                for i in range(0, len(run.val), tc.micro_batch_size))
     # eval_batches counts global batches (micro_batch_size x processes blocks), so the validation blocks are
-    # the same whatever the number of processes; the main process evaluates them alone.
+    # the same whatever the number of processes; the main process evaluates them alone. Its (rows, V) logit
+    # buffers are bounded by loss.chunk_size like the training loss's (about 7 of them live at once).
     m = evaluate(run.eval_teacher, student, batches, vocab_size=run.vocab_size,
-                 max_batches=tc.eval_batches * acc.num_processes)
+                 max_batches=tc.eval_batches * acc.num_processes, chunk_rows=min(1024, run.cfg.loss.chunk_size))
     log.write(json.dumps({"step": step, "split": "val", **m}) + "\n")
     log.flush()
     return m
