@@ -233,3 +233,13 @@ def test_fp32_fused_is_as_accurate_as_fp32_reference(kd):
     for i in range(3):
         err = lambda k: (res[k][i] - res["ref"][i]).abs().max().item()  # noqa: E731
         assert err("fused") <= 4 * err("full") + 1e-7 * res["ref"][i].abs().max().item(), (kd, i)
+
+
+@pytest.mark.parametrize("kd", KD_LOSSES)
+def test_sparse_k_equals_v_equals_dense_in_the_fused_path(kd):
+    h, w, b, th, tw, labels = _setup(seed=4)
+    kw = dict(kd=kd, beta=0.4, alpha=0.3, ce_weight=0.5, n_tokens=10, chunk_size=4)
+    dense = _run(chunked_distill_loss, h, w, b, th @ tw.T, labels, loss_temperature=1.5, **kw)
+    sparse = _run(chunked_distill_loss, h, w, b, sparse_from_logits(th @ tw.T, V, 1.5), labels,
+                  loss_temperature=None, **kw)  # None: the targets' recorded temperature
+    _assert_same(sparse, dense, 1e-10)
