@@ -34,6 +34,8 @@ def ensure_writable_dir(folder: Path, what: str = "output folder") -> None:
     """Create ``folder`` and prove it is writable, before any compute is spent (one-line error if not)."""
     from .errors import DistilleryError
 
+    if folder.exists() and not folder.is_dir():
+        raise DistilleryError(f"{what} '{folder}' is a file, not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / ".write-probe"

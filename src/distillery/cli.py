@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("distill", help="distill a teacher into a student from a YAML recipe")
     d.add_argument("recipe", help="YAML recipe (see configs/)")
-    d.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=200")
+    d.add_argument("overrides", nargs="*", default=[], help="key=value overrides, e.g. train.max_steps=200")
     d.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
     d.set_defaults(func=_cmd_distill)
 
@@ -64,11 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("demo", help="distill SmolLM2-135M-Instruct into a small student and print the results")
     m.add_argument("--quick", action="store_true", help="a short run (under 3 minutes on 2 CPU cores)")
     m.add_argument("--output-dir", default="runs/demo")
-    m.add_argument("overrides", nargs="*", help="key=value overrides for the demo recipe")
+    m.add_argument("overrides", nargs="*", default=[], help="key=value overrides for the demo recipe")
     m.set_defaults(func=_cmd_demo)
 
     _optional_verbs(sub)
+    for parser in (p, *sub.choices.values()):
+        _one_line_errors(parser)
     return p
+
+
+def _one_line_errors(parser: argparse.ArgumentParser) -> None:
+    """Usage mistakes end like every other error: one ``error:`` line naming the verb, exit status 2."""
+    def error(message: str):
+        parser.exit(2, f"error: {parser.prog}: {message} (see {parser.prog} --help)\n")
+    parser.error = error
 
 
 def _optional_verbs(sub) -> None:

@@ -142,10 +142,24 @@ def _error_line(err: ValidationError, source: str) -> str:
     e = err.errors()[0]
     key = ".".join(str(p) for p in e["loc"])
     if e["type"] == "extra_forbidden":
-        return f"{source}: config key '{key}' is not a known setting"
+        return f"{source}: config key '{key}' is not a known setting{_did_you_mean(e['loc'])}"
     got = e.get("input")
     got_s = "" if isinstance(got, dict) else f" (got {got!r})"
     return f"{source}: config key '{key}': {e['msg']}{got_s}"
+
+
+def _did_you_mean(loc: tuple) -> str:
+    """`` (did you mean 'train.max_steps'?)`` for a misspelt key, from the fields of its section."""
+    import difflib
+
+    model: Any = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return ""
+        model = field.annotation
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.7)
+    return f" (did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?)" if close else ""
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -243,7 +243,7 @@ def add_plan_parser(subparsers) -> None:
     """Register ``distillery plan`` on the CLI's subparsers."""
     p = subparsers.add_parser("plan", help="estimate peak memory per device and time per step for a recipe")
     p.add_argument("recipe", help="YAML recipe (as for `distill`)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.micro_batch_size=4")
+    p.add_argument("overrides", nargs="*", default=[], help="key=value overrides, e.g. train.micro_batch_size=4")
     p.add_argument("--processes", type=_positive(int), default=None, help="data-parallel processes (default: $WORLD_SIZE or 1)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the student trains")
     p.add_argument("--memory-gb", type=_positive(float), default=None, help="memory per device (default: GPU memory, or available RAM)")

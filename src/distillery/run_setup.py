@@ -59,6 +59,22 @@ def _cached_teacher_basics(tcfg, tokenizer, width: int) -> SimpleNamespace:
     return SimpleNamespace(config=config)
 
 
+def _check_student_size(cfg: RunConfig, teacher_model) -> None:
+    """Refuse a student larger than its teacher before allocating it: sizes left out of ``student.model``
+    take the family's defaults (Llama: d=4096, 32 layers, ~6.7B parameters), which ends in an out-of-memory
+    kill, not an error. Counted on the meta device (no memory)."""
+    from .plan_models import count_params
+    from .students import student_config
+
+    n_student = count_params(student_config(cfg.student.model, teacher_model.config))[0]
+    n_teacher = sum(p.numel() for p in teacher_model.parameters())
+    if n_student > n_teacher:
+        raise DistilleryError(
+            f"student.model builds a {n_student / 1e6:,.1f}M-parameter student, larger than the teacher "
+            f"({n_teacher / 1e6:,.1f}M): set hidden_size, intermediate_size and num_hidden_layers (fields left "
+            "out take the model family's defaults)")
+
+
 def prepare_run(cfg: RunConfig, device: torch.device, is_main: bool = True) -> Run:
     from .data import build_datasets  # imported here: data pulls in tokenizers machinery
 
@@ -96,6 +112,8 @@ def prepare_run(cfg: RunConfig, device: torch.device, is_main: bool = True) -> R
     base = teacher_model
     if base is None and cfg.student.init == "config":
         base = _cached_teacher_basics(tcfg, tokenizer, teacher_width)
+    if cfg.student.init == "config" and teacher_model is not None:
+        _check_student_size(cfg, teacher_model)
     student = build_student(cfg.student, base, calibration=calib, seed=cfg.train.seed)
     limit = getattr(student.config, "max_position_embeddings", None)
     if limit and cfg.data.seq_len > limit:

@@ -190,6 +190,12 @@ def load_teacher(source: str, *, device: str = "auto", dtype: str = "auto",
     torch_dtype = pick_dtype(dtype, dev)
     try:
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise DistilleryError(f"cannot load teacher '{source}': {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # a damaged tokenizer.json: JSONDecodeError, or the tokenizers library's own errors
+        raise DistilleryError(f"cannot load teacher '{source}': its tokenizer files are unreadable "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise DistilleryError(f"cannot load teacher '{source}': {str(exc).splitlines()[0]}") from None

@@ -1,0 +1,190 @@
+"""The bad-input catalogue: what a user can get wrong, and the one line `distillery` answers with.
+
+Each :class:`Case` builds its inputs under a fresh folder and returns the command line; the test
+(``test_bad_inputs.py``) runs it through ``distillery.cli.main``, checks the exit status, that stderr
+holds exactly one ``error: ...`` line matching ``expect``, and that nothing half-written was left in
+the case's output folder. ``docs/errors.md`` is generated from this table and the messages seen.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from helpers_run import make_corpus, make_teacher
+
+
+SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+         "num_key_value_heads": 1}
+
+
+@dataclass
+class Ctx:
+    """What a case builds on: ``base`` (shared tiny teacher and corpus), ``tmp`` (its own folder), ``stub`` (a URL)."""
+
+    base: Path
+    tmp: Path
+    stub: str = ""
+    bad_server: str = ""
+
+    @property
+    def out(self) -> Path:
+        return self.tmp / "out"
+
+    def recipe(self, name: str = "recipe.yaml", **sections) -> Path:
+        r = {"teacher": {"source": str(make_teacher(self.base))},
+             "student": {"model": dict(SMALL)},
+             "data": {"train": [str(make_corpus(self.base))], "seq_len": 32, "val_fraction": 0.1,
+                      "max_train_blocks": 16, "max_val_blocks": 4},
+             "train": {"output_dir": str(self.out), "max_steps": 2, "micro_batch_size": 4, "eval_every": 0,
+                       "save_every": 0, "eval_batches": 1, "progress": False}}
+        for sec, values in sections.items():
+            r.setdefault(sec, {}).update(values)
+        p = self.tmp / name
+        p.write_text(yaml.safe_dump(r))
+        return p
+
+    def file(self, name: str, text: str | bytes) -> Path:
+        p = self.tmp / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        (p.write_bytes if isinstance(text, bytes) else p.write_text)(text)
+        return p
+
+    def data(self, name: str, text: str | bytes, **data) -> list[str]:
+        return ["distill", str(self.recipe(data={"train": [str(self.file(name, text))], **data}))]
+
+    def api(self, url: str | None = None, **kw) -> Path:
+        prompts = self.file("prompts.jsonl", "".join(json.dumps({"prompt": f"Q{i}?"}) + "\n" for i in range(3)))
+        cfg = {"base_url": url or self.stub, "model": "stub", "api_key_env": "DISTILLERY_CATALOGUE_KEY",
+               "prompts": [str(prompts)], "output": str(self.out / "data.jsonl"), "timeout": 2.0, "max_retries": 1,
+               "backoff_base": 0.01, "backoff_max": 0.02, "progress_every": 0, **kw}
+        return self.file("api.yaml", yaml.safe_dump({"api": cfg}))
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    area: str  # cli | config | data | model | tokenizer | cache | api
+    what: str
+    build: Callable[[Ctx], list[str]]
+    expect: str  # regex for the message after "error: "
+    status: int = 2
+
+
+def _cache(ctx: Ctx, *extra: str) -> Path:
+    """A small finished teacher cache for the recipe (built once per case folder through the CLI)."""
+    from distillery.cli import main
+
+    out = ctx.tmp / "cache"
+    assert main(["cache", str(ctx.recipe("cache-recipe.yaml")), "--out", str(out), "--k", "8", "--shard-blocks", "8",
+                 "--no-progress", *extra]) == 0
+    return out
+
+
+def _truncate_first_shard(ctx: Ctx) -> Path:
+    cache = _cache(ctx)
+    shard = sorted((cache / "train").glob("*.arrow"))[0]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    return cache
+
+
+def _checkpointed(ctx: Ctx) -> list[str]:
+    from distillery.cli import main
+
+    recipe = ctx.recipe()
+    assert main(["distill", str(recipe), "train.max_steps=1"]) == 0
+    return ["distill", str(recipe), "train.max_steps=1"]
+
+
+def _other_tokenizer_student(ctx: Ctx) -> list[str]:
+    from tiny import tiny_llama, tiny_tokenizer
+
+    folder = ctx.tmp / "student-other-tok"
+    tiny_llama(vocab_size=300, hidden=32, layers=1, heads=2, kv_heads=1, ffn=64).save_pretrained(folder)
+    tiny_tokenizer(300).save_pretrained(folder)
+    return ["distill", str(ctx.recipe(student={"init": "pretrained", "pretrained": str(folder), "model": {}}))]
+
+
+def _corrupt_tokenizer_teacher(ctx: Ctx) -> list[str]:
+    import shutil
+
+    folder = ctx.tmp / "teacher-bad-tok"
+    shutil.copytree(make_teacher(ctx.base), folder)
+    (folder / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    return ["distill", str(ctx.recipe(teacher={"source": str(folder)}))]
+
+
+def _generate_after_corrupt_output(ctx: Ctx) -> list[str]:
+    recipe = ctx.api()
+    ctx.file("out/data.jsonl", '{"id": "a", "messages": []}\nnot json at all\n{"id": "b"}\n')
+    return ["generate", str(recipe), "--quiet"]
+
+
+CASES: list[Case] = [
+    # ---------------------------------------------------------------- command line
+    Case("cli-no-verb", "cli", "no command given", lambda c: [], r"the following arguments are required: COMMAND"),
+    Case("cli-unknown-verb", "cli", "a misspelt command", lambda c: ["distil", "r.yaml"], r"invalid choice: 'distil'"),
+    Case("cli-no-recipe", "cli", "`distill` without a recipe", lambda c: ["distill"], r"distill: the following arguments are required: recipe"),
+    Case("cli-unknown-flag", "cli", "an unknown option", lambda c: ["distill", str(c.recipe()), "--restart"], r"unrecognized arguments: --restart"),
+    Case("cli-bad-number", "cli", "a non-number where a number goes", lambda c: ["eval", "--teacher", "t", "--student", "s", "--data", "d", "--seq-len", "many"], r"argument --seq-len: invalid int value: 'many'"),
+    Case("cli-plan-negative-memory", "cli", "`plan --memory-gb` not positive", lambda c: ["plan", str(c.recipe()), "--memory-gb", "0"], r"--memory-gb: must be a positive number"),
+    Case("cli-cache-nothing", "cli", "`cache` with neither a recipe nor --info", lambda c: ["cache"], r"give a recipe .* or --info DIR"),
+    # ---------------------------------------------------------------- config
+    Case("config-missing-recipe", "config", "the recipe file does not exist", lambda c: ["distill", str(c.tmp / "nope.yaml")], r"recipe '.*nope.yaml' does not exist"),
+    Case("config-bad-yaml", "config", "the recipe is not valid YAML", lambda c: ["distill", str(c.file("r.yaml", "train:\n  max_steps: [1,\n"))], r"r.yaml:\d+: not valid YAML"),
+    Case("config-not-mapping", "config", "the recipe is a list, not sections", lambda c: ["distill", str(c.file("r.yaml", "- a\n- b\n"))], r"a recipe must be a mapping of sections, got list"),
+    Case("config-unknown-key", "config", "a misspelt key (override)", lambda c: ["distill", str(c.recipe()), "train.max_stepz=3"], r"config key 'train.max_stepz' is not a known setting \(did you mean 'train.max_steps'\?\)"),
+    Case("config-unknown-section-key", "config", "a misspelt key (in the file)", lambda c: ["distill", str(c.recipe(loss={"temprature": 2.0}))], r"config key 'loss.temprature' is not a known setting \(did you mean 'loss.loss_temperature'\?\)"),
+    Case("config-wrong-type", "config", "a word where a number goes", lambda c: ["distill", str(c.recipe()), "train.max_steps=lots"], r"config key 'train.max_steps': Input should be a valid integer.*'lots'"),
+    Case("config-out-of-range", "config", "a value out of range", lambda c: ["distill", str(c.recipe()), "train.max_steps=0"], r"config key 'train.max_steps': Input should be greater than 0"),
+    Case("config-bad-choice", "config", "a value outside a closed set", lambda c: ["distill", str(c.recipe()), "loss.kd=kl"], r"config key 'loss.kd': Input should be 'forward_kl', "),
+    Case("config-override-no-equals", "config", "an override without '='", lambda c: ["distill", str(c.recipe()), "train.max_steps"], r"override 'train.max_steps' is not of the form key=value"),
+    Case("config-override-into-value", "config", "an override that treats a value as a section", lambda c: ["distill", str(c.recipe()), "train.max_steps.x=1"], r"override 'train.max_steps.x=1': 'max_steps' is not a section"),
+    Case("config-output-is-file", "config", "train.output_dir is an existing file", lambda c: ["distill", str(c.recipe(train={"output_dir": str(c.file("out", "x"))}))], r"train.output_dir '.*out' is a file, not a folder"),
+    Case("config-checkpoints-no-resume", "config", "rerun into a folder with checkpoints, without --resume", _checkpointed, r"already holds checkpoints: pass --resume"),
+    Case("config-cache-without-path", "config", "teacher.kind cache without teacher.cache_path", lambda c: ["distill", str(c.recipe(teacher={"kind": "cache"}))], r"teacher.kind is 'cache' but teacher.cache_path is not set"),
+    Case("config-seq-len-too-long", "config", "data.seq_len above the student's positions", lambda c: ["distill", str(c.recipe(data={"seq_len": 600}))], r"seq_len"),
+    Case("config-api-unknown-key", "config", "a misspelt key in a generate recipe", lambda c: ["generate", str(c.api(concurrancy=3))], r"config key 'api.concurrancy' is not a known setting"),
+    # ---------------------------------------------------------------- data
+    Case("data-missing-file", "data", "a training file that does not exist", lambda c: ["distill", str(c.recipe(data={"train": [str(c.tmp / "gone.txt")]}))], r"gone.txt"),
+    Case("data-bad-json-line", "data", "a JSONL line that is not JSON", lambda c: c.data("d.jsonl", '{"text": "ok"}\n{"text": oops}\n'), r"d.jsonl:2: "),
+    Case("data-missing-field", "data", "a JSONL record without the text field", lambda c: c.data("d.jsonl", '{"text": "ok"}\n{"body": "no"}\n'), r"d.jsonl:2: .*'text'"),
+    Case("data-not-object", "data", "a JSONL line that is not an object", lambda c: c.data("d.jsonl", '{"text": "ok"}\n[1, 2]\n'), r"d.jsonl:2: "),
+    Case("data-bad-role", "data", "a chat message with an unknown role", lambda c: c.data("c.jsonl", json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]}) + "\n"), r"c.jsonl:1: .*robot"),
+    Case("data-not-utf8", "data", "a text file that is not UTF-8", lambda c: c.data("latin.txt", "caf\xe9 ".encode("latin-1") * 2000), r"latin.txt"),
+    Case("data-bad-gzip", "data", "a .gz file that is not gzip", lambda c: c.data("d.txt.gz", b"not gzip at all" * 100), r"d.txt.gz"),
+    Case("data-too-little", "data", "less text than one global batch", lambda c: c.data("tiny.txt", "a few words only\n"), r"tiny.txt make only \d+ tokens, fewer than one block"),
+    # ---------------------------------------------------------------- models
+    Case("model-teacher-not-found", "model", "a teacher path that does not exist", lambda c: ["distill", str(c.recipe(teacher={"source": str(c.tmp / "no" / "model")}))], r"teacher '.*no/model' is neither a model folder, a .gguf file nor a hub id"),
+    Case("model-teacher-no-config", "model", "a teacher folder without config.json", lambda c: ["distill", str(c.recipe(teacher={"source": str(c.file("empty-model/README", "x").parent)}))], r"teacher folder '.*empty-model' has no config.json"),
+    Case("model-teacher-gguf-missing", "model", "a .gguf teacher file that does not exist", lambda c: ["distill", str(c.recipe(teacher={"source": str(c.tmp / "t.gguf")}))], r"teacher file '.*t.gguf' does not exist"),
+    Case("model-teacher-bad-gguf", "model", "a .gguf teacher that is not GGUF", lambda c: ["distill", str(c.recipe(teacher={"source": str(c.file("bad.gguf", b"\0" * 64))}))], r"bad.gguf"),
+    Case("model-teacher-device", "model", "teacher.device that does not exist", lambda c: ["distill", str(c.recipe(teacher={"device": "cuda:7"}))], r"teacher.device 'cuda:7' does not exist here"),
+    Case("model-student-family", "model", "an unsupported student family", lambda c: ["distill", str(c.recipe(student={"model": {**SMALL, "model_type": "gpt2"}}))], r"student.model.model_type 'gpt2' is not supported"),
+    Case("model-student-heads", "model", "attention heads not a multiple of KV heads", lambda c: ["distill", str(c.recipe(student={"model": {**SMALL, "hidden_size": 36, "num_attention_heads": 3, "num_key_value_heads": 2}}))], r"num_attention_heads \(3\) must be a multiple of num_key_value_heads \(2\)"),
+    Case("model-student-sizes-unset", "model", "student.model without sizes (the family's 7B defaults)", lambda c: ["distill", str(c.recipe(student={"model": {"model_type": "llama"}}))], r"student.model builds a [\d,.]+M-parameter student, larger than the teacher"),
+    Case("model-pretrained-unset", "model", "student.init pretrained without a folder", lambda c: ["distill", str(c.recipe(student={"init": "pretrained"}))], r"student.pretrained \(a folder\) is not set"),
+    Case("model-pretrained-not-model", "model", "student.pretrained folder without a model", lambda c: ["distill", str(c.recipe(student={"init": "pretrained", "pretrained": str(c.tmp)}))], r"is not a model folder \(no config.json\)"),
+    # ---------------------------------------------------------------- tokenizers
+    Case("tok-mismatch", "tokenizer", "a pretrained student with another tokenizer", _other_tokenizer_student, r"tokenizer mismatch: teacher has 512 tokens, student 300"),
+    Case("tok-student-vocab-small", "tokenizer", "a student vocabulary smaller than the tokenizer", lambda c: ["distill", str(c.recipe(student={"model": {**SMALL, "vocab_size": 100}}))], r"student output layer has 100 logits but the tokenizer has 512 tokens"),
+    Case("tok-corrupt", "tokenizer", "a teacher folder whose tokenizer.json is corrupt", _corrupt_tokenizer_teacher, r"cannot load teacher .*tokenizer"),
+    # ---------------------------------------------------------------- teacher caches
+    Case("cache-not-a-cache", "cache", "teacher.cache_path is not a cache", lambda c: ["distill", str(c.recipe(teacher={"kind": "cache", "cache_path": str(c.tmp)}))], r"is not a teacher cache \(no manifest.json\)"),
+    Case("cache-other-data", "cache", "a cache written for other data", lambda c: ["distill", str(c.recipe(teacher={"kind": "cache", "cache_path": str(_cache(c))}, data={"max_train_blocks": 12}))], r"(data|fingerprint)"),
+    Case("cache-other-temperature", "cache", "a cache written at another loss temperature", lambda c: ["distill", str(c.recipe(teacher={"kind": "cache", "cache_path": str(_cache(c))}, loss={"loss_temperature": 2.0}))], r"loss_temperature"),
+    Case("cache-truncated-shard", "cache", "a cache shard cut short", lambda c: ["distill", str(c.recipe(teacher={"kind": "cache", "cache_path": str(_truncate_first_shard(c))}))], r"cache shard .* has \d+ bytes, the manifest says \d+"),
+    Case("cache-info-missing", "cache", "`cache --info` on a folder that is not there", lambda c: ["cache", "--info", str(c.tmp / "nothing")], r"nothing"),
+    # ---------------------------------------------------------------- served teacher (API)
+    Case("api-key-unset", "api", "the API key variable is not set (a remote server)", lambda c: ["generate", str(c.api(url="https://api.example.invalid/v1", api_key_env="DISTILLERY_UNSET_KEY_VAR")), "--quiet"], r"api.api_key_env: environment variable DISTILLERY_UNSET_KEY_VAR is not set"),
+    Case("api-401", "api", "the server rejects the key (HTTP 401)", lambda c: ["generate", str(c.api(url=c.bad_server + "/401/v1")), "--quiet"], r"refused the run: .*401"),
+    Case("api-404", "api", "the server does not know the model (HTTP 404)", lambda c: ["generate", str(c.api(url=c.bad_server + "/404/v1")), "--quiet"], r"refused the run: .*404"),
+    Case("api-garbage", "api", "the server answers 200 with something that is not a chat completion", lambda c: ["generate", str(c.api(url=c.bad_server + "/garbage/v1")), "--quiet"], r"record\(s\) failed .*rerun the same command", status=1),
+    Case("api-bad-prompt", "api", "a prompt line without 'prompt' or 'messages'", lambda c: ["generate", str(c.api(prompts=[str(c.file("p.jsonl", '{"question": "hi"}\n'))]))], r"p.jsonl:1: needs a string 'prompt' or a non-empty list 'messages'"),
+    Case("api-corrupt-output", "api", "a damaged line in the output being resumed", _generate_after_corrupt_output, r"data.jsonl:2: corrupt line"),
+]
