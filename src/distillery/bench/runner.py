@@ -56,10 +56,12 @@ def machine_info() -> dict:
         pass
     info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "platform": platform.platform(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    for mod in ("llama_cpp", "onnxruntime", "transformers", "gguf"):
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("llama-cpp-python", "onnxruntime", "transformers", "gguf"):
         try:
-            info[mod] = __import__(mod).__version__
-        except (ImportError, AttributeError):
+            info[dist] = version(dist)
+        except PackageNotFoundError:
             pass
     return info
 
