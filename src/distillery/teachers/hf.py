@@ -72,6 +72,7 @@ def convert_gguf(gguf_path: Path, home: Path | None = None) -> Path:
     digest = file_sha256(gguf_path)[:16]
     out = home / "teachers" / f"{gguf_path.stem}-{digest}"
     if (out / "config.json").is_file():
+        _drop_gguf_quantization_config(out)
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     src_dir, name = str(gguf_path.parent), gguf_path.name
@@ -84,6 +85,7 @@ def convert_gguf(gguf_path: Path, home: Path | None = None) -> Path:
     fresh.load_state_dict(loaded.state_dict())
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
     fresh.save_pretrained(tmp, safe_serialization=True)
+    _drop_gguf_quantization_config(tmp)
     tok.save_pretrained(tmp)
     (tmp / "distillery_source.json").write_text(json.dumps({"gguf": str(gguf_path), "sha256_16": digest}))
     try:
@@ -91,6 +93,18 @@ def convert_gguf(gguf_path: Path, home: Path | None = None) -> Path:
     except OSError:  # another process finished first
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _drop_gguf_quantization_config(folder: Path) -> None:
+    """The dequantized weights are plain fp32: remove the GGUF ``quantization_config`` transformers copies
+    into config.json, or later loads treat the folder as a quantized model (``.float()`` then raises)."""
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if "quantization_config" in cfg:
+        del cfg["quantization_config"]
+        tmp = cfg_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(cfg, indent=2))
+        os.replace(tmp, cfg_path)
 
 
 def resolve_source(source: str) -> tuple[str, str]:
