@@ -165,11 +165,11 @@ def _did_you_mean(loc: tuple) -> str:
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``'train.max_steps=200'`` -> (['train', 'max_steps'], 200). Values are parsed as YAML scalars."""
     if "=" not in item:
-        raise DistilleryError(f"override '{item}' is not of the form key=value (e.g. train.max_steps=200)")
+        raise DistilleryError(f"override {item!r} is not of the form key=value (e.g. train.max_steps=200)")
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
-        raise DistilleryError(f"override '{item}' has an empty key")
+        raise DistilleryError(f"override {item!r} has an empty key")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -186,7 +186,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise DistilleryError(f"override '{item}': '{part}' is not a section")
+                raise DistilleryError(f"override {item!r}: {part!r} is not a section")
             node = child
         node[path[-1]] = value
     return data
@@ -206,7 +206,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f":{mark.line + 1}" if mark is not None else ""
-            raise DistilleryError(f"{p}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+            problem = " ".join(str(getattr(exc, "problem", None) or getattr(exc, "reason", None) or exc).split())
+            raise DistilleryError(f"{p}{where}: not valid YAML ({problem})") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -197,7 +197,7 @@ def _parse_jsonl(fh, src: Source, text_field: str) -> Iterator[Record]:
             yield Record(src.name, lineno, messages=_check_messages(obj["messages"], where))
         else:
             if text_field not in obj:
-                keys = ", ".join(sorted(obj)) or "none"
+                keys = ", ".join(k if k.isprintable() else repr(k) for k in sorted(obj)) or "none"
                 raise DistilleryError(f"{where}: record has no '{text_field}' field (data.text_field; keys: {keys})")
             text = obj[text_field]
             if not isinstance(text, str):
