@@ -86,3 +86,16 @@ def test_gguf_header_reader_matches_transformers(tmp_path):
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size, cfg.tie_word_embeddings) == (64, 2, 100, True)
     total, matmul = count_params(cfg)
     assert total == matmul > 100 * 64
+
+
+def test_overrides_may_follow_options(tmp_path, capsys):
+    """argparse alone rejects `plan r.yaml --tflops 1 key=value`; the CLI takes such words as overrides, in order."""
+    recipe = write_recipe(tmp_path, tmp_path / "run")
+    js = tmp_path / "plan.json"
+    assert main(["plan", str(recipe), "train.micro_batch_size=2", "--tflops", "1", "train.micro_batch_size=16",
+                 "--memory-gb", "64", "--json", str(js)]) == 0
+    mem = json.loads(js.read_text())["memory_bytes"]
+    assert any(k.startswith("activations (16 x 32 tokens)") for k in mem)
+    with pytest.raises(SystemExit):
+        main(["plan", str(recipe), "--tflops", "1", "not-an-override"])
+    assert "unrecognized arguments: not-an-override" in capsys.readouterr().err

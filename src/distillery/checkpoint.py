@@ -136,10 +136,19 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler,
                     generator: torch.Generator | None = None) -> dict:
     """Restore everything saved by :func:`save_checkpoint`; return its ``state.json``."""
+    from .errors import DistilleryError
+
+    def tensors(name: str):
+        try:  # weights_only: tensors, numbers and containers; any other pickled object is refused, never built
+            return torch.load(path / name, weights_only=True)
+        except Exception as exc:
+            raise DistilleryError(f"checkpoint {path}: {name} is not a plain tensor file written by distillery "
+                                  f"({type(exc).__name__}); refusing to unpickle it") from None
+
     load_model(model, str(path / "model.safetensors"))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=True)
+    optimizer.load_state_dict(tensors("optimizer.pt"))
+    scheduler.load_state_dict(tensors("scheduler.pt"))
+    rng = tensors("rng.pt")
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])

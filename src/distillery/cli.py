@@ -109,7 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import DistilleryError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # argparse cannot take positionals after an option (`distill r.yaml --resume train.max_steps=9`): key=value
+    # words it leaves over are the verb's overrides, in command-line order; anything else is an error.
+    args, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*(args.overrides or []), *extra]
     try:
         return int(args.func(args) or 0)
     except DistilleryError as exc:

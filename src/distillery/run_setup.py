@@ -52,7 +52,12 @@ def _cached_teacher_basics(tcfg, tokenizer, width: int) -> SimpleNamespace:
 
     folder = Path(tcfg.source).expanduser()
     if "source" in tcfg.model_fields_set and (folder / "config.json").is_file():
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=tcfg.trust_remote_code)
+        try:
+            config = AutoConfig.from_pretrained(folder, trust_remote_code=tcfg.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            from .teachers.hf import remote_code_error
+
+            raise remote_code_error(exc, f"teacher '{tcfg.source}'", "teacher.trust_remote_code") from None
     else:
         config = AutoConfig.for_model("llama", vocab_size=width, eos_token_id=tokenizer.eos_token_id,
                                       bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)

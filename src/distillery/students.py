@@ -58,7 +58,12 @@ def build_student(cfg: StudentConfig, teacher_model: PreTrainedModel | None = No
         path = Path(cfg.pretrained)
         if not (path / "config.json").is_file():
             raise DistilleryError(f"student.pretrained '{path}' is not a model folder (no config.json)")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        try:  # custom model code is never run for a student (trust_remote_code stays off)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        except (OSError, ValueError) as exc:
+            from .teachers.hf import remote_code_error
+
+            raise remote_code_error(exc, f"student.pretrained '{path}'", "a student's trust_remote_code (not supported)") from None
     elif cfg.init == "pruned":
         if teacher_model is None:
             raise DistilleryError("student.init 'pruned' needs a live teacher (teacher.kind: hf)")

@@ -196,6 +196,14 @@ class Teacher:
         return self._weights_hash
 
 
+def remote_code_error(exc: Exception, what: str, setting: str) -> DistilleryError:
+    """One line for a model that cannot be loaded; for one that ships its own code, say which setting allows it."""
+    if "trust_remote_code" in str(exc):
+        return DistilleryError(f"{what} ships its own model code (auto_map in config.json); it runs only with "
+                               f"{setting}: true, so set that only if you trust where the model comes from")
+    return DistilleryError(f"cannot load {what}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+
+
 def load_teacher(source: str, *, device: str = "auto", dtype: str = "auto",
                  trust_remote_code: bool = False) -> Teacher:
     """Load a frozen teacher (eval mode, no gradients) from any supported source."""
@@ -211,7 +219,7 @@ def load_teacher(source: str, *, device: str = "auto", dtype: str = "auto",
                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    except OSError as exc:
-        raise DistilleryError(f"cannot load teacher '{source}': {str(exc).splitlines()[0]}") from None
+    except (OSError, ValueError) as exc:
+        raise remote_code_error(exc, f"teacher '{source}'", "teacher.trust_remote_code") from None
     model.to(dev).eval().requires_grad_(False)
     return Teacher(model=model, tokenizer=tok, name=name, source=source, device=dev)
