@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import re
 import time
 
 import yaml
@@ -16,7 +17,7 @@ h1{font-size:1.6rem;margin-bottom:.2rem} h2{font-size:1.2rem;margin-top:2rem;bor
 .sub{color:#666;margin-top:0} table{border-collapse:collapse;margin:.5rem 0;font-size:.9rem}
 th,td{border:1px solid #ddd;padding:.35rem .6rem;text-align:right;vertical-align:top} th{background:#f5f5f5}
 td:first-child,th:first-child,td:nth-child(2),th:nth-child(2){text-align:left} img{max-width:100%;display:block;margin:.5rem 0}
-.pair td{text-align:left;white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:.85rem;width:50%}
+.pair td,.pair th{text-align:left;white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:.85rem}.pair{width:100%;table-layout:fixed}
 .note{color:#666;font-size:.85rem} details pre{background:#f7f7f7;padding:.6rem;overflow:auto;font-size:.8rem}
 """
 
@@ -81,17 +82,27 @@ def comparison(data: dict) -> tuple[str, list[dict]]:
     return table(head, rows), points
 
 
+def answer(text: str) -> str:
+    """A model's continuation for a table cell: blank-line runs collapsed, whitespace-only made visible."""
+    text = re.sub(r"\n\s*\n+", "\n\n", str(text or "")).strip()
+    return esc(text) if text else "<i>(only whitespace)</i>"
+
+
 def samples(results: dict | None) -> str:
-    """Prompts answered side by side (``results['sample']`` and/or ``results['samples']``)."""
+    """Prompts answered side by side: one table per prompt, the teacher then every student that answered it."""
     items = sample_list(results)
     if not items:
         return "<p class='note'>No prompts were answered in this run (results.json has no sample).</p>"
-    out = []
+    by_prompt: dict[str, list[dict]] = {}
     for s in items:
-        who = esc(s.get("student_run", "kd"))  # the demo answers with its KD student
-        out.append(f"<p><b>prompt:</b> {esc(s.get('prompt', ''))}</p><table class='pair'><tr><th>teacher</th>"
-                   f"<th>student ({who})</th></tr><tr><td>{esc(s.get('teacher', ''))}</td>"
-                   f"<td>{esc(s.get('student', ''))}</td></tr></table>")
+        by_prompt.setdefault(str(s.get("prompt", "")), []).append(s)
+    out = []
+    for prompt, group in by_prompt.items():
+        # the demo's sample has no student_run: it answers with its KD student
+        head = "<th>teacher</th>" + "".join(f"<th>student {esc(s.get('student_run', 'kd'))}</th>" for s in group)
+        cells = f"<td>{answer(group[0].get('teacher'))}</td>" + "".join(f"<td>{answer(s.get('student'))}</td>" for s in group)
+        out.append(f"<p><b>prompt:</b> {esc(prompt)} <span class='note'>(greedy)</span></p>"
+                   f"<table class='pair'><tr>{head}</tr><tr>{cells}</tr></table>")
     return "".join(out)
 
 

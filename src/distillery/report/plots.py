@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display: render to memory
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
@@ -85,6 +86,9 @@ def scatter(points: list[dict]) -> str | None:
             ax.scatter(p[key], p["kl"], s=140 if p.get("teacher") else 60, marker=marker, color=color, zorder=3)
             ax.annotate(p["name"], (p[key], p["kl"]), textcoords="offset points", xytext=(6, 5), fontsize=8)
         ax.set_xscale("log")
+        fmt = FuncFormatter(lambda v, _, k=key: f"{v / 1e6:g}M" if k == "parameters" else f"{v:g}")
+        ax.xaxis.set_major_formatter(fmt)
+        ax.xaxis.set_minor_formatter(fmt)  # log axes over less than a decade show only minor ticks
         ax.set_xlabel(xlabel)
         ax.set_ylabel("held-out KL(teacher ‖ student) ↓")
         ax.grid(alpha=0.3, which="both")
