@@ -1,0 +1,230 @@
+"""Quality of the student: SmolLM2-135M-Instruct teacher -> a student <= 1/4 its size, equal steps.
+
+    .venv/bin/python benchmarks/quality.py [--quick] [--steps N] [--work-dir runs/bench/quality]
+
+Four runs of the same student shape (Minitron-style targets, default 8 layers, d=384, FFN 1,024,
+6 heads / 3 KV heads, head_dim 64, tied embeddings: 31.9M = 0.24x the teacher), same data
+(Shakespeare, blocks of ``seq_len``), same batch and steps, each through ``distillery distill``
+(the product's CLI, one process per run):
+
+1. ``ce_random``: cross-entropy only, random init (the usual pre-training baseline);
+2. ``kd_random``: forward KL to the live teacher, random init;
+3. ``kd_pruned``: forward KL, the student pruned from the teacher (``student.init: pruned``);
+4. ``kd_pruned_onpolicy``: as 3 with ``generation.on_policy_fraction=0.5`` (GKD's lambda; on-policy
+   steps train on the student's own 64-token continuations, so fewer target tokens).
+
+Validation (KL to the teacher, top-1 agreement, perplexity) every ``eval_every`` steps gives the
+curves; step 0 (the initial student) is evaluated here with the loop's own batches. At the end every
+student is evaluated on the whole held-out split and on Milton's *Paradise Lost* (never trained on),
+and teacher and students continue one prompt greedily. Goals (reported, met or not): (2) beats (1)
+on held-out KL by >= 30%; (3) reaches (2)'s final validation KL in <= 1/2 of (2)'s tokens.
+
+Writes ``benchmarks/results/quality.json`` (``quality_quick.json`` with ``--quick``) and, in the work
+folder, ``results.json`` + ``report.html`` (``distillery report`` of the four runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+PRUNE = {"layers": 8, "hidden": 384, "ffn": 1024, "heads": 6}
+KV_HEADS, HEAD_DIM = 3, 64  # what pruning 6 of SmolLM2's 9 heads (3 KV groups of 3) keeps
+SIZES = {  # steps, micro batch, seq_len, eval_every, eval_batches, max_val_blocks, warmup
+    "full": (300, 8, 256, 20, 4, 64, 20),
+    "quick": (16, 4, 128, 4, 2, 16, 4),
+}
+PROMPT = "To be, or not to be"
+
+
+def base_config(args, name: str) -> dict:
+    steps, batch, seq, every, ev_batches, val_blocks, warm = SIZES["quick" if args.quick else "full"]
+    steps = args.steps or steps
+    student = {"init": "config", "model": {"model_type": "llama", "hidden_size": PRUNE["hidden"],
+                                           "intermediate_size": PRUNE["ffn"], "num_hidden_layers": PRUNE["layers"],
+                                           "num_attention_heads": PRUNE["heads"], "num_key_value_heads": KV_HEADS,
+                                           "head_dim": HEAD_DIM, "tie_word_embeddings": True}}
+    if "pruned" in name:
+        student = {"init": "pruned", "prune": dict(PRUNE)}
+    kd = name != "ce_random"
+    return {"teacher": {"source": "smollm2"}, "student": student,
+            "data": {"train": ["demo:shakespeare"], "seq_len": seq, "val_fraction": 0.02, "max_val_blocks": val_blocks},
+            "loss": {"kd": "forward_kl", "kd_weight": 1.0 if kd else 0.0, "ce_weight": 0.0 if kd else 1.0,
+                     "loss_temperature": 1.0, "chunk_size": 512},
+            "generation": {"on_policy_fraction": 0.5 if name.endswith("onpolicy") else 0.0},
+            "train": {"output_dir": str(Path(args.work_dir) / name), "max_steps": steps, "micro_batch_size": batch,
+                      "lr": args.lr, "warmup_steps": warm, "eval_every": every, "eval_batches": ev_batches,
+                      "save_every": 0, "progress": False, "seed": 0}}
+
+
+RUNS = ["ce_random", "kd_random", "kd_pruned", "kd_pruned_onpolicy"]
+
+
+def train_all(args, names: list[str], log: Path) -> dict:
+    """Each run through the CLI in its own process; returns wall seconds (or an error) per run."""
+    info = {}
+    for name in names:
+        cfg = base_config(args, name)
+        out = Path(cfg["train"]["output_dir"])
+        shutil.rmtree(out, ignore_errors=True)
+        recipe = Path(args.work_dir) / f"{name}.yaml"
+        recipe.parent.mkdir(parents=True, exist_ok=True)
+        recipe.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        cmd = [sys.executable, "-m", "distillery.cli", "distill", str(recipe)]
+        print(f"[quality] {name}: {' '.join(cmd[1:])}", flush=True)
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=common.child_env(args.threads), cwd=common.ROOT)
+        with open(log, "a") as fh:
+            fh.write(f"\n==== {name}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}\n")
+        info[name] = {"seconds": time.perf_counter() - t0, "recipe": str(recipe)}
+        if proc.returncode != 0:
+            info[name]["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1]
+            print(f"[quality] {name} failed: {info[name]['error']}", flush=True)
+    return info
+
+
+def evaluate_all(args, names: list[str]) -> dict:
+    """Step-0 validation of both inits, final held-out + Milton metrics, and greedy samples."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from distillery.config import DataConfig, RunConfig
+    from distillery.data import build_datasets
+    from distillery.demo import _sample
+    from distillery.evaluate import evaluate
+    from distillery.run_setup import prepare_run
+    from distillery.students import count_parameters
+    from distillery.train import collate
+
+    torch.set_num_threads(args.threads)
+    out = {"runs": {}, "step0": {}}
+    for init, name in (("random", "kd_random"), ("pruned", "kd_pruned")):
+        cfg = RunConfig.model_validate(base_config(args, name))
+        run = prepare_run(cfg, device=torch.device("cpu"))  # the exact initial student the run started from
+        bs = cfg.train.micro_batch_size
+        val = (collate(run.val, torch.arange(i, min(i + bs, len(run.val)))) for i in range(0, len(run.val), bs))
+        out["step0"][init] = evaluate(run.eval_teacher, run.student, val, vocab_size=run.vocab_size,
+                                      max_batches=cfg.train.eval_batches)
+        teacher, tokenizer, vocab, heldout = run.teacher, run.tokenizer, run.vocab_size, run.val
+    out["teacher"] = {"name": teacher.name, "parameters": count_parameters(teacher.model)}
+    milton = build_datasets(DataConfig(train=["demo:milton"], seq_len=cfg.data.seq_len, val_fraction=0.0,
+                                       max_train_blocks=cfg.data.max_val_blocks), tokenizer, progress=False).train
+
+    def batches(ds):
+        return (collate(ds, torch.arange(i, min(i + bs, len(ds)))) for i in range(0, len(ds), bs))
+
+    new = 24 if args.quick else 40
+    t_text, t_speed = _sample(teacher.model, tokenizer, PROMPT, new)
+    out["samples"] = []
+    for name in names:
+        folder = Path(args.work_dir) / name / "student"
+        if not (folder / "config.json").is_file():
+            continue
+        student = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        s_text, s_speed = _sample(student, tokenizer, PROMPT, new)
+        out["runs"][name] = {"student_dir": str(folder), "parameters": count_parameters(student),
+                             "heldout": evaluate(teacher, student, batches(heldout), vocab_size=vocab),
+                             "milton": evaluate(teacher, student, batches(milton), vocab_size=vocab),
+                             "decode_tok_s": s_speed}
+        out["samples"].append({"prompt": PROMPT, "teacher": t_text, "student": s_text, "student_run": name,
+                               "teacher_decode_tok_s": t_speed, "student_decode_tok_s": s_speed})
+    return out
+
+
+def curves(work: Path, name: str, step0: dict | None) -> dict:
+    """Training loss and validation curves from the run's metrics.jsonl (+ the step-0 point)."""
+    path = work / name / "metrics.jsonl"
+    recs = [json.loads(ln) for ln in path.read_text().splitlines() if ln] if path.is_file() else []
+    train = [r for r in recs if "tok_s" in r]
+    tokens = {r["step"]: r["tokens_seen"] for r in train}
+    val = [{"step": 0, "tokens_seen": 0, **step0}] if step0 else []
+    val += [{**r, "tokens_seen": tokens.get(r["step"])} for r in recs if r.get("split") == "val"]
+    keep = ("step", "tokens_seen", "kl_teacher_student", "top1_agreement", "student_perplexity")
+    return {"train": [{k: r.get(k) for k in ("step", "loss", "kd", "ce", "tokens_seen", "tok_s")} for r in train],
+            "val": [{k: r.get(k) for k in keep} for r in val],
+            "tokens_seen": train[-1]["tokens_seen"] if train else None,
+            "train_tok_s": sum(r["tok_s"] for r in train[len(train) // 5:]) / max(1, len(train) - len(train) // 5) if train else None}
+
+
+def tokens_to_reach(val: list[dict], target: float) -> int | None:
+    """Training tokens at the first validation point with KL <= ``target`` (eval-interval granularity)."""
+    return next((r["tokens_seen"] for r in val if r["kl_teacher_student"] is not None
+                 and r["kl_teacher_student"] <= target), None)
+
+
+def verdicts(runs: dict) -> dict:
+    out = {}
+    ce, kd, pr = (runs.get(n, {}) for n in ("ce_random", "kd_random", "kd_pruned"))
+    if ce.get("heldout") and kd.get("heldout"):
+        gain = 1 - kd["heldout"]["kl_teacher_student"] / ce["heldout"]["kl_teacher_student"]
+        out["kd_vs_ce_heldout_kl_reduction"] = gain
+        out["goal: KD beats CE on held-out KL by >= 30%"] = gain >= 0.30
+    if kd.get("curves", {}).get("val") and pr.get("curves", {}).get("val"):
+        final = kd["curves"]["val"][-1]["kl_teacher_student"]
+        reach = tokens_to_reach(pr["curves"]["val"], final)
+        total = kd["curves"]["tokens_seen"]
+        out["kd_random_final_val_kl"] = final
+        out["kd_pruned_tokens_to_reach_it"] = reach
+        out["kd_pruned_token_fraction"] = None if reach is None or not total else reach / total
+        out["goal: pruned init reaches KD-random's final KL in <= 1/2 the tokens"] = (
+            out["kd_pruned_token_fraction"] is not None and out["kd_pruned_token_fraction"] <= 0.5)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="16 steps of 4 x 128 tokens: a smoke run, not a result")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=2e-3, help="same for every run")
+    ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--work-dir", default=str(common.ROOT / "runs" / "bench" / "quality"))
+    ap.add_argument("--eval-only", action="store_true", help="re-evaluate finished runs, train nothing")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    names = args.runs.split(",")
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    machine = common.machine_info(threads=args.threads)
+    t0 = time.perf_counter()
+    trained = {} if args.eval_only else train_all(args, names, work / "children.log")
+    ev = evaluate_all(args, names)
+    runs = {}
+    for name in names:
+        r = {**trained.get(name, {}), **ev["runs"].get(name, {}), "config": base_config(args, name)}
+        r["curves"] = curves(work, name, ev["step0"]["pruned" if "pruned" in name else "random"])
+        r["tokens_seen"] = r["curves"]["tokens_seen"]
+        runs[name] = r
+    machine["load_average_end"] = common.loadavg()
+    params = {n: r.get("parameters") for n, r in runs.items()}
+    result = {"benchmark": "quality", "quick": args.quick, "machine": machine, "teacher": ev["teacher"],
+              "student_shape": {**PRUNE, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "tied_embeddings": True},
+              "size_ratio": {n: (p / ev["teacher"]["parameters"] if p else None) for n, p in params.items()},
+              "step0": ev["step0"], "runs": runs, "verdicts": verdicts(runs), "seconds": time.perf_counter() - t0,
+              "limits": "one seed; CPU; validation KL on the loop's first eval_batches val batches, final metrics on the "
+                        "whole held-out split; on-policy run trains on fewer target tokens per step"
+                        + ("; --quick: far too few steps for the goals to mean anything" if args.quick else "")}
+    common.write_json(result, Path(args.out or common.RESULTS / ("quality_quick.json" if args.quick else "quality.json")))
+    demo_schema = {"teacher": ev["teacher"], "quick": args.quick, "samples": ev["samples"],
+                   "runs": {n: {k: r.get(k) for k in ("heldout", "milton", "parameters", "student_dir")}
+                            | {"train_tok_s": r["curves"]["train_tok_s"]} for n, r in runs.items()}}
+    common.write_json(demo_schema, work / "results.json")
+    from distillery.report import write_report
+
+    print(f"report: {write_report(work)}")
+    print(json.dumps({"size_ratio": result["size_ratio"], "verdicts": result["verdicts"],
+                      "heldout_kl": {n: (r.get("heldout") or {}).get("kl_teacher_student") for n, r in runs.items()}}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

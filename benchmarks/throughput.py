@@ -1,0 +1,395 @@
+"""Throughput of one KD training loop: TRL's GKD trainer vs distillery (live and cached teacher) vs the
+student alone (cross-entropy, the ceiling a cached teacher can approach).
+
+    .venv/bin/python benchmarks/throughput.py [--quick] [--pair tiny|real|both] [--rounds 2] [--threads 2]
+
+Every system trains the same student from the same saved weights, with the same teacher, on the same
+chat blocks (each conversation renders to exactly ``seq_len`` tokens, so no padding), batch 8 x 256,
+fp32, for the same number of optimizer steps, each in its own process, alternated A B A B:
+
+* ``trl_defaults``: ``GKDTrainer`` with ``GKDConfig(use_cpu=True, lmbda=0, beta=0.5)`` and TRL's defaults
+  (``bf16=True``, ``gradient_checkpointing=True``); fewer steps, context only (skipped for the real pair
+  unless ``--real-defaults``: ~10x slower there);
+* ``trl_fair``: the same with ``bf16=False, gradient_checkpointing=False``: every headline ratio is to this;
+* ``ours_live``: ``distillery.train.distill`` (the product's loop) with ``loss.kd=jsd, beta=0.5``;
+  tokens/s from its own ``metrics.jsonl``;
+* ``ours_cached``: the same from a top-32 teacher cache written first (``distillery.cache``, untimed);
+* ``student_ce``: a plain PyTorch loop of the student alone (full logits, cross-entropy, same AdamW).
+
+Each runs once more with PyTorch's ``THP_MEM_ALLOC_ENABLE=1`` (suffix ``+thp``, not for trl_defaults).
+Reported per system: steady-state tokens/s (all tokens processed, after ``--warmup`` steps), peak RSS
+(``VmHWM`` of the child) and MFU = tok/s x FLOPs/token / the matmul peak measured here (fp32,
+``--threads`` threads). FLOPs/token = 6 N_student + 2 N_teacher for systems that run the teacher,
+6 N_student for the others; N counts the weights used in matmuls (input embedding tables excluded,
+LM head included; attention's sequence-length term ignored). Pairs:
+
+* ``tiny``: teacher Llama 6 layers d=384 (13.8M), student 3 layers d=192 (2.9M), random init, a 4,096
+  BPE vocabulary trained on the bundled Shakespeare;
+* ``real``: SmolLM2-135M-Instruct (``load_teacher('smollm2')``) and the demo's 4-layer d=256 tied
+  student (~16M, vocab 49,152).
+
+Writes ``benchmarks/results/throughput.json`` (``throughput_quick.json`` with ``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+SYSTEMS = ["trl_defaults", "trl_fair", "ours_live", "ours_cached", "student_ce"]
+THP = {"THP_MEM_ALLOC_ENABLE": "1"}
+SIZES = {  # steps, warm-up steps skipped, steps for trl_defaults (and its warm-up)
+    "tiny": {"full": (30, 5, 8, 2), "quick": (8, 3, 4, 2)},
+    "real": {"full": (12, 3, 4, 1), "quick": (4, 2, 3, 1)},
+}
+GOALS = {"tiny": (1.2, 0.7), "real": (3.0, 0.3)}  # ours_live vs trl_fair: >= x tok/s at <= y RSS
+CACHED_GOAL = 0.8  # ours_cached >= 0.8 x student_ce tok/s
+LR = 1e-4
+
+
+# ----------------------------------------------------------------------------- setup (parent, untimed)
+def setup_pair(pair: str, work: Path, n_records: int, seq_len: int) -> dict:
+    """Save teacher (tiny) and student folders with the tokenizer, write the chat JSONL, check the data."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from distillery.students import count_parameters, student_config
+
+    d = work / pair
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    if pair == "tiny":
+        tok = common.train_bpe_tokenizer(4096)
+        ids = dict(vocab_size=4096, bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                   max_position_embeddings=1024, tie_word_embeddings=False)
+        torch.manual_seed(0)
+        teacher = LlamaForCausalLM(LlamaConfig(hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
+                                               num_attention_heads=6, num_key_value_heads=6, **ids))
+        teacher_dir, teacher_source = d / "teacher", str(d / "teacher")
+        teacher.save_pretrained(teacher_dir, safe_serialization=True)
+        tok.save_pretrained(teacher_dir)
+        s_cfg = LlamaConfig(hidden_size=192, intermediate_size=512, num_hidden_layers=3, num_attention_heads=3,
+                            num_key_value_heads=3, **ids)
+    else:
+        from distillery.teachers.hf import resolve_source
+
+        teacher_dir, teacher_source = Path(resolve_source("smollm2")[0]), "smollm2"
+        tok = AutoTokenizer.from_pretrained(teacher_dir)
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+        s_cfg = student_config(dict(model_type="llama", hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                                    tie_word_embeddings=True), AutoConfig.from_pretrained(teacher_dir))
+    torch.manual_seed(1)
+    student = AutoModelForCausalLM.from_config(s_cfg, dtype=torch.float32)
+    student.save_pretrained(d / "student", safe_serialization=True)
+    tok.save_pretrained(d / "student")
+    data = d / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in common.chat_records(tok, n_records, seq_len)))
+    models = {"teacher": {"dir": str(teacher_dir), "parameters": count_parameters(teacher), "matmul_parameters": common.matmul_params(teacher)},
+              "student": {"dir": str(d / "student"), "parameters": count_parameters(student), "matmul_parameters": common.matmul_params(student)}}
+    return {"teacher_source": teacher_source, "teacher_dir": str(teacher_dir), "student_dir": str(d / "student"),
+            "data": str(data), "models": models, "data_check": data_check(tok, data, seq_len)}
+
+
+def data_check(tok, data: Path, seq_len: int) -> dict:
+    """Both tools' view of the JSONL: identical input blocks? how many loss targets each?"""
+    from distillery.config import DataConfig
+    from distillery.data import build_datasets
+
+    records = [json.loads(ln) for ln in data.read_text().splitlines()]
+    ours = build_datasets(DataConfig(train=[str(data)], format="chat", seq_len=seq_len, val_fraction=0.0), tok,
+                          progress=False).train
+    ob = ours.batch(list(range(len(ours))))
+    out = {"records": len(records), "ours_blocks": len(ours), "ours_padding_tokens": int((ob["attention_mask"] == 0).sum()),
+           "ours_targets_per_block": float((ob["labels"] != -100).sum()) / len(ours)}
+    try:
+        from trl.experimental.utils import DataCollatorForChatML
+    except ImportError:
+        return {**out, "trl": "not installed"}
+    tb = DataCollatorForChatML(tokenizer=tok, max_length=seq_len)(records)
+    out.update(trl_shape=list(tb["input_ids"].shape), trl_targets_per_block=float((tb["labels"][:, 1:] != -100).sum()) / len(records),
+               identical_input_blocks=sorted(map(tuple, tb["input_ids"].tolist())) == sorted(map(tuple, ob["input_ids"].tolist())))
+    return out
+
+
+# ----------------------------------------------------------------------------- children (one system each)
+def ours_config(spec: dict, cached: bool) -> dict:
+    teacher = ({"kind": "cache", "cache_path": spec["cache_dir"]} if cached
+               else {"kind": "hf", "source": spec["teacher_source"]})
+    return {"teacher": teacher, "student": {"init": "pretrained", "pretrained": spec["student_dir"]},
+            "data": {"train": [spec["data"]], "format": "chat", "seq_len": spec["seq_len"], "val_fraction": 0.0},
+            "loss": {"kd": "jsd", "beta": 0.5, "kd_weight": 1.0, "ce_weight": 0.0},
+            "train": {"output_dir": spec["out_dir"], "max_steps": spec["steps"], "micro_batch_size": spec["batch"],
+                      "lr": LR, "warmup_steps": 0, "eval_every": 0, "save_every": 0, "log_every": 1, "progress": False}}
+
+
+def child_ours(spec: dict) -> dict:
+    from distillery.config import RunConfig
+    from distillery.train import distill
+
+    distill(RunConfig.model_validate(ours_config(spec, spec["system"] == "ours_cached")))
+    recs = [json.loads(ln) for ln in (Path(spec["out_dir"]) / "metrics.jsonl").read_text().splitlines() if ln]
+    steps = [r for r in recs if "tok_s" in r]
+    per_step = spec["batch"] * spec["seq_len"]  # metrics' tok_s counts attention-mask tokens: no padding here
+    return {"step_seconds": [per_step / r["tok_s"] for r in steps], "tokens_per_step": per_step,
+            "metrics_tok_s": [r["tok_s"] for r in steps], "losses": [r["loss"] for r in steps]}
+
+
+def child_trl(spec: dict) -> dict:
+    import tempfile
+
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+    from trl.experimental.utils import DataCollatorForChatML
+
+    tok = AutoTokenizer.from_pretrained(spec["student_dir"])
+    student = AutoModelForCausalLM.from_pretrained(spec["student_dir"], dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(spec["teacher_dir"], dtype=torch.float32)
+    records = [json.loads(ln) for ln in Path(spec["data"]).read_text().splitlines()]
+    inner = DataCollatorForChatML(tokenizer=tok, max_length=spec["seq_len"])  # what GKDTrainer builds itself
+    counted: list[int] = []
+
+    def collate(examples):
+        batch = inner(examples)
+        counted.append(int(batch["attention_mask"].sum()))
+        return batch
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.ticks: list[float] = []
+            self.losses: list[float] = []
+
+        def on_train_begin(self, *a, **k):
+            self.ticks.append(time.perf_counter())
+
+        def on_step_end(self, *a, **k):
+            self.ticks.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **k):
+            if logs and "loss" in logs:
+                self.losses.append(float(logs["loss"]))
+
+    extra = {"bf16": False, "gradient_checkpointing": False} if spec["config"] == "fair" else {}
+    args = GKDConfig(output_dir=tempfile.mkdtemp(prefix="gkd-"), use_cpu=True, lmbda=0.0, beta=0.5,
+                     per_device_train_batch_size=spec["batch"], max_steps=spec["steps"], max_length=spec["seq_len"],
+                     learning_rate=LR, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
+                     seed=0, **extra)
+    clock = Clock()
+    trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(records),
+                         processing_class=tok, data_collator=collate, callbacks=[clock])
+    trainer.train()
+    shutil.rmtree(args.output_dir, ignore_errors=True)
+    t = clock.ticks
+    return {"step_seconds": [b - a for a, b in zip(t, t[1:])], "tokens_per_step": sum(counted) // max(len(counted), 1),
+            "collated_tokens": sorted(set(counted)), "losses": clock.losses,
+            "trl_settings": {"bf16": args.bf16, "gradient_checkpointing": args.gradient_checkpointing,
+                             "activation_checkpointing": getattr(args, "activation_checkpointing", None),
+                             "optim": str(args.optim), "lmbda": args.lmbda, "beta": args.beta}}
+
+
+def child_ce(spec: dict) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distillery.config import DataConfig
+    from distillery.data import build_datasets
+    from distillery.train import make_optimizer
+    from distillery.config import TrainConfig
+
+    tok = AutoTokenizer.from_pretrained(spec["student_dir"])
+    ds = build_datasets(DataConfig(train=[spec["data"]], format="chat", seq_len=spec["seq_len"], val_fraction=0.0),
+                        tok, progress=False).train
+    model = AutoModelForCausalLM.from_pretrained(spec["student_dir"], dtype=torch.float32).train()
+    opt = make_optimizer(model, TrainConfig(lr=LR))
+    times, losses = [], []
+    for step in range(spec["steps"]):
+        t0 = time.perf_counter()
+        b = ds.batch(torch.arange(step * spec["batch"], (step + 1) * spec["batch"]) % len(ds))
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # (B, T, V)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b["labels"].flatten(), ignore_index=-100)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        times.append(time.perf_counter() - t0)
+    return {"step_seconds": times, "tokens_per_step": spec["batch"] * spec["seq_len"], "losses": losses}
+
+
+def child_cache(spec: dict) -> dict:
+    from distillery.cache import run_cache
+    from distillery.config import RunConfig
+
+    t0 = time.perf_counter()
+    run_cache(RunConfig.model_validate(ours_config(spec, cached=False)), spec["cache_dir"], k=32, progress=False)
+    return {"seconds": time.perf_counter() - t0}
+
+
+def child_main(spec_path: str, result_path: str) -> None:
+    import torch
+
+    spec = json.loads(Path(spec_path).read_text())
+    torch.set_num_threads(spec["threads"])
+    fn = {"ours_live": child_ours, "ours_cached": child_ours, "trl_fair": child_trl, "trl_defaults": child_trl,
+          "student_ce": child_ce, "cache": child_cache}[spec["system"]]
+    result = fn(spec)
+    result["peak_rss_bytes"] = common.peak_rss_bytes()
+    Path(result_path).write_text(json.dumps(result))
+
+
+# ----------------------------------------------------------------------------- parent: alternate, summarise
+def summarise(pair: dict, runs: list[dict], peak_gflops: float) -> dict:
+    """Per system: median steady tok/s over rounds, max peak RSS, MFU; then the headline ratios."""
+    n_s, n_t = (pair["models"][k]["matmul_parameters"] for k in ("student", "teacher"))
+    systems = {}
+    for name in dict.fromkeys(r["system"] for r in runs):
+        rs = [r for r in runs if r["system"] == name]
+        ok = [r for r in rs if "error" not in r]
+        tok_s = common.median_or_none([r.get("steady_tok_s") for r in ok])
+        flops = 6 * n_s + (2 * n_t if name.split("+")[0] in ("trl_fair", "trl_defaults", "ours_live") else 0)
+        systems[name] = {"tok_s": tok_s, "tok_s_per_round": [r.get("steady_tok_s") for r in ok],
+                         "peak_rss_bytes": max((r["peak_rss_bytes"] for r in ok), default=None),
+                         "flops_per_token": flops,
+                         "first_step_loss": common.median_or_none([(r.get("losses") or [None])[0] for r in ok]),
+                         "mfu": None if tok_s is None else tok_s * flops / (peak_gflops * 1e9),
+                         "errors": [r["error"] for r in rs if "error" in r]}
+    ratios = {}
+    for env in ("", "+thp"):
+        fair, live, cached, ce = (systems.get(n + env, {}) for n in ("trl_fair", "ours_live", "ours_cached", "student_ce"))
+        for a, b, an, bn in ((live, fair, "ours_live", "trl_fair"), (cached, fair, "ours_cached", "trl_fair"),
+                             (cached, ce, "ours_cached", "student_ce"), (live, ce, "ours_live", "student_ce")):
+            ratios[f"{an}{env}/{bn}{env} tok_s"] = common.ratio(a.get("tok_s"), b.get("tok_s"))
+            ratios[f"{an}{env}/{bn}{env} rss"] = common.ratio(a.get("peak_rss_bytes"), b.get("peak_rss_bytes"))
+    ratios["trl_fair/trl_defaults tok_s"] = common.ratio(systems.get("trl_fair", {}).get("tok_s"),
+                                                         systems.get("trl_defaults", {}).get("tok_s"))
+    for n in ("trl_fair", "ours_live", "ours_cached", "student_ce"):
+        ratios[f"{n}+thp/{n} tok_s"] = common.ratio(systems.get(n + "+thp", {}).get("tok_s"), systems.get(n, {}).get("tok_s"))
+    return {"systems": systems, "ratios": ratios}
+
+
+def goals(name: str, ratios: dict) -> dict:
+    x, y = GOALS[name]
+    out = {}
+    for env in ("", "+thp"):
+        t, r = ratios.get(f"ours_live{env}/trl_fair{env} tok_s"), ratios.get(f"ours_live{env}/trl_fair{env} rss")
+        c = ratios.get(f"ours_cached{env}/student_ce{env} tok_s")
+        out[f"live >= {x}x TRL fair tok/s{env}"] = None if t is None else t >= x
+        out[f"live <= {y}x TRL fair RSS{env}"] = None if r is None else r <= y
+        out[f"cached >= {CACHED_GOAL}x student CE tok/s{env}"] = None if c is None else c >= CACHED_GOAL
+    return out
+
+
+def run_pair(name: str, args, work: Path, log: Path) -> dict:
+    steps, warm, d_steps, d_warm = SIZES[name]["quick" if args.quick else "full"]
+    steps, warm = args.steps or steps, args.warmup if args.warmup is not None else warm
+    print(f"[{name}] setting up models and data", flush=True)
+    pair = setup_pair(name, work, n_records=args.batch * max(steps, 8), seq_len=args.seq_len)
+    print(f"[{name}] data check: {pair['data_check']}", flush=True)
+    base = {"teacher_source": pair["teacher_source"], "teacher_dir": pair["teacher_dir"], "student_dir": pair["student_dir"],
+            "data": pair["data"], "seq_len": args.seq_len, "batch": args.batch, "threads": args.threads,
+            "cache_dir": str(work / name / "cache")}
+    wanted = args.systems.split(",") if args.systems else SYSTEMS
+    if name == "real" and not args.real_defaults and not args.systems:
+        wanted = [s for s in wanted if s != "trl_defaults"]
+    if "ours_cached" in wanted:
+        print(f"[{name}] writing the teacher cache (untimed)", flush=True)
+        pair["cache_write"] = common.run_child(Path(__file__), {**base, "system": "cache", "steps": steps,
+                                               "out_dir": str(work / name / "cache_run")}, threads=args.threads, log=log)
+    names = wanted + ([s + "+thp" for s in wanted if s != "trl_defaults"] if not args.no_thp else [])
+    runs = []
+    for rnd, sysname in common.alternate(names, args.rounds):
+        system, thp = sysname.split("+")[0], sysname.endswith("+thp")
+        if system == "trl_defaults" and rnd > 0:
+            continue  # context only: one run
+        n, w = (d_steps, d_warm) if system == "trl_defaults" else (steps, warm)
+        out_dir = work / name / f"run-{sysname}-{rnd}"
+        shutil.rmtree(out_dir, ignore_errors=True)
+        spec = {**base, "system": system, "config": "fair" if system == "trl_fair" else "defaults", "steps": n,
+                "out_dir": str(out_dir)}
+        r = common.run_child(Path(__file__), spec, threads=args.threads, env_extra=THP if thp else None, log=log)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        r.update(system=sysname, round=rnd, steps=n, warmup_skipped=w,
+                 steady_tok_s=None if "error" in r else common.steady_tok_s(r["step_seconds"], r["tokens_per_step"], w))
+        runs.append(r)
+        shown = f"{r['steady_tok_s']:.0f} tok/s, peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB" if "error" not in r else r["error"]
+        print(f"[{name}] round {rnd} {sysname:<18} {shown}  ({r.get('wall_s', 0):.0f} s)", flush=True)
+    pair.update(steps=steps, warmup_skipped=warm, runs=runs, ours_config=ours_config({**base, "steps": steps, "out_dir": "..."}, False))
+    return pair
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a smoke run: few steps, tiny pair only unless --pair says")
+    ap.add_argument("--pair", choices=("tiny", "real", "both"), default=None, help="default: both (tiny with --quick)")
+    ap.add_argument("--rounds", type=int, default=2, help="alternation rounds (A B A B = 2)")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default per pair and size)")
+    ap.add_argument("--warmup", type=int, default=None, help="steps skipped before measuring")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--systems", default=None, help=f"comma-separated subset of {','.join(SYSTEMS)}")
+    ap.add_argument("--no-thp", action="store_true", help="skip the THP_MEM_ALLOC_ENABLE=1 runs")
+    ap.add_argument("--real-defaults", action="store_true", help="also run TRL's defaults on the real pair (slow)")
+    ap.add_argument("--work-dir", default=str(common.ROOT / "runs" / "bench" / "throughput"))
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child_main(args.child, args.result)
+    pairs = {"tiny": ["tiny"], "real": ["real"], "both": ["tiny", "real"]}[args.pair or ("tiny" if args.quick else "both")]
+    out = Path(args.out or common.RESULTS / ("throughput_quick.json" if args.quick else "throughput.json"))
+    work = Path(args.work_dir)
+    log = work / "children.log"
+    machine = common.machine_info(threads=args.threads)
+    peak_before = common.matmul_peak_gflops(args.threads)
+    results = {}
+    for name in pairs:
+        results[name] = run_pair(name, args, work, log)
+    peak_after = common.matmul_peak_gflops(args.threads)
+    machine["load_average_end"] = common.loadavg()
+    peak = max(peak_before, peak_after)
+    for name, pair in results.items():
+        pair.update(summarise(pair, pair["runs"], peak))
+        pair["goals"] = goals(name, pair["ratios"])
+    report = {"benchmark": "throughput", "quick": args.quick, "machine": machine,
+              "matmul_peak_gflops": {"before": peak_before, "after": peak_after, "used": peak, "threads": args.threads,
+                                     "what": "best fp32 1024x1024 matmul GFLOP/s, before and after the runs"},
+              "settings": {"batch": args.batch, "seq_len": args.seq_len, "rounds": args.rounds, "threads": args.threads,
+                           "loss": "JSD beta=0.5 (TRL: generalized_jsd_loss, lmbda=0), fp32", "lr": LR,
+                           "tokens": "all tokens processed (batch x seq_len, no padding)"},
+              "limits": "CPU only, GPU untested; shared machine: absolute numbers are context, ratios from the same run "
+                        "are the result" + ("; --quick: few steps, noisy" if args.quick else ""),
+              "pairs": results}
+    common.write_json(report, out)
+    print_summary(report)
+    print(f"wrote {out}")
+
+
+def print_summary(report: dict) -> None:
+    for name, pair in report["pairs"].items():
+        print(f"\n{name} pair (matmul peak {report['matmul_peak_gflops']['used']:.0f} GFLOP/s):")
+        print(f"  {'system':<20}{'tok/s':>10}{'peak RSS GB':>13}{'MFU':>8}")
+        for s, v in pair["systems"].items():
+            tok = f"{v['tok_s']:.0f}" if v["tok_s"] else "-"
+            rss = f"{v['peak_rss_bytes'] / 1e9:.2f}" if v["peak_rss_bytes"] else "-"
+            mfu = f"{v['mfu']:.1%}" if v["mfu"] else "-"
+            print(f"  {s:<20}{tok:>10}{rss:>13}{mfu:>8}  {'; '.join(v['errors'])[:80]}")
+        for k, v in pair["ratios"].items():
+            if v is not None:
+                print(f"  {k:<45} {v:.2f}")
+        for k, v in pair["goals"].items():
+            print(f"  goal {k}: {'met' if v else 'not met' if v is not None else 'not measured'}")
+
+
+if __name__ == "__main__":
+    main()
