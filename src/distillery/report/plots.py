@@ -86,9 +86,10 @@ def scatter(points: list[dict]) -> str | None:
             ax.scatter(p[key], p["kl"], s=140 if p.get("teacher") else 60, marker=marker, color=color, zorder=3)
             ax.annotate(p["name"], (p[key], p["kl"]), textcoords="offset points", xytext=(6, 5), fontsize=8)
         ax.set_xscale("log")
-        fmt = FuncFormatter(lambda v, _, k=key: f"{v / 1e6:g}M" if k == "parameters" else f"{v:g}")
-        ax.xaxis.set_major_formatter(fmt)
-        ax.xaxis.set_minor_formatter(fmt)  # log axes over less than a decade show only minor ticks
+        label = (lambda v: f"{v / 1e6:g}M") if key == "parameters" else (lambda v: f"{v:g}")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _, f=label: f(v)))
+        # log axes spanning under a decade show only minor ticks: label 1, 2, 3, 5 x 10^k so they do not collide
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _, f=label: f(v) if f"{v:.0e}"[0] in "1235" else ""))
         ax.set_xlabel(xlabel)
         ax.set_ylabel("held-out KL(teacher ‖ student) ↓")
         ax.grid(alpha=0.3, which="both")
