@@ -100,6 +100,22 @@ def test_cli_verb_and_default_path(demo_dir: Path, capsys):
     assert path == demo_dir / "kd" / "report.html" and path.stat().st_size > 10_000
 
 
+def test_report_of_real_distill_runs(tmp_path: Path):
+    """What the loop really writes (not a fixture): two tiny runs in one folder, then the report."""
+    from helpers_run import write_recipe
+
+    runs = tmp_path / "runs"
+    for name, loss in (("kd", {"kd_weight": 1.0, "ce_weight": 0.0}), ("ce", {"kd_weight": 0.0, "ce_weight": 1.0})):
+        assert main(["distill", str(write_recipe(tmp_path, runs / name, loss=loss))]) == 0
+    data = collect(runs)
+    by = {r["name"]: r for r in data["runs"]}
+    assert set(by) == {"kd", "ce"} and by["ce"]["objective"] == "CE"
+    assert len(by["kd"]["train"]) == 6 and [v["step"] for v in by["kd"]["val"]] == [3, 6]
+    assert by["kd"]["heldout"]["kl_teacher_student"] > 0 and by["kd"]["parameters"] > 0
+    page = write_report(runs).read_text()
+    assert page.count("data:image/png;base64,") == 2 and "No prompts were answered" in page
+
+
 def test_empty_folder_is_a_clear_error(tmp_path: Path):
     with pytest.raises(DistilleryError, match="holds no run"):
         write_report(tmp_path)
