@@ -3,8 +3,9 @@
 The two-process run uses ``micro_batch_size=4`` per rank, the one-process run ``8``: the same global
 batches (``data.BlockSampler``), so the loss curve, the gradient norm (which checks the
 ``loss × world`` scaling under DDP's gradient averaging and the all-reduced token count) and the
-final weights must agree up to float summation order. Tolerances: relative 1e-5 on every logged
-loss and gradient norm, absolute 1e-5 on every weight (measured: ~1e-7 and ~2e-7).
+final weights must agree up to float summation order. Tolerances: relative 1e-5 (absolute 1e-6 for
+the small KD term) on every logged loss and gradient norm, absolute 1e-5 on every weight; measured
+differences are printed (``-s``), typically ~1e-7 relative and ~2e-7 on the weights.
 
 The same run then resumes on one process from the two-process checkpoint (the step number is the
 data position when micro_batch_size × processes is kept), and a resume that would change the
@@ -69,12 +70,15 @@ def test_two_processes_match_one_process_with_the_same_global_batch(runs):
     assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
     for x, y in zip(a, b):
         for key in ("loss", "kd", "ce", "grad_norm"):
-            assert x[key] == pytest.approx(y[key], rel=1e-5), (x["step"], key, x[key], y[key])
+            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), (x["step"], key, x[key], y[key])
         assert x["tokens_seen"] == y["tokens_seen"] and x["lr"] == y["lr"]
     wa, wb = _weights(two), _weights(one)
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-5)
+    worst = {key: max(abs(x[key] - y[key]) / abs(y[key]) for x, y in zip(a, b)) for key in ("loss", "kd", "ce", "grad_norm")}
+    print(f"2 processes vs 1: max relative difference per step {worst}; max |weight difference| "
+          f"{max(float((wa[k] - wb[k]).abs().max()) for k in wa):.3g}")
     va, vb = _metrics(two)[-1], _metrics(one)[-1]
     assert va["split"] == vb["split"] == "val" and va["tokens"] == vb["tokens"]  # the same validation blocks
     assert va["teacher_perplexity"] == pytest.approx(vb["teacher_perplexity"], rel=1e-6)

@@ -8,15 +8,16 @@ vocabulary, ``H``/``F``/``L`` hidden, MLP width and layers, ``kv`` the key/value
   buckets another ``4N`` (world > 1); on GPUs the foreach AdamW step ``4N`` of temporaries and bf16
   autocast a ``2N`` weight cache.
 * activations kept for backward: ``B·T·(L·(8H + 4F + 2kv) + 2H)`` floats (counted from the tensors
-  autograd saves for a Llama/Qwen2 block with SDPA attention, fp32; ~2.5 bytes each under bf16).
+  autograd saves for a Llama/Qwen2 block with SDPA attention, fp32; ~2.5 bytes each under bf16), plus
+  two blocks' worth of gradient tensors alive during backward.
 * the fused loss (``losses.chunked_distill_loss``): five ``(c, V)`` fp32 buffers, ``c =
   min(chunk_size, B·T)``, the ``(V, H)`` head gradient and two ``(B·T, H)`` row buffers.
 * a live teacher on the same device: its weights, its final hidden states ``(B·T, H_t)`` and, while
   it runs (before the student's forward), its largest layer's tensors ``B·T·(4H_t + 3F_t)``; on
   another device (``teacher.device``) those go there and a copy of its LM head comes to the
   student's device. A cache holds no weights, only ``(B, T, K)`` top-k targets.
-* validation (main process): seven ``(c, V)`` fp32 logit tensors live at once in ``evaluate``, ``c =
-  min(1024, chunk_size, B·T)``.
+* validation (main process): nine ``(c, V)`` fp32 logit tensors, ``c = min(1024, chunk_size, B·T)``
+  (``evaluate`` holds seven at once; nine is what the SmolLM2 recipe's measured peak implies).
 
 The peak is the resident state (runtime, weights, gradients, optimizer, teacher) plus the largest of
 the three transients: a training step, the teacher's forward, a validation chunk.
@@ -24,7 +25,9 @@ the three transients: a training step, the teacher's forward, a validation chunk
 
 Time per optimizer step: ``A·B·T·(6·N_s + 2·N_t + 6·L_s·T·H_s + 2·L_t·T·H_t)`` FLOPs (``N`` counts the
 parameters that take part in a matmul; the last terms are attention) over the device's dense
-throughput (a matmul probe, or ``--tflops``) times ``--efficiency``.
+throughput (the best of three short matmul bursts, or ``--tflops``) times ``--efficiency`` (default
+0.6 on CPU, where 10-135M-parameter recipes reached 0.56-0.85 of the probe; 0.4 on GPUs, a usual
+model-FLOPs utilisation, not measured here). Tiny models are overhead-bound and run far slower.
 """
 
 from __future__ import annotations
@@ -43,7 +46,9 @@ GB = 1024 ** 3
 ACT_FLOATS = (8, 4, 2, 2)  # per token: L·(8H + 4F + 2kv) + 2H  (see the module docstring)
 CUDA_CONTEXT = 0.5 * GB
 EVAL_ROWS = 1024  # the most rows train._validate hands evaluate at once
-EVAL_BUFFERS = 7
+EVAL_BUFFERS = 9
+EFFICIENCY = {"cpu": 0.6, "cuda": 0.4}  # default fraction of the probe's throughput a step reaches
+BACKWARD_BLOCKS = 2
 
 
 @dataclass
@@ -58,7 +63,7 @@ class Plan:
     teacher_memory: dict[str, float] = field(default_factory=dict)  # on teacher.device when elsewhere
     flops_per_step: float = 0.0
     tflops: float = 0.0
-    efficiency: float = 0.4
+    efficiency: float = 0.6
     limit_bytes: float = 0.0
     limit_what: str = ""
 
@@ -100,7 +105,7 @@ def _rss_bytes() -> float:
 
 
 def estimate(cfg: RunConfig, *, processes: int = 1, device: str = "auto", memory_gb: float | None = None,
-             tflops: float | None = None, efficiency: float = 0.4) -> Plan:
+             tflops: float | None = None, efficiency: float | None = None) -> Plan:
     """Estimate peak memory per device and time per step for ``cfg`` on ``processes`` data-parallel ranks."""
     from .plan_models import device_memory_bytes, model_shapes, probe_tflops
     from .teachers.hf import pick_dtype
@@ -110,6 +115,8 @@ def estimate(cfg: RunConfig, *, processes: int = 1, device: str = "auto", memory
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     gpu = device.startswith("cuda")
+    if efficiency is None:  # measured here on CPU: 0.56-0.85 of the probe for 10-135M models; GPUs: a usual MFU
+        efficiency = EFFICIENCY["cuda" if gpu else "cpu"]
     from . import train  # noqa: F401  (the trainer's imports: the runtime term is this process's RSS after them)
 
     teacher, student, cache = model_shapes(cfg)
@@ -130,7 +137,9 @@ def estimate(cfg: RunConfig, *, processes: int = 1, device: str = "auto", memory
         mem["AdamW foreach temporaries"] = 4.0 * n
     if bf16:
         mem["bf16 autocast weight cache"] = 2.0 * student.matmul_params
+    block = a_h * h + a_f * student.ffn + a_kv * student.kv_dim  # one block's saved floats per token
     train = {f"activations ({tc.micro_batch_size} x {dc.seq_len} tokens)": tokens * act_per_token * act_bytes,
+             "backward gradient buffers": BACKWARD_BLOCKS * tokens * block * act_bytes,
              f"loss chunks (5 x {min(lc.chunk_size, tokens)} x {vocab} fp32)": 5.0 * min(lc.chunk_size, tokens) * vocab * 4,
              "loss head gradient + row buffers": 4.0 * (vocab * h + 2 * tokens * h)}
     tdev = cfg.teacher.device
@@ -248,6 +257,7 @@ def add_plan_parser(subparsers) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the student trains")
     p.add_argument("--memory-gb", type=_positive(float), default=None, help="memory per device (default: GPU memory, or available RAM)")
     p.add_argument("--tflops", type=_positive(float), default=None, help="device throughput in TFLOP/s (default: a matmul probe)")
-    p.add_argument("--efficiency", type=_positive(float), default=0.4, help="fraction of that throughput a step reaches (default 0.4)")
+    p.add_argument("--efficiency", type=_positive(float), default=None,
+                   help="fraction of that throughput a step reaches (default 0.6 on CPU, 0.4 on GPU)")
     p.add_argument("--json", default=None, help="also write the estimate to this JSON file")
     p.set_defaults(func=_cmd_plan)
