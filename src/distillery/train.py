@@ -144,7 +144,8 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
         if cfg.generation.on_policy_fraction > 0:
             from .onpolicy import choose_on_policy, on_policy_batch  # GKD: student samples, teacher scores
             if choose_on_policy(step, cfg.generation.on_policy_fraction, tc.seed):
-                micro = [on_policy_batch(student, mb, run.tokenizer, cfg.generation, generator=gen) for mb in micro]
+                micro = [on_policy_batch(student, mb, run.tokenizer, cfg.generation, generator=gen,
+                                         vocab_size=run.vocab_size) for mb in micro]
         micro = [{k: v.to(acc.device) for k, v in mb.items()} for mb in micro]
         # N_window: target tokens in the whole accumulation window, summed over ranks, counted once.
         n_tokens = torch.tensor(float(sum(int((mb["labels"] != -100).sum()) for mb in micro)), device=acc.device)
@@ -180,7 +181,8 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
                                         reduction="sum").tolist()
         if acc.is_main_process and logging_step:
             elapsed = time.perf_counter() - t_start
-            rec = {"step": step, "loss": (lc.kd_weight * kd_sum + lc.ce_weight * ce_sum) / max(n_tokens, 1),
+            kd_scale = lc.kd_weight * lc.loss_temperature ** 2  # the objective scales KD by tau^2 (Hinton)
+            rec = {"step": step, "loss": (kd_scale * kd_sum + lc.ce_weight * ce_sum) / max(n_tokens, 1),
                    "kd": kd_sum / max(n_tokens, 1), "ce": ce_sum / max(n_tokens, 1),
                    "lr": scheduler.get_last_lr()[0], "grad_norm": None if grad_norm is None else float(grad_norm),
                    "tokens_seen": tokens_seen, "tok_s": window_tokens * world / max(elapsed, 1e-9)}
