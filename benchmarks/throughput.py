@@ -248,7 +248,8 @@ def child_main(spec_path: str, result_path: str) -> None:
 
 # ----------------------------------------------------------------------------- parent: alternate, summarise
 def summarise(pair: dict, runs: list[dict], peak_gflops: float) -> dict:
-    """Per system: median steady tok/s over rounds, max peak RSS, MFU; then the headline ratios."""
+    """Per system: median steady tok/s over rounds (and the best round), max peak RSS, MFU; then the
+    headline ratios of medians, of best rounds, and per round (A and B of one round ran minutes apart)."""
     n_s, n_t = (pair["models"][k]["matmul_parameters"] for k in ("student", "teacher"))
     systems = {}
     for name in dict.fromkeys(r["system"] for r in runs):
@@ -256,24 +257,28 @@ def summarise(pair: dict, runs: list[dict], peak_gflops: float) -> dict:
         ok = [r for r in rs if "error" not in r]
         tok_s = common.median_or_none([r.get("steady_tok_s") for r in ok])
         flops = 6 * n_s + (2 * n_t if name.split("+")[0] in ("trl_fair", "trl_defaults", "ours_live") else 0)
-        systems[name] = {"tok_s": tok_s, "tok_s_per_round": [r.get("steady_tok_s") for r in ok],
+        systems[name] = {"tok_s": tok_s, "tok_s_per_round": {r["round"]: r.get("steady_tok_s") for r in ok},
+                         "tok_s_best": max((r["steady_tok_s"] for r in ok if r.get("steady_tok_s")), default=None),
                          "peak_rss_bytes": max((r["peak_rss_bytes"] for r in ok), default=None),
                          "flops_per_token": flops,
                          "first_step_loss": common.median_or_none([(r.get("losses") or [None])[0] for r in ok]),
                          "mfu": None if tok_s is None else tok_s * flops / (peak_gflops * 1e9),
                          "errors": [r["error"] for r in rs if "error" in r]}
-    ratios = {}
+    ratios, per_round = {}, {}
     for env in ("", "+thp"):
         fair, live, cached, ce = (systems.get(n + env, {}) for n in ("trl_fair", "ours_live", "ours_cached", "student_ce"))
         for a, b, an, bn in ((live, fair, "ours_live", "trl_fair"), (cached, fair, "ours_cached", "trl_fair"),
                              (cached, ce, "ours_cached", "student_ce"), (live, ce, "ours_live", "student_ce")):
             ratios[f"{an}{env}/{bn}{env} tok_s"] = common.ratio(a.get("tok_s"), b.get("tok_s"))
             ratios[f"{an}{env}/{bn}{env} rss"] = common.ratio(a.get("peak_rss_bytes"), b.get("peak_rss_bytes"))
+            ratios[f"{an}{env}/{bn}{env} tok_s, best round of each"] = common.ratio(a.get("tok_s_best"), b.get("tok_s_best"))
+            paired = {rnd: common.ratio(v, b.get("tok_s_per_round", {}).get(rnd)) for rnd, v in a.get("tok_s_per_round", {}).items()}
+            per_round[f"{an}{env}/{bn}{env} tok_s"] = paired  # same round = measured minutes apart
     ratios["trl_fair/trl_defaults tok_s"] = common.ratio(systems.get("trl_fair", {}).get("tok_s"),
                                                          systems.get("trl_defaults", {}).get("tok_s"))
     for n in ("trl_fair", "ours_live", "ours_cached", "student_ce"):
         ratios[f"{n}+thp/{n} tok_s"] = common.ratio(systems.get(n + "+thp", {}).get("tok_s"), systems.get(n, {}).get("tok_s"))
-    return {"systems": systems, "ratios": ratios}
+    return {"systems": systems, "ratios": ratios, "ratios_per_round": per_round}
 
 
 def goals(name: str, ratios: dict) -> dict:
@@ -330,7 +335,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a smoke run: few steps, tiny pair only unless --pair says")
     ap.add_argument("--pair", choices=("tiny", "real", "both"), default=None, help="default: both (tiny with --quick)")
-    ap.add_argument("--rounds", type=int, default=2, help="alternation rounds (A B A B = 2)")
+    ap.add_argument("--rounds", type=int, default=None, help="alternation rounds (A B A B = 2; default 3, 2 with --quick)")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default per pair and size)")
     ap.add_argument("--warmup", type=int, default=None, help="steps skipped before measuring")
     ap.add_argument("--batch", type=int, default=8)
@@ -344,6 +349,7 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.rounds = args.rounds or (2 if args.quick else 3)
     if args.child:
         return child_main(args.child, args.result)
     pairs = {"tiny": ["tiny"], "real": ["real"], "both": ["tiny", "real"]}[args.pair or ("tiny" if args.quick else "both")]

@@ -100,11 +100,11 @@ def test_matmul_params_excludes_untied_embeddings():
 
 def test_summary_ratios_and_goals():
     pair = {"models": {"student": {"matmul_parameters": 10}, "teacher": {"matmul_parameters": 100}}}
-    runs = [{"system": "trl_fair", "steady_tok_s": 100.0, "peak_rss_bytes": 1000},
-            {"system": "trl_fair", "steady_tok_s": 120.0, "peak_rss_bytes": 1200},
-            {"system": "ours_live", "steady_tok_s": 300.0, "peak_rss_bytes": 300},
-            {"system": "ours_cached", "error": "boom"},
-            {"system": "student_ce", "steady_tok_s": 500.0, "peak_rss_bytes": 200}]
+    runs = [{"system": "trl_fair", "round": 0, "steady_tok_s": 100.0, "peak_rss_bytes": 1000},
+            {"system": "ours_live", "round": 0, "steady_tok_s": 300.0, "peak_rss_bytes": 300},
+            {"system": "ours_cached", "round": 0, "error": "boom"},
+            {"system": "student_ce", "round": 0, "steady_tok_s": 500.0, "peak_rss_bytes": 200},
+            {"system": "trl_fair", "round": 1, "steady_tok_s": 120.0, "peak_rss_bytes": 1200}]
     s = throughput.summarise(pair, runs, peak_gflops=1.0)
     assert s["systems"]["trl_fair"]["tok_s"] == 110.0 and s["systems"]["trl_fair"]["peak_rss_bytes"] == 1200
     assert s["systems"]["ours_live"]["flops_per_token"] == 6 * 10 + 2 * 100
@@ -112,6 +112,8 @@ def test_summary_ratios_and_goals():
     assert s["systems"]["ours_cached"]["errors"] == ["boom"] and s["systems"]["ours_cached"]["tok_s"] is None
     assert s["ratios"]["ours_live/trl_fair tok_s"] == pytest.approx(300 / 110)
     assert s["ratios"]["ours_live/trl_fair rss"] == pytest.approx(0.25)
+    assert s["ratios"]["ours_live/trl_fair tok_s, best round of each"] == pytest.approx(300 / 120)
+    assert s["ratios_per_round"]["ours_live/trl_fair tok_s"] == {0: pytest.approx(3.0)}  # paired within a round
     g = throughput.goals("real", s["ratios"])
     assert g["live >= 3.0x TRL fair tok/s"] is False and g["live <= 0.3x TRL fair RSS"] is True
     assert g["cached >= 0.8x student CE tok/s"] is None
