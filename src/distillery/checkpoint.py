@@ -38,7 +38,7 @@ def ensure_writable_dir(folder: Path, what: str = "output folder") -> None:
         raise DistilleryError(f"{what} '{folder}' is a file, not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-probe"
+        probe = folder / f".write-probe-{os.getpid()}"  # one per process: ranks probe at once
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
@@ -116,12 +116,22 @@ def _write_checkpoint(root: Path, tmp: Path, step: int, model, optimizer, schedu
             os.fsync(fh.fileno())
     (tmp / "COMPLETE").write_text("ok\n")
     if final.exists():  # a stale one from a run that crashed after the rename but before cleanup
-        shutil.rmtree(final)
+        _discard(final)
     os.rename(tmp, final)
     _fsync_dir(root)
     for old in list_checkpoints(root.parent)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
     return final
+
+
+def _discard(folder: Path) -> None:
+    """Delete a checkpoint so that a kill mid-way never leaves a 'step-*' folder with COMPLETE but
+    missing files: rename it out of the 'step-*' namespace first (atomic), then delete it; a leftover
+    is swept by ``remove_stale(root, ".step-*")`` on the next save."""
+    doomed = folder.with_name(f".{folder.name}.discard-{os.getpid()}")
+    os.rename(folder, doomed)
+    _fsync_dir(folder.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
