@@ -105,3 +105,20 @@ def test_resume_on_one_process_from_a_two_process_checkpoint(runs):
     wa, wb = _weights(part), _weights(one)
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-5)
+
+
+def test_launch_checks(monkeypatch, capsys):
+    """FSDP is refused in one line; launcher fallbacks (FSDP config on a CPU, `--cpu` = one process) are noted."""
+    from types import SimpleNamespace
+
+    from accelerate import DistributedType
+
+    from distillery.train import _check_launch
+
+    with pytest.raises(DistilleryError, match="FSDP is not supported by the training loop yet"):
+        _check_launch(SimpleNamespace(distributed_type=DistributedType.FSDP, is_main_process=True, num_processes=2))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    _check_launch(SimpleNamespace(distributed_type=DistributedType.NO, is_main_process=True, num_processes=1))
+    err = capsys.readouterr().err
+    assert "an FSDP launch config, but Accelerate runs NO here" in err and "starts a single process" in err
