@@ -70,21 +70,24 @@ def peak_rss_bytes() -> int:
     return int(m.group(1)) * 1024 if m else 0
 
 
-def matmul_peak_gflops(threads: int, n: int = 1024, seconds: float = 1.5, trials: int = 3) -> float:
-    """Best fp32 GFLOP/s of ``(n, n) @ (n, n)`` on ``threads`` threads: the machine's practical peak."""
+def matmul_peak_gflops(threads: int, sizes: tuple[int, ...] = (512, 1024, 2048), seconds: float = 1.0,
+                       trials: int = 3) -> float:
+    """Best fp32 GFLOP/s of square ``(n, n) @ (n, n)`` matmuls over ``sizes`` on ``threads`` threads:
+    the machine's practical peak (a busy neighbour lowers it, so callers measure before and after)."""
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
     best = 0.0
-    for _ in range(trials):
-        reps, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds / trials:
-            torch.mm(a, b)
-            reps += 1
-        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9)
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch.mm(a, b)
+        for _ in range(trials):
+            reps, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds / trials:
+                torch.mm(a, b)
+                reps += 1
+            best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9)
     torch.set_num_threads(before)
     return best
 

@@ -369,7 +369,10 @@ def main() -> None:
         pair["goals"] = goals(name, pair["ratios"])
     report = {"benchmark": "throughput", "quick": args.quick, "machine": machine,
               "matmul_peak_gflops": {"before": peak_before, "after": peak_after, "used": peak, "threads": args.threads,
-                                     "what": "best fp32 1024x1024 matmul GFLOP/s, before and after the runs"},
+                                     "what": "best fp32 square matmul GFLOP/s (n = 512, 1024, 2048), before and after the runs"},
+              "mfu_note": "MFU = tok/s x nominal FLOPs/token (6 N_s + 2 N_t, LM heads on every token) / peak. distillery "
+                          "applies both LM heads only to target rows (prompt rows skipped), so it does less work per "
+                          "token than the nominal count and its MFU reads high by up to the prompt share of head FLOPs.",
               "settings": {"batch": args.batch, "seq_len": args.seq_len, "rounds": args.rounds, "threads": args.threads,
                            "loss": "JSD beta=0.5 (TRL: generalized_jsd_loss, lmbda=0), fp32", "lr": LR,
                            "tokens": "all tokens processed (batch x seq_len, no padding)"},
