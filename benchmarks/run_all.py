@@ -82,7 +82,10 @@ def markdown_summary(quick: bool) -> str:
                 tok = f"{v['tok_s']:,.0f}" if v["tok_s"] else "–"
                 rss = f"{v['peak_rss_bytes'] / 1e9:.2f} GB" if v["peak_rss_bytes"] else "–"
                 lines.append(f"| {sys_name} | {tok} | {rss} | {v['mfu']:.1%} |" if v["mfu"] else f"| {sys_name} | {tok} | {rss} | – |")
-            lines += ["", " · ".join(f"{k}: {v:.2f}" for k, v in pair["ratios"].items() if v is not None and "/trl_fair" in k), ""]
+            keys = [f"{a}{e}/{b}{e} {m}" for e in ("", "+thp") for a, b, m in
+                    (("ours_live", "trl_fair", "tok_s"), ("ours_live", "trl_fair", "rss"), ("ours_cached", "student_ce", "tok_s"))]
+            lines += ["", "Ratios (medians over rounds): " + " · ".join(
+                f"{k}: {pair['ratios'][k]:.2f}" for k in keys if pair["ratios"].get(k) is not None), ""]
     q = common.RESULTS / f"quality{suffix}.json"
     if q.is_file():
         data = json.loads(q.read_text())
