@@ -132,7 +132,8 @@ def teacher_config(cfg: RunConfig):
     """The live teacher's HF config (no weights); None for a teacher cache."""
     from transformers import AutoConfig
 
-    from .teachers.hf import distillery_home, file_sha256, smollm2_gguf
+    from .hashing import file_sha256
+    from .teachers.hf import distillery_home, smollm2_gguf
 
     tc = cfg.teacher
     if tc.kind == "cache":

@@ -20,7 +20,6 @@ always records every shard (race-free with any number of processes).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -28,6 +27,7 @@ import uuid
 from pathlib import Path
 
 from ..errors import DistilleryError
+from ..hashing import file_sha256
 
 FORMAT = "distillery-teacher-cache"
 FORMAT_VERSION = 1
@@ -107,14 +107,6 @@ def remove_stale_temps(folder: Path, prefixes: set[str]) -> None:
                 p.unlink()
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 @contextlib.contextmanager
 def locked(root: Path):
     """Exclusive lock on ``root/.lock`` (released by the OS if the process dies)."""
@@ -141,7 +133,7 @@ def valid_commit(root: Path, split: str, shard: int, verify_sha: bool = False) -
         return None
     if rec.get("bytes") != sp.stat().st_size:
         return None
-    if verify_sha and sha256_file(sp) != rec.get("sha256"):
+    if verify_sha and file_sha256(sp) != rec.get("sha256"):
         return None
     return rec
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import DistilleryError
+from ..hashing import file_sha256
 from ..targets import TeacherTargets
 from . import layout
 from .codec import Encoding
@@ -109,7 +110,7 @@ class CacheReader:
         path = self.root / rec["file"]
         if rec["file"] in self._verified:
             return
-        if layout.sha256_file(path) != rec["sha256"]:
+        if file_sha256(path) != rec["sha256"]:
             raise DistilleryError(f"cache shard {path} is corrupt: its sha256 does not match the manifest")
         self._verified.add(rec["file"])
 

