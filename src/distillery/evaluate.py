@@ -128,8 +128,7 @@ def run_eval(teacher_src: str, student_dir: str, data: list[str], *, seq_len: in
     limit = min(teacher.model.config.max_position_embeddings, student.config.max_position_embeddings)
     cfg = DataConfig(train=list(data), seq_len=seq_len, val_fraction=0.0, max_train_blocks=max_blocks)
     ds = build_datasets(cfg, teacher.tokenizer, max_positions=limit).train
-    batches = ({k: torch.stack([torch.as_tensor(ds[j][k]) for j in range(i, min(i + batch_size, len(ds)))])
-                for k in ("input_ids", "labels", "attention_mask")} for i in range(0, len(ds), batch_size))
+    batches = (ds.batch(torch.arange(i, min(i + batch_size, len(ds)))) for i in range(0, len(ds), batch_size))
     metrics = evaluate(teacher, student, batches, vocab_size=vocab, progress=progress,
                        max_batches=math.ceil(len(ds) / batch_size))
     metrics.update({"teacher": teacher_src, "student": str(student_dir), "data": list(data), "seq_len": seq_len})
