@@ -20,12 +20,22 @@ A target is either
   API with ``top_logprobs`` returns. Its temperature is fixed when it is recorded; a loss asked for
   another temperature must refuse (see ``losses``).
 
+  Optionally a sparse target also carries a **sampled tail**: ``sample_ids (B, T, M)`` drawn from the
+  teacher's tail distribution (``p`` restricted to the ids *not* in ``topk_ids``, renormalised) and
+  their log-probabilities ``sample_logprobs (B, T, M)`` at the same temperature. Each draw stands
+  for ``exp(tail_logprob) / M`` of the mass, so forward KL gets an unbiased estimate of its tail term
+  (:mod:`distillery.losses.sparse`); the other divergences ignore the draws and use the tail bucket.
+  Draws may repeat. ``topk_ids`` stay the exact top-k, so everything that reads only
+  ``topk_ids``/``topk_logprobs``/``tail_logprob`` (:meth:`TeacherTargets.sparse_rows`) sees the plain
+  top-k + tail-bucket form.
+
 ``mask (B, T)`` (bool), when given, marks the positions that carry a target; it normally equals
 ``labels != -100``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +52,10 @@ class TeacherTargets:
         topk_ids: sparse ids ``(B, T, K)`` int64.
         topk_logprobs: sparse log-probabilities at ``loss_temperature`` ``(B, T, K)`` float32.
         tail_logprob: log of the mass outside the top-k ``(B, T)`` float32.
+        sample_ids: optional sampled tail ``(B, T, M)`` int64: draws from the teacher's distribution
+            restricted to the ids outside ``topk_ids`` (renormalised); ``None`` = no sampled tail.
+        sample_logprobs: the teacher's log-probabilities of ``sample_ids`` at ``loss_temperature``
+            ``(B, T, M)`` float32 (set exactly when ``sample_ids`` is).
         loss_temperature: the temperature the sparse log-probabilities were computed at
             (``None`` for dense targets, which can be softened at any temperature).
         mask: positions that carry a target ``(B, T)`` bool, or ``None`` for all.
@@ -56,6 +70,8 @@ class TeacherTargets:
     topk_ids: torch.Tensor | None = None
     topk_logprobs: torch.Tensor | None = None
     tail_logprob: torch.Tensor | None = None
+    sample_ids: torch.Tensor | None = None
+    sample_logprobs: torch.Tensor | None = None
     loss_temperature: float | None = None
     mask: torch.Tensor | None = None
     vocab_size: int | None = None
@@ -74,11 +90,31 @@ class TeacherTargets:
                                  f"{tuple(self.topk_logprobs.shape)} differ in shape")
             if self.loss_temperature is None:
                 raise ValueError("sparse TeacherTargets must record the loss_temperature it was made at")
+        if (self.sample_ids is None) != (self.sample_logprobs is None):
+            raise ValueError("a sampled tail needs both sample_ids and sample_logprobs")
+        if self.sample_ids is not None:
+            if self.topk_ids is None:
+                raise ValueError("sample_ids (a sampled tail) only go with the sparse form (topk_ids)")
+            if self.sample_ids.shape != self.sample_logprobs.shape:
+                raise ValueError(f"sample_ids {tuple(self.sample_ids.shape)} and sample_logprobs "
+                                 f"{tuple(self.sample_logprobs.shape)} differ in shape")
+            if self.sample_ids.shape[:-1] != self.topk_ids.shape[:-1]:
+                raise ValueError(f"sample_ids {tuple(self.sample_ids.shape)} cover other positions than topk_ids "
+                                 f"{tuple(self.topk_ids.shape)}")
 
     # ------------------------------------------------------------------ shape helpers
     @property
     def is_sparse(self) -> bool:
         return self.topk_ids is not None
+
+    @property
+    def n_samples(self) -> int:
+        """``M``, the number of sampled-tail entries per position (0 = top-k + tail bucket only)."""
+        return 0 if self.sample_ids is None else int(self.sample_ids.shape[-1])
+
+    def without_samples(self) -> "TeacherTargets":
+        """The same targets without the sampled tail: the top-k + one-tail-bucket form (shares tensors)."""
+        return dataclasses.replace(self, sample_ids=None, sample_logprobs=None)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -91,7 +127,7 @@ class TeacherTargets:
 
     @property
     def width(self) -> int:
-        """Vocabulary width of the dense form (``V_t``), or ``K`` for the sparse form."""
+        """Vocabulary width of the dense form (``V_t``), or ``K`` (top-k entries, samples not counted) for the sparse form."""
         if self.logits is not None:
             return self.logits.shape[-1]
         if self.hidden is not None:
@@ -128,23 +164,62 @@ class TeacherTargets:
             return ids, lp, tail
         return ids[rows], lp[rows], tail[rows]
 
+    def sample_rows(self, rows: torch.Tensor | slice | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The sampled tail for selected flattened positions: ``(ids (n, M), logprobs (n, M))``, or None."""
+        if self.sample_ids is None:
+            return None
+        m = self.sample_ids.shape[-1]
+        ids, lp = self.sample_ids.reshape(-1, m), self.sample_logprobs.reshape(-1, m)  # type: ignore[union-attr]
+        return (ids, lp) if rows is None else (ids[rows], lp[rows])
+
     def to(self, device: torch.device | str) -> "TeacherTargets":
         """Move every tensor to ``device`` (non-blocking where possible)."""
         kw = {}
         for name in ("logits", "hidden", "lm_head_weight", "lm_head_bias", "topk_ids", "topk_logprobs",
-                     "tail_logprob", "mask"):
+                     "tail_logprob", "sample_ids", "sample_logprobs", "mask"):
             t = getattr(self, name)
             kw[name] = None if t is None else t.to(device, non_blocking=True)
         return TeacherTargets(**kw, loss_temperature=self.loss_temperature, vocab_size=self.vocab_size)
 
 
+def sample_tail(logprobs: torch.Tensor, top_ids: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Stratified draws from the teacher's tail: ``(n, V), (n, K), (n, M) -> ids (n, M)`` int64.
+
+    The tail distribution is ``p_v / p_tail`` over the ids not in ``top_ids`` (``p = exp(logprobs)``).
+    Draw ``j`` inverts its cumulative distribution, taken in vocabulary-id order, at
+    ``u_j = (j + U_j) / M`` with ``U_j = uniforms[:, j]`` in ``[0, 1)``: one draw per equal-mass
+    stratum. Every draw is then marginally a draw from stratum ``j`` and the stratified mean
+    ``(1/M) Σ_j f(draw_j)`` is an unbiased estimate of ``E_tail[f]`` (and no noisier than ``M``
+    independent draws). The cdf is summed in float64; a draw never lands on a zero-probability id
+    while the tail has mass. With an empty tail (no mass outside ``top_ids``) the draws are
+    arbitrary ids; they carry weight ``p_tail = 0``.
+    """
+    p = logprobs.double().exp()  # (n, V)
+    p.scatter_(-1, top_ids, 0.0)  # the tail distribution, unnormalised
+    cdf = p.cumsum_(-1)  # (n, V), in place of p
+    total = cdf[:, -1:]  # (n, 1) = p_tail as summed here
+    m = uniforms.shape[-1]
+    strata = torch.arange(m, dtype=torch.float64, device=uniforms.device)
+    target = (strata + uniforms.double()) / m * total  # (n, M), in [0, p_tail)
+    ids = torch.searchsorted(cdf, target, right=True)  # first id whose cdf exceeds the target
+    last = (cdf < total).sum(-1, keepdim=True)  # the last id with mass (guards target == total by rounding)
+    return torch.minimum(ids, last).clamp_(max=logprobs.shape[-1] - 1)
+
+
 def sparse_from_logits(logits: torch.Tensor, k: int, loss_temperature: float,
-                       vocab_size: int | None = None, mask: torch.Tensor | None = None) -> TeacherTargets:
+                       vocab_size: int | None = None, mask: torch.Tensor | None = None, *,
+                       tail_samples: int = 0, uniforms: torch.Tensor | None = None,
+                       generator: torch.Generator | None = None) -> TeacherTargets:
     """Reduce dense logits ``(B, T, V)`` to the sparse top-k + tail form at ``loss_temperature``.
 
     ``logprobs = log_softmax(logits[..., :vocab_size] / T)``; keep the ``k`` largest; the tail is
     ``log(1 - sum(exp(top-k)))`` clamped at the smallest normal float32 so it stays finite.
     With ``k == vocab_size`` the tail is (numerically) empty and the sparse losses equal the dense ones.
+
+    ``tail_samples = M > 0`` adds a sampled tail (:func:`sample_tail`, stratified, vocabulary-id
+    order) with its log-probs; ``uniforms (B, T, M)`` in ``[0, 1)`` fix the draws (the cache derives
+    them from a seed and the block/position, :mod:`distillery.cache.sampling`), else they come from
+    ``torch.rand(generator=generator)``. No samples are drawn when ``k`` covers the vocabulary.
     """
     if vocab_size is not None:
         logits = logits[..., :vocab_size]
@@ -155,5 +230,15 @@ def sparse_from_logits(logits: torch.Tensor, k: int, loss_temperature: float,
     kept = top_lp.exp().sum(-1)  # (B, T)
     tail = torch.log1p(-kept.clamp(max=1.0)).clamp(min=torch.finfo(torch.float32).min / 2)
     tail = torch.where(kept >= 1.0, torch.full_like(tail, -1e30), tail)
-    return TeacherTargets(topk_ids=top_ids, topk_logprobs=top_lp, tail_logprob=tail,
-                          loss_temperature=loss_temperature, mask=mask, vocab_size=vocab_size)
+    s_ids = s_lp = None
+    if tail_samples > 0 and k < logprobs.shape[-1]:
+        b, t, v = logprobs.shape
+        if uniforms is None:
+            uniforms = torch.rand(b, t, tail_samples, generator=generator, dtype=torch.float64)
+        if uniforms.shape != (b, t, tail_samples):
+            raise ValueError(f"uniforms {tuple(uniforms.shape)} should be {(b, t, tail_samples)}")
+        flat_lp = logprobs.reshape(-1, v)
+        flat_ids = sample_tail(flat_lp, top_ids.reshape(-1, k), uniforms.reshape(-1, tail_samples))  # (B*T, M)
+        s_ids, s_lp = flat_ids.view(b, t, -1), flat_lp.gather(-1, flat_ids).view(b, t, -1)
+    return TeacherTargets(topk_ids=top_ids, topk_logprobs=top_lp, tail_logprob=tail, sample_ids=s_ids,
+                          sample_logprobs=s_lp, loss_temperature=loss_temperature, mask=mask, vocab_size=vocab_size)

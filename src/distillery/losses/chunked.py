@@ -12,7 +12,7 @@ How (Liger-style, for CPU): the target rows of the flattened ``(B·T, H)`` hidde
 first (masked positions cost nothing), then handled ``chunk_size`` rows at a time. For each chunk
 the forward pass computes the student logits ``(c, V)`` into a reusable buffer, the teacher's rows
 into another (``logits[rows]``, or the lazy teacher's LM head applied to those rows only, or the
-sparse rows), the loss, and — with the hand-written gradients of :mod:`.kernels` — ``∂loss/∂z``,
+sparse rows, with the sampled tail for forward KL), the loss, and — with the hand-written gradients of :mod:`.kernels` — ``∂loss/∂z``,
 from which ``∂/∂hidden_rows = dz·W`` and ``∂/∂W += dzᵀ·h`` follow by two matmuls. Backward only
 scales the stored gradients by the incoming scalar. Peak extra memory is five ``(chunk_size, V)``
 buffers plus one ``(V, H)`` gradient, against several ``(B·T, V)`` tensors for the plain path.
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..targets import TeacherTargets
-from . import divergences, kernels
+from . import divergences, kernels, sparse
 from .inputs import LossInputError, as_targets, check_sparse_ids, combined_mask, temperature, vocab_width
 from .per_token import cross_entropy, divergence, reduce
 
@@ -120,8 +120,13 @@ def _fused_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                 kd_rows = kernels.dense_kd_(plan.kd, z, q, tl, p, out, coef, plan.beta, plan.alpha)
             else:
                 ids, t_lp, t_tail = t.sparse_rows(rows)
-                kd_rows = kernels.sparse_kd_(plan.kd, z, q, ids.long(), t_lp, t_tail, rest[0], out, coef,
-                                             plan.beta, plan.alpha)
+                drawn = t.sample_rows(rows) if sparse.uses_samples(plan.kd, plan.beta, plan.alpha) else None
+                if drawn is not None:  # forward KL: top-k exact + the sampled tail's estimate
+                    kd_rows = kernels.sampled_forward_kl_(z, q, ids.long(), t_lp, t_tail, drawn[0].long(), drawn[1],
+                                                          out, coef)
+                else:
+                    kd_rows = kernels.sparse_kd_(plan.kd, z, q, ids.long(), t_lp, t_tail, rest[0], out, coef,
+                                                 plan.beta, plan.alpha)
             if plan.kd_on is not None:
                 kd_rows = torch.where(plan.kd_on[start:end], kd_rows, torch.zeros_like(kd_rows))
             kd_sum += kd_rows.sum()
@@ -195,6 +200,8 @@ def _prepare(hidden, lm_head_weight, teacher, labels, kd, beta, alpha, loss_temp
     tau = temperature(t, loss_temperature)
     if t.is_sparse:
         check_sparse_ids(t.topk_ids, v)
+        if t.n_samples:
+            check_sparse_ids(t.sample_ids, v, what="sampled-tail")
     return t, v, tau, max(n, 1.0)
 
 

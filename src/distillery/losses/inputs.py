@@ -71,12 +71,12 @@ def temperature(teacher: TeacherTargets, loss_temperature: float | None) -> floa
     return recorded
 
 
-def check_sparse_ids(ids: torch.Tensor, vocab: int) -> None:
-    """Sparse ids must index the compared vocabulary ``[0, vocab)``; K may not exceed it."""
-    if ids.shape[-1] > vocab:
+def check_sparse_ids(ids: torch.Tensor, vocab: int, what: str = "top-k") -> None:
+    """Sparse ids must index the compared vocabulary ``[0, vocab)``; K may not exceed it (top-k ids)."""
+    if what == "top-k" and ids.shape[-1] > vocab:
         raise LossInputError(f"sparse targets keep K={ids.shape[-1]} ids but the vocabulary has only {vocab}")
     if ids.numel() and (int(ids.max()) >= vocab or int(ids.min()) < 0):
-        raise LossInputError(f"sparse teacher ids span [{int(ids.min())}, {int(ids.max())}], outside the "
+        raise LossInputError(f"sparse teacher {what} ids span [{int(ids.min())}, {int(ids.max())}], outside the "
                              f"vocabulary [0, {vocab}): pass the right vocab_size or rebuild the targets")
 
 

@@ -31,6 +31,10 @@ are tiny ``(c, K+1)`` tensors, so the bucket divergence and ``G = ∂L/∂lQ`` c
 them; the map back to the vocabulary is analytic: with ``lQ_k = lq_{id_k}`` and
 ``lQ_tail = logsumexp_{v ∉ ids} lq_v``,
 ``∂L/∂s_j = [j = id_k]·G_k + [j ∉ ids]·G_tail·q_j/Q_tail − q_j·Σ_b G_b``.
+
+Sparse targets with a sampled tail, forward KL (:func:`sampled_forward_kl_`): ``G`` is ``−p_k`` at
+the top-k ids and ``−p_tail/M`` at each draw (repeated draws add up), so
+``∂L/∂s_j = q_j·(Σ_k p_k + p_tail) − [j = id_k]·p_k − (p_tail/M)·#{draws = j}``.
 """
 
 from __future__ import annotations
@@ -170,3 +174,24 @@ def sparse_kd_(name: str, lq: torch.Tensor, q: torch.Tensor, ids: torch.Tensor, 
     out.addcmul_(q, -g.sum(dim=1, keepdim=True) * coef)
     out.scatter_add_(1, ids, g[:, :k] * coef)
     return loss.detach()
+
+
+def sampled_forward_kl_(lq: torch.Tensor, q: torch.Tensor, ids: torch.Tensor, t_lp: torch.Tensor,
+                        t_tail: torch.Tensor, s_ids: torch.Tensor, s_lp: torch.Tensor, out: torch.Tensor,
+                        coef: torch.Tensor) -> torch.Tensor:
+    """Forward KL rows ``(c,)`` from top-k ``ids, t_lp (c, K)``, ``t_tail (c,)`` and a sampled tail
+    ``s_ids, s_lp (c, M)`` (:func:`.sparse.sampled_forward_kl`); adds ``coef·∂L/∂s`` to ``out``.
+    ``lq, q`` (student, ``(c, V)``) are left intact."""
+    k, vocab = ids.shape[1], lq.shape[1]
+    lq_top, lq_s = lq.gather(1, ids), lq.gather(1, s_ids)  # (c, K), (c, M)
+    loss = sparse.sampled_forward_kl(t_lp, lq_top, t_tail, s_lp, lq_s, vocab)
+    g_top = -t_lp.to(lq.dtype).exp()  # (c, K) = ∂L/∂lq at the top-k ids
+    total = g_top.sum(dim=1, keepdim=True)  # (c, 1) = Σ G
+    if sparse.has_tail(k, vocab) and s_ids.shape[1]:
+        m = s_ids.shape[1]
+        w = t_tail.to(lq.dtype).clamp(min=sparse.TAIL_FLOOR).exp().unsqueeze(1) / m  # (c, 1): one draw's weight
+        out.scatter_add_(1, s_ids, (-w * coef).expand(-1, m).contiguous())  # repeated draws add up
+        total = total - w * m  # Σ G = −(Σ_k p_k + p_tail)
+    out.addcmul_(q, -total * coef)
+    out.scatter_add_(1, ids, g_top * coef)
+    return loss

@@ -4,7 +4,8 @@ Each KD function takes
 
 * ``student_logits (B, T, V_s)``: raw (unscaled) student logits, already aligned with the targets;
 * ``teacher``: raw teacher logits ``(B, T, V_t)`` or :class:`~distillery.targets.TeacherTargets`
-  (dense logits, lazy hidden + LM head, or sparse top-k + tail, see :mod:`.sparse`);
+  (dense logits, lazy hidden + LM head, or sparse top-k + tail, optionally with a sampled tail that
+  forward KL uses, see :mod:`.sparse`);
 * ``loss_temperature`` τ: both sides are softened, ``p = softmax(z_T / τ)``, ``q = softmax(z_S / τ)``.
   ``None`` = 1 for dense targets, the recorded τ for sparse ones (another τ raises);
 * ``vocab_size``: compare only the first ``vocab_size`` columns of both (padded vocabularies);
@@ -67,9 +68,29 @@ def divergence(name: str, student_logits: torch.Tensor, teacher: TeacherTargets 
     """Per-token KD loss ``name`` (one of ``divergences.NAMES``) ``(B, T)``; ``beta`` is used by
     ``jsd`` only and ``alpha`` by the skew KLs, so callers may pass both."""
     divergences.check_params(name, beta, alpha)
-    lp, lq = teacher_student_logprobs(student_logits, teacher, loss_temperature, vocab_size)
-    per_token = divergences.apply(name, lp, lq, beta=beta, alpha=alpha)  # (B, T)
-    return _masked(per_token, combined_mask(mask, as_targets(teacher)))
+    t = as_targets(teacher)
+    if t.is_sparse and t.n_samples and sparse.uses_samples(name, beta, alpha):
+        per_token = _sampled_forward_kl(student_logits, t, loss_temperature, vocab_size)  # (B, T)
+    else:  # dense, or the (K+1)-bucket rule (a sampled tail is ignored: see .sparse)
+        lp, lq = teacher_student_logprobs(student_logits, t, loss_temperature, vocab_size)
+        per_token = divergences.apply(name, lp, lq, beta=beta, alpha=alpha)  # (B, T)
+    return _masked(per_token, combined_mask(mask, t))
+
+
+def _sampled_forward_kl(student_logits: torch.Tensor, t: TeacherTargets, loss_temperature: float | None,
+                        vocab_size: int | None) -> torch.Tensor:
+    """Forward KL from top-k + sampled-tail targets ``(B, T)`` (:func:`.sparse.sampled_forward_kl`)."""
+    if t.shape != tuple(student_logits.shape[:-1]):
+        raise LossInputError(f"teacher targets cover positions {t.shape}, the student logits "
+                             f"{tuple(student_logits.shape[:-1])}")
+    v = vocab_width(student_logits.shape[-1], t, vocab_size)
+    tau = temperature(t, loss_temperature)
+    dtype = compute_dtype(student_logits)
+    check_sparse_ids(t.topk_ids, v)
+    check_sparse_ids(t.sample_ids, v, what="sampled-tail")
+    lq = torch.log_softmax(student_logits[..., :v].to(dtype) / tau, dim=-1)  # (B, T, V)
+    return sparse.sampled_forward_kl(t.topk_logprobs.to(dtype), lq.gather(-1, t.topk_ids.long()), t.tail_logprob,
+                                     t.sample_logprobs, lq.gather(-1, t.sample_ids.long()), v)
 
 
 def forward_kl(student_logits, teacher, *, loss_temperature=None, vocab_size=None, mask=None) -> torch.Tensor:

@@ -33,6 +33,31 @@ when the tail is empty. Two edge rules:
   stay finite while still pushing the student's tail mass to 0.
 
 Ids must be distinct within a row (top-k ids are).
+
+**Sampled tail** (``TeacherTargets.sample_ids``/``sample_logprobs``, ``M`` draws per position from
+the teacher's tail distribution ``p_v / p_tail``, v ∉ ids, see :func:`distillery.targets.sample_tail`):
+
+* **forward KL** (and the names that are exactly forward KL: ``jsd`` with β = 0, ``skew_forward_kl``
+  with α = 0) uses them: the top-k terms exactly plus an importance-sampled estimate of the tail term,
+
+      KL_sampled = Σ_k p_k (lp_k − log q_{ids_k}) + p_tail · (1/M) Σ_j (lp_{s_j} − log q_{s_j})
+
+  Its expectation over the draws is the dense ``Σ_v p_v (log p_v − log q_v)``, and so is the
+  expectation of its gradient w.r.t. the student's logits (``∂/∂s_v = q_v (Σ_k p_k + p_tail) − p_v``
+  on the top-k, ``q_v (Σ_k p_k + p_tail) − (p_tail/M)·#{j: s_j = v}`` elsewhere, whose mean is
+  ``q_v − p_v``). One position's value is noisy and can be negative; means over many positions
+  converge to the dense loss. The gradient does not depend on the stored ``lp_{s_j}`` at all (they
+  only make the value a KL rather than a cross-entropy), so their encoding error never reaches training.
+* **every other divergence** (reverse KL, JSD with β > 0, the skew KLs with α > 0, TVD) ignores the
+  draws and uses the (K+1)-bucket rule above on the top-k and the tail bucket, exactly as for a
+  cache without samples. (Reverse-type terms weigh the tail by the *student's* q, which draws from
+  the teacher's p cannot estimate without importance weights q/p that blow up where the student puts
+  mass the teacher does not: the very region reverse KL is meant to punish.)
+* K = V or an empty tail: the tail term is 0 (the draws carry weight p_tail = 0) and the value is the
+  plain top-k sum.
+
+To use the tail bucket for forward KL too, drop the draws: ``TeacherTargets.without_samples()``
+(or ``CachedTeacher(..., tail="bucket")``).
 """
 
 from __future__ import annotations
@@ -68,3 +93,23 @@ def student_buckets(lq: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return kept
     outside = lq.scatter(-1, ids, float("-inf"))  # (…, V), -inf at the kept ids
     return torch.cat([kept, torch.logsumexp(outside, dim=-1, keepdim=True)], dim=-1)
+
+
+def uses_samples(name: str, beta: float = 0.5, alpha: float = 0.1) -> bool:
+    """Whether divergence ``name`` uses a sampled tail: forward KL and its exact aliases only."""
+    return name == "forward_kl" or (name == "jsd" and beta == 0.0) or (name == "skew_forward_kl" and alpha == 0.0)
+
+
+def sampled_forward_kl(lp: torch.Tensor, lq_top: torch.Tensor, tail: torch.Tensor, lp_s: torch.Tensor,
+                       lq_s: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Forward KL with a sampled tail (module docstring): ``(…, K), (…, K), (…), (…, M), (…, M) -> (…)``.
+
+    ``lp``/``lq_top``: teacher / student log-probs at the top-k ids; ``tail``: the teacher's log tail
+    mass; ``lp_s``/``lq_s``: teacher / student log-probs at the ``M`` drawn ids. Differentiable in the
+    student's log-probs (plain autograd: the reference for the fused kernel).
+    """
+    head = (lp.exp() * (lp - lq_top)).sum(-1)
+    if not has_tail(lp.shape[-1], vocab) or lp_s.shape[-1] == 0:
+        return head
+    w = tail.to(lq_top.dtype).clamp(min=TAIL_FLOOR).exp() / lp_s.shape[-1]  # (…) weight of one draw
+    return head + w * (lp_s.to(lq_top.dtype) - lq_s).sum(-1)
