@@ -18,7 +18,10 @@ A position holds the teacher's top-``K`` token ids, their log-probabilities at `
   mass, e.g. ``K = V``) is stored as ``-inf`` and decoded to ``-1e30``, the convention of
   :func:`distillery.targets.sparse_from_logits`.
 
-Bytes per position: ``K * (id_bytes + logprob_bytes) + 2``. Quantizing is monotone, so the stored
+A cache with a sampled tail (:mod:`.sampling`) also stores ``M`` drawn ids and their log-probs per
+position, encoded exactly like the top-``K`` ones (same id type, same log-prob codes).
+
+Bytes per position: ``(K + M) * (id_bytes + logprob_bytes) + 2``. Quantizing is monotone, so the stored
 order (descending) survives decoding; ties may appear.
 """
 
@@ -81,9 +84,9 @@ class Encoding:
     def logprob_dtype(self) -> np.dtype:
         return np.dtype({"sqrt_u8": np.uint8, "sqrt_u16": np.uint16, "float16": np.float16}[self.logprobs])
 
-    def bytes_per_position(self, k: int) -> int:
-        """Payload bytes of one position (ids + log-probs + tail), without per-block columns."""
-        return k * (self.id_dtype.itemsize + self.logprob_dtype.itemsize) + 2
+    def bytes_per_position(self, k: int, m: int = 0) -> int:
+        """Payload bytes of one position (``k`` top + ``m`` sampled ids and log-probs, tail), without per-block columns."""
+        return (k + m) * (self.id_dtype.itemsize + self.logprob_dtype.itemsize) + 2
 
     @property
     def _levels(self) -> int:
@@ -133,14 +136,20 @@ class Encoding:
         return np.where(np.isneginf(t), np.float32(EMPTY_TAIL), t)
 
 
-def to_sparse(out, k: int, loss_temperature: float, vocab_size: int | None,
-              rows_per_chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A teacher's output for a batch -> ``(ids (B,T,K) int64, logprobs (B,T,K) f32, tail (B,T) f32)``.
+def to_sparse(out, k: int, loss_temperature: float, vocab_size: int | None, rows_per_chunk: int = 512, *,
+              tail_samples: int = 0, uniforms: torch.Tensor | None = None):
+    """A teacher's output for a batch -> ``(ids (B,T,K) int64, logprobs (B,T,K) f32, tail (B,T) f32,
+    sample_ids (B,T,M) int64 | None, sample_logprobs (B,T,M) f32 | None)``.
 
     ``out`` is a logits tensor ``(B, T, V)`` or a :class:`~distillery.targets.TeacherTargets` (dense,
     lazy dense or sparse). Dense forms go through :func:`~distillery.targets.sparse_from_logits`
     ``rows_per_chunk`` positions at a time, so ``(B, T, V)`` log-probs are never all held at once.
     A sparse input must be at ``loss_temperature`` and hold at least ``k`` entries.
+
+    ``tail_samples = M > 0`` also draws a sampled tail with ``uniforms (B, T, M)``
+    (:func:`distillery.cache.sampling.tail_uniforms`). That needs the teacher's whole distribution,
+    so a sparse input is accepted only if it already carries exactly ``M`` draws and exactly ``k``
+    top entries (it is passed through as it is).
     """
     from ..targets import TeacherTargets, sparse_from_logits
 
@@ -155,19 +164,34 @@ def to_sparse(out, k: int, loss_temperature: float, vocab_size: int | None,
                                   f"the cache asks {loss_temperature}")
         if out.width < k:
             raise DistilleryError(f"the teacher gives top-{out.width} targets, fewer than the cache's k={k}")
+        if tail_samples and (out.n_samples != tail_samples or out.width != k):
+            raise DistilleryError(f"a sampled tail (m={tail_samples}) needs the teacher's full distribution (dense "
+                                  f"logits); this teacher gives top-{out.width} sparse targets with "
+                                  f"{out.n_samples} draws")
         lp, order = out.topk_logprobs.float().topk(k, dim=-1)  # (B, T, K), sorted
         ids = out.topk_ids.gather(-1, order).long()
+        if tail_samples:
+            return ids, lp, out.tail_logprob.float(), out.sample_ids.long(), out.sample_logprobs.float()
         if out.width == k:
-            return ids, lp, out.tail_logprob.float()
+            return ids, lp, out.tail_logprob.float(), None, None
         kept = lp.exp().sum(-1)  # (B, T)   same rule as sparse_from_logits
         tail = torch.log1p(-kept.clamp(max=1.0)).clamp(min=torch.finfo(torch.float32).min / 2)
-        return ids, lp, torch.where(kept >= 1.0, torch.full_like(tail, EMPTY_TAIL), tail)
-    ids, lps, tails = [], [], []
+        return ids, lp, torch.where(kept >= 1.0, torch.full_like(tail, EMPTY_TAIL), tail), None, None
+    if tail_samples and (uniforms is None or tuple(uniforms.shape) != (b, t, tail_samples)):
+        raise DistilleryError(f"a sampled tail of m={tail_samples} needs uniforms of shape {(b, t, tail_samples)}")
+    flat_u = None if not tail_samples else uniforms.reshape(b * t, tail_samples)
+    ids, lps, tails, s_ids, s_lps = [], [], [], [], []
     for start in range(0, b * t, rows_per_chunk):
         logits = out.dense_logits(slice(start, start + rows_per_chunk))  # (n, V)
-        sp = sparse_from_logits(logits[None], k, loss_temperature, vocab_size=vocab_size)
+        u = None if flat_u is None else flat_u[start:start + rows_per_chunk][None]
+        sp = sparse_from_logits(logits[None], k, loss_temperature, vocab_size=vocab_size,
+                                tail_samples=tail_samples, uniforms=u)
         ids.append(sp.topk_ids[0])
         lps.append(sp.topk_logprobs[0])
         tails.append(sp.tail_logprob[0])
+        if sp.n_samples:
+            s_ids.append(sp.sample_ids[0])
+            s_lps.append(sp.sample_logprobs[0])
     kk = ids[0].shape[-1]
-    return (torch.cat(ids).view(b, t, kk), torch.cat(lps).view(b, t, kk), torch.cat(tails).view(b, t))
+    sampled = (torch.cat(s_ids).view(b, t, -1), torch.cat(s_lps).view(b, t, -1)) if s_ids else (None, None)
+    return (torch.cat(ids).view(b, t, kk), torch.cat(lps).view(b, t, kk), torch.cat(tails).view(b, t), *sampled)

@@ -2,7 +2,7 @@
 
 ::
 
-    distillery cache RECIPE.yaml [key=value ...] [--out DIR] [--k 32]
+    distillery cache RECIPE.yaml [key=value ...] [--out DIR] [--k 16] [--tail-samples 16] [--tail-seed 0]
     accelerate launch --num_processes N -m distillery.cli cache RECIPE.yaml ...   (GPUs: one shard set per rank)
     accelerate launch --config_file configs/accelerate/ddp_cpu.yaml -m distillery.cli cache RECIPE.yaml ...  (CPU)
     distillery cache --info DIR [--verify]
@@ -22,15 +22,33 @@ def _rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def run_cache(cfg, out_dir: str, *, k: int = 32, batch_size: int = 8, shard_blocks: int = 256,
-              logprob_encoding: str = "sqrt_u8", logprob_range: float = 32.0, progress: bool = True) -> dict:
-    """Load the recipe's teacher and data, then :func:`~distillery.cache.writer.write_cache` this rank's share."""
+def default_k_and_samples(cfg, k: int | None, tail_samples: int | None) -> tuple[int, int]:
+    """``(k, m)`` for a recipe: what is given, else 16 top + 16 sampled-tail entries when the recipe's
+    KD loss is forward KL (the draws make it unbiased) and top-32 + the tail bucket for the other
+    divergences (they ignore draws, :mod:`distillery.losses.sparse`). Both fit 98 bytes/position at
+    vocabularies up to 65,536."""
+    from ..losses.sparse import uses_samples
+
+    forward = uses_samples(cfg.loss.kd, cfg.loss.beta, cfg.loss.alpha)
+    if tail_samples is None:
+        tail_samples = 16 if forward else 0
+    if k is None:
+        k = 16 if tail_samples else 32
+    return k, tail_samples
+
+
+def run_cache(cfg, out_dir: str, *, k: int | None = None, batch_size: int = 8, shard_blocks: int = 256,
+              logprob_encoding: str = "sqrt_u8", logprob_range: float = 32.0, progress: bool = True,
+              tail_samples: int | None = None, tail_seed: int = 0) -> dict:
+    """Load the recipe's teacher and data, then :func:`~distillery.cache.writer.write_cache` this rank's share
+    (``k``/``tail_samples`` None: :func:`default_k_and_samples`)."""
     from ..data import build_datasets, tokenizer_hash
     from ..teachers import load_teacher
     from .writer import write_cache
 
     if cfg.teacher.kind != "hf":
         raise DistilleryError("`distillery cache` needs a live teacher: set teacher.kind to 'hf'")
+    k, tail_samples = default_k_and_samples(cfg, k, tail_samples)
     rank, world = _rank_world()
     device = cfg.teacher.device
     if device == "auto":
@@ -49,7 +67,7 @@ def run_cache(cfg, out_dir: str, *, k: int = 32, batch_size: int = 8, shard_bloc
                        loss_temperature=cfg.loss.loss_temperature, manifest_info=info, shard_blocks=shard_blocks,
                        rank=rank, world_size=world, batch_size=batch_size, vocab_size=vocab,
                        logprob_encoding=logprob_encoding, logprob_range=logprob_range, tokenizer=tok,
-                       progress=progress)
+                       progress=progress, tail_samples=tail_samples, tail_seed=tail_seed)
 
 
 def _cmd_cache(args) -> int:
@@ -68,7 +86,7 @@ def _cmd_cache(args) -> int:
         raise DistilleryError("say where to write the cache: --out DIR or teacher.cache_path=DIR")
     summary = run_cache(cfg, out, k=args.k, batch_size=args.batch_size, shard_blocks=args.shard_blocks,
                         logprob_encoding=args.logprob_encoding, logprob_range=args.logprob_range,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, tail_samples=args.tail_samples, tail_seed=args.tail_seed)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -79,7 +97,12 @@ def add_cache_parser(subparsers) -> None:
     c.add_argument("recipe", nargs="?", help="YAML recipe: its teacher and data (as for `distill`)")
     c.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.max_train_blocks=100")
     c.add_argument("--out", default=None, help="cache folder (default: teacher.cache_path)")
-    c.add_argument("--k", type=int, default=32, help="top-k entries per position (default 32: 98 bytes/token at vocab <= 65,536)")
+    c.add_argument("--k", type=int, default=None, help="top-k entries per position (default 16 with a sampled tail, "
+                   "else 32: 98 bytes/token either way at vocab <= 65,536)")
+    c.add_argument("--tail-samples", type=int, default=None, metavar="M",
+                   help="draws per position from the teacher's tail distribution (default 16 when loss.kd is forward "
+                        "KL, which they make unbiased; 0 otherwise: other divergences use the tail bucket)")
+    c.add_argument("--tail-seed", type=int, default=0, help="seed of the tail draws (recorded in the manifest)")
     c.add_argument("--batch-size", type=int, default=8, help="blocks per teacher forward")
     c.add_argument("--shard-blocks", type=int, default=256, help="blocks per shard (the unit of commit and resume)")
     c.add_argument("--logprob-encoding", choices=LOGPROB_KINDS, default="sqrt_u8")

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..errors import DistilleryError
 from . import layout
 from .codec import Encoding
+from .sampling import read_tail_record
 
 
 def _size(n: int) -> str:
@@ -35,6 +36,7 @@ def cache_info(path: str | Path, verify: bool = False) -> str:
 
         CacheReader(root, verify="full")
     enc = Encoding.from_json(header["encoding"])
+    tail = read_tail_record(header)
     shard_bytes = sum(r["bytes"] for r in recs)
     tokens = sum(r["tokens"] for r in recs)
     targets = sum(r["target_tokens"] for r in recs)
@@ -48,9 +50,11 @@ def cache_info(path: str | Path, verify: bool = False) -> str:
         + (" (saved in tokenizer/)" if (root / "tokenizer").is_dir() else ""),
         f"  targets:      top-{header['k']} of {header['vocab_size']} at loss_temperature {header['loss_temperature']}, "
         f"seq_len {header['seq_len']}",
+        f"  tail:         " + (f"one bucket (log of the mass outside the top-{header['k']})" if not tail["m"] else
+                               f"tail mass + {tail['m']} ids drawn from the tail per position ({tail.get('sampler')}, seed {tail.get('seed')})"),
         f"  encoding:     ids {enc.ids}, log-probs {enc.logprobs}"
         + (f" (range {enc.logprob_range})" if enc.logprobs != "float16" else "")
-        + f", tail {enc.tail}: {enc.bytes_per_position(header['k'])} payload bytes/position",
+        + f", tail {enc.tail}: {enc.bytes_per_position(header['k'], tail['m'])} payload bytes/position",
     ]
     for split, info in header["splits"].items():
         done = [r for r in recs if r["split"] == split]

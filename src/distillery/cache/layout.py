@@ -30,7 +30,9 @@ from ..errors import DistilleryError
 from ..hashing import file_sha256
 
 FORMAT = "distillery-teacher-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # top-k + tail bucket (six shard columns)
+FORMAT_VERSION_SAMPLED = 2  # + a sampled tail (two more shard columns; the manifest's "tail" says m)
+READABLE_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_SAMPLED)
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 try:  # POSIX; elsewhere merges are unlocked (one writer process at a time)

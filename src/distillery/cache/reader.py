@@ -20,12 +20,13 @@ from ..hashing import file_sha256
 from ..targets import TeacherTargets
 from . import layout
 from .codec import Encoding
+from .sampling import read_tail_record
 from .shard import ShardArrays, load
 
 # what check() calls each key in its messages, and the order it checks them in
 _NAMES = {"tokenizer_hash": "tokenizer hash", "seq_len": "packing (seq_len)", "k": "k (top-k entries)",
           "loss_temperature": "loss_temperature", "vocab_size": "vocabulary size", "teacher": "teacher",
-          "data_fingerprint": "data fingerprint"}
+          "data_fingerprint": "data fingerprint", "tail": "tail scheme (sampled tail)"}
 
 
 class _SplitIndex:
@@ -74,7 +75,9 @@ class _SplitIndex:
 class CacheReader:
     """A finished teacher cache folder, opened for reading.
 
-    Attributes: ``manifest`` (dict), ``k``, ``seq_len``, ``loss_temperature``, ``vocab_size``,
+    Attributes: ``manifest`` (dict), ``k`` (top-k entries), ``m`` (sampled-tail draws per position,
+    0 for a top-k + tail-bucket cache, including every cache written before sampled tails existed),
+    ``tail`` (the manifest's tail record), ``seq_len``, ``loss_temperature``, ``vocab_size``,
     ``encoding`` (:class:`~distillery.cache.codec.Encoding`), ``splits`` (``{name: blocks}``).
     """
 
@@ -86,6 +89,8 @@ class CacheReader:
         m = self.manifest
         self.k, self.seq_len, self.vocab_size = int(m["k"]), int(m["seq_len"]), int(m["vocab_size"])
         self.loss_temperature = float(m["loss_temperature"])
+        self.tail = read_tail_record(m)
+        self.m = int(self.tail.get("m", 0))
         self.encoding = Encoding.from_json(m["encoding"])
         self.splits = {name: info["blocks"] for name, info in m["splits"].items()}
         self._table = self.encoding.logprob_table()
@@ -150,7 +155,7 @@ class CacheReader:
             return self._open[key]
         if self._verify == "lazy":
             self._check_sha(rec)
-        arrays = load(self.root / key, self.seq_len, self.k, self.encoding)
+        arrays = load(self.root / key, self.seq_len, self.k, self.encoding, self.m)
         if len(arrays.index) != rec["rows"] or int(arrays.index[0]) != rec["first_index"]:
             raise DistilleryError(f"cache shard {self.root / key} does not hold the rows its commit record names")
         self._open[key] = arrays
@@ -164,26 +169,34 @@ class CacheReader:
             raise DistilleryError(f"teacher cache {self.root} has no split '{split}' (it has {', '.join(self._index)})")
         idx = np.asarray(torch.as_tensor(indices).reshape(-1).cpu().numpy(), np.int64)
         pos, row = self._index[split].locate(idx, split)
-        out = ShardArrays.empty(len(idx), self.seq_len, self.k, self.encoding)
+        out = ShardArrays.empty(len(idx), self.seq_len, self.k, self.encoding, self.m)
         for p in np.unique(pos):
             sel = pos == p
             a, r = self._shard(split, int(p)), row[sel]
             out.index[sel], out.digest[sel], out.mask[sel] = a.index[r], a.digest[r], a.mask[r]
             out.ids[sel], out.codes[sel], out.tail[sel] = a.ids[r], a.codes[r], a.tail[r]
+            if self.m:
+                out.sample_ids[sel], out.sample_codes[sel] = a.sample_ids[r], a.sample_codes[r]
         return out
 
-    def decode(self, rows: ShardArrays) -> TeacherTargets:
-        """Encoded rows -> sparse ``TeacherTargets`` (ids int64 ``(B,T,K)``, log-probs and tail float32)."""
+    def decode(self, rows: ShardArrays, samples: bool = True) -> TeacherTargets:
+        """Encoded rows -> sparse ``TeacherTargets`` (ids int64 ``(B,T,K)``, log-probs and tail float32;
+        with the sampled tail ``(B,T,M)`` if the cache has one and ``samples``, else without it)."""
         lp = self.encoding.decode_logprobs(rows.codes, self._table)
-        return TeacherTargets(topk_ids=torch.from_numpy(rows.ids.astype(np.int64)),
+        s_ids = s_lp = None
+        if samples and rows.sample_ids is not None:
+            s_ids = torch.from_numpy(rows.sample_ids.astype(np.int64))
+            s_lp = torch.from_numpy(np.ascontiguousarray(self.encoding.decode_logprobs(rows.sample_codes, self._table),
+                                                         np.float32))
+        return TeacherTargets(topk_ids=torch.from_numpy(rows.ids.astype(np.int64)), sample_ids=s_ids, sample_logprobs=s_lp,
                               topk_logprobs=torch.from_numpy(np.ascontiguousarray(lp, np.float32)),
                               tail_logprob=torch.from_numpy(self.encoding.decode_tail(rows.tail)),
                               loss_temperature=self.loss_temperature, mask=torch.from_numpy(rows.mask.copy()),
                               vocab_size=self.vocab_size)
 
-    def targets(self, indices, split: str = "train") -> TeacherTargets:
-        """Sparse teacher targets ``(B, T, K)`` for block ``indices`` ``(B,)`` of ``split``."""
-        return self.decode(self.gather(indices, split))
+    def targets(self, indices, split: str = "train", samples: bool = True) -> TeacherTargets:
+        """Sparse teacher targets ``(B, T, K)`` (+ the sampled tail) for block ``indices`` ``(B,)`` of ``split``."""
+        return self.decode(self.gather(indices, split), samples)
 
     def indices(self, split: str = "train") -> np.ndarray:
         """Every block index stored for ``split`` (sorted)."""
@@ -215,9 +228,9 @@ def _open_manifest(root: Path) -> dict:
     m = layout.read_json(mpath)
     if m.get("format") != layout.FORMAT:
         raise DistilleryError(f"{mpath} is not a distillery teacher cache manifest")
-    if m.get("format_version") != layout.FORMAT_VERSION:
+    if m.get("format_version") not in layout.READABLE_VERSIONS:
         raise DistilleryError(f"{mpath} has cache format version {m.get('format_version')}; this distillery reads "
-                              f"version {layout.FORMAT_VERSION}")
+                              f"versions {', '.join(map(str, layout.READABLE_VERSIONS))}")
     if not m.get("complete"):
         raise DistilleryError(f"teacher cache {root} is incomplete: {m.get('committed_shards')} of "
                               f"{m.get('expected_shards')} shards committed; rerun `distillery cache` with the same "

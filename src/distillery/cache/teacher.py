@@ -2,7 +2,8 @@
 
 It reads the block numbers in ``batch["index"]``, checks that the batch's tokens are the ones the
 cache was written for (per-block digest) and that every target position of the batch has a stored
-target, and returns sparse :class:`~distillery.targets.TeacherTargets`.
+target, and returns sparse :class:`~distillery.targets.TeacherTargets` (with the sampled tail when
+the cache has one and ``tail="auto"``; ``tail="bucket"`` drops it, so even forward KL uses the tail bucket).
 """
 
 from __future__ import annotations
@@ -20,8 +21,12 @@ from .shard import block_digest
 class CachedTeacher:
     """Teacher targets from a cache folder (``split`` = which cached split ``batch["index"]`` refers to)."""
 
-    def __init__(self, path: str | Path | None = None, split: str = "train", reader: CacheReader | None = None):
+    def __init__(self, path: str | Path | None = None, split: str = "train", reader: CacheReader | None = None,
+                 tail: str = "auto"):
+        if tail not in ("auto", "bucket"):
+            raise DistilleryError(f"CachedTeacher tail must be 'auto' or 'bucket', got {tail!r}")
         self.reader = reader if reader is not None else CacheReader(path)
+        self.tail = tail
         if split not in self.reader.splits:
             raise DistilleryError(f"teacher cache {self.reader.root} has no split '{split}'")
         self.split = split
@@ -54,7 +59,7 @@ class CachedTeacher:
 
     def eval_teacher(self) -> "CachedTeacher | None":
         """The same cache bound to its ``val`` split (None if no validation split was cached)."""
-        return CachedTeacher(split="val", reader=self.reader) if "val" in self.reader.splits else None
+        return CachedTeacher(split="val", reader=self.reader, tail=self.tail) if "val" in self.reader.splits else None
 
     def targets(self, batch: dict, vocab_size: int | None = None) -> TeacherTargets:
         """Sparse targets ``(B, T, K)`` for ``batch`` (needs ``index`` and ``input_ids``; ``labels`` for the mask)."""
@@ -71,7 +76,7 @@ class CachedTeacher:
         if len(wrong):
             raise DistilleryError(f"block {int(rows.index[wrong[0]])} of split '{self.split}' has other tokens than "
                                   f"when the teacher cache {self.reader.root} was written (the data changed)")
-        targets = self.reader.decode(rows)
+        targets = self.reader.decode(rows, samples=self.tail == "auto")
         if "labels" in batch:
             mask = (batch["labels"] != -100).cpu()
             missing = mask & ~targets.mask

@@ -6,6 +6,11 @@ write disjoint shards of one folder without talking to each other. Batches never
 so a shard's bytes depend only on its blocks, the teacher and ``batch_size``: with a deterministic
 teacher, a resumed, a multi-process and a one-process run produce byte-identical shards.
 
+With a sampled tail (``tail_samples = m > 0``) each position also gets ``m`` draws from the teacher's
+tail distribution; their uniforms are a hash of ``(tail_seed, block index, position, draw)``
+(:mod:`.sampling`), so the draws, like everything else in a shard, do not depend on rank, resume
+point or shard order.
+
 Resuming is per shard: committed shards (commit record present, size and sha256 match) are skipped;
 a shard that was being written when the process died is written again from its first block.
 """
@@ -28,9 +33,10 @@ import torch
 from ..errors import DistilleryError
 from . import layout
 from .codec import Encoding, to_sparse
+from .sampling import tail_record, tail_uniforms
 from .shard import ShardArrays, block_digest, serialize, shard_schema
 
-RESERVED = {"format", "format_version", "k", "loss_temperature", "vocab_size", "seq_len", "encoding",
+RESERVED = {"format", "format_version", "k", "k_top", "tail", "loss_temperature", "vocab_size", "seq_len", "encoding",
             "shard_blocks", "splits", "shards", "committed_shards", "expected_shards", "complete"}
 
 
@@ -58,13 +64,13 @@ def _normalise(obj: Any) -> Any:
 
 
 def _header(*, manifest_info: dict, k: int, loss_temperature: float, vocab_size: int, seq_len: int,
-            enc: Encoding, shard_blocks: int, splits: dict[str, Any]) -> dict:
+            enc: Encoding, shard_blocks: int, splits: dict[str, Any], tail: dict) -> dict:
     clash = RESERVED & set(manifest_info)
     if clash:
         raise DistilleryError(f"manifest_info may not set the cache's own keys: {', '.join(sorted(clash))}")
     header = dict(manifest_info)
-    header.update(format=layout.FORMAT, format_version=layout.FORMAT_VERSION, k=k,
-                  loss_temperature=float(loss_temperature), vocab_size=vocab_size, seq_len=seq_len,
+    header.update(format=layout.FORMAT, format_version=layout.FORMAT_VERSION_SAMPLED if tail["m"] else
+                  layout.FORMAT_VERSION, k=k, k_top=k, tail=tail, loss_temperature=float(loss_temperature), vocab_size=vocab_size, seq_len=seq_len,
                   encoding=enc.to_json(), shard_blocks=shard_blocks,
                   splits={name: {"blocks": len(ds), "shards": math.ceil(len(ds) / shard_blocks)}
                           for name, ds in splits.items()})
@@ -78,7 +84,10 @@ def _open_header(root: Path, header: dict) -> None:
         if not path.is_file():
             layout.write_json(path, header)
             return
-        diff = layout.first_difference(layout.read_json(path), header)
+        have = layout.read_json(path)
+        if "tail" not in have and header["tail"]["m"] == 0:  # written before sampled tails: same layout
+            header = {key: v for key, v in header.items() if key not in ("tail", "k_top")}
+        diff = layout.first_difference(have, header)
     if diff:
         where, have, want = diff
         raise DistilleryError(f"{root} already holds a teacher cache with {where} = {have!r}, this run has "
@@ -99,9 +108,10 @@ def _save_tokenizer(root: Path, tokenizer: Any) -> None:
 @torch.no_grad()
 def _write_shard(teacher_fn: Callable, ds: Any, split: str, shard: int, root: Path, *, k: int,
                  loss_temperature: float, vocab_size: int, seq_len: int, enc: Encoding, shard_blocks: int,
-                 batch_size: int, bar: Any) -> dict:
+                 batch_size: int, bar: Any, tail: dict) -> dict:
     start, stop = shard * shard_blocks, min((shard + 1) * shard_blocks, len(ds))
-    arrays = ShardArrays.empty(stop - start, seq_len, k, enc)
+    m = tail["m"]
+    arrays = ShardArrays.empty(stop - start, seq_len, k, enc, m)
     for b0 in range(start, stop, batch_size):
         items = list(range(b0, min(b0 + batch_size, stop)))
         # distillery.data's BlockDataset gathers a batch in one step; other datasets item by item
@@ -118,12 +128,17 @@ def _write_shard(teacher_fn: Callable, ds: Any, split: str, shard: int, root: Pa
         else:
             mask = np.ones(ids_in.shape, bool)
         index = batch["index"].numpy().astype(np.int64) if "index" in batch else np.arange(b0, b0 + len(items))
-        top_ids, top_lp, tail = to_sparse(teacher_fn(batch), k, loss_temperature, vocab_size)  # (B,T,K) (B,T,K) (B,T)
+        uniforms = tail_uniforms(tail["seed"], index, seq_len, m) if m else None  # (B, T, M)
+        top_ids, top_lp, tail_lp, s_ids, s_lp = to_sparse(teacher_fn(batch), k, loss_temperature, vocab_size,
+                                                          tail_samples=m, uniforms=uniforms)  # (B,T,K) (B,T,K) (B,T) (B,T,M)x2
         if top_ids.shape != (len(items), seq_len, k):
             raise DistilleryError(f"the teacher returned targets of shape {tuple(top_ids.shape)}, expected "
                                   f"{(len(items), seq_len, k)} (is k larger than the vocabulary?)")
-        lp, tl = top_lp.numpy(), tail.numpy()
-        bad = mask & ~(np.isfinite(lp).all(-1) & ~np.isnan(tl))
+        lp, tl = top_lp.numpy(), tail_lp.numpy()
+        finite = np.isfinite(lp).all(-1) & ~np.isnan(tl)
+        if m:
+            finite &= np.isfinite(s_lp.numpy()).all(-1)
+        bad = mask & ~finite
         if bad.any():
             row = int(np.nonzero(bad.any(-1))[0][0])
             raise DistilleryError(f"the teacher produced non-finite log-probs for block {int(index[row])} of split '{split}'")
@@ -135,10 +150,15 @@ def _write_shard(teacher_fn: Callable, ds: Any, split: str, shard: int, root: Pa
         arrays.ids[rows] = np.where(m3, top_ids.numpy(), 0).astype(enc.id_dtype)
         arrays.codes[rows] = np.where(m3, enc.encode_logprobs(lp), np.zeros((), enc.logprob_dtype))
         arrays.tail[rows] = np.where(mask, enc.encode_tail(tl), np.float16(0))
+        if m:
+            arrays.sample_ids[rows] = np.where(m3, s_ids.numpy(), 0).astype(enc.id_dtype)
+            arrays.sample_codes[rows] = np.where(m3, enc.encode_logprobs(s_lp.numpy()), np.zeros((), enc.logprob_dtype))
         bar.update(len(items) * seq_len)
     meta = {"split": split, "shard": shard, "k": k, "seq_len": seq_len, "loss_temperature": loss_temperature,
             "encoding": enc.to_json()}
-    buf = serialize(arrays, shard_schema(seq_len, k, enc, meta))
+    if m:
+        meta["tail"] = tail
+    buf = serialize(arrays, shard_schema(seq_len, k, enc, meta, m))
     sp = layout.shard_path(root, split, shard)
     layout.atomic_write(sp, memoryview(buf))
     record = {"split": split, "shard": shard, "file": f"{split}/{sp.name}", "rows": stop - start,
@@ -155,7 +175,7 @@ def write_cache(teacher_fn: Callable[[dict], Any], datasets: Any, out_dir: str |
                 loss_temperature: float, manifest_info: dict, shard_blocks: int = 256, rank: int = 0,
                 world_size: int = 1, batch_size: int = 8, vocab_size: int | None = None,
                 logprob_encoding: str = "sqrt_u8", logprob_range: float = 32.0, tokenizer: Any = None,
-                progress: bool = True) -> dict:
+                progress: bool = True, tail_samples: int = 0, tail_seed: int = 0) -> dict:
     """Run ``teacher_fn`` over every block this rank owns and commit the cache shards; return a summary.
 
     Args:
@@ -165,7 +185,11 @@ def write_cache(teacher_fn: Callable[[dict], Any], datasets: Any, out_dir: str |
             already shifted, optional ``attention_mask``, ``index``), a ``{split: dataset}`` mapping, or
             an object with ``.train`` / ``.val`` (``DataSplits``).
         out_dir: the cache folder (created; an existing cache there must have the same header).
-        k: top-k entries kept per position (capped at the vocabulary size).
+        k: top-k entries kept per position (capped at the vocabulary size): ``k_top``.
+        tail_samples: ``m``, draws per position from the teacher's tail distribution (0 = the top-k and one
+            tail bucket only). Forward KL from the cache is then unbiased (:mod:`distillery.losses.sparse`).
+            Needs a dense (or lazy dense) teacher. None are drawn when ``k`` covers the vocabulary.
+        tail_seed: the seed of the draws (recorded in the manifest).
         loss_temperature: log-probs are ``log_softmax(logits / loss_temperature)``.
         manifest_info: recorded in the manifest as given: ``teacher`` (name, weights_hash),
             ``tokenizer_hash``, ``data_fingerprint``, ... (what :meth:`CacheReader.check` compares).
@@ -188,6 +212,8 @@ def write_cache(teacher_fn: Callable[[dict], Any], datasets: Any, out_dir: str |
         raise DistilleryError(f"cache writer rank {rank} is outside 0..{world_size - 1}")
     if k < 1 or shard_blocks < 1 or batch_size < 1:
         raise DistilleryError("cache k, shard_blocks and batch_size must be >= 1")
+    if tail_samples < 0 or not 0 <= tail_seed < 2 ** 63:
+        raise DistilleryError(f"cache tail_samples must be >= 0 and tail_seed in [0, 2**63) (got {tail_samples}, {tail_seed})")
     splits = {name: ds for name, ds in _as_splits(datasets).items() if len(ds)}
     if not splits:
         raise DistilleryError("nothing to cache: every dataset split is empty")
@@ -202,9 +228,10 @@ def write_cache(teacher_fn: Callable[[dict], Any], datasets: Any, out_dir: str |
                 out = teacher_fn(_collate([first]))
             vocab_size = int(out.shape[-1] if isinstance(out, torch.Tensor) else out.width)
     k = min(k, vocab_size)
+    tail = tail_record(tail_samples if k < vocab_size else 0, tail_seed)  # nothing to draw from when k = V
     enc = Encoding.choose(vocab_size, logprob_encoding, logprob_range)
     header = _header(manifest_info=manifest_info, k=k, loss_temperature=loss_temperature, vocab_size=vocab_size,
-                     seq_len=seq_len, enc=enc, shard_blocks=shard_blocks, splits=splits)
+                     seq_len=seq_len, enc=enc, shard_blocks=shard_blocks, splits=splits, tail=tail)
     _open_header(root, header)
     if tokenizer is not None:
         _save_tokenizer(root, tokenizer)
@@ -228,7 +255,7 @@ def write_cache(teacher_fn: Callable[[dict], Any], datasets: Any, out_dir: str |
         for name, n in todo:
             written.append(_write_shard(teacher_fn, splits[name], name, n, root, k=k, loss_temperature=loss_temperature,
                                         vocab_size=vocab_size, seq_len=seq_len, enc=enc, shard_blocks=shard_blocks,
-                                        batch_size=batch_size, bar=bar))
+                                        batch_size=batch_size, bar=bar, tail=tail))
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
