@@ -151,9 +151,10 @@ def child_trl(spec: dict) -> dict:
     from trl.experimental.gkd import GKDConfig, GKDTrainer
     from trl.experimental.utils import DataCollatorForChatML
 
+    cuda = spec.get("device") == "cuda"  # benchmarks/gpu.py: bf16 autocast, the teacher stored in bf16
     tok = AutoTokenizer.from_pretrained(spec["student_dir"])
     student = AutoModelForCausalLM.from_pretrained(spec["student_dir"], dtype=torch.float32)
-    teacher = AutoModelForCausalLM.from_pretrained(spec["teacher_dir"], dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(spec["teacher_dir"], dtype=torch.bfloat16 if cuda else torch.float32)
     records = [json.loads(ln) for ln in Path(spec["data"]).read_text().splitlines()]
     inner = DataCollatorForChatML(tokenizer=tok, max_length=spec["seq_len"])  # what GKDTrainer builds itself
     counted: list[int] = []
@@ -172,14 +173,17 @@ def child_trl(spec: dict) -> dict:
             self.ticks.append(time.perf_counter())
 
         def on_step_end(self, *a, **k):
+            if cuda:
+                torch.cuda.synchronize()
             self.ticks.append(time.perf_counter())
 
         def on_log(self, args, state, control, logs=None, **k):
             if logs and "loss" in logs:
                 self.losses.append(float(logs["loss"]))
 
-    extra = {"bf16": False, "gradient_checkpointing": False} if spec["config"] == "fair" else {}
-    args = GKDConfig(output_dir=tempfile.mkdtemp(prefix="gkd-"), use_cpu=True, lmbda=0.0, beta=0.5,
+    # fair: no activation checkpointing (memory is not short here), bf16 autocast only where it is fast (GPU)
+    extra = {"bf16": cuda, "gradient_checkpointing": False} if spec["config"] == "fair" else {}
+    args = GKDConfig(output_dir=tempfile.mkdtemp(prefix="gkd-"), use_cpu=not cuda, lmbda=0.0, beta=0.5,
                      per_device_train_batch_size=spec["batch"], max_steps=spec["steps"], max_length=spec["seq_len"],
                      learning_rate=LR, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
                      seed=0, **extra)
@@ -208,19 +212,21 @@ def child_ce(spec: dict) -> dict:
     tok = AutoTokenizer.from_pretrained(spec["student_dir"])
     ds = build_datasets(DataConfig(train=[spec["data"]], format="chat", seq_len=spec["seq_len"], val_fraction=0.0),
                         tok, progress=False).train
-    model = AutoModelForCausalLM.from_pretrained(spec["student_dir"], dtype=torch.float32).train()
+    dev = torch.device("cuda" if spec.get("device") == "cuda" else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(spec["student_dir"], dtype=torch.float32).to(dev).train()
     opt = make_optimizer(model, TrainConfig(lr=LR))
     times, losses = [], []
     for step in range(spec["steps"]):
         t0 = time.perf_counter()
-        b = ds.batch(torch.arange(step * spec["batch"], (step + 1) * spec["batch"]) % len(ds))
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # (B, T, V)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b["labels"].flatten(), ignore_index=-100)
+        b = {k: v.to(dev) for k, v in ds.batch(torch.arange(step * spec["batch"], (step + 1) * spec["batch"]) % len(ds)).items()}
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):  # bf16 on GPU, fp32 on CPU
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # (B, T, V)
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), b["labels"].flatten(), ignore_index=-100)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(loss.item())  # .item() waits for the GPU: the step time below is complete
         times.append(time.perf_counter() - t0)
     return {"step_seconds": times, "tokens_per_step": spec["batch"] * spec["seq_len"], "losses": losses}
 
@@ -243,6 +249,8 @@ def child_main(spec_path: str, result_path: str) -> None:
           "student_ce": child_ce, "cache": child_cache}[spec["system"]]
     result = fn(spec)
     result["peak_rss_bytes"] = common.peak_rss_bytes()
+    if torch.cuda.is_available():
+        result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     Path(result_path).write_text(json.dumps(result))
 
 

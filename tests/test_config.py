@@ -59,3 +59,16 @@ def test_every_field_documented_or_obvious():
     for section in RunConfig.model_fields.values():
         model = section.annotation
         assert model.model_config.get("extra") == "forbid"
+
+
+def test_loss_chunk_size_auto_picks_rows_per_device():
+    from distillery.config import LossConfig
+
+    auto = LossConfig()
+    assert auto.chunk_size == "auto"
+    assert auto.chunk_rows("cpu", 49152) == 256
+    assert auto.chunk_rows("cuda", 49152) == 1024  # 5 x 1024 x 49152 x 4 bytes ~ 1 GiB
+    assert auto.chunk_rows("cuda", 151936) == 256  # never below 256
+    assert LossConfig(chunk_size=40).chunk_rows("cuda", 49152) == 40
+    with pytest.raises(ValueError):
+        LossConfig(chunk_size=0)

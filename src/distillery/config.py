@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import DistilleryError
 
@@ -77,7 +77,23 @@ class LossConfig(_Section):
     loss_temperature: float = Field(1.0, gt=0.0)
     kd_weight: float = Field(1.0, ge=0.0)
     ce_weight: float = Field(0.0, ge=0.0)
-    chunk_size: int = Field(256, gt=0, description="Positions per chunk in the memory-bounded loss (256: ~0.1x the naive peak at V=49k, as fast).")
+    chunk_size: int | Literal["auto"] = Field("auto", description="Target positions per chunk in the memory-bounded loss. 'auto': 256 on a CPU (~0.1x the naive peak at V=49k, and as fast); on a GPU as many as keep the chunk buffers (5 x rows x V fp32) near 1 GiB, at least 256 (fewer, larger kernels).")
+
+    @field_validator("chunk_size")
+    @classmethod
+    def _chunk_positive(cls, v):
+        if v != "auto" and v <= 0:
+            raise ValueError("must be 'auto' or a positive number of positions")
+        return v
+
+    def chunk_rows(self, device_type: str, vocab: int) -> int:
+        """The chunk size in positions for a device type ('cpu', 'cuda', ...) and vocabulary size."""
+        if self.chunk_size != "auto":
+            return int(self.chunk_size)
+        if device_type == "cpu":
+            return 256
+        rows = (1 << 30) // (5 * 4 * max(vocab, 1))
+        return max(256, 1 << (rows.bit_length() - 1))  # a power of two: 1024 at V=49,152, 512 at V=128k
 
 
 class GenerationConfig(_Section):

@@ -36,7 +36,7 @@ def _dir_size(folder: Path) -> int:
 
 def _sample(model, tokenizer, text: str, new_tokens: int) -> tuple[str, float]:
     """Greedy continuation with the KV cache; returns (text, decode tokens/s)."""
-    ids = tokenizer(text, return_tensors="pt")
+    ids = tokenizer(text, return_tensors="pt").to(model.device)
     t0 = time.perf_counter()
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
@@ -73,7 +73,11 @@ def run_demo(quick: bool = False, output_dir: str = "runs/demo", overrides: list
 
     console.rule("[bold]Evaluation[/] (held-out Shakespeare split, and Milton's Paradise Lost)")
     cfg = runs["kd"]["cfg"]
-    run = prepare_run(cfg, device=torch.device("cpu"))
+    # evaluate where training ran (a GPU if there is one); the teacher in fp32 there too, so the
+    # table's numbers do not depend on where they were measured
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    run = prepare_run(cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"dtype": "float32"})}),
+                      device=device)
     teacher = run.teacher
     from .data import build_datasets
     from .config import DataConfig
@@ -90,7 +94,7 @@ def run_demo(quick: bool = False, output_dir: str = "runs/demo", overrides: list
     results = {"teacher": {"name": teacher.name, "parameters": count_parameters(teacher.model)}, "runs": {}}
     for name in ("kd", "ce"):
         folder = out / name / "student"
-        student = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        student = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
         held = evaluate(teacher, student, batches(run.val), vocab_size=run.vocab_size)
         other = evaluate(teacher, student, batches(milton), vocab_size=run.vocab_size)
         results["runs"][name] = {"student_dir": str(folder), "parameters": count_parameters(student),
@@ -116,7 +120,7 @@ def run_demo(quick: bool = False, output_dir: str = "runs/demo", overrides: list
                       f"{r['milton']['kl_teacher_student']:.3f}", f"{r['train_tok_s']:.0f}")
     console.print(table)
 
-    student = AutoModelForCausalLM.from_pretrained(out / "kd" / "student", dtype=torch.float32).eval()
+    student = AutoModelForCausalLM.from_pretrained(out / "kd" / "student", dtype=torch.float32).to(device).eval()
     new = 24 if quick else 40
     t_text, t_speed = _sample(teacher.model, run.tokenizer, PROMPT, new)
     s_text, s_speed = _sample(student, run.tokenizer, PROMPT, new)

@@ -129,6 +129,7 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
         _trim_metrics(metrics_path, step, tc.max_steps)
     log = open(metrics_path, "a") if acc.is_main_process else None
     lc = cfg.loss
+    chunk_rows = lc.chunk_rows(acc.device.type, run.vocab_size)  # 'auto': larger chunks on a GPU
     bar = tqdm(total=tc.max_steps, initial=step, desc="distill", disable=not (tc.progress and acc.is_main_process))
     qat_on = False
     t_start, window_tokens = time.perf_counter(), 0
@@ -157,7 +158,7 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
                 loss, stats = chunked_distill_loss(
                     hidden, head.weight, targets, mb["labels"], kd=lc.kd, beta=lc.beta, alpha=lc.alpha,
                     loss_temperature=lc.loss_temperature, kd_weight=lc.kd_weight, ce_weight=lc.ce_weight,
-                    n_tokens=max(n_tokens, 1.0), chunk_size=lc.chunk_size, vocab_size=run.vocab_size,
+                    n_tokens=max(n_tokens, 1.0), chunk_size=chunk_rows, vocab_size=run.vocab_size,
                     lm_head_bias=head.bias)
                 if not torch.isfinite(loss):
                     last = list_checkpoints(out)
@@ -251,7 +252,7 @@ def _validate(run, student, step: int, log, tc, acc) -> dict | None:
     # the same whatever the number of processes; the main process evaluates them alone. Its (rows, V) logit
     # buffers are bounded by loss.chunk_size like the training loss's (about 7 of them live at once).
     m = evaluate(run.eval_teacher, student, batches, vocab_size=run.vocab_size,
-                 max_batches=tc.eval_batches * acc.num_processes, chunk_rows=min(1024, run.cfg.loss.chunk_size))
+                 max_batches=tc.eval_batches * acc.num_processes, chunk_rows=min(1024, run.cfg.loss.chunk_rows(acc.device.type, run.vocab_size)))
     log.write(json.dumps({"step": step, "split": "val", **m}) + "\n")
     log.flush()
     return m
