@@ -190,20 +190,21 @@ def sample_tail(logprobs: torch.Tensor, top_ids: torch.Tensor, uniforms: torch.T
     ``u_j = (j + U_j) / M`` with ``U_j = uniforms[:, j]`` in ``[0, 1)``: one draw per equal-mass
     stratum. Every draw is then marginally a draw from stratum ``j`` and the stratified mean
     ``(1/M) Σ_j f(draw_j)`` is an unbiased estimate of ``E_tail[f]`` (and no noisier than ``M``
-    independent draws). The cdf is summed in float64; a draw never lands on a zero-probability id
-    while the tail has mass. With an empty tail (no mass outside ``top_ids``) the draws are
-    arbitrary ids; they carry weight ``p_tail = 0``.
+    independent draws). ``p`` is computed in the log-probs' dtype and its cdf summed in float64;
+    the target ``u_j · p_tail`` is kept strictly below the summed ``p_tail``, so a draw never lands on
+    a zero-probability id while the tail has mass. With an empty tail (no mass outside ``top_ids``)
+    the draws are arbitrary ids; they carry weight ``p_tail = 0``.
     """
-    p = logprobs.double().exp()  # (n, V)
-    p.scatter_(-1, top_ids, 0.0)  # the tail distribution, unnormalised
-    cdf = p.cumsum_(-1)  # (n, V), in place of p
+    cdf = logprobs.exp().double()  # (n, V)
+    cdf.scatter_(-1, top_ids, 0.0)  # the tail distribution, unnormalised
+    cdf.cumsum_(-1)  # (n, V)
     total = cdf[:, -1:]  # (n, 1) = p_tail as summed here
     m = uniforms.shape[-1]
     strata = torch.arange(m, dtype=torch.float64, device=uniforms.device)
     target = (strata + uniforms.double()) / m * total  # (n, M), in [0, p_tail)
+    target = torch.minimum(target, torch.nextafter(total, torch.zeros_like(total)))  # < total despite rounding
     ids = torch.searchsorted(cdf, target, right=True)  # first id whose cdf exceeds the target
-    last = (cdf < total).sum(-1, keepdim=True)  # the last id with mass (guards target == total by rounding)
-    return torch.minimum(ids, last).clamp_(max=logprobs.shape[-1] - 1)
+    return ids.clamp_(max=logprobs.shape[-1] - 1)
 
 
 def sparse_from_logits(logits: torch.Tensor, k: int, loss_temperature: float,

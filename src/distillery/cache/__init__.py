@@ -1,4 +1,5 @@
-"""The teacher cache: run the teacher once, store sparse top-k targets, distill many times from disk.
+"""The teacher cache: run the teacher once, store sparse top-k targets (optionally with a sampled
+tail, :mod:`.sampling`), distill many times from disk.
 
 Format: ``docs/cache_format.md``. Public API:
 

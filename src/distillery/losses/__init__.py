@@ -7,7 +7,8 @@ labels ``(B, T)`` already shifted, ``-100`` = no loss. Per-token functions retur
 * :mod:`.divergences` — the formulas on log-probabilities (forward/reverse KL, generalized JSD in
   TRL's convention, DistiLLM's skew KLs, TVD), the reference for everything else.
 * :mod:`.sparse` — what every divergence means for sparse targets: the (K+1)-bucket rule (top-k ids
-  plus one tail bucket, on both sides), K = V equals dense, empty-tail floor.
+  plus one tail bucket, on both sides), K = V equals dense, empty-tail floor; with a sampled tail,
+  forward KL's unbiased estimate (the other divergences keep the bucket rule).
 * :mod:`.per_token` — ``forward_kl(student_logits, teacher, …) -> (B, T)`` etc., ``cross_entropy``,
   ``reduce(per_token, mask, n_tokens)``, the ``divergence(name, …)`` dispatcher.
 * :mod:`.chunked` — ``chunked_distill_loss``: LM head + KD + CE over target rows in chunks, gradients
