@@ -13,8 +13,12 @@ For every k in {8, 16, 32, 64, 128} and every log-prob encoding, the per-positio
 T = 1 from the decoded sparse targets (top-k + one tail bucket) is compared with the dense live KL:
 ``deviation = (sum KL_cache - sum KL_live) / sum KL_live`` over all target positions, and the
 gradient w.r.t. the student logits (closed form) as ``||g_cache - g_live|| / ||g_live||``. The
-"tail sampling" rows are a proposal measured on the same data (not a stored format): top-k/2 exact
-entries plus k/2 draws from the teacher's tail, same bytes, unbiased estimator.
+"tail sampling" rows are the first, unstored proposal (top-k/2 exact entries plus k/2 *independent*
+draws from the teacher's tail, simulated here). The **sampled-tail schemes** ``k_top+m`` (the stored
+format: :func:`distillery.cache.codec.to_sparse` with the writer's seeded, stratified draws, through
+the sqrt_u8 codec, loss from :func:`distillery.losses.forward_kl`) are measured for
+``SCHEMES`` at comparable byte budgets, with the per-batch spread of the deviation (batches of 8
+blocks) and the same gradient error as above (closed form; per position, so it includes the draws' noise).
 
 Caches are then written for every k (from the stored top-128, timed: encode + write) and once with the
 teacher in the loop (end to end), read back at random batches (cold and warm), and the k = 32 cache is
@@ -41,11 +45,15 @@ import numpy as np
 import torch
 
 from distillery.cache import CacheReader, write_cache
-from distillery.cache.codec import Encoding
+from distillery.cache.codec import Encoding, to_sparse
+from distillery.cache.sampling import tail_uniforms
+from distillery.losses import forward_kl
 from distillery.data import BlockDataset
 from distillery.targets import TeacherTargets
 
 KS = (8, 16, 32, 64, 128)
+SCHEMES = ((8, 8), (16, 16), (24, 8), (8, 24), (32, 32))  # sampled tail: (k_top, m)
+TAIL_SEED = 0
 ENCODINGS = ("float32", "float16", "sqrt_u16", "sqrt_u8")  # float32 = truncation only, nothing stored
 T = 256
 CHUNK = 512  # rows per KL chunk: bounds memory at a few (512, 49152) tensors
@@ -137,11 +145,38 @@ def sampled_kl(order, cdf, tlp, slp, k: int, gen: torch.Generator):
     return head + p_tail / s * (tlp.gather(-1, draws) - slp.gather(-1, draws)).sum(-1)
 
 
+def scheme_name(k_top: int, m: int) -> str:
+    return f"{k_top}+{m}"
+
+
+def sampled_targets(t_logits, k_top: int, m: int, uniforms) -> tuple:
+    """The writer's sparse form with a sampled tail for ``(n, V)`` logits, decoded through the sqrt_u8 codec."""
+    ids, lp, tail, s_ids, s_lp = to_sparse(t_logits[None], k_top, 1.0, 49_152, tail_samples=m, uniforms=uniforms[None])
+    enc = Encoding.choose(49_152)
+    dlp, dtail = codec_round_trip("sqrt_u8", lp[0], tail[0])
+    ds_lp = torch.from_numpy(enc.decode_logprobs(enc.encode_logprobs(s_lp[0].numpy())))
+    raw = (ids[0].to(torch.int32), lp[0], tail[0], s_ids[0].to(torch.int32), s_lp[0])  # float32, to write the caches from
+    return TeacherTargets(topk_ids=ids, topk_logprobs=dlp[None], tail_logprob=dtail[None], sample_ids=s_ids,
+                          sample_logprobs=ds_lp[None], loss_temperature=1.0), raw
+
+
+def sampled_grad_sq(t: TeacherTargets, q, p) -> torch.Tensor:
+    """``||g_sampled - (q - p)||^2`` summed over rows: g = q (Σp_k + p_tail) − p_k at the top-k − p_tail/m per draw."""
+    ids, lp, s_ids = t.topk_ids[0], t.topk_logprobs[0], t.sample_ids[0]
+    p_hat, p_t = lp.exp(), t.tail_logprob[0].exp()
+    g = q * (p_hat.sum(-1) + p_t)[:, None]
+    g.scatter_add_(-1, ids, -p_hat)
+    g.scatter_add_(-1, s_ids, (-p_t / s_ids.shape[-1])[:, None].expand(-1, s_ids.shape[-1]).contiguous())
+    return ((g - q + p) ** 2).sum(dtype=torch.float64)
+
+
 @torch.no_grad()
 def measure_deviation(teacher, studs, ds, batch_size: int) -> tuple[dict, dict]:
     """One pass: teacher and student logits per batch, live vs cached KL for every k and encoding."""
     sums: dict = {}
     stash = {"ids": [], "lp": []}  # top-128 float32 per position, to write the caches afterwards
+    sampled_stash = {sch: [] for sch in SCHEMES}  # the sampled-tail schemes' float32 targets
+    per_batch: dict = {}  # (student, scheme) -> [(cache sum, live sum)] per batch
     times = {"teacher_s": 0.0, "tokens": 0}
     gen = torch.Generator().manual_seed(0)
 
@@ -155,6 +190,8 @@ def measure_deviation(teacher, studs, ds, batch_size: int) -> tuple[dict, dict]:
         times["teacher_s"] += time.perf_counter() - t0
         times["tokens"] += batch["input_ids"].numel()
         s_logits = {name: m(input_ids=batch["input_ids"], use_cache=False).logits.reshape(-1, 49_152) for name, m in studs.items()}
+        uniforms = {m: tail_uniforms(TAIL_SEED, batch["index"], T, m).reshape(-1, m) for m in {m for _, m in SCHEMES}}
+        batch_sums: dict = {}
         for r0 in range(0, t_logits.shape[0], CHUNK):
             tlp = torch.log_softmax(t_logits[r0:r0 + CHUNK].float(), -1)
             p = tlp.exp()
@@ -162,6 +199,11 @@ def measure_deviation(teacher, studs, ds, batch_size: int) -> tuple[dict, dict]:
             stash["ids"].append(top_ids.to(torch.int32))
             stash["lp"].append(top_lp)
             sparse = {k: topk_slice(top_ids, top_lp, k) for k in KS}
+            sampled = {}
+            for k_top, m in SCHEMES:
+                tt, raw = sampled_targets(t_logits[r0:r0 + CHUNK], k_top, m, uniforms[m][r0:r0 + CHUNK])
+                sampled[(k_top, m)] = tt
+                sampled_stash[(k_top, m)].append(raw)
             sorted_p, order = p.sort(-1, descending=True)
             cdf = sorted_p.cumsum(-1)
             del sorted_p
@@ -175,6 +217,13 @@ def measure_deviation(teacher, studs, ds, batch_size: int) -> tuple[dict, dict]:
                 q = slp.exp()
                 live_kl = (p * (tlp - slp)).sum(-1)  # (n,)
                 add((name, "live"), live_kl.sum())
+                batch_sums[(name, "live")] = batch_sums.get((name, "live"), 0.0) + float(live_kl.sum())
+                for sch, tt in sampled.items():
+                    kl = forward_kl(sl[r0:r0 + CHUNK].float()[None], tt)[0]  # distillery.losses on the decoded targets
+                    add((name, sch), kl.sum())
+                    add((name, sch, "abs"), (kl - live_kl).abs().sum())
+                    add((name, sch, "grad_sq"), sampled_grad_sq(tt, q, p))
+                    batch_sums[(name, sch)] = batch_sums.get((name, sch), 0.0) + float(kl.sum())
                 row_sums = ((q * q).sum(-1, dtype=torch.float64), (q * p).sum(-1, dtype=torch.float64), s_pp)
                 add((name, "live_grad_sq"), (row_sums[0] - 2 * row_sums[1] + row_sums[2]).sum())  # ||q - p||^2
                 add((name, "n"), tlp.shape[0])
@@ -190,6 +239,9 @@ def measure_deviation(teacher, studs, ds, batch_size: int) -> tuple[dict, dict]:
                     est = sampled_kl(order, cdf, tlp, slp, k, gen)
                     add((name, k, "tail_sampling"), est.sum())
                     add((name, k, "tail_sampling", "abs"), (est - live_kl).abs().sum())
+        for name in studs:
+            for sch in SCHEMES:
+                per_batch.setdefault((name, sch), []).append((batch_sums[(name, sch)], batch_sums[(name, "live")]))
         print(f"  deviation pass: {min(b0 + batch_size, len(ds))}/{len(ds)} blocks", flush=True)
     result = {}
     for name in studs:
@@ -204,11 +256,28 @@ def measure_deviation(teacher, studs, ds, batch_size: int) -> tuple[dict, dict]:
             row["mean_abs_position_err_tail_sampling"] = round(100 * sums[(name, k, "tail_sampling", "abs")] / live, 2)
             row["encoding_only_sqrt_u8"] = round(100 * (sums[(name, k, "sqrt_u8")] - sums[(name, k, "float32")]) / sums[(name, k, "float32")], 4)
             rows[f"k={k}"] = row
-        result[name] = {"live_mean_kl_nats": round(live / sums[(name, "n")], 4), "deviation_percent": rows}
+        sch_rows = {}
+        for sch in SCHEMES:
+            k_top, m = sch
+            devs = np.array([100 * (c - lv) / lv for c, lv in per_batch[(name, sch)]])
+            sch_rows[scheme_name(*sch)] = {
+                "bytes_per_position": Encoding.choose(49_152).bytes_per_position(k_top, m),
+                "deviation_percent": round(100 * (sums[(name, sch)] - live) / live, 3),
+                "per_batch_deviation_percent": {"batches": len(devs), "blocks_per_batch": batch_size,
+                                                "min": round(float(devs.min()), 3), "max": round(float(devs.max()), 3),
+                                                "std": round(float(devs.std(ddof=1)), 3) if len(devs) > 1 else None,
+                                                "values": [round(float(d), 3) for d in devs]},
+                "mean_abs_position_err_percent": round(100 * sums[(name, sch, "abs")] / live, 2),
+                "grad_rel_err_per_position": round(float(np.sqrt(sums[(name, sch, "grad_sq")] / sums[(name, "live_grad_sq")])), 4),
+            }
+        result[name] = {"live_mean_kl_nats": round(live / sums[(name, "n")], 4), "deviation_percent": rows,
+                        "sampled_tail": sch_rows}
     result["teacher"] = {"mean_entropy_nats": round(sums["teacher_entropy"] / sums["positions"], 4),
                          "mean_tail_mass": {f"k={k}": round(sums[("tail_mass", k)] / sums["positions"], 4) for k in KS}}
     times["teacher_forward_tok_per_s"] = round(times["tokens"] / times["teacher_s"], 1)
     stash = {"ids": torch.cat(stash["ids"]).view(len(ds), T, -1), "lp": torch.cat(stash["lp"]).view(len(ds), T, -1)}
+    for sch, parts in sampled_stash.items():
+        stash[sch] = tuple(torch.cat([pt[i] for pt in parts]).view(len(ds), T, -1) for i in range(5))
     return result, {"stash": stash, **times}
 
 
@@ -219,6 +288,17 @@ def stash_teacher(stash: dict):
         lp = stash["lp"][idx]
         tail = torch.log1p(-lp.exp().sum(-1).clamp(max=1.0))
         return TeacherTargets(topk_ids=stash["ids"][idx].long(), topk_logprobs=lp, tail_logprob=tail, loss_temperature=1.0)
+    return fn
+
+
+def stash_sampled_teacher(stash: dict, sch: tuple):
+    """A teacher_fn serving one sampled-tail scheme's stored float32 targets (the writer passes them through)."""
+    ids, lp, tail, s_ids, s_lp = stash[sch]
+
+    def fn(batch):
+        idx = batch["index"]
+        return TeacherTargets(topk_ids=ids[idx].long(), topk_logprobs=lp[idx], tail_logprob=tail[idx].view(len(idx), T),
+                              sample_ids=s_ids[idx].long(), sample_logprobs=s_lp[idx], loss_temperature=1.0)
     return fn
 
 
@@ -253,16 +333,32 @@ def parquet_comparison(cache_dir: Path, work: Path, batch_size: int, batches: in
     return out
 
 
+def goal_summary(deviation: dict, per_k: dict, budget: float = 120.0, tol: float = 1.0) -> dict:
+    """Which stored forms meet the issue's goal: <= 120 bytes/token and |deviation| <= 1% for every student."""
+    students = [s for s in deviation if s != "teacher"]
+    rows = {}
+    for key, size in per_k.items():
+        devs = {}
+        for s in students:
+            d = deviation[s]
+            devs[s] = d["sampled_tail"][key]["deviation_percent"] if key in d["sampled_tail"] else d["deviation_percent"][key]["sqrt_u8"]
+        rows[key] = {"bytes_per_token": size["bytes_per_token"], "deviation_percent": devs,
+                     "meets_goal": size["bytes_per_token"] <= budget and all(abs(v) <= tol for v in devs.values())}
+    return {"budget_bytes_per_token": budget, "tolerance_percent": tol, "by_form": rows,
+            "met_by": [k for k, r in rows.items() if r["meets_goal"]]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="16 blocks instead of 64")
     ap.add_argument("--blocks", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--e2e-blocks", type=int, default=None, help="blocks for the end-to-end writes (default 16, quick 8)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "cache.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     n_blocks = args.blocks or (16 if args.quick else 64)
-    e2e_blocks = 8 if args.quick else 16
+    e2e_blocks = args.e2e_blocks or (8 if args.quick else 16)
     from distillery.teachers import load_teacher
 
     t0 = time.perf_counter()
@@ -292,24 +388,60 @@ def main() -> None:
                                "encode_write_tok_per_s": s["write_tok_per_s"],
                                "read": reader.measure_read_throughput(batch_size=8, batches=50)}
             print(f"  k={k}: {per_k[f'k={k}']}", flush=True)
+        for sch in SCHEMES:
+            d = work / f"s{scheme_name(*sch)}"
+            k_top, m = sch
+            s = write_cache(stash_sampled_teacher(stash, sch), ds, d, k=k_top, tail_samples=m, tail_seed=TAIL_SEED,
+                            loss_temperature=1.0, manifest_info={"teacher": {"name": teacher.name}}, shard_blocks=32,
+                            batch_size=8, vocab_size=49_152, progress=False)
+            reader = CacheReader(d)
+            got = reader.targets(torch.arange(min(8, n_blocks)))
+            assert torch.equal(got.sample_ids, stash[sch][3][: len(got.sample_ids)].long()), "cache draws differ"
+            shard_bytes = sum(p.stat().st_size for p in d.glob("*/*.arrow"))
+            folder = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+            per_k[scheme_name(*sch)] = {"k_top": k_top, "m": m, "tail": reader.tail,
+                                        "bytes_per_token": round(shard_bytes / (n_blocks * T), 2),
+                                        "bytes_per_token_with_manifest": round(folder / (n_blocks * T), 2),
+                                        "payload_bytes_per_position": Encoding.choose(49_152).bytes_per_position(k_top, m),
+                                        "encode_write_tok_per_s": s["write_tok_per_s"],
+                                        "read": reader.measure_read_throughput(batch_size=8, batches=50)}
+            print(f"  {scheme_name(*sch)}: {per_k[scheme_name(*sch)]}", flush=True)
         t0 = time.perf_counter()
         e2e = write_cache(lambda b: teacher.targets(b, vocab_size=49_152), ds.subset(torch.arange(e2e_blocks)), work / "e2e",
                           k=32, loss_temperature=1.0, manifest_info={}, shard_blocks=8, batch_size=8, vocab_size=49_152,
                           progress=False)
         e2e_s = time.perf_counter() - t0
+        t0 = time.perf_counter()  # the default for forward KL: 16 top + 16 drawn, teacher in the loop (dense logits)
+        e2e_s16 = write_cache(lambda b: teacher.targets(b, vocab_size=49_152), ds.subset(torch.arange(e2e_blocks)),
+                              work / "e2e16", k=16, tail_samples=16, tail_seed=TAIL_SEED, loss_temperature=1.0,
+                              manifest_info={}, shard_blocks=8, batch_size=8, vocab_size=49_152, progress=False)
+        e2e_s16_s = time.perf_counter() - t0
+        live_written = CacheReader(work / "e2e16").targets(torch.arange(e2e_blocks))
+        from_stash = CacheReader(work / "s16+16").targets(torch.arange(e2e_blocks))
+        e2e_same = {"topk_ids": round(float((live_written.topk_ids == from_stash.topk_ids).float().mean()), 6),
+                    "sample_ids": round(float((live_written.sample_ids == from_stash.sample_ids).float().mean()), 6)}
         parquet = parquet_comparison(work / "k32", work, batch_size=8, batches=30)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result = {
-        "command": "python benchmarks/cache.py" + (" --quick" if args.quick else "") + (f" --blocks {args.blocks}" if args.blocks else ""),
+        "command": "python benchmarks/cache.py" + (" --quick" if args.quick else "") + (f" --blocks {args.blocks}" if args.blocks else "")
+                   + f" --threads {args.threads}" + (f" --e2e-blocks {args.e2e_blocks}" if args.e2e_blocks else ""),
         "machine": machine(),
         "setup": {"teacher": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32)", "text": "Milton, last blocks of paradise_lost.txt.gz",
                   "blocks": n_blocks, "seq_len": T, "loss_temperature": 1.0, "teacher_load_s": round(load_s, 1),
-                  "default_encoding": Encoding.choose(49_152).to_json()},
+                  "default_encoding": Encoding.choose(49_152).to_json(),
+                  "sampled_tail": {"schemes": [scheme_name(*sch) for sch in SCHEMES], "seed": TAIL_SEED,
+                                   "default_for_forward_kl": "16+16",
+                                   "deviation": "(sum KL_cache - sum KL_live) / sum KL_live over all target positions; "
+                                                "per_batch over batches of 8 blocks"}},
         "deviation": deviation,
         "sizes_and_speed": per_k,
         "write_end_to_end_k32": {"blocks": e2e_blocks, "tok_per_s": e2e["write_tok_per_s"], "wall_s": round(e2e_s, 2),
                                  "teacher_forward_alone_tok_per_s": extra["teacher_forward_tok_per_s"]},
+        "write_end_to_end_16+16": {"blocks": e2e_blocks, "tok_per_s": e2e_s16["write_tok_per_s"], "wall_s": round(e2e_s16_s, 2),
+                                   "teacher_forward_alone_tok_per_s": extra["teacher_forward_tok_per_s"],
+                                   "same_as_measured_fraction": e2e_same},
+        "goal": goal_summary(deviation, per_k),
         "parquet_vs_arrow_k32": parquet,
         "not_measured_here": "train tok/s from cache vs live and the held-out KL of a student trained from the cache "
                              "(need the training loop with sparse losses: the throughput/quality benchmarks)",
