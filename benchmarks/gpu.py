@@ -67,7 +67,8 @@ def bf16_peak_tflops(n: int = 8192, reps: int = 10) -> float:
     return best
 
 
-def setup_pair(name: str, work: Path, tokenizer_dir: str, n_records: int, seq_len: int, device: str = "cuda") -> dict:
+def setup_pair(name: str, work: Path, tokenizer_dir: str, n_records: int, seq_len: int, device: str = "cuda",
+               text: str | None = None) -> dict:
     """Random-weight teacher (bf16) and student (fp32) folders of the pair's shapes, plus chat data."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -94,7 +95,7 @@ def setup_pair(name: str, work: Path, tokenizer_dir: str, n_records: int, seq_le
         if device == "cuda":
             torch.cuda.empty_cache()
     data = d / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in common.chat_records(tok, n_records, seq_len)))
+    data.write_text("".join(json.dumps(r) + "\n" for r in common.chat_records(tok, n_records, seq_len, text=text)))
     return {"teacher_source": str(d / "teacher"), "teacher_dir": str(d / "teacher"), "student_dir": str(d / "student"),
             "data": str(data), "models": models}
 
@@ -115,10 +116,15 @@ def run_throughput(args) -> dict:
               "limits": "random weights in the named shapes; one round per system (GPU timings vary little, but "
                         "this is one run); peak GPU memory = torch.cuda.max_memory_allocated of the child",
               "pairs": {}}
+    text = None  # the bundled eight plays, plus --text (more plays) when records need more tokens
+    if args.text:
+        import gzip
+
+        text = common.corpus() + "\n\n" + gzip.open(args.text, "rt", encoding="utf-8").read()
     for name in args.pairs.split(","):
         print(f"[{name}] setting up random-weight models and data", flush=True)
         pair = setup_pair(name, work, args.tokenizer, n_records=args.batch * args.steps, seq_len=args.seq_len,
-                          device=args.device)
+                          device=args.device, text=text)
         base = {k: pair[k] for k in ("teacher_source", "teacher_dir", "student_dir", "data")}
         base.update(seq_len=args.seq_len, batch=args.batch, threads=args.threads, device=args.device,
                     cache_dir=str(work / name / "cache"))
@@ -144,6 +150,8 @@ def run_throughput(args) -> dict:
             shown = (f"{r['steady_tok_s']:.0f} tok/s, peak GPU {r.get('peak_gpu_bytes', 0) / 1e9:.1f} GB"
                      if "error" not in r else r["error"])
             print(f"[{name}] {system:<14} {shown}", flush=True)
+            report["pairs"][name] = {**pair, "runs": runs, "partial": True}
+            common.write_json(report, Path(args.out))  # kept if a later system runs past the lease
         ok = {s: r for s, r in runs.items() if "error" not in r}
 
         def ratio(a, b, key):
@@ -193,6 +201,7 @@ def main() -> None:
     t.add_argument("--child-timeout", type=float, default=240)
     t.add_argument("--work-dir", default="/tmp/distillery-gpu")
     t.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    t.add_argument("--text", default=None, help="a .txt.gz of more training text for the chat records")
     t.add_argument("--out", default="benchmarks/results/gpu_throughput.json")
     d = sub.add_parser("demo")
     d.add_argument("--teacher", required=True, help="SmolLM2-135M-Instruct GGUF file")

@@ -82,15 +82,15 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
     """Run the distillation described by ``cfg``; return the final summary (also written to JSON)."""
     tc = cfg.train
     out = Path(tc.output_dir)
-    acc = Accelerator(mixed_precision="no" if tc.mixed_precision == "auto" else tc.mixed_precision,
-                      cpu=not torch.cuda.is_available())
-    if tc.mixed_precision == "auto" and acc.device.type == "cuda" and torch.cuda.is_bf16_supported():
-        acc.native_amp = True  # bf16 autocast on GPUs that have it; fp32 on CPU (bf16 is ~50x slower there)
-        acc.mixed_precision = "bf16"
+    mp = tc.mixed_precision  # 'auto': bf16 autocast on GPUs that have it; fp32 on CPU (bf16 is ~50x slower there)
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    acc = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
     ensure_writable_dir(out, "train.output_dir")
     if not resume and list_checkpoints(out):
         raise DistilleryError(f"{out} already holds checkpoints: pass --resume to continue, or choose another train.output_dir")
     run = prepare_run(cfg, device=acc.device, is_main=acc.is_main_process)  # teacher, data, student, vocab
+    cfg = run.cfg  # the config in effect (api_logprobs without usable log-probs falls back to CE)
     student, teacher, train_ds = run.student, run.teacher, run.train
     world, rank = acc.num_processes, acc.process_index
     _check_launch(acc)  # refuse what the loop cannot do (FSDP), say when the launcher did not do what was asked
@@ -203,6 +203,8 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
         from .quantize import qat_unwrap
         qat_unwrap(student)
     summary = {"steps": step, "tokens_seen": tokens_seen}
+    if run.teacher_stats is not None:
+        summary["api_teacher"] = run.teacher_stats
     if run.val is not None:
         summary["validation"] = _validate(run, student, step, log, tc, acc)
     if acc.is_main_process:

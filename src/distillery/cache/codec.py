@@ -170,10 +170,11 @@ def to_sparse(out, k: int, loss_temperature: float, vocab_size: int | None, rows
                                   f"{out.n_samples} draws")
         lp, order = out.topk_logprobs.float().topk(k, dim=-1)  # (B, T, K), sorted
         ids = out.topk_ids.gather(-1, order).long()
+        ids, lp = ids.cpu(), lp.cpu()
         if tail_samples:
-            return ids, lp, out.tail_logprob.float(), out.sample_ids.long(), out.sample_logprobs.float()
+            return ids, lp, out.tail_logprob.float().cpu(), out.sample_ids.long().cpu(), out.sample_logprobs.float().cpu()
         if out.width == k:
-            return ids, lp, out.tail_logprob.float(), None, None
+            return ids, lp, out.tail_logprob.float().cpu(), None, None
         kept = lp.exp().sum(-1)  # (B, T)   same rule as sparse_from_logits
         tail = torch.log1p(-kept.clamp(max=1.0)).clamp(min=torch.finfo(torch.float32).min / 2)
         return ids, lp, torch.where(kept >= 1.0, torch.full_like(tail, EMPTY_TAIL), tail), None, None
@@ -183,15 +184,15 @@ def to_sparse(out, k: int, loss_temperature: float, vocab_size: int | None, rows
     ids, lps, tails, s_ids, s_lps = [], [], [], [], []
     for start in range(0, b * t, rows_per_chunk):
         logits = out.dense_logits(slice(start, start + rows_per_chunk))  # (n, V)
-        u = None if flat_u is None else flat_u[start:start + rows_per_chunk][None]
+        u = None if flat_u is None else torch.as_tensor(flat_u[start:start + rows_per_chunk])[None].to(logits.device)
         sp = sparse_from_logits(logits[None], k, loss_temperature, vocab_size=vocab_size,
                                 tail_samples=tail_samples, uniforms=u)
-        ids.append(sp.topk_ids[0])
-        lps.append(sp.topk_logprobs[0])
-        tails.append(sp.tail_logprob[0])
+        ids.append(sp.topk_ids[0].cpu())  # the teacher may run on a GPU; the cache is written from host memory
+        lps.append(sp.topk_logprobs[0].cpu())
+        tails.append(sp.tail_logprob[0].cpu())
         if sp.n_samples:
-            s_ids.append(sp.sample_ids[0])
-            s_lps.append(sp.sample_logprobs[0])
+            s_ids.append(sp.sample_ids[0].cpu())
+            s_lps.append(sp.sample_logprobs[0].cpu())
     kk = ids[0].shape[-1]
     sampled = (torch.cat(s_ids).view(b, t, -1), torch.cat(s_lps).view(b, t, -1)) if s_ids else (None, None)
     return (torch.cat(ids).view(b, t, kk), torch.cat(lps).view(b, t, kk), torch.cat(tails).view(b, t), *sampled)
