@@ -67,9 +67,13 @@ def _pad_id(tokenizer) -> int:
     return 0  # padding is masked everywhere, so any id will do
 
 
-def build_blocks(entries: list[str], cfg, tokenizer, what: str, progress: bool = True) -> tuple[BlockDataset, list[dict], dict]:
+def build_blocks(entries: list[str], cfg, tokenizer, what: str, progress: bool = True,
+                 chat_renderer=None) -> tuple[BlockDataset, list[dict], dict]:
     """All blocks of one corpus in corpus order (text blocks first, then chat blocks).
 
+    ``chat_renderer(record) -> (ids, mask, rows | None)``, when given, renders conversations instead of
+    :func:`render_chat` and attaches per-token rows of a teacher side table (the API teacher's
+    stored top log-probabilities); the dataset then carries ``teacher_rows``.
     Returns ``(dataset, file_infos, stats)``; ``what`` names the config key in messages.
     """
     t0 = time.perf_counter()
@@ -82,15 +86,21 @@ def build_blocks(entries: list[str], cfg, tokenizer, what: str, progress: bool =
     starts = text_starts(len(stream), cfg.seq_len)
     stats = {"documents": len(texts), "text_tokens": int(len(stream)), "conversations": len(chats)}
     tokens, all_starts = [stream], [starts]
-    targets = real = None  # text only: every token is a target and real
+    targets = real = teacher_rows = None  # text only: every token is a target and real
     if chats:
         use_tags = has_generation_tags(tokenizer)
-        rendered = [render_chat(r, tokenizer, use_tags) for r in
-                    tqdm(chats, desc="chat template", delay=1.0, disable=not progress, leave=False)]
-        packed = pack_chat(rendered, cfg.seq_len, _pad_id(tokenizer))
+        bar = tqdm(chats, desc="chat template", delay=1.0, disable=not progress, leave=False)
+        if chat_renderer is None:
+            rendered, rows = [render_chat(r, tokenizer, use_tags) for r in bar], None
+        else:
+            triples = [chat_renderer(r) for r in bar]
+            rendered, rows = [(ids, mask) for ids, mask, _ in triples], [r for _, _, r in triples]
+        packed = pack_chat(rendered, cfg.seq_len, _pad_id(tokenizer), rows=rows)
         tokens.append(packed["tokens"])
         targets = torch.from_numpy(np.concatenate([np.ones(len(stream), bool), packed["targets"]]))
         real = torch.from_numpy(np.concatenate([np.ones(len(stream), bool), packed["real"]]))
+        if rows is not None:
+            teacher_rows = torch.from_numpy(np.concatenate([np.full(len(stream), -1, np.int64), packed["rows"]]))
         all_starts.append(packed["starts"] + len(stream))
         stats.update(chat_tokens=int(sum(len(ids) for ids, _ in rendered)), chat_mask="generation tags" if use_tags
                      else "prefix rendering", truncated=packed["truncated"], dropped=packed["dropped"])
@@ -108,17 +118,20 @@ def build_blocks(entries: list[str], cfg, tokenizer, what: str, progress: bool =
         raise DistilleryError(f"{what}: {names} make only {n_tokens} tokens, fewer than one block of "
                               f"data.seq_len + 1 = {cfg.seq_len + 1}")
     ds = BlockDataset(torch.from_numpy(np.concatenate(tokens)), torch.from_numpy(starts), cfg.seq_len,
-                      targets=targets, real=real)
+                      targets=targets, real=real, teacher_rows=teacher_rows)
     stats.update(blocks=len(ds), seconds=round(time.perf_counter() - t0, 3))
     return ds, [s.info() for s in sources], stats
 
 
-def build_datasets(cfg, tokenizer, max_positions: int | None = None, progress: bool = True) -> DataSplits:
+def build_datasets(cfg, tokenizer, max_positions: int | None = None, progress: bool = True,
+                   chat_renderer=None) -> DataSplits:
     """Read, tokenize, pack and split the data of ``cfg`` (a ``DataConfig``).
 
     Args:
         max_positions: the model's ``max_position_embeddings``; ``cfg.seq_len`` above it is an error.
         progress: show tqdm bars for steps that take over a second.
+        chat_renderer: renders conversations instead of the chat template alone (see
+            :func:`build_blocks`); its ``name`` attribute goes into the fingerprint.
     Returns:
         ``DataSplits(train, val, fingerprint, stats)``; items are dicts of ``input_ids, labels,
         attention_mask (T,)`` and ``index ()``, see ``BlockDataset``.
@@ -128,10 +141,11 @@ def build_datasets(cfg, tokenizer, max_positions: int | None = None, progress: b
                               f"max_position_embeddings={max_positions}")
     if not cfg.train:
         raise DistilleryError("data.train is empty: name at least one file, folder or demo corpus")
-    full, files, stats = build_blocks(cfg.train, cfg, tokenizer, "data.train", progress)
+    full, files, stats = build_blocks(cfg.train, cfg, tokenizer, "data.train", progress, chat_renderer)
     val_files: list[dict] = []
     if cfg.validation:
-        vfull, val_files, vstats = build_blocks(cfg.validation, cfg, tokenizer, "data.validation", progress)
+        vfull, val_files, vstats = build_blocks(cfg.validation, cfg, tokenizer, "data.validation", progress,
+                                                chat_renderer)
         train_ids = permutation(len(full), cfg.seed)[:cfg.max_train_blocks]
         val_ids = permutation(len(vfull), cfg.seed)[:cfg.max_val_blocks]
         train, val = full.subset(train_ids), vfull.subset(val_ids)
@@ -153,4 +167,6 @@ def build_datasets(cfg, tokenizer, max_positions: int | None = None, progress: b
                   "seed": cfg.seed, "max_train_blocks": cfg.max_train_blocks, "max_val_blocks": cfg.max_val_blocks},
         "blocks": {"train": len(train), "val": len(val) if val is not None else 0},
     }
+    if chat_renderer is not None:  # the token ids come from somewhere else than the chat template alone
+        fingerprint["chat_renderer"] = str(getattr(chat_renderer, "name", "custom"))
     return DataSplits(train=train, val=val, fingerprint=fingerprint, stats=stats)

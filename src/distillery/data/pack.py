@@ -33,15 +33,19 @@ class BlockDataset(Dataset):
         seq_len: ``T``, the length of ``input_ids``.
         targets: ``(N,)`` bool, False where a token must not be a label; ``None`` = all targets.
         real: ``(N,)`` bool, False on padding; ``None`` = no padding.
+        teacher_rows: ``(N,)`` int64, for each token the row of a side table of teacher targets that
+            describes it (-1 = none); ``None`` = no side table (see ``distillery.api.logprob_teacher``).
 
     ``dataset[i]`` is a dict ``input_ids (T,)``, ``labels (T,)``, ``attention_mask (T,)`` (int64) and
-    ``index ()`` int64 = ``i``, the block's number within this dataset (the teacher cache's key).
+    ``index ()`` int64 = ``i``, the block's number within this dataset (the teacher cache's key); with
+    ``teacher_rows`` also ``teacher_row (T,)``: the side-table row of each *label* position.
     """
 
     def __init__(self, tokens: torch.Tensor, starts: torch.Tensor, seq_len: int,
-                 targets: torch.Tensor | None = None, real: torch.Tensor | None = None):
+                 targets: torch.Tensor | None = None, real: torch.Tensor | None = None,
+                 teacher_rows: torch.Tensor | None = None):
         self.tokens, self.starts, self.seq_len = tokens, starts.to(torch.int64), int(seq_len)
-        self.targets, self.real = targets, real
+        self.targets, self.real, self.teacher_rows = targets, real, teacher_rows
         self._offsets = torch.arange(self.seq_len + 1, dtype=torch.int64)
 
     def __len__(self) -> int:
@@ -59,7 +63,10 @@ class BlockDataset(Dataset):
             attention = self.real[pos[:, :-1]].to(torch.int64)
         else:
             attention = torch.ones_like(labels)
-        return {"input_ids": blk[:, :-1].contiguous(), "labels": labels, "attention_mask": attention, "index": idx}
+        out = {"input_ids": blk[:, :-1].contiguous(), "labels": labels, "attention_mask": attention, "index": idx}
+        if self.teacher_rows is not None:
+            out["teacher_row"] = self.teacher_rows[pos[:, 1:]]  # (B, T): the row describing labels[:, t]
+        return out
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not -len(self) <= int(i) < len(self):
@@ -69,7 +76,7 @@ class BlockDataset(Dataset):
 
     def subset(self, order: torch.Tensor) -> "BlockDataset":
         """A dataset of blocks ``order`` (in that order, renumbered 0..len-1), sharing storage."""
-        return BlockDataset(self.tokens, self.starts[order], self.seq_len, self.targets, self.real)
+        return BlockDataset(self.tokens, self.starts[order], self.seq_len, self.targets, self.real, self.teacher_rows)
 
     def n_targets(self) -> int:
         """Number of label positions that are not -100 (counts each block's own targets)."""
@@ -90,42 +97,53 @@ def text_starts(n_tokens: int, seq_len: int) -> np.ndarray:
     return np.arange(n, dtype=np.int64) * seq_len
 
 
-def pack_chat(convs: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> dict:
+def pack_chat(convs: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int,
+              rows: list[list[int] | None] | None = None) -> dict:
     """Greedy next-fit packing of rendered conversations into padded blocks of ``T + 1`` tokens.
 
     Args:
         convs: ``(ids, assistant_mask)`` per conversation, in file order.
+        rows: optional per-token side-table rows of each conversation (``None`` entries = all -1),
+            packed, cut and dropped along with its tokens.
     Returns:
         dict with ``tokens (n*(T+1),)`` int32, ``targets`` / ``real`` ``(n*(T+1),)`` bool,
         ``starts (n,)`` int64, and the counts ``truncated`` (conversations cut to ``T + 1`` tokens)
-        and ``dropped`` (conversations with no assistant token left after the cut).
+        and ``dropped`` (conversations with no assistant token left after the cut); with ``rows``
+        also ``rows (n*(T+1),)`` int64 (-1 on padding and on tokens without a row).
     """
     width = seq_len + 1
     blocks: list[list[tuple[list[int], list[int]]]] = []
     used = width  # forces a new block for the first conversation
     truncated = dropped = 0
-    for ids, mask in convs:
+    for c, (ids, mask) in enumerate(convs):
+        r = rows[c] if rows is not None else None
         if len(ids) > width:
             truncated += 1
-            ids, mask = ids[:width], mask[:width]
+            ids, mask, r = ids[:width], mask[:width], (None if r is None else r[:width])
         if not any(mask):  # the cut removed every assistant token: nothing to learn
             dropped += 1
             continue
         if used + len(ids) > width:
             blocks.append([])
             used = 0
-        blocks[-1].append((ids, mask))
+        blocks[-1].append((ids, mask, r))
         used += len(ids)
     n = len(blocks)
     tokens = np.full(n * width, pad_id, dtype=np.int32)
     targets = np.zeros(n * width, dtype=bool)
     real = np.zeros(n * width, dtype=bool)
+    packed_rows = np.full(n * width, -1, dtype=np.int64) if rows is not None else None
     for b, members in enumerate(blocks):
         at = b * width
-        for ids, mask in members:
+        for ids, mask, r in members:
             tokens[at:at + len(ids)] = ids
             targets[at:at + len(ids)] = np.asarray(mask, dtype=bool)
             real[at:at + len(ids)] = True
+            if r is not None:
+                packed_rows[at:at + len(ids)] = r
             at += len(ids)
-    return {"tokens": tokens, "targets": targets, "real": real, "starts": np.arange(n, dtype=np.int64) * width,
-            "truncated": truncated, "dropped": dropped}
+    out = {"tokens": tokens, "targets": targets, "real": real, "starts": np.arange(n, dtype=np.int64) * width,
+           "truncated": truncated, "dropped": dropped}
+    if packed_rows is not None:
+        out["rows"] = packed_rows
+    return out
