@@ -36,7 +36,7 @@ def evaluate(teacher, student, batches: Iterable[dict], *, vocab_size: int | Non
     student.eval()
     device = next(student.parameters()).device
     head = student.get_output_embeddings()
-    sums = {"t_ce": 0.0, "s_ce": 0.0, "kl": 0.0, "agree": 0.0, "tokens": 0}
+    sums = {"t_ce": 0.0, "s_ce": 0.0, "kl": 0.0, "agree": 0.0, "tokens": 0, "kd_tokens": 0}
     it = batches if not progress else tqdm(batches, desc="eval", leave=False, total=max_batches)
     for i, batch in enumerate(it):
         if max_batches is not None and i >= max_batches:
@@ -65,33 +65,44 @@ def evaluate(teacher, student, batches: Iterable[dict], *, vocab_size: int | Non
             sums["kl"] += (t_lp.exp() * (t_lp - s_lp)).sum().item()
             sums["agree"] += (t_lp.argmax(-1) == s_lp.argmax(-1)).sum().item()
             sums["tokens"] += r.numel()
+            sums["kd_tokens"] += r.numel()
     student.train(was_training)
     n = max(sums["tokens"], 1)
+    n_kd = max(sums["kd_tokens"], 1)  # positions with a teacher target (sparse targets may mask some out)
+    no_teacher = sums["tokens"] > 0 and sums["kd_tokens"] == 0
     return {
         "teacher_perplexity": None if sums.get("sparse") else math.exp(sums["t_ce"] / n),
         "student_perplexity": math.exp(sums["s_ce"] / n),
-        "kl_teacher_student": sums["kl"] / n,
-        "top1_agreement": sums["agree"] / n,
+        "kl_teacher_student": None if no_teacher else sums["kl"] / n_kd,
+        "top1_agreement": None if no_teacher else sums["agree"] / n_kd,
         "tokens": sums["tokens"],
     }
 
 
 def _sparse_chunk(sums: dict, s_logits: torch.Tensor, targets: TeacherTargets, rows: torch.Tensor,
                   labels: torch.Tensor, vocab_size: int | None) -> None:
-    """Metrics against a cached (top-k + tail) teacher: KL over the K+1 buckets at the cache's
-    temperature, agreement with the teacher's top-1 id; the teacher's perplexity is unknown."""
+    """Metrics against a sparse (top-k + tail) teacher: KL over the K+1 buckets at its recorded
+    temperature, agreement with the teacher's top-1 id; the teacher's perplexity is unknown. Positions
+    where ``targets.mask`` is False (no teacher row, e.g. an API answer's end-of-turn token) count for
+    the student's perplexity only."""
     from .losses import forward_kl
 
     ids, lp, tail = targets.sparse_rows(rows)
-    rows_tt = TeacherTargets(topk_ids=ids[None], topk_logprobs=lp[None], tail_logprob=tail[None],
-                             loss_temperature=targets.loss_temperature)
     v = vocab_size or s_logits.shape[-1]
     s_lp = torch.log_softmax(s_logits[:, :v], dim=-1)
     sums["s_ce"] += -s_lp.gather(1, labels[:, None]).sum().item()
-    sums["kl"] += forward_kl(s_logits[None, :, :v], rows_tt, loss_temperature=targets.loss_temperature).sum().item()
-    sums["agree"] += (ids[:, 0].to(s_lp.device) == s_lp.argmax(-1)).sum().item()
     sums["tokens"] += rows.numel()
     sums["sparse"] = True
+    if targets.mask is not None:
+        keep = targets.mask.reshape(-1).to(rows.device)[rows]  # (n,)
+        ids, lp, tail, s_logits, s_lp = ids[keep], lp[keep], tail[keep], s_logits[keep], s_lp[keep]
+    if ids.shape[0] == 0:
+        return
+    rows_tt = TeacherTargets(topk_ids=ids[None], topk_logprobs=lp[None], tail_logprob=tail[None],
+                             loss_temperature=targets.loss_temperature)
+    sums["kl"] += forward_kl(s_logits[None, :, :v], rows_tt, loss_temperature=targets.loss_temperature).sum().item()
+    sums["agree"] += (ids[:, 0].to(s_lp.device) == s_lp.argmax(-1)).sum().item()
+    sums["kd_tokens"] += ids.shape[0]
 
 
 def write_json(metrics: dict, path: str | Path) -> None:
