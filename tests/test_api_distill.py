@@ -190,6 +190,7 @@ def test_misaligned_unmappable_and_retokenized_records_are_counted(world, capsys
     recs[3]["logprobs"][4].update(token="zqxj", bytes=list(b"zqxj"))  # a generated token with no id
     recs[3]["messages"][-1]["content"] = b"".join(bytes(x["bytes"]) for x in recs[3]["logprobs"]).decode()
     recs[4]["logprobs"][1]["top_logprobs"][3].update(token="zqxw", bytes=list(b"zqxw"))  # an alternative with no id
+    recs[6]["logprobs"][0]["top_logprobs"][1].update(token="", bytes=None)  # an alternative whose bytes were lost
     # A non-canonical split: the server emitted a word character by character.
     whole, parts = _single_char_split(tok)
     lp = recs[5]["logprobs"]
@@ -210,6 +211,9 @@ def test_misaligned_unmappable_and_retokenized_records_are_counted(world, capsys
     assert s["shared_tokenizer"]
     assert {k: v for k, v in s["text_only"].items() if v} == {"no_logprobs": 1, "lost_bytes": 1, "text_mismatch": 1, "unmapped": 1}
     assert s["unmapped_tokens"] == 1 and s["unmapped_alternatives"] == 1 and s["kd_records"] == 36
+    # Rows short of K usable alternatives (record 4's and record 6's) get no KD term; K stays at 5.
+    assert s["lost_alternatives"] == 1 and s["short_rows"] == 2 and s["top_k"] == K
+    assert int((~run.teacher.has_row).sum()) == 2
     assert s["retokenized"] >= 1  # record 5 (sampled records may be non-canonical too)
     # Record 5 trains on the server's split, and its rows follow it.
     ds = run.train

@@ -35,9 +35,10 @@ rendering, CE) and counted by reason: ``no_logprobs``, ``lost_bytes`` (the serve
 a token that splits a character and sent no ``bytes``: llama-cpp-python), ``text_mismatch`` (the
 tokens' bytes do not spell the answer), ``unmapped`` (a generated token with no id),
 ``template`` (the chat template does not render the prompt as a prefix followed by the answer
-verbatim). Alternatives with no id are left out of their row (their mass falls into the tail
-bucket) and counted. The top-K width is the smallest any used record has (servers normally send
-exactly ``top_logprobs``).
+verbatim). Alternatives with no id (or whose bytes the server lost) are left out of their row,
+their mass falling into the tail bucket, and counted. ``K`` is the largest width that at least 95%
+of the answer positions reach with their usable alternatives (normally the ``top_logprobs`` asked
+for); a position with fewer gets no KD term (CE only) and is counted as a ``short_row``.
 """
 
 from __future__ import annotations
@@ -52,11 +53,12 @@ from ..data.chat import has_generation_tags, render_chat
 from ..data.readers import read_source, resolve_sources
 from ..errors import DistilleryError
 from ..targets import TeacherTargets
-from .targets import _entry_bytes, _lost_bytes, api_targets, token_id_map
+from .targets import _entry_bytes, _lost_bytes, token_id_map
 
 UNMAPPED_LIMIT = 0.01  # share of generated tokens (or alternatives) with no id above which the tokenizers differ
 RETOKENIZED_LIMIT = 0.5  # share of records tokenized otherwise than the server did, above which likewise
-REASONS = ("no_logprobs", "lost_bytes", "text_mismatch", "unmapped", "template", "no_alternatives")
+ROW_COVERAGE = 0.95  # K = the largest width at least this share of answer positions reach
+REASONS = ("no_logprobs", "lost_bytes", "text_mismatch", "unmapped", "template")
 
 
 @dataclass
@@ -66,8 +68,7 @@ class Spliced:
     ids: list[int]
     mask: list[int]
     answer_start: int  # index in ``ids`` of the first answer token
-    top_ids: torch.Tensor  # (T, K_r) int64
-    top_logprobs: torch.Tensor  # (T, K_r) float32
+    rows: list[list[tuple[float, int]]]  # per answer token: usable (logprob, id), most likely first
     retokenized: bool
 
 
@@ -85,6 +86,7 @@ class ScanStats:
     alternatives: int = 0
     unmapped_alternatives: int = 0
     lost_alternatives: int = 0
+    short_rows: int = 0
     top_k: int | None = None
     shared_tokenizer: bool = True
     text_only_reason: str | None = None
@@ -157,20 +159,22 @@ def prepare_record(raw: dict, messages: list[dict], tokenizer, id_map: dict[byte
     if missing:
         stats.unmapped_tokens += missing
         return "unmapped"
-    if any(not e.get("top_logprobs") for e in lps):
-        return "no_alternatives"
     try:
         ids, mask, start = splice_answer(messages, answer, tokenizer)
     except ValueError:
         return "template"
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     retokenized = ids != list(tokenizer(full, add_special_tokens=False, verbose=False)["input_ids"])
-    record = {"id": raw.get("id", "?"), "messages": messages, "logprobs": lps}
-    try:
-        tt = api_targets(record, tokenizer, id_map=id_map, strict=False)  # (1, n, K_r), alternatives merged
-    except DistilleryError:
-        return "no_alternatives"
-    return Spliced(ids, mask, start, tt.topk_ids[0], tt.topk_logprobs[0], retokenized)
+    rows = []
+    for e in lps:  # as api_targets(strict=False), but a row may be short: it is masked, not the record dropped
+        merged: dict[int, float] = {}
+        for alt in e.get("top_logprobs") or []:
+            i = None if _lost_bytes(alt) else id_map.get(_entry_bytes(alt))
+            if i is not None:
+                lp = float(alt["logprob"])
+                merged[i] = lp if i not in merged else float(torch.logaddexp(torch.tensor(merged[i]), torch.tensor(lp)))
+        rows.append(sorted(((v, i) for i, v in merged.items()), reverse=True))
+    return Spliced(ids, mask, start, rows, retokenized)
 
 
 def _raw_lines(src) -> dict[int, dict]:
@@ -204,7 +208,7 @@ class SplicedChats:
             return ids, mask, None
         sp, first_row = hit
         rows = [-1] * len(sp.ids)
-        for t in range(sp.top_ids.shape[0]):
+        for t in range(len(sp.rows)):
             rows[sp.answer_start + t] = first_row + t
         return sp.ids, sp.mask, rows
 
@@ -252,20 +256,27 @@ class ApiLogprobTeacher:
         s.text_only_reason = reason
         if reason is not None:
             found = {}
-        widths = [sp.top_ids.shape[1] for sp in found.values()]
-        s.top_k = min(widths) if widths else None
-        spliced, ids, lps, row = {}, [], [], 0
+        widths = sorted((len(r) for sp in found.values() for r in sp.rows), reverse=True)
+        k = max(1, widths[int(ROW_COVERAGE * (len(widths) - 1))]) if widths else 1
+        s.top_k = k if widths else None
+        spliced, ids, lps, has = {}, [], [], []
         for key, sp in found.items():
-            spliced[key] = (sp, row)
-            ids.append(sp.top_ids[:, :s.top_k])
-            lps.append(sp.top_logprobs[:, :s.top_k])
-            row += sp.top_ids.shape[0]
-        s.kd_records, s.kd_tokens = len(found), row
+            spliced[key] = (sp, len(ids))
+            for r in sp.rows:
+                full = len(r) >= k
+                if not full:  # too few usable alternatives: padded with distinct ids, masked out of the loss
+                    taken = {i for _, i in r}
+                    r = r + [(-1e4, i) for i in range(len(r) + k) if i not in taken][:k - len(r)]
+                ids.append([i for _, i in r[:k]])
+                lps.append([v for v, _ in r[:k]])
+                has.append(full)
+        s.kd_records, s.kd_tokens = len(found), sum(has)
+        s.short_rows = len(has) - sum(has)
         self.renderer = SplicedChats(tokenizer, spliced) if found else None
-        k = s.top_k or 1
-        self.top_ids = torch.cat(ids) if ids else torch.zeros(0, k, dtype=torch.long)  # (R, K)
-        self.top_logprobs = torch.cat(lps) if lps else torch.zeros(0, k)  # (R, K)
-        kept = self.top_logprobs.exp().sum(-1)  # (R,): the tail is recomputed for the common K
+        self.top_ids = torch.tensor(ids, dtype=torch.long).reshape(-1, k)  # (R, K)
+        self.top_logprobs = torch.tensor(lps, dtype=torch.float32).reshape(-1, k)  # (R, K)
+        self.has_row = torch.tensor(has, dtype=torch.bool)  # (R,)
+        kept = self.top_logprobs.exp().sum(-1)  # (R,): the tail of the K kept entries
         tail = torch.log1p(-kept.clamp(max=1.0)).clamp(min=torch.finfo(torch.float32).min / 2)
         self.tail = torch.where(kept >= 1.0, torch.full_like(tail, -1e30), tail)  # sparse_from_logits' convention
 
@@ -286,7 +297,9 @@ class ApiLogprobTeacher:
                 + (f"; text only (CE) for {sum(s.text_only.values())} ({other})" if other else "")
                 + f"; {s.retokenized} answers kept the server's tokenization (re-tokenizing the text differs)"
                 + f"; {s.unmapped_alternatives} of {s.alternatives:,} alternatives had no id"
-                + (f" and {s.lost_alternatives} lost bytes" if s.lost_alternatives else "") + " (mass put in the tail)")
+                + (f" and {s.lost_alternatives} lost bytes" if s.lost_alternatives else "") + " (mass put in the tail)"
+                + (f"; {s.short_rows} positions with fewer than {s.top_k} usable alternatives get no KD term"
+                   if s.short_rows else ""))
 
     def report(self, file=None) -> None:
         print(self.message(), file=file or sys.stderr)
@@ -305,10 +318,10 @@ class ApiLogprobTeacher:
             raise DistilleryError("a batch for the api_logprobs teacher needs 'teacher_row' (built by "
                                   "build_datasets with the teacher's chat_renderer)")
         rows = batch["teacher_row"].detach().cpu()  # (B, T)
-        mask = rows >= 0
+        r = rows.clamp(min=0)
+        mask = (rows >= 0) & self.has_row[r]
         if "labels" in batch:
             mask &= batch["labels"].detach().cpu() != -100
-        r = rows.clamp(min=0)
         return TeacherTargets(topk_ids=self.top_ids[r], topk_logprobs=self.top_logprobs[r], tail_logprob=self.tail[r],
                               loss_temperature=1.0, mask=mask, vocab_size=len(self.tokenizer))
 
