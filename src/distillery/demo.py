@@ -39,7 +39,9 @@ def _sample(model, tokenizer, text: str, new_tokens: int) -> tuple[str, float]:
     ids = tokenizer(text, return_tensors="pt").to(model.device)
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        # greedy, but no 3-gram twice: small students otherwise loop on one token ("the the the ...")
+        out = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False, no_repeat_ngram_size=3,
+                             pad_token_id=tokenizer.pad_token_id)
     dt = time.perf_counter() - t0
     gen = out[0, ids["input_ids"].shape[1]:]
     return tokenizer.decode(gen, skip_special_tokens=True), len(gen) / dt
@@ -124,7 +126,7 @@ def run_demo(quick: bool = False, output_dir: str = "runs/demo", overrides: list
     new = 24 if quick else 40
     t_text, t_speed = _sample(teacher.model, run.tokenizer, PROMPT, new)
     s_text, s_speed = _sample(student, run.tokenizer, PROMPT, new)
-    console.rule("[bold]Same prompt, greedy[/]")
+    console.rule("[bold]Same prompt, greedy (no repeated 3-grams)[/]")
     console.print(f"[bold]prompt:[/] {PROMPT}")
     console.print(f"[bold]teacher[/] ({t_speed:.0f} tok/s): {t_text!r}")
     console.print(f"[bold]student[/] ({s_speed:.0f} tok/s): {s_text!r}")

@@ -101,7 +101,7 @@ def samples(results: dict | None) -> str:
         # the demo's sample has no student_run: it answers with its KD student
         head = "<th>teacher</th>" + "".join(f"<th>student {esc(s.get('student_run', 'kd'))}</th>" for s in group)
         cells = f"<td>{answer(group[0].get('teacher'))}</td>" + "".join(f"<td>{answer(s.get('student'))}</td>" for s in group)
-        out.append(f"<p><b>prompt:</b> {esc(prompt)} <span class='note'>(greedy)</span></p>"
+        out.append(f"<p><b>prompt:</b> {esc(prompt)} <span class='note'>(greedy, no repeated 3-grams)</span></p>"
                    f"<table class='pair'><tr>{head}</tr><tr>{cells}</tr></table>")
     return "".join(out)
 
