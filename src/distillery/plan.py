@@ -147,7 +147,11 @@ def estimate(cfg: RunConfig, *, processes: int = 1, device: str = "auto", memory
     teacher_mem: dict[str, float] = {}
     teacher_run, t_info = 0.0, None
     if teacher is not None:
-        t_dtype = pick_dtype(cfg.teacher.dtype, torch.device(device if tdev == "auto" else tdev.split(":")[0]))
+        t_dev = torch.device(device if tdev == "auto" else tdev.split(":")[0])
+        if cfg.teacher.dtype == "auto" and t_dev.type == "cuda" and not torch.cuda.is_available():
+            t_dtype = torch.bfloat16  # planning for a GPU from a machine without one: assume bf16 (Ampere and later)
+        else:
+            t_dtype = pick_dtype(cfg.teacher.dtype, t_dev)
         tb = torch.tensor([], dtype=t_dtype).element_size()
         teacher_mem = {f"teacher weights ({str(t_dtype).removeprefix('torch.')})": float(teacher.params * tb)}
         teacher_run = float(tokens * (4 * teacher.hidden + 3 * teacher.ffn) * tb)
