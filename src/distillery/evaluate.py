@@ -3,7 +3,10 @@
 All metrics are token-weighted means over the target positions (``labels != -100``):
 
 * ``teacher_perplexity`` / ``student_perplexity`` = exp(mean cross-entropy of the label token),
-* ``kl_teacher_student`` = mean over positions of Σ_v p_T(v) (log p_T(v) − log q_S(v)) (nats, T = 1),
+* ``kl_teacher_student`` = mean over positions of Σ_v p_T(v) (log p_T(v) − log q_S(v)) (nats, T = 1);
+  against a sparse teacher (a cache, an API's top log-probs) at its recorded temperature: with a
+  sampled tail, exact on the top-k plus an unbiased estimate of the tail term; without one, the KL over
+  the top-k + one tail bucket (a lower bound, see :func:`_sparse_chunk`),
 * ``top1_agreement`` = fraction of positions where argmax p_T == argmax q_S,
 * ``tokens`` = number of target positions.
 
@@ -81,13 +84,17 @@ def evaluate(teacher, student, batches: Iterable[dict], *, vocab_size: int | Non
 
 def _sparse_chunk(sums: dict, s_logits: torch.Tensor, targets: TeacherTargets, rows: torch.Tensor,
                   labels: torch.Tensor, vocab_size: int | None) -> None:
-    """Metrics against a sparse (top-k + tail) teacher: KL over the K+1 buckets at its recorded
-    temperature, agreement with the teacher's top-1 id; the teacher's perplexity is unknown. Positions
-    where ``targets.mask`` is False (no teacher row, e.g. an API answer's end-of-turn token) count for
-    the student's perplexity only."""
+    """Metrics against a sparse (top-k + tail) teacher at its recorded temperature: forward KL, agreement
+    with the teacher's top-1 id; the teacher's perplexity is unknown. With a sampled tail (``sample_ids``,
+    e.g. a version-2 cache) the KL is the exact top-k terms plus the draws' unbiased estimate of the tail
+    term (:func:`distillery.losses.sparse.sampled_forward_kl`), which converges to the dense KL over many
+    positions; without one it is the KL over the K+1 buckets (top-k + one tail bucket), a lower bound.
+    Positions where ``targets.mask`` is False (no teacher row, e.g. an API answer's end-of-turn token)
+    count for the student's perplexity only."""
     from .losses import forward_kl
 
     ids, lp, tail = targets.sparse_rows(rows)
+    drawn = targets.sample_rows(rows)  # (s_ids, s_lp) (n, M) or None
     v = vocab_size or s_logits.shape[-1]
     s_lp = torch.log_softmax(s_logits[:, :v], dim=-1)
     sums["s_ce"] += -s_lp.gather(1, labels[:, None]).sum().item()
@@ -96,9 +103,12 @@ def _sparse_chunk(sums: dict, s_logits: torch.Tensor, targets: TeacherTargets, r
     if targets.mask is not None:
         keep = targets.mask.reshape(-1).to(rows.device)[rows]  # (n,)
         ids, lp, tail, s_logits, s_lp = ids[keep], lp[keep], tail[keep], s_logits[keep], s_lp[keep]
+        drawn = None if drawn is None else (drawn[0][keep], drawn[1][keep])
     if ids.shape[0] == 0:
         return
     rows_tt = TeacherTargets(topk_ids=ids[None], topk_logprobs=lp[None], tail_logprob=tail[None],
+                             sample_ids=None if drawn is None else drawn[0][None],
+                             sample_logprobs=None if drawn is None else drawn[1][None],
                              loss_temperature=targets.loss_temperature)
     sums["kl"] += forward_kl(s_logits[None, :, :v], rows_tt, loss_temperature=targets.loss_temperature).sum().item()
     sums["agree"] += (ids[:, 0].to(s_lp.device) == s_lp.argmax(-1)).sum().item()
