@@ -42,13 +42,14 @@ PRUNE = {"layers": 8, "hidden": 384, "ffn": 1024, "heads": 6}
 KV_HEADS, HEAD_DIM = 3, 64  # what pruning 6 of SmolLM2's 9 heads (3 KV groups of 3) keeps
 SIZES = {  # steps, micro batch, seq_len, eval_every, eval_batches, max_val_blocks, warmup
     "full": (300, 8, 256, 20, 4, 64, 20),
+    "medium": (60, 8, 128, 10, 4, 32, 6),  # ~61k tokens per run: what a shared 2-core CPU finishes in ~30 min
     "quick": (16, 4, 128, 4, 2, 16, 4),
 }
 PROMPT = "To be, or not to be"
 
 
 def base_config(args, name: str) -> dict:
-    steps, batch, seq, every, ev_batches, val_blocks, warm = SIZES["quick" if args.quick else "full"]
+    steps, batch, seq, every, ev_batches, val_blocks, warm = SIZES["quick" if args.quick else args.size]
     steps = args.steps or steps
     student = {"init": "config", "model": {"model_type": "llama", "hidden_size": PRUNE["hidden"],
                                            "intermediate_size": PRUNE["ffn"], "num_hidden_layers": PRUNE["layers"],
@@ -184,6 +185,7 @@ def verdicts(runs: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="16 steps of 4 x 128 tokens: a smoke run, not a result")
+    ap.add_argument("--size", choices=("full", "medium"), default="full", help="full: 300 x 8 x 256 tokens per run")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--lr", type=float, default=2e-3, help="same for every run")
     ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset")
@@ -207,14 +209,15 @@ def main() -> None:
         runs[name] = r
     machine["load_average_end"] = common.loadavg()
     params = {n: r.get("parameters") for n, r in runs.items()}
-    result = {"benchmark": "quality", "quick": args.quick, "machine": machine, "teacher": ev["teacher"],
+    result = {"benchmark": "quality", "quick": args.quick, "size": "quick" if args.quick else args.size, "machine": machine, "teacher": ev["teacher"],
               "student_shape": {**PRUNE, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "tied_embeddings": True},
               "size_ratio": {n: (p / ev["teacher"]["parameters"] if p else None) for n, p in params.items()},
               "step0": ev["step0"], "runs": runs, "verdicts": verdicts(runs), "seconds": time.perf_counter() - t0,
               "limits": "one seed; CPU; validation KL on the loop's first eval_batches val batches, final metrics on the "
                         "whole held-out split; on-policy run trains on fewer target tokens per step"
-                        + ("; --quick: far too few steps for the goals to mean anything" if args.quick else "")}
-    common.write_json(result, Path(args.out or common.RESULTS / ("quality_quick.json" if args.quick else "quality.json")))
+                        + ("; --quick: far too few steps for the goals to mean anything" if args.quick else "")
+                        + ("; --size medium: 60 x 8 x 128 tokens per run, short of the full 300 x 8 x 256" if args.size == "medium" else "")}
+    common.write_json(result, Path(args.out or common.RESULTS / ("quality_quick.json" if args.quick else f"quality{'_medium' if args.size == 'medium' else ''}.json")))
     demo_schema = {"teacher": ev["teacher"], "quick": args.quick, "samples": ev["samples"],
                    "runs": {n: {k: r.get(k) for k in ("heldout", "milton", "parameters", "student_dir")}
                             | {"train_tok_s": r["curves"]["train_tok_s"]} for n, r in runs.items()}}
