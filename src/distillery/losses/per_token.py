@@ -40,19 +40,25 @@ def teacher_student_logprobs(student_logits: torch.Tensor, teacher: TeacherTarge
     (``N = K`` when K = V), see :mod:`.sparse`.
     """
     t = as_targets(teacher)
-    if t.shape != tuple(student_logits.shape[:-1]):
-        raise LossInputError(f"teacher targets cover positions {t.shape}, the student logits "
-                             f"{tuple(student_logits.shape[:-1])}")
-    v = vocab_width(student_logits.shape[-1], t, vocab_size)
-    tau = temperature(t, loss_temperature)
-    dtype = compute_dtype(student_logits)
-    lq = torch.log_softmax(student_logits[..., :v].to(dtype) / tau, dim=-1)  # (B, T, V)
+    v, tau, dtype, lq = _student_side(student_logits, t, loss_temperature, vocab_size)
     if t.is_sparse:
         check_sparse_ids(t.topk_ids, v)
         ids = t.topk_ids.long()
         return sparse.teacher_buckets(t.topk_logprobs, t.tail_logprob, v, dtype), sparse.student_buckets(lq, ids)
     tl = t.dense_logits().reshape(*student_logits.shape[:-1], -1)[..., :v]  # (B, T, V)
     return torch.log_softmax(tl.to(dtype) / tau, dim=-1), lq
+
+
+def _student_side(student_logits: torch.Tensor, t: TeacherTargets, loss_temperature: float | None,
+                  vocab_size: int | None):
+    """Shape check, then ``(V, tau, compute dtype, student log-probs (B, T, V))`` for any target form."""
+    if t.shape != tuple(student_logits.shape[:-1]):
+        raise LossInputError(f"teacher targets cover positions {t.shape}, the student logits "
+                             f"{tuple(student_logits.shape[:-1])}")
+    v = vocab_width(student_logits.shape[-1], t, vocab_size)
+    tau = temperature(t, loss_temperature)
+    dtype = compute_dtype(student_logits)
+    return v, tau, dtype, torch.log_softmax(student_logits[..., :v].to(dtype) / tau, dim=-1)
 
 
 def _masked(per_token: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -80,15 +86,9 @@ def divergence(name: str, student_logits: torch.Tensor, teacher: TeacherTargets 
 def _sampled_forward_kl(student_logits: torch.Tensor, t: TeacherTargets, loss_temperature: float | None,
                         vocab_size: int | None) -> torch.Tensor:
     """Forward KL from top-k + sampled-tail targets ``(B, T)`` (:func:`.sparse.sampled_forward_kl`)."""
-    if t.shape != tuple(student_logits.shape[:-1]):
-        raise LossInputError(f"teacher targets cover positions {t.shape}, the student logits "
-                             f"{tuple(student_logits.shape[:-1])}")
-    v = vocab_width(student_logits.shape[-1], t, vocab_size)
-    tau = temperature(t, loss_temperature)
-    dtype = compute_dtype(student_logits)
+    v, _, dtype, lq = _student_side(student_logits, t, loss_temperature, vocab_size)
     check_sparse_ids(t.topk_ids, v)
     check_sparse_ids(t.sample_ids, v, what="sampled-tail")
-    lq = torch.log_softmax(student_logits[..., :v].to(dtype) / tau, dim=-1)  # (B, T, V)
     return sparse.sampled_forward_kl(t.topk_logprobs.to(dtype), lq.gather(-1, t.topk_ids.long()), t.tail_logprob,
                                      t.sample_logprobs, lq.gather(-1, t.sample_ids.long()), v)
 
