@@ -238,6 +238,7 @@ def sparse_from_logits(logits: torch.Tensor, k: int, loss_temperature: float,
             uniforms = torch.rand(b, t, tail_samples, generator=generator, dtype=torch.float64)
         if uniforms.shape != (b, t, tail_samples):
             raise ValueError(f"uniforms {tuple(uniforms.shape)} should be {(b, t, tail_samples)}")
+        uniforms = uniforms.to(logprobs.device)  # drawn or hashed on the host; the logits may be on a GPU
         flat_lp = logprobs.reshape(-1, v)
         flat_ids = sample_tail(flat_lp, top_ids.reshape(-1, k), uniforms.reshape(-1, tail_samples))  # (B*T, M)
         s_ids, s_lp = flat_ids.view(b, t, -1), flat_lp.gather(-1, flat_ids).view(b, t, -1)

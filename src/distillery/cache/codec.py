@@ -184,7 +184,7 @@ def to_sparse(out, k: int, loss_temperature: float, vocab_size: int | None, rows
     ids, lps, tails, s_ids, s_lps = [], [], [], [], []
     for start in range(0, b * t, rows_per_chunk):
         logits = out.dense_logits(slice(start, start + rows_per_chunk))  # (n, V)
-        u = None if flat_u is None else torch.as_tensor(flat_u[start:start + rows_per_chunk])[None].to(logits.device)
+        u = None if flat_u is None else flat_u[start:start + rows_per_chunk][None]
         sp = sparse_from_logits(logits[None], k, loss_temperature, vocab_size=vocab_size,
                                 tail_samples=tail_samples, uniforms=u)
         ids.append(sp.topk_ids[0].cpu())  # the teacher may run on a GPU; the cache is written from host memory
