@@ -138,9 +138,10 @@ def estimate(cfg: RunConfig, *, processes: int = 1, device: str = "auto", memory
     if bf16:
         mem["bf16 autocast weight cache"] = 2.0 * student.matmul_params
     block = a_h * h + a_f * student.ffn + a_kv * student.kv_dim  # one block's saved floats per token
+    chunk = min(lc.chunk_rows("cuda" if gpu else "cpu", vocab), tokens)  # loss rows per chunk, as the loop picks them
     train = {f"activations ({tc.micro_batch_size} x {dc.seq_len} tokens)": tokens * act_per_token * act_bytes,
              "backward gradient buffers": BACKWARD_BLOCKS * tokens * block * act_bytes,
-             f"loss chunks (5 x {min(lc.chunk_rows(device.split(':')[0], vocab), tokens)} x {vocab} fp32)": 5.0 * min(lc.chunk_rows(device.split(':')[0], vocab), tokens) * vocab * 4,
+             f"loss chunks (5 x {chunk} x {vocab} fp32)": 5.0 * chunk * vocab * 4,
              "loss head gradient + row buffers": 4.0 * (vocab * h + 2 * tokens * h)}
     tdev = cfg.teacher.device
     teacher_here = teacher is not None and tdev in ("auto", device, f"{device}:0" if gpu else device)
@@ -170,7 +171,7 @@ def estimate(cfg: RunConfig, *, processes: int = 1, device: str = "auto", memory
     elif teacher is not None:  # the teacher's forward runs on its own device
         teacher_mem["teacher activations (no grad)"] = teacher_run
         teacher_run = 0.0
-    rows = min(EVAL_ROWS, lc.chunk_rows(device.split(':')[0], vocab), tokens)
+    rows = min(EVAL_ROWS, chunk)
     eval_peak = EVAL_BUFFERS * rows * vocab * 4.0 if (dc.val_fraction > 0 or dc.validation) else 0.0
     train_peak = sum(train.values())
     mem.update(train)
