@@ -4,8 +4,8 @@
     python benchmarks/gpu.py demo --teacher FILE.gguf --extra-text plays.txt.gz [overrides ...]
 
 ``throughput``: tokens/s and peak GPU memory of one KD training step loop, TRL's ``GKDTrainer`` beside
-distillery beside the student alone (cross-entropy), the systems of ``benchmarks/throughput.py``
-(whose child functions run here with ``device: cuda``), each in its own process, one after the other:
+distillery beside the student alone (cross-entropy), the systems of ``benchmarks/kd_systems.py``
+(run here with ``device: cuda``), each in its own process, one after the other:
 
 * ``trl_fair``: ``GKDConfig(bf16=True, gradient_checkpointing=False, lmbda=0, beta=0.5)``, the teacher
   loaded in bf16 (what a user does on a GPU); ``trl_defaults``: TRL's defaults (context);
@@ -38,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-THROUGHPUT = Path(__file__).resolve().parent / "throughput.py"
+SYSTEMS_SCRIPT = Path(__file__).resolve().parent / "kd_systems.py"
 SYSTEMS = ["trl_fair", "ours_live", "student_ce", "ours_cached", "trl_defaults"]
 SMOLLM2_1_7B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
                     num_key_value_heads=32, rope_theta=130000.0, max_position_embeddings=8192)
@@ -132,7 +132,7 @@ def run_throughput(args) -> dict:
         if name == "1.7b" and "trl_defaults" in systems and not args.big_defaults:
             systems.remove("trl_defaults")
         if "ours_cached" in systems:
-            pair["cache_write"] = common.run_child(THROUGHPUT, {**base, "system": "cache", "steps": args.steps,
+            pair["cache_write"] = common.run_child(SYSTEMS_SCRIPT, {**base, "system": "cache", "steps": args.steps,
                                                    "out_dir": str(work / name / "cache_run")},
                                                    threads=args.threads, log=log, timeout=args.child_timeout)
             print(f"[{name}] cache write: {pair['cache_write']}", flush=True)
@@ -140,7 +140,7 @@ def run_throughput(args) -> dict:
         for system in systems:
             spec = {**base, "system": system, "config": "fair" if system == "trl_fair" else "defaults",
                     "steps": args.steps, "out_dir": str(work / name / f"run-{system}")}
-            r = common.run_child(THROUGHPUT, spec, threads=args.threads, log=log, timeout=args.child_timeout)
+            r = common.run_child(SYSTEMS_SCRIPT, spec, threads=args.threads, log=log, timeout=args.child_timeout)
             if "error" not in r:
                 r["steady_tok_s"] = common.steady_tok_s(r["step_seconds"], r["tokens_per_step"], args.warmup)
                 n_s, n_t = (pair["models"][k]["matmul_parameters"] for k in ("student", "teacher"))

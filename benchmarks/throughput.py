@@ -3,8 +3,8 @@ student alone (cross-entropy, the ceiling a cached teacher can approach).
 
     .venv/bin/python benchmarks/throughput.py [--quick] [--pair tiny|real|both] [--rounds 2] [--threads 2]
 
-Every system trains the same student from the same saved weights, with the same teacher, on the same
-chat blocks (each conversation renders to exactly ``seq_len`` tokens, so no padding), batch 8 x 256,
+Each system runs in ``benchmarks/kd_systems.py``. Every system trains the same student from the same
+saved weights, with the same teacher, on the same chat blocks (each conversation renders to exactly ``seq_len`` tokens, so no padding), batch 8 x 256,
 fp32, for the same number of optimizer steps, each in its own process, alternated A B A B:
 
 * ``trl_defaults``: ``GKDTrainer`` with ``GKDConfig(use_cpu=True, lmbda=0, beta=0.5)`` and TRL's defaults
@@ -37,11 +37,13 @@ import argparse
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from kd_systems import LR, ours_config  # noqa: E402
+
+SYSTEMS_SCRIPT = Path(__file__).resolve().parent / "kd_systems.py"  # each system runs there, in its own process
 
 SYSTEMS = ["trl_defaults", "trl_fair", "ours_live", "ours_cached", "student_ce"]
 THP = {"THP_MEM_ALLOC_ENABLE": "1"}
@@ -51,7 +53,6 @@ SIZES = {  # steps, warm-up steps skipped, steps for trl_defaults (and its warm-
 }
 GOALS = {"tiny": (1.2, 0.7), "real": (3.0, 0.3)}  # ours_live vs trl_fair: >= x tok/s at <= y RSS
 CACHED_GOAL = 0.8  # ours_cached >= 0.8 x student_ce tok/s
-LR = 1e-4
 
 
 # ----------------------------------------------------------------------------- setup (parent, untimed)
@@ -119,141 +120,6 @@ def data_check(tok, data: Path, seq_len: int) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------- children (one system each)
-def ours_config(spec: dict, cached: bool) -> dict:
-    teacher = ({"kind": "cache", "cache_path": spec["cache_dir"]} if cached
-               else {"kind": "hf", "source": spec["teacher_source"]})
-    return {"teacher": teacher, "student": {"init": "pretrained", "pretrained": spec["student_dir"]},
-            "data": {"train": [spec["data"]], "format": "chat", "seq_len": spec["seq_len"], "val_fraction": 0.0},
-            "loss": {"kd": "jsd", "beta": 0.5, "kd_weight": 1.0, "ce_weight": 0.0},
-            "train": {"output_dir": spec["out_dir"], "max_steps": spec["steps"], "micro_batch_size": spec["batch"],
-                      "lr": LR, "warmup_steps": 0, "eval_every": 0, "save_every": 0, "log_every": 1, "progress": False}}
-
-
-def child_ours(spec: dict) -> dict:
-    from distillery.config import RunConfig
-    from distillery.train import distill
-
-    distill(RunConfig.model_validate(ours_config(spec, spec["system"] == "ours_cached")))
-    recs = [json.loads(ln) for ln in (Path(spec["out_dir"]) / "metrics.jsonl").read_text().splitlines() if ln]
-    steps = [r for r in recs if "tok_s" in r]
-    per_step = spec["batch"] * spec["seq_len"]  # metrics' tok_s counts attention-mask tokens: no padding here
-    return {"step_seconds": [per_step / r["tok_s"] for r in steps], "tokens_per_step": per_step,
-            "metrics_tok_s": [r["tok_s"] for r in steps], "losses": [r["loss"] for r in steps]}
-
-
-def child_trl(spec: dict) -> dict:
-    import tempfile
-
-    import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
-    from trl.experimental.utils import DataCollatorForChatML
-
-    cuda = spec.get("device") == "cuda"  # benchmarks/gpu.py: bf16 autocast, the teacher stored in bf16
-    tok = AutoTokenizer.from_pretrained(spec["student_dir"])
-    student = AutoModelForCausalLM.from_pretrained(spec["student_dir"], dtype=torch.float32)
-    teacher = AutoModelForCausalLM.from_pretrained(spec["teacher_dir"], dtype=torch.bfloat16 if cuda else torch.float32)
-    records = [json.loads(ln) for ln in Path(spec["data"]).read_text().splitlines()]
-    inner = DataCollatorForChatML(tokenizer=tok, max_length=spec["seq_len"])  # what GKDTrainer builds itself
-    counted: list[int] = []
-
-    def collate(examples):
-        batch = inner(examples)
-        counted.append(int(batch["attention_mask"].sum()))
-        return batch
-
-    class Clock(TrainerCallback):
-        def __init__(self):
-            self.ticks: list[float] = []
-            self.losses: list[float] = []
-
-        def on_train_begin(self, *a, **k):
-            self.ticks.append(time.perf_counter())
-
-        def on_step_end(self, *a, **k):
-            if cuda:
-                torch.cuda.synchronize()
-            self.ticks.append(time.perf_counter())
-
-        def on_log(self, args, state, control, logs=None, **k):
-            if logs and "loss" in logs:
-                self.losses.append(float(logs["loss"]))
-
-    # fair: no activation checkpointing (memory is not short here), bf16 autocast only where it is fast (GPU)
-    extra = {"bf16": cuda, "gradient_checkpointing": False} if spec["config"] == "fair" else {}
-    args = GKDConfig(output_dir=tempfile.mkdtemp(prefix="gkd-"), use_cpu=not cuda, lmbda=0.0, beta=0.5,
-                     per_device_train_batch_size=spec["batch"], max_steps=spec["steps"], max_length=spec["seq_len"],
-                     learning_rate=LR, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
-                     seed=0, **extra)
-    clock = Clock()
-    trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(records),
-                         processing_class=tok, data_collator=collate, callbacks=[clock])
-    trainer.train()
-    shutil.rmtree(args.output_dir, ignore_errors=True)
-    t = clock.ticks
-    return {"step_seconds": [b - a for a, b in zip(t, t[1:])], "tokens_per_step": sum(counted) // max(len(counted), 1),
-            "collated_tokens": sorted(set(counted)), "losses": clock.losses,
-            "trl_settings": {"bf16": args.bf16, "gradient_checkpointing": args.gradient_checkpointing,
-                             "activation_checkpointing": getattr(args, "activation_checkpointing", None),
-                             "optim": str(args.optim), "lmbda": args.lmbda, "beta": args.beta}}
-
-
-def child_ce(spec: dict) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from distillery.config import DataConfig
-    from distillery.data import build_datasets
-    from distillery.train import make_optimizer
-    from distillery.config import TrainConfig
-
-    tok = AutoTokenizer.from_pretrained(spec["student_dir"])
-    ds = build_datasets(DataConfig(train=[spec["data"]], format="chat", seq_len=spec["seq_len"], val_fraction=0.0),
-                        tok, progress=False).train
-    dev = torch.device("cuda" if spec.get("device") == "cuda" else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(spec["student_dir"], dtype=torch.float32).to(dev).train()
-    opt = make_optimizer(model, TrainConfig(lr=LR))
-    times, losses = [], []
-    for step in range(spec["steps"]):
-        t0 = time.perf_counter()
-        b = {k: v.to(dev) for k, v in ds.batch(torch.arange(step * spec["batch"], (step + 1) * spec["batch"]) % len(ds)).items()}
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):  # bf16 on GPU, fp32 on CPU
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # (B, T, V)
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), b["labels"].flatten(), ignore_index=-100)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())  # .item() waits for the GPU: the step time below is complete
-        times.append(time.perf_counter() - t0)
-    return {"step_seconds": times, "tokens_per_step": spec["batch"] * spec["seq_len"], "losses": losses}
-
-
-def child_cache(spec: dict) -> dict:
-    from distillery.cache import run_cache
-    from distillery.config import RunConfig
-
-    t0 = time.perf_counter()
-    run_cache(RunConfig.model_validate(ours_config(spec, cached=False)), spec["cache_dir"], k=32, progress=False)
-    return {"seconds": time.perf_counter() - t0}
-
-
-def child_main(spec_path: str, result_path: str) -> None:
-    import torch
-
-    spec = json.loads(Path(spec_path).read_text())
-    torch.set_num_threads(spec["threads"])
-    fn = {"ours_live": child_ours, "ours_cached": child_ours, "trl_fair": child_trl, "trl_defaults": child_trl,
-          "student_ce": child_ce, "cache": child_cache}[spec["system"]]
-    result = fn(spec)
-    result["peak_rss_bytes"] = common.peak_rss_bytes()
-    if torch.cuda.is_available():
-        result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
-    Path(result_path).write_text(json.dumps(result))
-
-
 # ----------------------------------------------------------------------------- parent: alternate, summarise
 def summarise(pair: dict, runs: list[dict], peak_gflops: float) -> dict:
     """Per system: median steady tok/s over rounds (and the best round), max peak RSS, MFU; then the
@@ -315,7 +181,7 @@ def run_pair(name: str, args, work: Path, log: Path) -> dict:
         wanted = [s for s in wanted if s != "trl_defaults"]
     if "ours_cached" in wanted:
         print(f"[{name}] writing the teacher cache (untimed)", flush=True)
-        pair["cache_write"] = common.run_child(Path(__file__), {**base, "system": "cache", "steps": steps,
+        pair["cache_write"] = common.run_child(SYSTEMS_SCRIPT, {**base, "system": "cache", "steps": steps,
                                                "out_dir": str(work / name / "cache_run")}, threads=args.threads, log=log)
     names = wanted + ([s + "+thp" for s in wanted if s != "trl_defaults"] if not args.no_thp else [])
     runs = []
@@ -328,7 +194,7 @@ def run_pair(name: str, args, work: Path, log: Path) -> dict:
         shutil.rmtree(out_dir, ignore_errors=True)
         spec = {**base, "system": system, "config": "fair" if system == "trl_fair" else "defaults", "steps": n,
                 "out_dir": str(out_dir)}
-        r = common.run_child(Path(__file__), spec, threads=args.threads, env_extra=THP if thp else None, log=log)
+        r = common.run_child(SYSTEMS_SCRIPT, spec, threads=args.threads, env_extra=THP if thp else None, log=log)
         shutil.rmtree(out_dir, ignore_errors=True)
         r.update(system=sysname, round=rnd, steps=n, warmup_skipped=w,
                  steady_tok_s=None if "error" in r else common.steady_tok_s(r["step_seconds"], r["tokens_per_step"], w))
@@ -354,12 +220,8 @@ def main() -> None:
     ap.add_argument("--real-defaults", action="store_true", help="also run TRL's defaults on the real pair (slow)")
     ap.add_argument("--work-dir", default=str(common.ROOT / "runs" / "bench" / "throughput"))
     ap.add_argument("--out", default=None)
-    ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.rounds = args.rounds or (2 if args.quick else 3)
-    if args.child:
-        return child_main(args.child, args.result)
     pairs = {"tiny": ["tiny"], "real": ["real"], "both": ["tiny", "real"]}[args.pair or ("tiny" if args.quick else "both")]
     out = Path(args.out or common.RESULTS / ("throughput_quick.json" if args.quick else "throughput.json"))
     work = Path(args.work_dir)
