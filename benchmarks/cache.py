@@ -244,7 +244,7 @@ def main() -> None:
         "goal": goal_summary(deviation, per_k),
         "parquet_vs_arrow_k32": parquet,
         "not_measured_here": "train tok/s from cache vs live and the held-out KL of a student trained from the cache "
-                             "(need the training loop with sparse losses: the throughput/quality benchmarks)",
+                             "are measured by benchmarks/cache_train.py (results/cache_train.json)",
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
