@@ -207,6 +207,14 @@ def sample_tail(logprobs: torch.Tensor, top_ids: torch.Tensor, uniforms: torch.T
     return ids.clamp_(max=logprobs.shape[-1] - 1)
 
 
+def tail_logprob_outside(top_logprobs: torch.Tensor) -> torch.Tensor:
+    """``(…, K)`` kept log-probs -> ``(…)`` log of the mass outside them: ``log(1 - Σ exp)``, clamped at the
+    smallest normal float32 so it stays finite, and ``-1e30`` where nothing is left (K covers the vocabulary)."""
+    kept = top_logprobs.exp().sum(-1)
+    tail = torch.log1p(-kept.clamp(max=1.0)).clamp(min=torch.finfo(torch.float32).min / 2)
+    return torch.where(kept >= 1.0, torch.full_like(tail, -1e30), tail)
+
+
 def sparse_from_logits(logits: torch.Tensor, k: int, loss_temperature: float,
                        vocab_size: int | None = None, mask: torch.Tensor | None = None, *,
                        tail_samples: int = 0, uniforms: torch.Tensor | None = None,
@@ -228,9 +236,7 @@ def sparse_from_logits(logits: torch.Tensor, k: int, loss_temperature: float,
     logprobs = torch.log_softmax(logits / loss_temperature, dim=-1)  # (B, T, V)
     k = min(k, logprobs.shape[-1])
     top_lp, top_ids = logprobs.topk(k, dim=-1)  # (B, T, K)
-    kept = top_lp.exp().sum(-1)  # (B, T)
-    tail = torch.log1p(-kept.clamp(max=1.0)).clamp(min=torch.finfo(torch.float32).min / 2)
-    tail = torch.where(kept >= 1.0, torch.full_like(tail, -1e30), tail)
+    tail = tail_logprob_outside(top_lp)  # (B, T)
     s_ids = s_lp = None
     if tail_samples > 0 and k < logprobs.shape[-1]:
         b, t, v = logprobs.shape

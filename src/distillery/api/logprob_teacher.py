@@ -52,8 +52,8 @@ import torch
 from ..data.chat import has_generation_tags, render_chat
 from ..data.readers import read_source, resolve_sources
 from ..errors import DistilleryError
-from ..targets import TeacherTargets
-from .targets import _entry_bytes, _lost_bytes, token_id_map
+from ..targets import TeacherTargets, tail_logprob_outside
+from .targets import _entry_bytes, _lost_bytes, alternatives_row, token_id_map
 
 UNMAPPED_LIMIT = 0.01  # share of generated tokens (or alternatives) with no id above which the tokenizers differ
 RETOKENIZED_LIMIT = 0.5  # share of records tokenized otherwise than the server did, above which likewise
@@ -165,15 +165,8 @@ def prepare_record(raw: dict, messages: list[dict], tokenizer, id_map: dict[byte
         return "template"
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     retokenized = ids != list(tokenizer(full, add_special_tokens=False, verbose=False)["input_ids"])
-    rows = []
-    for e in lps:  # as api_targets(strict=False), but a row may be short: it is masked, not the record dropped
-        merged: dict[int, float] = {}
-        for alt in e.get("top_logprobs") or []:
-            i = None if _lost_bytes(alt) else id_map.get(_entry_bytes(alt))
-            if i is not None:
-                lp = float(alt["logprob"])
-                merged[i] = lp if i not in merged else float(torch.logaddexp(torch.tensor(merged[i]), torch.tensor(lp)))
-        rows.append(sorted(((v, i) for i, v in merged.items()), reverse=True))
+    # as api_targets(strict=False), but a row may be short: it is masked, not the record dropped
+    rows = [alternatives_row(e, id_map)[0] for e in lps]
     return Spliced(ids, mask, start, rows, retokenized)
 
 
@@ -276,9 +269,7 @@ class ApiLogprobTeacher:
         self.top_ids = torch.tensor(ids, dtype=torch.long).reshape(-1, k)  # (R, K)
         self.top_logprobs = torch.tensor(lps, dtype=torch.float32).reshape(-1, k)  # (R, K)
         self.has_row = torch.tensor(has, dtype=torch.bool)  # (R,)
-        kept = self.top_logprobs.exp().sum(-1)  # (R,): the tail of the K kept entries
-        tail = torch.log1p(-kept.clamp(max=1.0)).clamp(min=torch.finfo(torch.float32).min / 2)
-        self.tail = torch.where(kept >= 1.0, torch.full_like(tail, -1e30), tail)  # sparse_from_logits' convention
+        self.tail = tail_logprob_outside(self.top_logprobs)  # (R,): the tail of the K kept entries
 
     @property
     def uses_kd(self) -> bool:

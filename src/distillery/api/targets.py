@@ -31,7 +31,7 @@ from functools import lru_cache
 import torch
 
 from ..errors import DistilleryError
-from ..targets import TeacherTargets
+from ..targets import TeacherTargets, tail_logprob_outside
 
 
 @lru_cache(maxsize=1)
@@ -109,6 +109,25 @@ def _lost(record: dict) -> DistilleryError:
         "cannot be recovered exactly: use this record as text only")
 
 
+def alternatives_row(entry: dict, id_map: dict[bytes, int]) -> tuple[list[tuple[float, int]], list[dict]]:
+    """One generated token's ``top_logprobs`` -> ``([(logprob, id), ...] best first, alternatives with no id)``.
+
+    Alternatives that map to the same id are merged with ``logaddexp``; those whose bytes the server lost
+    are left out and not reported (the server's fault, not a sign of another tokenizer)."""
+    merged: dict[int, float] = {}
+    unmapped: list[dict] = []
+    for alt in entry.get("top_logprobs") or []:
+        if _lost_bytes(alt):
+            continue
+        i = id_map.get(_entry_bytes(alt))
+        if i is None:
+            unmapped.append(alt)
+            continue
+        lp = float(alt["logprob"])
+        merged[i] = lp if i not in merged else float(torch.logaddexp(torch.tensor(merged[i]), torch.tensor(lp)))
+    return sorted(((v, i) for i, v in merged.items()), reverse=True), unmapped
+
+
 def answer_token_ids(record: dict, tokenizer, id_map: dict[bytes, int] | None = None) -> list[int]:
     """Ids of the teacher's own generated tokens (length ``T``), for lining targets up with labels.
 
@@ -150,24 +169,16 @@ def api_targets(record: dict, tokenizer, *, id_map: dict[bytes, int] | None = No
     answer_token_ids(record, tokenizer, id_map)  # every generated token must exist in the student's vocabulary
     rows: list[list[tuple[float, int]]] = []
     for t, e in enumerate(lps):
-        merged: dict[int, float] = {}
-        for alt in e.get("top_logprobs") or []:
-            i = None if _lost_bytes(alt) else id_map.get(_entry_bytes(alt))
-            if i is None:
-                if strict and not _lost_bytes(alt):  # lost bytes: the server's fault, not another tokenizer
-                    raise _not_shared(record, alt)
-                continue
-            lp = float(alt["logprob"])
-            merged[i] = lp if i not in merged else float(torch.logaddexp(torch.tensor(merged[i]), torch.tensor(lp)))
-        if not merged:
+        row, unmapped = alternatives_row(e, id_map)
+        if strict and unmapped:  # lost bytes are the server's fault and not counted there: not another tokenizer
+            raise _not_shared(record, unmapped[0])
+        if not row:
             raise DistilleryError(f"record {rid}: position {t} has no usable top_logprobs")
-        rows.append(sorted(((lp, i) for i, lp in merged.items()), reverse=True))
+        rows.append(row)
     k = min(len(r) for r in rows)
     ids = torch.tensor([[i for _, i in r[:k]] for r in rows], dtype=torch.long).unsqueeze(0)  # (1, T, K)
     lp = torch.tensor([[v for v, _ in r[:k]] for r in rows], dtype=torch.float32).unsqueeze(0)  # (1, T, K)
-    kept = lp.exp().sum(-1)  # (1, T)
-    tail = torch.log1p(-kept.clamp(max=1.0)).clamp(min=torch.finfo(torch.float32).min / 2)
-    tail = torch.where(kept >= 1.0, torch.full_like(tail, -1e30), tail)  # same convention as sparse_from_logits
+    tail = tail_logprob_outside(lp)  # (1, T)
     mask = torch.ones(1, len(rows), dtype=torch.bool)
     if not math.isfinite(loss_temperature) or loss_temperature <= 0:
         raise DistilleryError(f"loss_temperature must be > 0 (got {loss_temperature})")

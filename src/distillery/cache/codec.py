@@ -151,7 +151,7 @@ def to_sparse(out, k: int, loss_temperature: float, vocab_size: int | None, rows
     so a sparse input is accepted only if it already carries exactly ``M`` draws and exactly ``k``
     top entries (it is passed through as it is).
     """
-    from ..targets import TeacherTargets, sparse_from_logits
+    from ..targets import TeacherTargets, sparse_from_logits, tail_logprob_outside
 
     if isinstance(out, torch.Tensor):
         out = TeacherTargets(logits=out)
@@ -175,9 +175,7 @@ def to_sparse(out, k: int, loss_temperature: float, vocab_size: int | None, rows
             return ids, lp, out.tail_logprob.float().cpu(), out.sample_ids.long().cpu(), out.sample_logprobs.float().cpu()
         if out.width == k:
             return ids, lp, out.tail_logprob.float().cpu(), None, None
-        kept = lp.exp().sum(-1)  # (B, T)   same rule as sparse_from_logits
-        tail = torch.log1p(-kept.clamp(max=1.0)).clamp(min=torch.finfo(torch.float32).min / 2)
-        return ids, lp, torch.where(kept >= 1.0, torch.full_like(tail, EMPTY_TAIL), tail), None, None
+        return ids, lp, tail_logprob_outside(lp), None, None  # the tail of the k kept entries
     if tail_samples and (uniforms is None or tuple(uniforms.shape) != (b, t, tail_samples)):
         raise DistilleryError(f"a sampled tail of m={tail_samples} needs uniforms of shape {(b, t, tail_samples)}")
     flat_u = None if not tail_samples else uniforms.reshape(b * t, tail_samples)
