@@ -40,6 +40,21 @@ def test_memory_terms_follow_the_recipe(tmp_path):
     assert base.seconds_per_step == pytest.approx(base.flops_per_step / (1e12 * 0.6))
 
 
+def test_fsdp_divides_the_student_state_over_processes(tmp_path):
+    recipe = write_recipe(tmp_path, tmp_path / "run", student={"model": {
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "tie_word_embeddings": True}})
+    cfg = load_config(recipe)
+    ddp, fsdp = estimate(cfg, processes=4, tflops=1.0), estimate(cfg, processes=4, tflops=1.0, fsdp=True)
+    n, v, h = ddp.student["params"], ddp.student["vocab"], ddp.student["hidden"]
+    assert "DDP gradient buckets" not in fsdp.memory and "gradients" not in fsdp.memory
+    assert fsdp.memory["student weights, gradients, AdamW moments (fp32, 1/4 each)"] == 16 * n / 4
+    assert fsdp.memory["FSDP gathered root unit (weights + gradients)"] == 8 * v * h  # tied: one table
+    assert fsdp.memory["FSDP gathered decoder layers (2, weights + gradients)"] == pytest.approx(16 * (n - v * h) / 4)
+    assert fsdp.peak_bytes < ddp.peak_bytes
+    assert estimate(cfg, processes=1, tflops=1.0, fsdp=True).memory.keys() == estimate(cfg, tflops=1.0).memory.keys()
+
+
 def test_cli_plan_warns_and_exits_1_when_it_does_not_fit(tmp_path, capsys):
     recipe = write_recipe(tmp_path, tmp_path / "run")
     js = tmp_path / "plan.json"

@@ -19,11 +19,13 @@ the partial folder; the previous checkpoint stays, so the run resumes once space
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -82,15 +84,49 @@ def remove_stale(folder: Path, pattern: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def atomic_folder(final: Path, what: str, *, keep_existing: bool = False) -> Iterator[Path]:
+    """Build a folder under a temporary name next to ``final`` and rename it into place when the block ends
+    without error, so a crash never leaves a half-written ``final``. On an error the temporary is removed and
+    a full disk becomes a one-line error naming ``what``. ``keep_existing``, for a folder several processes
+    may write at once: if ``final`` exists by then (another one finished first), keep it and drop ours, and
+    sweep no temporaries (they may be another process's work in progress). Otherwise temporaries a killed
+    run left are swept first and an old ``final`` is replaced. (Checkpoints do more: fsync, rotation.)"""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if not keep_existing:
+        remove_stale(final.parent, final.name + ".tmp-*")
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, Exception) and is_disk_full(exc, final.parent):
+            raise disk_full_error(final.parent, what) from None
+        raise
+    if final.exists() and keep_existing:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    if final.exists():
+        shutil.rmtree(final)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (keep_existing and final.exists()):  # lost a race to another process: theirs stands
+            raise
+
+
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer, scheduler,
-                    state: dict, generator: torch.Generator | None = None, keep: int = 2) -> Path:
-    """Write checkpoint ``step`` atomically; keep the newest ``keep`` checkpoints."""
+                    state: dict, generator: torch.Generator | None = None, keep: int = 2,
+                    gathered: tuple[dict, dict] | None = None) -> Path:
+    """Write checkpoint ``step`` atomically; keep the newest ``keep`` checkpoints. ``gathered``: the whole
+    (model state, name-keyed optimizer state) of a sharded model, written instead of ``model`` / ``optimizer``."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     remove_stale(root, ".step-*")
     tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:08d}.", dir=root))
     try:
-        return _write_checkpoint(root, tmp, step, model, optimizer, scheduler, state, generator, keep)
+        return _write_checkpoint(root, tmp, step, model, optimizer, scheduler, state, generator, keep, gathered)
     except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if is_disk_full(exc, root):
@@ -99,10 +135,14 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer,
 
 
 def _write_checkpoint(root: Path, tmp: Path, step: int, model, optimizer, scheduler, state: dict,
-                      generator, keep: int) -> Path:
+                      generator, keep: int, gathered: tuple[dict, dict] | None) -> Path:
     final = root / f"step-{step:08d}"
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if gathered is None:
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    else:
+        _save_state(gathered[0], tmp / "model.safetensors", model)
+        torch.save(gathered[1], tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -122,6 +162,25 @@ def _write_checkpoint(root: Path, tmp: Path, step: int, model, optimizer, schedu
     for old in list_checkpoints(root.parent)[:-keep]:
         _discard(old)
     return final
+
+
+def _save_state(state: dict[str, torch.Tensor], path: Path, model: torch.nn.Module) -> None:
+    """A gathered state dict as safetensors; a parameter ``model`` holds under two names (tied embeddings;
+    gathering may have made two copies of it) is written once, under the name ``save_model`` keeps (the
+    first in sorted order), so ``load_model`` restores the tie."""
+    from safetensors.torch import save_file
+
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    aliases = {n for group in names.values() for n in sorted(group)[1:]}
+    seen, out = set(), {}
+    for name, t in sorted(state.items()):
+        if name in aliases or (t.numel() and t.data_ptr() in seen):
+            continue
+        seen.add(t.data_ptr())
+        out[name] = t.contiguous()
+    save_file(out, str(path))
 
 
 def _discard(folder: Path) -> None:
@@ -144,8 +203,11 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler,
-                    generator: torch.Generator | None = None) -> dict:
-    """Restore everything saved by :func:`save_checkpoint`; return its ``state.json``."""
+                    generator: torch.Generator | None = None, load_weights: bool = True) -> dict:
+    """Restore everything saved by :func:`save_checkpoint`; return its ``state.json``. ``load_weights=False``:
+    the weights were loaded already (FSDP loads them before sharding); ``model`` then only names the
+    optimizer's parameters. Optimizer states keyed by index (one process, DDP) or by name (FSDP) load into
+    either kind of run."""
     from .errors import DistilleryError
 
     def tensors(name: str):
@@ -155,8 +217,15 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler,
             raise DistilleryError(f"checkpoint {path}: {name} is not a plain tensor file written by distillery "
                                   f"({type(exc).__name__}); refusing to unpickle it") from None
 
-    load_model(model, str(path / "model.safetensors"))
-    optimizer.load_state_dict(tensors("optimizer.pt"))
+    from . import fsdp
+
+    if load_weights:
+        load_model(model, str(path / "model.safetensors"))
+    opt_state = tensors("optimizer.pt")
+    if fsdp.is_named_optimizer_state(opt_state) or fsdp.is_sharded(model):
+        fsdp.load_named_optimizer_state(model, optimizer, fsdp.named_optimizer_state(model, optimizer, opt_state))
+    else:
+        optimizer.load_state_dict(opt_state)
     scheduler.load_state_dict(tensors("scheduler.pt"))
     rng = tensors("rng.pt")
     torch.set_rng_state(rng["torch"])

@@ -5,7 +5,9 @@ Memory per student process (bytes; ``N`` student parameters, ``B×T`` tokens per
 vocabulary, ``H``/``F``/``L`` hidden, MLP width and layers, ``kv`` the key/value width):
 
 * weights ``4N`` (fp32 master copy), gradients ``4N``, AdamW's two moments ``8N``; DDP's gradient
-  buckets another ``4N`` (world > 1); on GPUs the foreach AdamW step ``4N`` of temporaries and bf16
+  buckets another ``4N`` (world > 1). Under FSDP (``--fsdp``) those ``16N`` are divided by the world
+  size, plus weights and gradients of what is gathered at once: the root unit (embeddings and head) and
+  two decoder layers; on GPUs the foreach AdamW step ``4N`` of temporaries and bf16
   autocast a ``2N`` weight cache.
 * activations kept for backward: ``B·T·(L·(8H + 4F + 2kv) + 2H)`` floats (counted from the tensors
   autograd saves for a Llama/Qwen2 block with SDPA attention, fp32; ~2.5 bytes each under bf16), plus
@@ -105,8 +107,9 @@ def _rss_bytes() -> float:
 
 
 def estimate(cfg: RunConfig, *, processes: int = 1, device: str = "auto", memory_gb: float | None = None,
-             tflops: float | None = None, efficiency: float | None = None) -> Plan:
-    """Estimate peak memory per device and time per step for ``cfg`` on ``processes`` data-parallel ranks."""
+             tflops: float | None = None, efficiency: float | None = None, fsdp: bool = False) -> Plan:
+    """Estimate peak memory per device and time per step for ``cfg`` on ``processes`` data-parallel ranks
+    (``fsdp``: the student's weights, gradients and moments sharded over them, as ``distillery.fsdp`` does)."""
     from .plan_models import device_memory_bytes, model_shapes, probe_tflops
     from .teachers.hf import pick_dtype
 
@@ -129,9 +132,18 @@ def estimate(cfg: RunConfig, *, processes: int = 1, device: str = "auto", memory
     a_h, a_f, a_kv, a_0 = ACT_FLOATS
     act_per_token = student.layers * (a_h * h + a_f * student.ffn + a_kv * student.kv_dim) + a_0 * h
 
-    mem = {"runtime (python, torch" + (", CUDA context)" if gpu else ")"): _rss_bytes() + (CUDA_CONTEXT if gpu else 0),
-           "student weights (fp32)": 4.0 * n, "gradients": 4.0 * n, "AdamW moments": 8.0 * n}
-    if processes > 1:
+    mem = {"runtime (python, torch" + (", CUDA context)" if gpu else ")"): _rss_bytes() + (CUDA_CONTEXT if gpu else 0)}
+    if fsdp and processes > 1:  # sharded state, plus what is gathered at once: the root unit (embeddings, head,
+        # kept gathered from its forward through backward) and two decoder layers (the running one, the next)
+        tied = bool(getattr(student.config, "tie_word_embeddings", False))
+        root = (1 if tied else 2) * v * h
+        layer = max(0.0, (n - root) / max(1, student.layers))
+        mem.update({f"student weights, gradients, AdamW moments (fp32, 1/{processes} each)": 16.0 * n / processes,
+                    "FSDP gathered root unit (weights + gradients)": 8.0 * root,
+                    "FSDP gathered decoder layers (2, weights + gradients)": 2 * 8.0 * layer})
+    else:
+        mem.update({"student weights (fp32)": 4.0 * n, "gradients": 4.0 * n, "AdamW moments": 8.0 * n})
+    if processes > 1 and not fsdp:
         mem["DDP gradient buckets"] = 4.0 * n
     if gpu:
         mem["AdamW foreach temporaries"] = 4.0 * n
@@ -225,7 +237,8 @@ def format_plan(plan: Plan, recipe: str) -> str:
 def _cmd_plan(args) -> int:
     cfg = load_config(args.recipe, args.overrides)
     processes = args.processes or int(os.environ.get("WORLD_SIZE", 1))
-    plan = estimate(cfg, processes=processes, device=args.device, memory_gb=args.memory_gb, tflops=args.tflops,
+    plan = estimate(cfg, processes=processes, fsdp=args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true",
+                    device=args.device, memory_gb=args.memory_gb, tflops=args.tflops,
                     efficiency=args.efficiency)
     print(format_plan(plan, args.recipe))
     if args.json:
@@ -259,6 +272,8 @@ def add_plan_parser(subparsers) -> None:
     p.add_argument("recipe", help="YAML recipe (as for `distill`)")
     p.add_argument("overrides", nargs="*", default=[], help="key=value overrides, e.g. train.micro_batch_size=4")
     p.add_argument("--processes", type=_positive(int), default=None, help="data-parallel processes (default: $WORLD_SIZE or 1)")
+    p.add_argument("--fsdp", action="store_true", help="the student sharded over the processes (configs/accelerate/fsdp.yaml; "
+                   "default: on when $ACCELERATE_USE_FSDP is true)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the student trains")
     p.add_argument("--memory-gb", type=_positive(float), default=None, help="memory per device (default: GPU memory, or available RAM)")
     p.add_argument("--tflops", type=_positive(float), default=None, help="device throughput in TFLOP/s (default: a matmul probe)")

@@ -180,26 +180,11 @@ def _prepare_api_run(cfg: RunConfig, device: torch.device, is_main: bool) -> Run
 def _student_saver(tokenizer) -> Callable[[torch.nn.Module, Path], None]:
     def save_student(model: torch.nn.Module, folder: Path) -> None:
         """Plain HF folder (safetensors + tokenizer + generation config): no distillery needed to load it."""
-        import os
-        import shutil
-        import tempfile
-
-        from .checkpoint import disk_full_error, is_disk_full, remove_stale
+        from .checkpoint import atomic_folder
 
         folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale(folder.parent, folder.name + ".tmp-*")  # left by a killed run
-        tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
-        try:
+        with atomic_folder(folder, f"the student to {folder}") as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-        except Exception as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if is_disk_full(exc, folder.parent):
-                raise disk_full_error(folder.parent, f"the student to {folder}") from None
-            raise
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.rename(tmp, folder)
 
     return save_student

@@ -28,9 +28,11 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DistributedType
+from accelerate import Accelerator
+from safetensors.torch import load_model
 from tqdm.auto import tqdm
 
+from . import fsdp
 from .checkpoint import ensure_writable_dir, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import RunConfig, dump_config
 from .data import BlockSampler
@@ -93,32 +95,39 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
     cfg = run.cfg  # the config in effect (api_logprobs without usable log-probs falls back to CE)
     student, teacher, train_ds = run.student, run.teacher, run.train
     world, rank = acc.num_processes, acc.process_index
-    _check_launch(acc)  # refuse what the loop cannot do (FSDP), say when the launcher did not do what was asked
+    _check_launch(acc)  # say when the launcher did not do what was asked
     global_batch = tc.micro_batch_size * world * tc.grad_accum  # blocks per optimizer step, all ranks
     sampler = BlockSampler(len(train_ds), tc.micro_batch_size, seed=tc.seed, rank=rank, world_size=world)
     if len(sampler) == 0:
         raise DistilleryError(f"the training split has {len(train_ds)} blocks, fewer than one global batch "
                               f"({tc.micro_batch_size * world} = micro_batch_size x processes)")
 
+    use_fsdp = fsdp.fsdp_requested(acc.distributed_type.value, world)
+    if use_fsdp:
+        fsdp.check_fsdp_recipe(cfg)
+    ckpts = list_checkpoints(out) if resume else []
+    if use_fsdp:  # whole weights go in before sharding; the optimizer is built on the sharded parameters
+        if ckpts:
+            load_model(student, str(ckpts[-1] / "model.safetensors"))
+        wrapped = fsdp.shard(HiddenStates(student), student, acc.device, world)
     optimizer = make_optimizer(student, tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.warmup_steps, tc.max_steps, tc.min_lr_ratio))
     gen = torch.Generator().manual_seed(tc.seed + 17 * rank)  # on-policy sampling
     step, tokens_seen = 0, 0
-    if resume:
-        ckpts = list_checkpoints(out)
-        if ckpts:
-            state = load_checkpoint(ckpts[-1], student, optimizer, scheduler, gen)
-            step, tokens_seen = state["step"], state["tokens_seen"]
-            # The step number is the data position only while the blocks per step stay the same: a run may
-            # resume on another number of processes if micro_batch_size x processes x grad_accum is unchanged.
-            if state.get("global_batch", global_batch) != global_batch:
-                raise DistilleryError(
-                    f"{ckpts[-1]} was written with {state['global_batch']} blocks per step, this run takes "
-                    f"{global_batch} (micro_batch_size {tc.micro_batch_size} x {world} processes x grad_accum "
-                    f"{tc.grad_accum}): choose train.micro_batch_size so the product is {state['global_batch']}")
-            if acc.is_main_process:
-                print(f"resuming from {ckpts[-1]} (step {step})")
-    wrapped, optimizer = acc.prepare(HiddenStates(student), optimizer)
+    if ckpts:
+        state = load_checkpoint(ckpts[-1], student, optimizer, scheduler, gen, load_weights=not use_fsdp)
+        step, tokens_seen = state["step"], state["tokens_seen"]
+        # The step number is the data position only while the blocks per step stay the same: a run may
+        # resume on another number of processes if micro_batch_size x processes x grad_accum is unchanged.
+        if state.get("global_batch", global_batch) != global_batch:
+            raise DistilleryError(
+                f"{ckpts[-1]} was written with {state['global_batch']} blocks per step, this run takes "
+                f"{global_batch} (micro_batch_size {tc.micro_batch_size} x {world} processes x grad_accum "
+                f"{tc.grad_accum}): choose train.micro_batch_size so the product is {state['global_batch']}")
+        if acc.is_main_process:
+            print(f"resuming from {ckpts[-1]} (step {step})")
+    if not use_fsdp:
+        wrapped, optimizer = acc.prepare(HiddenStates(student), optimizer)
     head = student.get_output_embeddings()
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -152,7 +161,11 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
         kd_sum = ce_sum = 0.0
         for i, mb in enumerate(micro):
             targets = teacher.targets(mb, vocab_size=run.vocab_size).to(acc.device) if lc.kd_weight > 0 else None
-            ctx = acc.no_sync(wrapped) if i < len(micro) - 1 else contextlib.nullcontext()
+            if use_fsdp:  # reduce-scatter gradients once per accumulation window
+                wrapped.set_requires_gradient_sync(i == len(micro) - 1)
+                ctx = contextlib.nullcontext()
+            else:
+                ctx = acc.no_sync(wrapped) if i < len(micro) - 1 else contextlib.nullcontext()
             with ctx, acc.autocast():
                 hidden = wrapped(mb["input_ids"], mb.get("attention_mask"))  # (B, T, H)
                 loss, stats = chunked_distill_loss(
@@ -168,7 +181,11 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
             kd_sum += stats["kd_sum"]
             ce_sum += stats["ce_sum"]
             window_tokens += int(mb["attention_mask"].sum()) if "attention_mask" in mb else mb["input_ids"].numel()
-        grad_norm = acc.clip_grad_norm_(wrapped.parameters(), tc.max_grad_norm) if tc.max_grad_norm > 0 else None
+        grad_norm = None
+        if tc.max_grad_norm > 0 and use_fsdp:  # DTensor gradients: torch's clip computes the global norm
+            grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), tc.max_grad_norm).full_tensor()
+        elif tc.max_grad_norm > 0:
+            grad_norm = acc.clip_grad_norm_(wrapped.parameters(), tc.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -191,13 +208,14 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
             t_start, window_tokens = time.perf_counter(), 0
         bar.update(1)
         if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps and run.val is not None:
-            _validate(run, student, step, log, tc, acc)
+            _validate(run, student, step, log, tc, acc, wrapped if use_fsdp else None)
         if (tc.save_every and step % tc.save_every == 0) or step == tc.max_steps:
-            acc.wait_for_everyone()
+            acc.wait_for_everyone()  # under FSDP every rank takes part in gathering the whole state
+            gathered = (fsdp.full_model_state(student), fsdp.full_optimizer_state(student, optimizer)) if use_fsdp else None
             if acc.is_main_process:
                 save_checkpoint(out, step, student, optimizer, scheduler,
                                 {"tokens_seen": tokens_seen, "data_step": step, "global_batch": global_batch,
-                                 "world_size": world}, gen, keep=tc.keep_checkpoints)
+                                 "world_size": world}, gen, keep=tc.keep_checkpoints, gathered=gathered)
     bar.close()
     if qat_on:
         from .quantize import qat_unwrap
@@ -206,9 +224,10 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
     if run.teacher_stats is not None:
         summary["api_teacher"] = run.teacher_stats
     if run.val is not None:
-        summary["validation"] = _validate(run, student, step, log, tc, acc)
+        summary["validation"] = _validate(run, student, step, log, tc, acc, wrapped if use_fsdp else None)
+    whole = fsdp.full_model_state(student) if use_fsdp else None
     if acc.is_main_process:
-        run.save_student(student, out / "student")
+        run.save_student(student if whole is None else fsdp.plain_copy(student, whole), out / "student")
         write_json(summary, out / "summary.json")
         log.close()
     acc.wait_for_everyone()
@@ -216,15 +235,11 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
 
 
 def _check_launch(acc: Accelerator) -> None:
-    """FSDP is refused (the fused loss reads the LM head outside the wrapped forward and checkpoints are saved
-    whole from the main process); two silent launcher fallbacks are pointed out (docs/scale.md)."""
-    if acc.distributed_type == DistributedType.FSDP:
-        raise DistilleryError("FSDP is not supported by the training loop yet (docs/scale.md): use DDP "
-                              "(configs/accelerate/ddp_gpu.yaml) or DeepSpeed ZeRO-2")
+    """Two silent launcher fallbacks are pointed out (docs/scale.md)."""
     if not acc.is_main_process:
         return
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        print(f"note: an FSDP launch config, but Accelerate runs {acc.distributed_type.value} here (no GPU)", file=sys.stderr)
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and acc.num_processes == 1:
+        print("note: an FSDP launch config with one process: nothing to shard, training unsharded", file=sys.stderr)
     if acc.num_processes == 1 and os.environ.get("ACCELERATE_USE_CPU") == "True":
         print("note: one process. `accelerate launch --cpu` starts a single process on one machine; for CPU DDP "
               "use --config_file configs/accelerate/ddp_cpu.yaml (see docs/scale.md)", file=sys.stderr)
@@ -245,16 +260,21 @@ def _trim_metrics(path: Path, step: int, max_steps: int) -> None:
     os.replace(path.with_suffix(".tmp"), path)
 
 
-def _validate(run, student, step: int, log, tc, acc) -> dict | None:
-    if not acc.is_main_process or run.eval_teacher is None:
+def _validate(run, student, step: int, log, tc, acc, sharded_root=None) -> dict | None:
+    """Validation metrics, logged by the main process. Without FSDP only the main process evaluates; with
+    FSDP (``sharded_root``) every rank runs the same batches, since each layer's all-gather is a collective."""
+    if run.eval_teacher is None or (sharded_root is None and not acc.is_main_process):
         return None
     batches = (collate(run.val, torch.arange(i, min(i + tc.micro_batch_size, len(run.val))))
                for i in range(0, len(run.val), tc.micro_batch_size))
     # eval_batches counts global batches (micro_batch_size x processes blocks), so the validation blocks are
     # the same whatever the number of processes; the main process evaluates them alone. Its (rows, V) logit
     # buffers are bounded by loss.chunk_size like the training loss's (about 7 of them live at once).
-    m = evaluate(run.eval_teacher, student, batches, vocab_size=run.vocab_size,
-                 max_batches=tc.eval_batches * acc.num_processes, chunk_rows=min(1024, run.cfg.loss.chunk_rows(acc.device.type, run.vocab_size)))
+    with fsdp.gathered_root(sharded_root):
+        m = evaluate(run.eval_teacher, student, batches, vocab_size=run.vocab_size,
+                     max_batches=tc.eval_batches * acc.num_processes, chunk_rows=min(1024, run.cfg.loss.chunk_rows(acc.device.type, run.vocab_size)))
+    if not acc.is_main_process:
+        return None
     log.write(json.dumps({"step": step, "split": "val", **m}) + "\n")
     log.flush()
     return m

@@ -10,9 +10,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import os
-import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -78,18 +75,14 @@ def calibration_batches(data: list[str], tokenizer, *, seq_len: int = 256, batch
 
 def save_student(model, tokenizer, out: Path, extra: dict | None = None) -> None:
     """Write ``model`` (safetensors), ``tokenizer`` and ``pruning.json`` to ``out`` atomically."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    try:
+    from ..checkpoint import atomic_folder
+
+    with atomic_folder(out, f"the pruned student to {out}") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if extra is not None:
             (tmp / "pruning.json").write_text(json.dumps(extra, indent=2))
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def prune_main(teacher, out: str | Path, *, layers: int | None = None, hidden: int | None = None,

@@ -21,8 +21,6 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,15 +74,13 @@ def convert_gguf(gguf_path: Path, home: Path | None = None) -> Path:
         raise DistilleryError(f"{gguf_path}: cannot load as a GGUF model ({type(exc).__name__}: {exc})".splitlines()[0]) from None
     fresh = type(loaded)(loaded.config)
     fresh.load_state_dict(loaded.state_dict())
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    fresh.save_pretrained(tmp, safe_serialization=True)
-    _drop_gguf_quantization_config(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / "distillery_source.json").write_text(json.dumps({"gguf": str(gguf_path), "sha256_16": digest}))
-    try:
-        os.rename(tmp, out)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
+    from ..checkpoint import atomic_folder
+
+    with atomic_folder(out, f"the dequantized teacher to {out}", keep_existing=True) as tmp:  # ranks may race
+        fresh.save_pretrained(tmp, safe_serialization=True)
+        _drop_gguf_quantization_config(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "distillery_source.json").write_text(json.dumps({"gguf": str(gguf_path), "sha256_16": digest}))
     return out
 
 
