@@ -39,3 +39,49 @@ def write_recipe(root: Path, output_dir: Path, **sections) -> Path:
     p = root / f"recipe-{output_dir.name}.yaml"
     p.write_text(yaml.safe_dump(recipe))
     return p
+
+
+def run_metrics(run: Path) -> list[dict]:
+    import json
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def student_weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(run / "student" / "model.safetensors"))
+
+
+def launch_two(config: Path, recipe: Path, *args: str):
+    """``distillery distill`` under ``accelerate launch --config_file config`` (two processes on this CPU)."""
+    import os
+    import subprocess
+    import sys
+
+    accelerate = Path(sys.executable).with_name("accelerate")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run([str(accelerate), "launch", "--config_file", str(config), "--main_process_port", "0",
+                           "-m", "distillery.cli", "distill", str(recipe), *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def assert_same_training(a_dir: Path, b_dir: Path, steps: list[int], rel: float = 1e-5) -> None:
+    """Two runs logged the same steps, losses and gradient norms (relative ``rel``, absolute 1e-6 for a small
+    KD term), tokens and learning rates, and ended with weights equal to 1e-5; prints the worst differences."""
+    import pytest
+    import torch
+
+    a = [m for m in run_metrics(a_dir) if "loss" in m]
+    b = [m for m in run_metrics(b_dir) if "loss" in m]
+    assert [m["step"] for m in a] == [m["step"] for m in b] == steps
+    for x, y in zip(a, b):
+        for key in ("loss", "kd", "ce", "grad_norm"):
+            assert x[key] == pytest.approx(y[key], rel=rel, abs=1e-6), (x["step"], key, x[key], y[key])
+        assert x["tokens_seen"] == y["tokens_seen"] and x["lr"] == y["lr"]
+    wa, wb = student_weights(a_dir), student_weights(b_dir)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-5)
+    worst = {key: max(abs(x[key] - y[key]) / abs(y[key]) for x, y in zip(a, b)) for key in ("loss", "kd", "ce", "grad_norm")}
+    print(f"{a_dir.name} vs {b_dir.name}: max relative difference per step "
+          f"{ {k: f'{v:.2g}' for k, v in worst.items()} }; max |weight difference| "
+          f"{max(float((wa[k] - wb[k]).abs().max()) for k in wa):.2g}")

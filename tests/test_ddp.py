@@ -15,40 +15,20 @@ blocks per step is refused.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from distillery.config import load_config
 from distillery.errors import DistilleryError
 from distillery.train import distill
-from helpers_run import write_recipe
+from helpers_run import assert_same_training, launch_two, run_metrics, student_weights, write_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 DDP_CPU = REPO / "configs" / "accelerate" / "ddp_cpu.yaml"
 COMMON = {"max_steps": 6, "save_every": 3, "eval_every": 0, "eval_batches": 1, "warmup_steps": 1}
-
-
-def _metrics(run: Path) -> list[dict]:
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "student" / "model.safetensors"))
-
-
-def _launch_two(recipe: Path, *overrides: str) -> subprocess.CompletedProcess:
-    accelerate = Path(sys.executable).with_name("accelerate")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    return subprocess.run([str(accelerate), "launch", "--config_file", str(DDP_CPU), "--main_process_port", "0",
-                           "-m", "distillery.cli", "distill", str(recipe), *overrides],
-                          capture_output=True, text=True, env=env, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +36,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     two, one = root / "two", root / "one"
     loss = {"ce_weight": 0.5}
-    proc = _launch_two(write_recipe(root, two, loss=loss, train={**COMMON, "micro_batch_size": 4}))
+    proc = launch_two(DDP_CPU, write_recipe(root, two, loss=loss, train={**COMMON, "micro_batch_size": 4}))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count('"steps": 6') == 1  # only the main process prints the summary
     distill(load_config(write_recipe(root, one, loss=loss, train={**COMMON, "micro_batch_size": 8})))
@@ -65,21 +45,8 @@ def runs(tmp_path_factory):
 
 def test_two_processes_match_one_process_with_the_same_global_batch(runs):
     _, two, one = runs
-    a = [m for m in _metrics(two) if "loss" in m]
-    b = [m for m in _metrics(one) if "loss" in m]
-    assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
-    for x, y in zip(a, b):
-        for key in ("loss", "kd", "ce", "grad_norm"):
-            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), (x["step"], key, x[key], y[key])
-        assert x["tokens_seen"] == y["tokens_seen"] and x["lr"] == y["lr"]
-    wa, wb = _weights(two), _weights(one)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-5)
-    worst = {key: max(abs(x[key] - y[key]) / abs(y[key]) for x, y in zip(a, b)) for key in ("loss", "kd", "ce", "grad_norm")}
-    print(f"2 processes vs 1: max relative difference per step {worst}; max |weight difference| "
-          f"{max(float((wa[k] - wb[k]).abs().max()) for k in wa):.3g}")
-    va, vb = _metrics(two)[-1], _metrics(one)[-1]
+    assert_same_training(two, one, [1, 2, 3, 4, 5, 6])
+    va, vb = run_metrics(two)[-1], run_metrics(one)[-1]
     assert va["split"] == vb["split"] == "val" and va["tokens"] == vb["tokens"]  # the same validation blocks
     assert va["teacher_perplexity"] == pytest.approx(vb["teacher_perplexity"], rel=1e-6)
     state = json.loads((two / "checkpoints" / "step-00000006" / "state.json").read_text())
@@ -97,12 +64,12 @@ def test_resume_on_one_process_from_a_two_process_checkpoint(runs):
     with pytest.raises(DistilleryError, match=r"written with 8 blocks per step, this run takes 4 .*product is 8"):
         distill(load_config(recipe), resume=True)
     distill(load_config(recipe, ["train.micro_batch_size=8"]), resume=True)
-    a = [m for m in _metrics(part) if "loss" in m]
-    b = [m for m in _metrics(one) if "loss" in m]
+    a = [m for m in run_metrics(part) if "loss" in m]
+    b = [m for m in run_metrics(one) if "loss" in m]
     assert [m["step"] for m in a] == [1, 2, 3, 4, 5, 6]
     for x, y in zip(a, b):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["tokens_seen"] == y["tokens_seen"]
-    wa, wb = _weights(part), _weights(one)
+    wa, wb = student_weights(part), student_weights(one)
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-5)
 

@@ -13,20 +13,16 @@ uninterrupted run ends.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from distillery.config import load_config
 from distillery.errors import DistilleryError
 from distillery.train import distill
-from helpers_run import write_recipe
+from helpers_run import assert_same_training, launch_two, run_metrics, write_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 FSDP = REPO / "configs" / "accelerate" / "fsdp.yaml"
@@ -36,49 +32,28 @@ STUDENT = {"model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_lay
 LOSS = {"ce_weight": 0.5}
 
 
-def _metrics(run: Path) -> list[dict]:
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "student" / "model.safetensors"))
-
-
 def _recipe(root: Path, out: Path, micro: int) -> Path:
     return write_recipe(root, out, student=STUDENT, loss=LOSS, train={**TRAIN, "micro_batch_size": micro})
 
 
-def _launch_two(recipe: Path, *args: str) -> subprocess.CompletedProcess:
-    accelerate = Path(sys.executable).with_name("accelerate")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    return subprocess.run([str(accelerate), "launch", "--config_file", str(FSDP), "--main_process_port", "0",
-                           "-m", "distillery.cli", "distill", str(recipe), *args],
-                          capture_output=True, text=True, env=env, timeout=600)
+def _same_run(a_dir: Path, b_dir: Path) -> None:
+    assert_same_training(a_dir, b_dir, [1, 2, 3, 4, 5, 6])
 
 
-def _same_run(a_dir: Path, b_dir: Path, rel: float = 1e-5) -> None:
-    a = [m for m in _metrics(a_dir) if "loss" in m]
-    b = [m for m in _metrics(b_dir) if "loss" in m]
-    assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
-    for x, y in zip(a, b):
-        for key in ("loss", "kd", "ce", "grad_norm"):
-            assert x[key] == pytest.approx(y[key], rel=rel, abs=1e-6), (x["step"], key, x[key], y[key])
-        assert x["tokens_seen"] == y["tokens_seen"] and x["lr"] == y["lr"]
-    wa, wb = _weights(a_dir), _weights(b_dir)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-5)
-    worst = {key: max(abs(x[key] - y[key]) / abs(y[key]) for x, y in zip(a, b)) for key in ("loss", "kd", "ce", "grad_norm")}
-    print(f"{a_dir.name} vs {b_dir.name}: max relative difference per step "
-          f"{ {k: f'{v:.2g}' for k, v in worst.items()} }; max |weight difference| "
-          f"{max(float((wa[k] - wb[k]).abs().max()) for k in wa):.2g}")
+def _resume_from(root: Path, src: Path, name: str) -> Path:
+    """A copy of ``src`` cut back to its step-3 checkpoint."""
+    part = root / name
+    shutil.copytree(src, part)
+    shutil.rmtree(part / "checkpoints" / "step-00000006")
+    shutil.rmtree(part / "student")
+    return part
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
     two, one = root / "two", root / "one"
-    proc = _launch_two(_recipe(root, two, 4))
+    proc = launch_two(FSDP, _recipe(root, two, 4))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count('"steps": 6') == 1  # only the main process prints the summary
     distill(load_config(_recipe(root, one, 8)))
@@ -88,8 +63,8 @@ def runs(tmp_path_factory):
 def test_two_fsdp_processes_match_one_process_with_the_same_global_batch(runs):
     _, two, one = runs
     _same_run(two, one)
-    val_a = [m for m in _metrics(two) if m.get("split") == "val"]
-    val_b = [m for m in _metrics(one) if m.get("split") == "val"]
+    val_a = [m for m in run_metrics(two) if m.get("split") == "val"]
+    val_b = [m for m in run_metrics(one) if m.get("split") == "val"]
     assert [m["step"] for m in val_a] == [m["step"] for m in val_b] == [3, 6]
     for x, y in zip(val_a, val_b):
         assert x["tokens"] == y["tokens"]
@@ -107,21 +82,15 @@ def test_two_fsdp_processes_match_one_process_with_the_same_global_batch(runs):
 
 def test_fsdp_checkpoint_resumes_on_one_process(runs):
     root, two, one = runs
-    part = root / "part-from-fsdp"
-    shutil.copytree(two, part)
-    shutil.rmtree(part / "checkpoints" / "step-00000006")
-    shutil.rmtree(part / "student")
+    part = _resume_from(root, two, "part-from-fsdp")
     distill(load_config(_recipe(root, part, 8)), resume=True)
     _same_run(part, one)
 
 
 def test_one_process_checkpoint_resumes_under_fsdp(runs):
     root, two, one = runs
-    part = root / "part-from-one"
-    shutil.copytree(one, part)
-    shutil.rmtree(part / "checkpoints" / "step-00000006")
-    shutil.rmtree(part / "student")
-    proc = _launch_two(_recipe(root, part, 4), "--resume")
+    part = _resume_from(root, one, "part-from-one")
+    proc = launch_two(FSDP, _recipe(root, part, 4), "--resume")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "resuming from" in proc.stdout
     _same_run(part, one)
