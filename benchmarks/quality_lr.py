@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--reuse", action="append", default=[], metavar="LR=PATH",
                     help="take this rate's point from an earlier quality.py result with the same size and seed "
                          "(e.g. 2e-3=benchmarks/results/quality_medium.json)")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/quality_lr_<size>.json")
     args = ap.parse_args()
     lrs, runs = args.lrs.split(","), args.runs.split(",")
     reused = dict(r.split("=", 1) for r in args.reuse)
@@ -80,7 +81,7 @@ def main() -> None:
               "table": table, "best": best, "verdict": verdict,
               "limits": "one seed per point; validation and held-out come from the same split (Milton is the "
                         "unbiased check); CPU only"}
-    out = common.RESULTS / f"quality_lr_{args.size}.json"
+    out = Path(args.out or common.RESULTS / f"quality_lr_{args.size}.json")
     common.write_json(report, out)
     for name, rows in table.items():
         for lr, row in rows.items():

@@ -145,6 +145,27 @@ def test_quality_verdicts():
     assert quality.tokens_to_reach(val([3, 2]), 1.0) is None
 
 
+def test_quality_lr_picks_each_methods_best_rate_by_validation(tmp_path):
+    def point(ce_val, ce_held, kd_val, kd_held):
+        def run(val, held):
+            return {"curves": {"val": [{"kl_teacher_student": 9.0}, {"kl_teacher_student": val}], "tokens_seen": 100},
+                    "heldout": {"kl_teacher_student": held, "top1_agreement": 0.3, "student_perplexity": 400.0},
+                    "milton": {"kl_teacher_student": held + 0.1}}
+        return {"runs": {"ce_random": run(ce_val, ce_held), "kd_random": run(kd_val, kd_held)}}
+
+    pa, pb = tmp_path / "a.json", tmp_path / "b.json"
+    pa.write_text(json.dumps(point(3.0, 3.1, 2.0, 2.1)))  # lr 1e-3: CE's best by validation
+    pb.write_text(json.dumps(point(3.2, 2.9, 1.8, 1.9)))  # lr 4e-3: KD's best (CE's held-out is lower, not chosen by it)
+    out = tmp_path / "lr.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality_lr.py"), "--lrs", "1e-3,4e-3",
+                    "--reuse", f"1e-3={pa}", "--reuse", f"4e-3={pb}", "--out", str(out)], check=True, cwd=ROOT, timeout=300)
+    res = json.loads(out.read_text())
+    assert res["best"]["ce_random"]["lr"] == "1e-3" and res["best"]["kd_random"]["lr"] == "4e-3"
+    gain = res["verdict"]["kd_vs_ce_heldout_kl_reduction (each at its best lr)"]
+    assert gain == pytest.approx(1 - 1.9 / 3.1)
+    assert res["verdict"]["goal: KD beats CE on held-out KL by >= 30%"] is True
+
+
 def test_run_all_commands(tmp_path, monkeypatch):
     monkeypatch.setattr(run_all, "HERE", tmp_path)
     (tmp_path / "with_quick.py").write_text("import argparse; p = argparse.ArgumentParser(); "
