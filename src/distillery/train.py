@@ -231,6 +231,10 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
         write_json(summary, out / "summary.json")
         log.close()
     acc.wait_for_everyone()
+    if world > 1 and torch.distributed.is_initialized():
+        # Tear the process group down before exit: left to interpreter shutdown, gloo's threads were seen
+        # to abort a rank ("terminate called without an active exception") under FSDP's device mesh.
+        torch.distributed.destroy_process_group()
     return summary
 
 
