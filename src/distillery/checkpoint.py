@@ -166,21 +166,15 @@ def _write_checkpoint(root: Path, tmp: Path, step: int, model, optimizer, schedu
 
 def _save_state(state: dict[str, torch.Tensor], path: Path, model: torch.nn.Module) -> None:
     """A gathered state dict as safetensors; a parameter ``model`` holds under two names (tied embeddings;
-    gathering may have made two copies of it) is written once, under the name ``save_model`` keeps (the
-    first in sorted order), so ``load_model`` restores the tie."""
+    gathering makes two copies of it) is written once, under the name ``save_model`` keeps (the first in
+    sorted order), so ``load_model`` restores the tie."""
     from safetensors.torch import save_file
 
     names: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name)
     aliases = {n for group in names.values() for n in sorted(group)[1:]}
-    seen, out = set(), {}
-    for name, t in sorted(state.items()):
-        if name in aliases or (t.numel() and t.data_ptr() in seen):
-            continue
-        seen.add(t.data_ptr())
-        out[name] = t.contiguous()
-    save_file(out, str(path))
+    save_file({name: t.contiguous() for name, t in state.items() if name not in aliases}, str(path))
 
 
 def _discard(folder: Path) -> None:

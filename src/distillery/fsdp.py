@@ -30,6 +30,7 @@ import torch
 
 from .errors import DistilleryError
 
+
 def _full_options():
     from torch.distributed.checkpoint.state_dict import StateDictOptions
     return StateDictOptions(full_state_dict=True, cpu_offload=True)

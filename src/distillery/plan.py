@@ -143,8 +143,8 @@ def estimate(cfg: RunConfig, *, processes: int = 1, device: str = "auto", memory
                     "FSDP gathered decoder layers (2, weights + gradients)": 2 * 8.0 * layer})
     else:
         mem.update({"student weights (fp32)": 4.0 * n, "gradients": 4.0 * n, "AdamW moments": 8.0 * n})
-    if processes > 1 and not fsdp:
-        mem["DDP gradient buckets"] = 4.0 * n
+        if processes > 1:
+            mem["DDP gradient buckets"] = 4.0 * n
     if gpu:
         mem["AdamW foreach temporaries"] = 4.0 * n
     if bf16:

@@ -128,6 +128,8 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
             print(f"resuming from {ckpts[-1]} (step {step})")
     if not use_fsdp:
         wrapped, optimizer = acc.prepare(HiddenStates(student), optimizer)
+    sharded_root = wrapped if use_fsdp else None  # validation gathers it on every rank
+    final_state = None  # under FSDP: the whole weights gathered for the last checkpoint, reused for the student
     head = student.get_output_embeddings()
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -208,10 +210,12 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
             t_start, window_tokens = time.perf_counter(), 0
         bar.update(1)
         if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps and run.val is not None:
-            _validate(run, student, step, log, tc, acc, wrapped if use_fsdp else None)
+            _validate(run, student, step, log, tc, acc, sharded_root)
         if (tc.save_every and step % tc.save_every == 0) or step == tc.max_steps:
             acc.wait_for_everyone()  # under FSDP every rank takes part in gathering the whole state
             gathered = (fsdp.full_model_state(student), fsdp.full_optimizer_state(student, optimizer)) if use_fsdp else None
+            if gathered is not None and step == tc.max_steps:
+                final_state = gathered[0]
             if acc.is_main_process:
                 save_checkpoint(out, step, student, optimizer, scheduler,
                                 {"tokens_seen": tokens_seen, "data_step": step, "global_batch": global_batch,
@@ -224,10 +228,11 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
     if run.teacher_stats is not None:
         summary["api_teacher"] = run.teacher_stats
     if run.val is not None:
-        summary["validation"] = _validate(run, student, step, log, tc, acc, wrapped if use_fsdp else None)
-    whole = fsdp.full_model_state(student) if use_fsdp else None
+        summary["validation"] = _validate(run, student, step, log, tc, acc, sharded_root)
+    if use_fsdp and final_state is None:  # resumed at the last step: no checkpoint was gathered in this run
+        final_state = fsdp.full_model_state(student)
     if acc.is_main_process:
-        run.save_student(student if whole is None else fsdp.plain_copy(student, whole), out / "student")
+        run.save_student(student if final_state is None else fsdp.plain_copy(student, final_state), out / "student")
         write_json(summary, out / "summary.json")
         log.close()
     acc.wait_for_everyone()
