@@ -182,6 +182,21 @@ def verdicts(runs: dict) -> dict:
     return out
 
 
+def train_info_from(paths: list[str], names: list[str]) -> dict:
+    """Training records (wall seconds, recipe, the command and threads that trained it) of runs trained by
+    earlier invocations, taken from their result files, so that an ``--eval-only`` merge keeps them."""
+    info = {}
+    for path in paths:
+        res = json.loads(Path(path).read_text())
+        machine = res.get("machine", {})
+        for name, run in res.get("runs", {}).items():
+            if name in names and "seconds" in run:
+                info[name] = {"seconds": run["seconds"], "recipe": run.get("recipe"), "trained_by": {
+                    "result": str(path), "command": machine.get("command"), "threads": machine.get("threads"),
+                    "date": machine.get("date")}}
+    return info
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="16 steps of 4 x 128 tokens: a smoke run, not a result")
@@ -192,6 +207,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work-dir", default=str(common.ROOT / "runs" / "bench" / "quality"))
     ap.add_argument("--eval-only", action="store_true", help="re-evaluate finished runs, train nothing")
+    ap.add_argument("--train-info", action="append", default=[], metavar="RESULT.json",
+                    help="with --eval-only: keep each run's training record from the result file that trained it")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     names = args.runs.split(",")
@@ -199,7 +216,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     machine = common.machine_info(threads=args.threads)
     t0 = time.perf_counter()
-    trained = {} if args.eval_only else train_all(args, names, work / "children.log")
+    trained = train_info_from(args.train_info, names) if args.eval_only else train_all(args, names, work / "children.log")
     ev = evaluate_all(args, names)
     runs = {}
     for name in names:
@@ -208,6 +225,7 @@ def main() -> None:
         r["tokens_seen"] = r["curves"]["tokens_seen"]
         runs[name] = r
     machine["load_average_end"] = common.loadavg()
+    steps, batch, seq = (base_config(args, names[0])["train"]["max_steps"], *SIZES[args.size][1:3])
     params = {n: r.get("parameters") for n, r in runs.items()}
     result = {"benchmark": "quality", "quick": args.quick, "size": "quick" if args.quick else args.size, "machine": machine, "teacher": ev["teacher"],
               "student_shape": {**PRUNE, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "tied_embeddings": True},
@@ -216,7 +234,10 @@ def main() -> None:
               "limits": "one seed; CPU; validation KL on the loop's first eval_batches val batches, final metrics on the "
                         "whole held-out split; on-policy run trains on fewer target tokens per step"
                         + ("; --quick: far too few steps for the goals to mean anything" if args.quick else "")
-                        + ("; --size medium: 60 x 8 x 128 tokens per run, short of the full 300 x 8 x 256" if args.size == "medium" else "")}
+                        + (f"; --size medium: {steps} x {batch} x {seq} tokens per run, short of the full 300 x 8 x 256"
+                           if args.size == "medium" and not args.quick else "")
+                        + ("; runs trained by separate invocations (each run's trained_by): their seconds are not "
+                           "comparable across thread counts or machine load" if args.train_info else "")}
     common.write_json(result, Path(args.out or common.RESULTS / ("quality_quick.json" if args.quick else f"quality{'_medium' if args.size == 'medium' else ''}.json")))
     demo_schema = {"teacher": ev["teacher"], "quick": args.quick, "samples": ev["samples"],
                    "runs": {n: {k: r.get(k) for k in ("heldout", "milton", "parameters", "student_dir")}

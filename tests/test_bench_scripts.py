@@ -192,3 +192,16 @@ def test_throughput_end_to_end(tmp_path):
         assert tiny["systems"][name]["tok_s"] > 0 and tiny["systems"][name]["peak_rss_bytes"] > 0, name
     assert tiny["ratios"]["ours_live/trl_fair tok_s"] is not None
     assert result["machine"]["trl"] and result["matmul_peak_gflops"]["used"] > 0
+
+
+def test_quality_eval_only_keeps_training_records(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"machine": {"command": "quality.py --runs ce_random", "threads": 1},
+                             "runs": {"ce_random": {"seconds": 10.0, "recipe": "ce.yaml"}}}))
+    b.write_text(json.dumps({"machine": {"command": "quality.py --runs kd_pruned", "threads": 2},
+                             "runs": {"kd_pruned": {"seconds": 5.0}, "kd_random": {"error": "boom"}}}))
+    info = quality.train_info_from([str(a), str(b)], ["ce_random", "kd_pruned", "kd_random"])
+    assert set(info) == {"ce_random", "kd_pruned"}  # a run without a training time is not invented
+    assert info["ce_random"]["seconds"] == 10.0 and info["ce_random"]["trained_by"]["threads"] == 1
+    assert info["kd_pruned"]["trained_by"]["command"] == "quality.py --runs kd_pruned"
+    assert quality.train_info_from([str(a)], ["kd_pruned"]) == {}
