@@ -16,7 +16,8 @@ Four runs of the same student shape (Minitron-style targets, default 8 layers, d
 Validation (KL to the teacher, top-1 agreement, perplexity) every ``eval_every`` steps gives the
 curves; step 0 (the initial student) is evaluated here with the loop's own batches. At the end every
 student is evaluated on the whole held-out split and on Milton's *Paradise Lost* (never trained on),
-and teacher and students continue one prompt greedily. Goals (reported, met or not): (2) beats (1)
+on their own continuations of the held-out prompts (``evaluate_own_samples``: 64 sampled tokens, 3 seeds, the
+measure on-policy training targets), and teacher and students continue one prompt greedily. Goals (reported, met or not): (2) beats (1)
 on held-out KL by >= 30%; (3) reaches (2)'s final validation KL in <= 1/2 of (2)'s tokens.
 
 Writes ``benchmarks/results/quality.json`` (``quality_quick.json`` with ``--quick``) and, in the work
@@ -124,6 +125,7 @@ def evaluate_all(args, names: list[str]) -> dict:
     def batches(ds):
         return (collate(ds, torch.arange(i, min(i + bs, len(ds)))) for i in range(0, len(ds), bs))
 
+    out["teacher_own_samples"] = own_samples(teacher, teacher.model, tokenizer, batches, heldout, vocab)
     new = 24 if args.quick else 40
     t_text, t_speed = _sample(teacher.model, tokenizer, PROMPT, new)
     out["samples"] = []
@@ -136,10 +138,27 @@ def evaluate_all(args, names: list[str]) -> dict:
         out["runs"][name] = {"student_dir": str(folder), "parameters": count_parameters(student),
                              "heldout": evaluate(teacher, student, batches(heldout), vocab_size=vocab),
                              "milton": evaluate(teacher, student, batches(milton), vocab_size=vocab),
+                             "own_samples": own_samples(teacher, student, tokenizer, batches, heldout, vocab),
                              "decode_tok_s": s_speed}
         out["samples"].append({"prompt": PROMPT, "teacher": t_text, "student": s_text, "student_run": name,
                                "teacher_decode_tok_s": t_speed, "student_decode_tok_s": s_speed})
     return out
+
+
+OWN_SAMPLE_SEEDS = (0, 1, 2)
+
+
+def own_samples(teacher, model, tokenizer, batches, heldout, vocab) -> dict:
+    """Metrics on the model's own continuations of the held-out prompts (first 64 tokens of each block,
+    64 new tokens at temperature 1, the on-policy run's sampling), one draw per prompt per seed."""
+    from distillery.config import GenerationConfig
+    from distillery.evaluate import evaluate_own_samples
+
+    per_seed = {seed: evaluate_own_samples(teacher, model, batches(heldout), tokenizer, GenerationConfig(), seed=seed,
+                                           vocab_size=vocab) for seed in OWN_SAMPLE_SEEDS}
+    mean = {k: sum(m[k] for m in per_seed.values()) / len(per_seed)
+            for k in ("teacher_perplexity", "student_perplexity", "kl_teacher_student", "top1_agreement")}
+    return {"mean_over_seeds": mean, "per_seed": per_seed}
 
 
 def curves(work: Path, name: str, step0: dict | None) -> dict:
@@ -170,6 +189,10 @@ def verdicts(runs: dict) -> dict:
         gain = 1 - kd["heldout"]["kl_teacher_student"] / ce["heldout"]["kl_teacher_student"]
         out["kd_vs_ce_heldout_kl_reduction"] = gain
         out["goal: KD beats CE on held-out KL by >= 30%"] = gain >= 0.30
+    op = runs.get("kd_pruned_onpolicy", {})
+    if pr.get("own_samples") and op.get("own_samples"):  # reported, no goal set by the issue
+        a, b = (r["own_samples"]["mean_over_seeds"]["kl_teacher_student"] for r in (pr, op))
+        out["onpolicy_vs_offpolicy_own_sample_kl_reduction"] = 1 - b / a
     if kd.get("curves", {}).get("val") and pr.get("curves", {}).get("val"):
         final = kd["curves"]["val"][-1]["kl_teacher_student"]
         reach = tokens_to_reach(pr["curves"]["val"], final)
@@ -230,7 +253,7 @@ def main() -> None:
     result = {"benchmark": "quality", "quick": args.quick, "size": "quick" if args.quick else args.size, "machine": machine, "teacher": ev["teacher"],
               "student_shape": {**PRUNE, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "tied_embeddings": True},
               "size_ratio": {n: (p / ev["teacher"]["parameters"] if p else None) for n, p in params.items()},
-              "step0": ev["step0"], "runs": runs, "verdicts": verdicts(runs), "seconds": time.perf_counter() - t0,
+              "step0": ev["step0"], "teacher_own_samples": ev["teacher_own_samples"], "runs": runs, "verdicts": verdicts(runs), "seconds": time.perf_counter() - t0,
               "limits": "one seed; CPU; validation KL on the loop's first eval_batches val batches, final metrics on the "
                         "whole held-out split; on-policy run trains on fewer target tokens per step"
                         + ("; --quick: far too few steps for the goals to mean anything" if args.quick else "")

@@ -82,6 +82,33 @@ def evaluate(teacher, student, batches: Iterable[dict], *, vocab_size: int | Non
     }
 
 
+def evaluate_own_samples(teacher, student, batches: Iterable[dict], tokenizer, gen_cfg, *, seed: int = 0,
+                         vocab_size: int | None = None, max_batches: int | None = None) -> dict:
+    """The same metrics on text the student writes itself: the measure on-policy distillation targets.
+
+    Each batch's prompt (its chat prompt, or the first ``gen_cfg.prompt_tokens`` tokens of a plain block)
+    is continued by the student, exactly as an on-policy training step samples (``on_policy_batch``:
+    ``max_new_tokens``, ``sample_temperature``, ``top_p``, stopping at EOS), from a generator seeded with
+    ``seed`` so that two students are scored on draws made the same way. Only the generated tokens
+    count. Then ``teacher_perplexity`` is the teacher's perplexity of the student's text (how plausible
+    the teacher finds it), ``kl_teacher_student`` is KL(p_T ‖ q_S) along the student's own trajectories
+    (what GKD's λ = 1 steps minimise) and ``student_perplexity`` is the student's perplexity of its own
+    samples. One sample per prompt, so the numbers carry sampling noise.
+    """
+    from .onpolicy import on_policy_batch
+
+    generator = torch.Generator(device=next(student.parameters()).device).manual_seed(seed)
+
+    def generated():
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                return
+            yield on_policy_batch(student, batch, tokenizer, gen_cfg, generator=generator, vocab_size=vocab_size)
+
+    return {**evaluate(teacher, student, generated(), vocab_size=vocab_size), "seed": seed,
+            "max_new_tokens": gen_cfg.max_new_tokens, "sample_temperature": gen_cfg.sample_temperature}
+
+
 def _sparse_chunk(sums: dict, s_logits: torch.Tensor, targets: TeacherTargets, rows: torch.Tensor,
                   labels: torch.Tensor, vocab_size: int | None) -> None:
     """Metrics against a sparse (top-k + tail) teacher at its recorded temperature: forward KL, agreement
