@@ -39,6 +39,12 @@ def test_cli_distill_then_eval(tmp_path, capsys):
     metrics = json.loads(js.read_text())
     assert set(metrics) >= {"teacher_perplexity", "student_perplexity", "kl_teacher_student", "top1_agreement", "tokens"}
     assert metrics["tokens"] == 8 * 32 and metrics["kl_teacher_student"] > 0
+    assert "own_samples" not in metrics
+    assert main(["eval", "--teacher", str(make_teacher(tmp_path)), "--student", str(student),
+                 "--data", str(tmp_path / "corpus.txt"), "--seq-len", "32", "--max-blocks", "8",
+                 "--own-samples", "6", "--prompt-tokens", "10", "--json", str(js)]) == 0
+    own = json.loads(js.read_text())["own_samples"]
+    assert 0 < own["tokens"] <= 8 * 6 and own["max_new_tokens"] == 6 and own["kl_teacher_student"] > 0
 
 
 def test_kd_reduces_kl(tmp_path):

@@ -28,7 +28,8 @@ def _cmd_eval(args) -> int:
     from .evaluate import run_eval
 
     metrics = run_eval(args.teacher, args.student, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
-                       max_blocks=args.max_blocks, json_out=args.json)
+                       max_blocks=args.max_blocks, json_out=args.json, own_samples=args.own_samples,
+                       prompt_tokens=args.prompt_tokens, sample_temperature=args.sample_temperature)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -59,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=4)
     e.add_argument("--max-blocks", type=int, default=None, help="evaluate at most this many blocks")
     e.add_argument("--json", default=None, help="write the metrics to this JSON file")
+    e.add_argument("--own-samples", type=int, default=0, metavar="N",
+                   help="also score the student's own continuations of each block's prompt: N new tokens, "
+                        "teacher perplexity of them and KL(T||S) on them (the on-policy measure)")
+    e.add_argument("--prompt-tokens", type=int, default=64, help="prompt length for --own-samples")
+    e.add_argument("--sample-temperature", type=float, default=1.0, help="sampling temperature for --own-samples")
     e.set_defaults(func=_cmd_eval)
 
     m = sub.add_parser("demo", help="distill SmolLM2-135M-Instruct into a small student and print the results")

@@ -151,8 +151,13 @@ def write_json(metrics: dict, path: str | Path) -> None:
 
 
 def run_eval(teacher_src: str, student_dir: str, data: list[str], *, seq_len: int = 256, batch_size: int = 4,
-             max_blocks: int | None = None, json_out: str | None = None, progress: bool = True) -> dict:
-    """``distillery eval``: load both models, check their tokenizers, score every held-out block."""
+             max_blocks: int | None = None, json_out: str | None = None, progress: bool = True,
+             own_samples: int = 0, prompt_tokens: int = 64, sample_temperature: float = 1.0) -> dict:
+    """``distillery eval``: load both models, check their tokenizers, score every held-out block.
+
+    With ``own_samples`` > 0 the student also continues each block's first ``prompt_tokens`` tokens by
+    ``own_samples`` sampled tokens, scored under ``"own_samples"`` (:func:`evaluate_own_samples`, seed 0).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .config import DataConfig
@@ -161,6 +166,8 @@ def run_eval(teacher_src: str, student_dir: str, data: list[str], *, seq_len: in
     from .students import check_vocab
     from .teachers import load_teacher
 
+    if own_samples > 0 and prompt_tokens >= seq_len:
+        raise DistilleryError(f"--prompt-tokens {prompt_tokens} must be shorter than --seq-len {seq_len}")
     if json_out is not None:  # fail before spending compute if the output cannot be written
         from .checkpoint import ensure_writable_dir
 
@@ -179,6 +186,13 @@ def run_eval(teacher_src: str, student_dir: str, data: list[str], *, seq_len: in
     batches = (ds.batch(torch.arange(i, min(i + batch_size, len(ds)))) for i in range(0, len(ds), batch_size))
     metrics = evaluate(teacher, student, batches, vocab_size=vocab, progress=progress,
                        max_batches=math.ceil(len(ds) / batch_size))
+    if own_samples > 0:
+        from .config import GenerationConfig
+
+        gen = GenerationConfig(max_new_tokens=own_samples, prompt_tokens=prompt_tokens,
+                               sample_temperature=sample_temperature)
+        batches = (ds.batch(torch.arange(i, min(i + batch_size, len(ds)))) for i in range(0, len(ds), batch_size))
+        metrics["own_samples"] = evaluate_own_samples(teacher, student, batches, s_tok, gen, vocab_size=vocab)
     metrics.update({"teacher": teacher_src, "student": str(student_dir), "data": list(data), "seq_len": seq_len})
     if json_out is not None:
         write_json(metrics, json_out)
