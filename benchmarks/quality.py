@@ -194,14 +194,11 @@ def verdicts(runs: dict) -> dict:
         gain = 1 - kd["heldout"]["kl_teacher_student"] / ce["heldout"]["kl_teacher_student"]
         out["kd_vs_ce_heldout_kl_reduction"] = gain
         out["goal: KD beats CE on held-out KL by >= 30%"] = gain >= 0.30
-    op = runs.get("kd_pruned_onpolicy", {})
-    if pr.get("own_samples") and op.get("own_samples"):  # reported, no goal set by the issue
-        a, b = (r["own_samples"]["mean_over_seeds"]["kl_teacher_student"] for r in (pr, op))
-        out["onpolicy_vs_offpolicy_own_sample_kl_reduction"] = 1 - b / a
-    pj, oj = runs.get("kd_pruned_jsd", {}), runs.get("kd_pruned_onpolicy_jsd", {})
-    if pj.get("own_samples") and oj.get("own_samples"):
-        a, b = (r["own_samples"]["mean_over_seeds"]["kl_teacher_student"] for r in (pj, oj))
-        out["jsd: onpolicy_vs_offpolicy_own_sample_kl_reduction"] = 1 - b / a
+    for prefix, off, on in (("", "kd_pruned", "kd_pruned_onpolicy"), ("jsd: ", "kd_pruned_jsd", "kd_pruned_onpolicy_jsd")):
+        pair = [runs.get(off, {}).get("own_samples"), runs.get(on, {}).get("own_samples")]
+        if all(pair):  # reported, no goal set by the issue
+            a, b = (o["mean_over_seeds"]["kl_teacher_student"] for o in pair)
+            out[f"{prefix}onpolicy_vs_offpolicy_own_sample_kl_reduction"] = 1 - b / a
     if kd.get("curves", {}).get("val") and pr.get("curves", {}).get("val"):
         final = kd["curves"]["val"][-1]["kl_teacher_student"]
         reach = tokens_to_reach(pr["curves"]["val"], final)
@@ -259,7 +256,8 @@ def main() -> None:
         r["tokens_seen"] = r["curves"]["tokens_seen"]
         runs[name] = r
     machine["load_average_end"] = common.loadavg()
-    steps, batch, seq = (base_config(args, names[0])["train"]["max_steps"], *SIZES[args.size][1:3])
+    first = base_config(args, names[0])
+    steps, batch, seq = first["train"]["max_steps"], first["train"]["micro_batch_size"], first["data"]["seq_len"]
     params = {n: r.get("parameters") for n, r in runs.items()}
     result = {"benchmark": "quality", "quick": args.quick, "size": "quick" if args.quick else args.size, "machine": machine, "teacher": ev["teacher"],
               "student_shape": {**PRUNE, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "tied_embeddings": True},

@@ -183,16 +183,18 @@ def run_eval(teacher_src: str, student_dir: str, data: list[str], *, seq_len: in
     limit = min(teacher.model.config.max_position_embeddings, student.config.max_position_embeddings)
     cfg = DataConfig(train=list(data), seq_len=seq_len, val_fraction=0.0, max_train_blocks=max_blocks)
     ds = build_datasets(cfg, teacher.tokenizer, max_positions=limit).train
-    batches = (ds.batch(torch.arange(i, min(i + batch_size, len(ds)))) for i in range(0, len(ds), batch_size))
-    metrics = evaluate(teacher, student, batches, vocab_size=vocab, progress=progress,
+
+    def batches():
+        return (ds.batch(torch.arange(i, min(i + batch_size, len(ds)))) for i in range(0, len(ds), batch_size))
+
+    metrics = evaluate(teacher, student, batches(), vocab_size=vocab, progress=progress,
                        max_batches=math.ceil(len(ds) / batch_size))
     if own_samples > 0:
         from .config import GenerationConfig
 
         gen = GenerationConfig(max_new_tokens=own_samples, prompt_tokens=prompt_tokens,
                                sample_temperature=sample_temperature)
-        batches = (ds.batch(torch.arange(i, min(i + batch_size, len(ds)))) for i in range(0, len(ds), batch_size))
-        metrics["own_samples"] = evaluate_own_samples(teacher, student, batches, s_tok, gen, vocab_size=vocab)
+        metrics["own_samples"] = evaluate_own_samples(teacher, student, batches(), s_tok, gen, vocab_size=vocab)
     metrics.update({"teacher": teacher_src, "student": str(student_dir), "data": list(data), "seq_len": seq_len})
     if json_out is not None:
         write_json(metrics, json_out)
