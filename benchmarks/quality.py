@@ -14,7 +14,8 @@ Four runs of the same student shape (Minitron-style targets, default 8 layers, d
    steps train on the student's own 64-token continuations, so fewer target tokens).
 
 On request (``--runs``), ``kd_pruned_jsd`` and ``kd_pruned_onpolicy_jsd``: 3 and 4 with JSD(beta=0.5),
-the divergence GKD pairs with on-policy data.
+the divergence GKD pairs with on-policy data, and ``kd_pruned_onpolicy_jsd_late``: on-policy only from
+a quarter of the steps on (``generation.on_policy_start``), after supervised KD.
 
 Validation (KL to the teacher, top-1 agreement, perplexity) every ``eval_every`` steps gives the
 curves; step 0 (the initial student) is evaluated here with the loop's own batches. At the end every
@@ -64,9 +65,13 @@ def base_config(args, name: str) -> dict:
     kd = name != "ce_random"
     return {"teacher": {"source": "smollm2"}, "student": student,
             "data": {"train": ["demo:shakespeare"], "seq_len": seq, "val_fraction": 0.02, "max_val_blocks": val_blocks},
-            "loss": {"kd": "jsd" if name.endswith("_jsd") else "forward_kl", "beta": 0.5, "kd_weight": 1.0 if kd else 0.0, "ce_weight": 0.0 if kd else 1.0,
+            "loss": {"kd": "jsd" if "_jsd" in name else "forward_kl", "beta": 0.5, "kd_weight": 1.0 if kd else 0.0, "ce_weight": 0.0 if kd else 1.0,
                      "loss_temperature": 1.0, "chunk_size": 512},
-            "generation": {"on_policy_fraction": 0.5 if "onpolicy" in name else 0.0},
+            "generation": {"on_policy_fraction": 0.5 if "onpolicy" in name else 0.0,
+                           # _late: supervised KD for the first quarter, then lambda = 0.5 (docs/prune.md)
+                           "on_policy_start": steps // 4 if name.endswith("_late") else 0,
+                           # the JSD run from step 0 is kept to show its collapse: warned, not stopped
+                           "collapse_guard": "warn" if name == "kd_pruned_onpolicy_jsd" else "error"},
             "train": {"output_dir": str(Path(args.work_dir) / name), "max_steps": steps, "micro_batch_size": batch,
                       "lr": args.lr, "warmup_steps": warm, "eval_every": every, "eval_batches": ev_batches,
                       "save_every": 0, "progress": False, "seed": 0}}
@@ -74,7 +79,8 @@ def base_config(args, name: str) -> dict:
 
 RUNS = ["ce_random", "kd_random", "kd_pruned", "kd_pruned_onpolicy"]
 # GKD's pairing, on request (--runs): JSD(beta=0.5) off- and on-policy, so that the policy is the only difference
-EXTRA_RUNS = ["kd_pruned_jsd", "kd_pruned_onpolicy_jsd"]
+# (from step 0 the student collapses; ``_late`` starts on-policy after a quarter of supervised KD)
+EXTRA_RUNS = ["kd_pruned_jsd", "kd_pruned_onpolicy_jsd", "kd_pruned_onpolicy_jsd_late"]
 
 
 def train_all(args, names: list[str], log: Path) -> dict:
@@ -194,7 +200,8 @@ def verdicts(runs: dict) -> dict:
         gain = 1 - kd["heldout"]["kl_teacher_student"] / ce["heldout"]["kl_teacher_student"]
         out["kd_vs_ce_heldout_kl_reduction"] = gain
         out["goal: KD beats CE on held-out KL by >= 30%"] = gain >= 0.30
-    for prefix, off, on in (("", "kd_pruned", "kd_pruned_onpolicy"), ("jsd: ", "kd_pruned_jsd", "kd_pruned_onpolicy_jsd")):
+    for prefix, off, on in (("", "kd_pruned", "kd_pruned_onpolicy"), ("jsd: ", "kd_pruned_jsd", "kd_pruned_onpolicy_jsd"),
+                            ("jsd late: ", "kd_pruned_jsd", "kd_pruned_onpolicy_jsd_late")):
         pair = [runs.get(off, {}).get("own_samples"), runs.get(on, {}).get("own_samples")]
         if all(pair):  # reported, no goal set by the issue
             a, b = (o["mean_over_seeds"]["kl_teacher_student"] for o in pair)

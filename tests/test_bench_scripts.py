@@ -128,8 +128,10 @@ def test_quality_recipes_are_valid_and_same_shape(tmp_path):
     assert cfgs["kd_pruned"].student.init == "pruned" and cfgs["kd_random"].student.init == "config"
     assert cfgs["kd_pruned_onpolicy"].generation.on_policy_fraction == 0.5
     extra = {n: RunConfig.model_validate(quality.base_config(args, n)) for n in quality.EXTRA_RUNS}
-    assert [c.loss.kd for c in extra.values()] == ["jsd", "jsd"] and cfgs["kd_pruned"].loss.kd == "forward_kl"
-    assert [c.generation.on_policy_fraction for c in extra.values()] == [0.0, 0.5]
+    assert [c.loss.kd for c in extra.values()] == ["jsd"] * 3 and cfgs["kd_pruned"].loss.kd == "forward_kl"
+    assert [c.generation.on_policy_fraction for c in extra.values()] == [0.0, 0.5, 0.5]
+    assert [c.generation.on_policy_start for c in extra.values()] == [0, 0, cfgs["kd_pruned"].train.max_steps // 4]
+    assert cfgs["kd_pruned_onpolicy"].generation.on_policy_start == 0
     assert all(c.student.init == "pruned" for c in extra.values())
     model = cfgs["kd_random"].student.model  # the random-init student has the pruned student's shape
     assert (model["num_hidden_layers"], model["hidden_size"], model["intermediate_size"], model["num_attention_heads"]) == \

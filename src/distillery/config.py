@@ -104,6 +104,8 @@ class GenerationConfig(_Section):
     sample_temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     prompt_tokens: int = Field(64, gt=0, description="Prompt length taken from each block when the data has no chat prompts.")
+    on_policy_start: int = Field(0, ge=0, description="First step that may be on-policy; the steps before it are supervised KD. GKD assumes a student that already writes sensible text: from a random or pruned student, start later (docs/prune.md).")
+    collapse_guard: Literal["error", "warn", "off"] = Field("error", description="When the student is certain of every token it samples (mean -log q < 0.01 nats) on 3 on-policy steps in a row, its samples have collapsed: stop with an error, warn once, or do nothing.")
 
 
 class QATConfig(_Section):

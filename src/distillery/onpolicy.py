@@ -40,6 +40,41 @@ def choose_on_policy(step: int, fraction: float, seed: int) -> bool:
     return random.Random(f"distillery-on-policy:{seed}:{step}").random() < fraction
 
 
+COLLAPSE_NLL = 0.01   # nats per sampled token: a sampler this certain repeats itself (a healthy LM: 1-5)
+COLLAPSE_STEPS = 3    # consecutive on-policy steps below it
+
+
+class CollapseGuard:
+    """Notices a student that has collapsed onto its own samples.
+
+    On an on-policy step the student's mean ``-log q`` of the tokens it just sampled estimates its entropy
+    there. Seen in ``benchmarks/quality.py``'s JSD(0.5) on-policy run from a pruned student at lr 2e-3: within
+    6 steps it fell to 0.0004 (one token, repeated); the teacher, seeing the repetition, agreed (its perplexity
+    of those samples: 3), so the on-policy loss was low while the divergence on real text saturated near ln 2
+    and its gradient vanished; the run never recovered. ``update`` returns a one-line message when the value
+    stays below ``threshold`` for ``patience`` on-policy steps in a row, else None; a step at or above it
+    resets the count.
+    """
+
+    def __init__(self, threshold: float = COLLAPSE_NLL, patience: int = COLLAPSE_STEPS):
+        self.threshold, self.patience = threshold, patience
+        self.low: list[tuple[int, float]] = []  # (step, -log q) of the current run of certain steps
+
+    def update(self, step: int, own_nll: float) -> str | None:
+        if own_nll >= self.threshold:
+            self.low = []
+            return None
+        self.low.append((step, own_nll))
+        if len(self.low) < self.patience:
+            return None
+        seen = ", ".join(f"step {s}: {v:.2g}" for s, v in self.low[-self.patience:])
+        return (f"the student's on-policy samples have collapsed: it is certain of every token it samples "
+                f"(mean -log q per sampled token {seen}; below {self.threshold} nats); it repeats itself and "
+                f"training on those samples teaches nothing. Start on-policy later "
+                f"(generation.on_policy_start, after supervised KD) or lower train.lr; "
+                f"generation.collapse_guard=warn continues anyway")
+
+
 def stop_token_ids(tokenizer, model=None) -> list[int]:
     """Ids that end a generation: the tokenizer's EOS, the model's generation-config EOS ids, and the
     chat end-of-turn token (``<|im_end|>`` etc.) when the vocabulary has one."""

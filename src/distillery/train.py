@@ -39,6 +39,7 @@ from .data import BlockSampler
 from .errors import DistilleryError
 from .evaluate import evaluate, student_hidden, write_json
 from .losses import chunked_distill_loss
+from .onpolicy import CollapseGuard, choose_on_policy, on_policy_batch
 from .run_setup import prepare_run
 
 
@@ -143,6 +144,8 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
     chunk_rows = lc.chunk_rows(acc.device.type, run.vocab_size)  # 'auto': larger chunks on a GPU
     bar = tqdm(total=tc.max_steps, initial=step, desc="distill", disable=not (tc.progress and acc.is_main_process))
     qat_on = False
+    gc = cfg.generation
+    guard = CollapseGuard() if gc.on_policy_fraction > 0 and gc.collapse_guard != "off" else None
     t_start, window_tokens = time.perf_counter(), 0
     while step < tc.max_steps:
         if cfg.qat.enabled and not qat_on and step >= tc.max_steps - cfg.qat.last_steps:
@@ -151,11 +154,11 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
             qat_on = True
         micro = [train_ds.batch(sampler.indices(*divmod(step * tc.grad_accum + i, len(sampler))))
                  for i in range(tc.grad_accum)]
-        if cfg.generation.on_policy_fraction > 0:
-            from .onpolicy import choose_on_policy, on_policy_batch  # GKD: student samples, teacher scores
-            if choose_on_policy(step, cfg.generation.on_policy_fraction, tc.seed):
-                micro = [on_policy_batch(student, mb, run.tokenizer, cfg.generation, generator=gen,
-                                         vocab_size=run.vocab_size) for mb in micro]
+        on_policy = (gc.on_policy_fraction > 0 and step >= gc.on_policy_start
+                     and choose_on_policy(step, gc.on_policy_fraction, tc.seed))
+        if on_policy:  # GKD: the student samples, the teacher scores, the loss is on the samples only
+            micro = [on_policy_batch(student, mb, run.tokenizer, gc, generator=gen,
+                                     vocab_size=run.vocab_size) for mb in micro]
         micro = [{k: v.to(acc.device) for k, v in mb.items()} for mb in micro]
         # N_window: target tokens in the whole accumulation window, summed over ranks, counted once.
         n_tokens = torch.tensor(float(sum(int((mb["labels"] != -100).sum()) for mb in micro)), device=acc.device)
@@ -194,9 +197,10 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
         step += 1
         tokens_seen += int(n_tokens)
         logging_step = step % tc.log_every == 0 or step == tc.max_steps
-        if logging_step and world > 1:  # the logged loss is the global one: sum every rank's sums (all ranks call this)
+        if (logging_step or (on_policy and guard)) and world > 1:  # global sums: every rank's (all ranks call this)
             kd_sum, ce_sum = acc.reduce(torch.tensor([kd_sum, ce_sum], dtype=torch.float64, device=acc.device),
                                         reduction="sum").tolist()
+        collapsed = guard.update(step, ce_sum / max(n_tokens, 1)) if on_policy and guard else None
         if acc.is_main_process and logging_step:
             elapsed = time.perf_counter() - t_start
             kd_scale = lc.kd_weight * lc.loss_temperature ** 2  # the objective scales KD by tau^2 (Hinton)
@@ -204,11 +208,20 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
                    "kd": kd_sum / max(n_tokens, 1), "ce": ce_sum / max(n_tokens, 1),
                    "lr": scheduler.get_last_lr()[0], "grad_norm": None if grad_norm is None else float(grad_norm),
                    "tokens_seen": tokens_seen, "tok_s": window_tokens * world / max(elapsed, 1e-9)}
+            if gc.on_policy_fraction > 0:
+                rec["on_policy"] = on_policy  # then "ce" is the student's -log q of its own samples
             log.write(json.dumps(rec) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tok_s']:.0f}")
             t_start, window_tokens = time.perf_counter(), 0
         bar.update(1)
+        if collapsed and gc.collapse_guard == "error":
+            last = list_checkpoints(out)
+            raise DistilleryError(f"step {step}: {collapsed} (last checkpoint: {last[-1] if last else 'none'})")
+        if collapsed:
+            if acc.is_main_process:
+                print(f"warning: step {step}: {collapsed}", file=sys.stderr)
+            guard = None  # warned once (on every rank: the ranks' reductions above stay in step)
         if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps and run.val is not None:
             _validate(run, student, step, log, tc, acc, sharded_root)
         if (tc.save_every and step % tc.save_every == 0) or step == tc.max_steps:
