@@ -45,7 +45,7 @@ def test_guard_counts_consecutive_certain_steps_and_resets():
     assert g.update(10, 2.5) is None  # a healthy step (entropy of natural text: nats) resets the count
     msgs = [g.update(11 + i, low) for i in range(COLLAPSE_STEPS)]
     assert msgs[:-1] == [None] * (COLLAPSE_STEPS - 1)
-    assert "collapsed" in msgs[-1] and "on_policy_start" in msgs[-1] and f"step {10 + COLLAPSE_STEPS}" in msgs[-1]
+    assert "collapsed" in msgs[-1] and "on_policy_start" in msgs[-1] and f"step {10 + COLLAPSE_STEPS} " in msgs[-1]
     assert "\n" not in msgs[-1]
 
 

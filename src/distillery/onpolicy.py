@@ -67,9 +67,9 @@ class CollapseGuard:
         self.low.append((step, own_nll))
         if len(self.low) < self.patience:
             return None
-        seen = ", ".join(f"step {s}: {v:.2g}" for s, v in self.low[-self.patience:])
+        seen = ", ".join(f"step {s} {v:.2g}" for s, v in self.low[-self.patience:])
         return (f"the student's on-policy samples have collapsed: it is certain of every token it samples "
-                f"(mean -log q per sampled token {seen}; below {self.threshold} nats); it repeats itself and "
+                f"(its -log q of them, nats per token: {seen}; a healthy student: 1-5); it repeats itself and "
                 f"training on those samples teaches nothing. Start on-policy later "
                 f"(generation.on_policy_start, after supervised KD) or lower train.lr; "
                 f"generation.collapse_guard=warn continues anyway")
