@@ -74,7 +74,7 @@ def base_config(args, name: str) -> dict:
                            "collapse_guard": "warn" if name == "kd_pruned_onpolicy_jsd" else "error"},
             "train": {"output_dir": str(Path(args.work_dir) / name), "max_steps": steps, "micro_batch_size": batch,
                       "lr": args.lr, "warmup_steps": warm, "eval_every": every, "eval_batches": ev_batches,
-                      "save_every": 0, "progress": False, "seed": 0}}
+                      "save_every": 0, "progress": False, "seed": getattr(args, "seed", 0)}}
 
 
 RUNS = ["ce_random", "kd_random", "kd_pruned", "kd_pruned_onpolicy"]
@@ -239,6 +239,7 @@ def main() -> None:
     ap.add_argument("--size", choices=("full", "medium"), default="full", help="full: 300 x 8 x 256 tokens per run")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--lr", type=float, default=2e-3, help="same for every run")
+    ap.add_argument("--seed", type=int, default=0, help="train.seed of every run: the student's init and the data order")
     ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work-dir", default=str(common.ROOT / "runs" / "bench" / "quality"))

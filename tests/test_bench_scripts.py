@@ -137,6 +137,9 @@ def test_quality_recipes_are_valid_and_same_shape(tmp_path):
     assert (model["num_hidden_layers"], model["hidden_size"], model["intermediate_size"], model["num_attention_heads"]) == \
         tuple(quality.PRUNE[k] for k in ("layers", "hidden", "ffn", "heads"))
     assert len({(c.train.max_steps, c.train.micro_batch_size, c.data.seq_len) for c in cfgs.values()}) == 1
+    assert {c.train.seed for c in cfgs.values()} == {0}
+    args.seed = 1  # --seed: every run's init and data order
+    assert RunConfig.model_validate(quality.base_config(args, "kd_random")).train.seed == 1
 
 
 def test_quality_verdicts():
