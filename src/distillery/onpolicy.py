@@ -69,7 +69,7 @@ class CollapseGuard:
             return None
         seen = ", ".join(f"step {s} {v:.2g}" for s, v in self.low[-self.patience:])
         return (f"the student's on-policy samples have collapsed: it is certain of every token it samples "
-                f"(its -log q of them, nats per token: {seen}; a healthy student: 1-5); the run this guard comes from "
+                f"(its -log q of them, nats per token: {seen}; a healthy student: 1-5; the run this guard comes from "
                 f"repeated one token and never recovered). Start on-policy later "
                 f"(generation.on_policy_start, after supervised KD) or lower train.lr; "
                 f"generation.collapse_guard=warn continues anyway")
