@@ -85,10 +85,10 @@ def prepare_run(cfg: RunConfig, device: torch.device, is_main: bool = True) -> R
     from .data import build_datasets  # imported here: data pulls in tokenizers machinery
 
     tcfg = cfg.teacher
-    if tcfg.kind in ("cache", "api_logprobs") and cfg.generation.on_policy_fraction > 0:
+    gc = cfg.generation
+    if tcfg.kind in ("cache", "api_logprobs") and gc.on_policy_fraction > 0:
         raise DistilleryError("generation.on_policy_fraction > 0 needs a live teacher to score the student's samples; "
                               f"teacher.kind '{tcfg.kind}' only holds targets for stored text (use teacher.kind: hf)")
-    gc = cfg.generation
     if gc.on_policy_fraction > 0 and gc.on_policy_start >= cfg.train.max_steps:
         raise DistilleryError(f"generation.on_policy_start ({gc.on_policy_start}) is not below train.max_steps "
                               f"({cfg.train.max_steps}): no step would be on-policy; lower it, or set "

@@ -179,9 +179,8 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
                     n_tokens=max(n_tokens, 1.0), chunk_size=chunk_rows, vocab_size=run.vocab_size,
                     lm_head_bias=head.bias)
                 if not torch.isfinite(loss):
-                    last = list_checkpoints(out)
                     raise DistilleryError(f"step {step}: loss is {loss.item()}; stopped before the update "
-                                          f"(last good checkpoint: {last[-1] if last else 'none'})")
+                                          f"(last good checkpoint: {_last_checkpoint(out)})")
                 acc.backward(loss * world)  # DDP averages gradients over ranks; the loss is already global
             kd_sum += stats["kd_sum"]
             ce_sum += stats["ce_sum"]
@@ -216,8 +215,7 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
             t_start, window_tokens = time.perf_counter(), 0
         bar.update(1)
         if collapsed and gc.collapse_guard == "error":
-            last = list_checkpoints(out)
-            raise DistilleryError(f"step {step}: {collapsed} (last checkpoint: {last[-1] if last else 'none'})")
+            raise DistilleryError(f"step {step}: {collapsed} (last checkpoint: {_last_checkpoint(out)})")
         if collapsed:
             if acc.is_main_process:
                 print(f"warning: step {step}: {collapsed}", file=sys.stderr)
@@ -254,6 +252,12 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
         # to abort a rank ("terminate called without an active exception") under FSDP's device mesh.
         torch.distributed.destroy_process_group()
     return summary
+
+
+def _last_checkpoint(out: Path) -> str:
+    """The newest checkpoint folder of a run, for a message that stops it ('none' before the first)."""
+    ckpts = list_checkpoints(out)
+    return str(ckpts[-1]) if ckpts else "none"
 
 
 def _check_launch(acc: Accelerator) -> None:
