@@ -123,7 +123,7 @@ def eval_phase(args, cfg: dict, cache_dir: Path, students: dict[str, str]) -> di
     import torch
     from transformers import AutoModelForCausalLM
 
-    from distillery.cache import CachedTeacher
+    from distillery.teachers import CachedTeacher
     from distillery.config import DataConfig, RunConfig
     from distillery.data import build_datasets
     from distillery.evaluate import evaluate

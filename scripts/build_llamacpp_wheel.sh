@@ -9,5 +9,6 @@ if ls .cache/wheels/llama_cpp_python-"$VERSION"-*.whl >/dev/null 2>&1; then
   echo "llama-cpp-python $VERSION wheel already cached"; exit 0
 fi
 PY="${PYTHON:-.venv/bin/python}"
-CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
+CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON}" \
+  CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
   "$PY" -m pip wheel --no-deps --no-binary llama-cpp-python "llama-cpp-python==$VERSION" -w .cache/wheels

@@ -9,7 +9,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from distillery.cache import CachedTeacher, CacheReader, cache_info, write_cache
+from distillery.cache import CacheReader, cache_info, write_cache
+from distillery.teachers import CachedTeacher
 from distillery.cache.codec import Encoding
 from distillery.errors import DistilleryError
 from distillery.targets import sparse_from_logits
@@ -64,7 +65,7 @@ def test_round_trip(tmp_path, encoding):
 
 def test_lazy_dense_teacher_equals_logits(tmp_path):
     """A live ``Teacher`` hands over hidden states + LM head; the cache equals the one from plain logits."""
-    from distillery.teachers import Teacher
+    from distillery.teachers import HFTeacher as Teacher
     from tiny import tiny_llama
 
     model = tiny_llama(V, seed=0)

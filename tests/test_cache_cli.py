@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from distillery.cache import CachedTeacher
+from distillery.teachers import CachedTeacher
 from distillery.cli import main
 from distillery.config import load_config
 from distillery.data import build_datasets, collate, tokenizer_hash

@@ -11,7 +11,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from distillery.cache import CachedTeacher, CacheReader, cache_info, write_cache
+from distillery.cache import CacheReader, cache_info, write_cache
+from distillery.teachers import CachedTeacher
 from distillery.cache.command import default_k_and_samples
 from distillery.cache.sampling import SAMPLER, tail_uniforms
 from distillery.errors import DistilleryError

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from distillery.cache import CachedTeacher, write_cache
+from distillery.cache import write_cache
+from distillery.teachers import CachedTeacher
 from distillery.evaluate import evaluate
 from distillery.targets import TeacherTargets
 from test_cache_support import BlockDataset, TinyTeacher, collate

@@ -10,7 +10,7 @@ import torch
 from distillery.config import GenerationConfig
 from distillery.evaluate import evaluate, evaluate_own_samples
 from distillery.onpolicy import on_policy_batch
-from distillery.teachers.hf import Teacher
+from distillery.teachers.hf import HFTeacher as Teacher
 from tiny import tiny_llama
 
 TOK = SimpleNamespace(pad_token_id=3, eos_token_id=0, get_vocab=lambda: {})

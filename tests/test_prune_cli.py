@@ -10,8 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distillery.errors import DistilleryError
-from distillery.prune import add_prune_parser, prune_main
-from distillery.prune.cli import calibration_batches
+from distillery.prune.cli import add_prune_parser, calibration_batches, prune_main
 from tiny import corpus_text, tiny_llama, tiny_tokenizer
 
 

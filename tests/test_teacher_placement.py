@@ -14,7 +14,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import distillery.run_setup as run_setup
 from distillery.cli import main
 from distillery.config import load_config
 from distillery.errors import DistilleryError
@@ -64,7 +63,9 @@ def test_cached_teacher_trains_like_the_live_one_without_loading_it(tmp_path, ca
     def no_teacher(*a, **k):
         raise AssertionError("a run on a teacher cache loaded the teacher model")
 
-    monkeypatch.setattr(run_setup, "load_teacher", no_teacher)
+    import distillery.teachers.hf as hf
+
+    monkeypatch.setattr(hf, "load_teacher", no_teacher)
     cached = tmp_path / "cached"
     summary = distill(load_config(recipe, ["teacher.kind=cache", f"teacher.cache_path={cache}",
                                            f"train.output_dir={cached}"]))
@@ -82,5 +83,10 @@ def test_student_next_to_a_cache_inherits_the_vocabulary_without_a_teacher_folde
     from distillery.config import TeacherConfig
     from tiny import tiny_tokenizer
 
-    stand_in = run_setup._cached_teacher_basics(TeacherConfig(kind="cache"), tiny_tokenizer(512), 512)
+    from types import SimpleNamespace
+
+    from distillery.teachers import teacher_config
+
+    cache_like = SimpleNamespace(model=None, tokenizer=tiny_tokenizer(512), vocab_width=512)
+    stand_in = teacher_config(TeacherConfig(kind="cache"), cache_like)
     assert stand_in.config.vocab_size == 512 and stand_in.config.eos_token_id == 0

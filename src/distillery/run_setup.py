@@ -9,25 +9,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
 from .config import RunConfig
 from .errors import DistilleryError
 from .students import build_student, check_vocab, load_student_tokenizer
-from .teachers import load_teacher
+from .teachers import Teacher, open_teacher, teacher_config, teacher_device
 
 
 @dataclass
 class Run:
     cfg: RunConfig
-    teacher: Any              # has .targets(batch, vocab_size) -> TeacherTargets
-    eval_teacher: Any | None  # a teacher for validation metrics (live, or the cache's validation split)
-    tokenizer: Any
-    train: Any
-    val: Any | None
+    teacher: Teacher
+    eval_teacher: Teacher | None  # the teacher for validation metrics (live, or the cache's validation split)
+    tokenizer: object
+    train: object  # data.BlockDataset
+    val: object | None
     fingerprint: dict
     student: torch.nn.Module
     vocab_size: int
@@ -39,30 +38,6 @@ def _max_positions(*models) -> int | None:
     limits = [getattr(m.config, "max_position_embeddings", None) for m in models if m is not None]
     limits = [x for x in limits if x]
     return min(limits) if limits else None
-
-
-def _cached_teacher_basics(tcfg, tokenizer, width: int) -> SimpleNamespace:
-    """A stand-in teacher (``.config`` only) for a student built next to a teacher cache.
-
-    Without it a student built from ``student.model`` would take its family's defaults, e.g. Llama's
-    32,000-entry vocabulary, whatever the cache's tokenizer. The teacher's own config is read (no
-    weights) when ``teacher.source`` is set to a local model folder; otherwise the student inherits what
-    the cache knows: its vocabulary width and the tokenizer's special-token ids.
-    """
-    from transformers import AutoConfig
-
-    folder = Path(tcfg.source).expanduser()
-    if "source" in tcfg.model_fields_set and (folder / "config.json").is_file():
-        try:
-            config = AutoConfig.from_pretrained(folder, trust_remote_code=tcfg.trust_remote_code)
-        except (OSError, ValueError) as exc:
-            from .teachers.hf import remote_code_error
-
-            raise remote_code_error(exc, f"teacher '{tcfg.source}'", "teacher.trust_remote_code") from None
-    else:
-        config = AutoConfig.for_model("llama", vocab_size=width, eos_token_id=tokenizer.eos_token_id,
-                                      bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return SimpleNamespace(config=config)
 
 
 def _check_student_size(cfg: RunConfig, teacher_model) -> None:
@@ -81,82 +56,68 @@ def _check_student_size(cfg: RunConfig, teacher_model) -> None:
             "out take the model family's defaults)")
 
 
-def prepare_run(cfg: RunConfig, device: torch.device, is_main: bool = True) -> Run:
-    from .data import build_datasets  # imported here: data pulls in tokenizers machinery
-
-    tcfg = cfg.teacher
+def _check_recipe(cfg: RunConfig) -> None:
+    """Checks on the recipe alone, before anything loads."""
     gc = cfg.generation
-    if tcfg.kind in ("cache", "api_logprobs") and gc.on_policy_fraction > 0:
-        raise DistilleryError("generation.on_policy_fraction > 0 needs a live teacher to score the student's samples; "
-                              f"teacher.kind '{tcfg.kind}' only holds targets for stored text (use teacher.kind: hf)")
     if gc.on_policy_fraction > 0 and gc.on_policy_start >= cfg.train.max_steps:
         raise DistilleryError(f"generation.on_policy_start ({gc.on_policy_start}) is not below train.max_steps "
                               f"({cfg.train.max_steps}): no step would be on-policy; lower it, or set "
                               "generation.on_policy_fraction to 0 for supervised KD")
-    if tcfg.kind == "api_logprobs":
-        return _prepare_api_run(cfg, device, is_main)
-    if tcfg.kind == "cache":
-        from .cache.teacher import CachedTeacher  # the teacher cache backend
+    if cfg.student.init == "pruned" and cfg.teacher.kind != "hf":
+        raise DistilleryError(f"student.init 'pruned' cuts the student out of the teacher's weights: it needs "
+                              f"teacher.kind 'hf' (the teacher in this process), not '{cfg.teacher.kind}'")
 
-        if not tcfg.cache_path:
-            raise DistilleryError("teacher.kind is 'cache' but teacher.cache_path is not set")
-        teacher = CachedTeacher(tcfg.cache_path)
-        tokenizer = teacher.tokenizer
-        teacher_model = None
-        teacher_width = teacher.vocab_width
-    else:
-        teacher = load_teacher(tcfg.source, device=tcfg.device if tcfg.device != "auto" else str(device),
-                               dtype=tcfg.dtype, trust_remote_code=tcfg.trust_remote_code)
-        tokenizer = teacher.tokenizer
-        teacher_model = teacher.model
-        teacher_width = teacher_model.get_output_embeddings().weight.shape[0]
 
-    splits = build_datasets(cfg.data, tokenizer, max_positions=_max_positions(teacher_model))
+def prepare_run(cfg: RunConfig, device: torch.device, is_main: bool = True) -> Run:
+    """Teacher, data, student and vocabulary for ``distill`` (and the demo), in that order.
+
+    The teacher comes from :func:`~distillery.teachers.open_teacher` whatever its kind; the data are
+    tokenized with its tokenizer; the student is built beside it and checked against it (one vocabulary
+    rule, :func:`~distillery.teachers.shared_vocab`; one device rule, :func:`~distillery.teachers.teacher_device`).
+    """
+    from .data import build_datasets  # imported here: data pulls in tokenizers machinery
+
+    _check_recipe(cfg)
+    tcfg = cfg.teacher
+    teacher = open_teacher(tcfg, teacher_device(tcfg.device, device), data=cfg.data, student=cfg.student)
+    if cfg.generation.on_policy_fraction > 0 and not teacher.scores_new_text:
+        raise DistilleryError("generation.on_policy_fraction > 0 needs a teacher that scores the student's samples; "
+                              f"teacher.kind '{tcfg.kind}' only holds targets for stored text (use teacher.kind: hf or served)")
+    tokenizer = teacher.tokenizer
+    teacher_stats, renderer = None, None
+    if tcfg.kind == "api_logprobs":  # stored answers: say what is usable; without log-probs, the text alone (CE)
+        cfg, renderer, teacher_stats = _api_logprobs_setup(cfg, teacher, is_main)
+
+    splits = build_datasets(cfg.data, tokenizer, max_positions=_max_positions(teacher.model), chat_renderer=renderer)
     if tcfg.kind == "cache":
         teacher.check(splits.fingerprint, cfg)
 
     calib = None
     if cfg.student.init == "pruned":
-        from .train import collate
-
-        n = min(len(splits.train), cfg.student.prune.calibration_batches * cfg.train.micro_batch_size)
-        calib = [collate(splits.train, torch.arange(i, min(i + cfg.train.micro_batch_size, n)))
-                 for i in range(0, n, cfg.train.micro_batch_size)]
-    base = teacher_model
-    if base is None and cfg.student.init == "config":
-        base = _cached_teacher_basics(tcfg, tokenizer, teacher_width)
-    if cfg.student.init == "config" and teacher_model is not None:
-        _check_student_size(cfg, teacher_model)
-    student = build_student(cfg.student, base, calibration=calib, seed=cfg.train.seed)
+        mb = cfg.train.micro_batch_size
+        n = min(len(splits.train), cfg.student.prune.calibration_batches * mb)
+        calib = [splits.train.batch(torch.arange(i, min(i + mb, n))) for i in range(0, n, mb)]
+    if cfg.student.init == "config" and teacher.model is not None:
+        _check_student_size(cfg, teacher.model)
+    student = build_student(cfg.student, teacher_config(tcfg, teacher), calibration=calib, seed=cfg.train.seed)
     limit = getattr(student.config, "max_position_embeddings", None)
     if limit and cfg.data.seq_len > limit:
         raise DistilleryError(f"data.seq_len ({cfg.data.seq_len}) is above the student's limit "
                               f"max_position_embeddings={limit}")
     student_tok = load_student_tokenizer(cfg.student, tokenizer)
-    vocab = check_vocab(tokenizer, student_tok, teacher_width, student.get_output_embeddings().weight.shape[0])
+    vocab = check_vocab(tokenizer, student_tok, teacher.vocab_width, student.get_output_embeddings().weight.shape[0])
     student.to(device)
-    eval_teacher = teacher if tcfg.kind != "cache" else teacher.eval_teacher()
-    return Run(cfg=cfg, teacher=teacher, eval_teacher=eval_teacher, tokenizer=tokenizer, train=splits.train,
-               val=splits.val, fingerprint=splits.fingerprint, student=student, vocab_size=vocab,
-               save_student=_student_saver(tokenizer))
+    return Run(cfg=cfg, teacher=teacher, eval_teacher=teacher.eval_teacher(), tokenizer=tokenizer,
+               train=splits.train, val=splits.val, fingerprint=splits.fingerprint, student=student,
+               vocab_size=vocab, save_student=_student_saver(tokenizer), teacher_stats=teacher_stats)
 
 
-def _prepare_api_run(cfg: RunConfig, device: torch.device, is_main: bool) -> Run:
-    """``teacher.kind: api_logprobs``: the generated data set with its stored top_logprobs (no teacher model).
-
-    The data are tokenized with the student's tokenizer; when the server's tokens are not ids of it (or no
-    record has log-probabilities) the run says so in one line and trains on the text alone: the loss
-    becomes cross-entropy (``kd_weight`` 0, ``ce_weight`` as set or 1) in the returned ``Run.cfg``.
-    """
+def _api_logprobs_setup(cfg: RunConfig, teacher, is_main: bool):
+    """``teacher.kind: api_logprobs``: report what the stored answers allow; when the server's tokens are not
+    ids of the student's tokenizer (or no record has log-probabilities) train on the text alone: the loss
+    becomes cross-entropy (``kd_weight`` 0, ``ce_weight`` as set or 1) in the returned config."""
     import sys
 
-    from .api.logprob_teacher import ApiLogprobTeacher, load_api_tokenizer
-    from .data import build_datasets
-
-    tcfg = cfg.teacher
-    tokenizer, mismatch = load_api_tokenizer(cfg)
-    teacher = ApiLogprobTeacher(tokenizer, list(cfg.data.train) + list(cfg.data.validation), cfg.data.format,
-                                cfg.data.text_field, tokenizer_mismatch=mismatch)
     if is_main:
         teacher.report(sys.stderr)
     if teacher.uses_kd and cfg.loss.loss_temperature != 1.0:
@@ -166,20 +127,7 @@ def _prepare_api_run(cfg: RunConfig, device: torch.device, is_main: bool) -> Run
         cfg = cfg.model_copy(deep=True)
         cfg.loss.ce_weight = cfg.loss.ce_weight if cfg.loss.ce_weight > 0 else 1.0
         cfg.loss.kd_weight = 0.0
-    splits = build_datasets(cfg.data, tokenizer, chat_renderer=teacher.renderer)
-    base = None
-    if cfg.student.init == "config":
-        base = _cached_teacher_basics(tcfg, tokenizer, len(tokenizer))
-    student = build_student(cfg.student, base, seed=cfg.train.seed)
-    limit = getattr(student.config, "max_position_embeddings", None)
-    if limit and cfg.data.seq_len > limit:
-        raise DistilleryError(f"data.seq_len ({cfg.data.seq_len}) is above the student's limit "
-                              f"max_position_embeddings={limit}")
-    vocab = check_vocab(tokenizer, tokenizer, len(tokenizer), student.get_output_embeddings().weight.shape[0])
-    student.to(device)
-    return Run(cfg=cfg, teacher=teacher, eval_teacher=teacher, tokenizer=tokenizer, train=splits.train,
-               val=splits.val, fingerprint=splits.fingerprint, student=student, vocab_size=vocab,
-               save_student=_student_saver(tokenizer), teacher_stats=teacher.stats.as_dict())
+    return cfg, teacher.renderer, teacher.stats.as_dict()
 
 
 def _student_saver(tokenizer) -> Callable[[torch.nn.Module, Path], None]:

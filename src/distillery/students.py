@@ -92,7 +92,7 @@ def load_student_tokenizer(cfg: StudentConfig, teacher_tokenizer: PreTrainedToke
 
 
 def check_vocab(teacher_tok: PreTrainedTokenizerBase, student_tok: PreTrainedTokenizerBase,
-                teacher_width: int, student_width: int) -> int:
+                teacher_width: int | None = None, student_width: int | None = None) -> int:
     """Check the two tokenizers agree and both embedding tables cover them; return the shared vocab size.
 
     Compares the token → id maps (not only sizes): a student with another tokenizer must never be
@@ -108,11 +108,9 @@ def check_vocab(teacher_tok: PreTrainedTokenizerBase, student_tok: PreTrainedTok
             f"tokenizer mismatch: teacher has {len(tv)} tokens, student {len(sv)}; {len(only_t)} teacher tokens "
             f"missing from the student and {len(moved)} with other ids (e.g. {example}); "
             "same-tokenizer distillation needs identical vocabularies")
-    n = len(teacher_tok)
-    for who, width in (("teacher", teacher_width), ("student", student_width)):
-        if width < n:
-            raise DistilleryError(f"{who} output layer has {width} logits but the tokenizer has {n} tokens")
-    return n
+    from .teachers.protocol import shared_vocab  # the one vocabulary rule
+
+    return shared_vocab(teacher_tok, teacher_width, student_width)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -19,21 +19,7 @@ import yaml
 from pydantic import ValidationError
 
 from ..errors import DistilleryError
-from .config import ApiConfig
-
-SECRET_LIKE = ("api_key_env",)  # never echo what was given for these (it may be a pasted key)
-
-
-def validation_message(err: ValidationError, prefix: str) -> str:
-    """One line naming the first offending key; the offending value is shown unless it may be secret."""
-    e = err.errors()[0]
-    key = ".".join([prefix, *(str(p) for p in e["loc"])])
-    if e["type"] == "extra_forbidden":
-        return f"config key '{key}' is not a known setting"
-    got = e.get("input")
-    show = not isinstance(got, (dict, list)) and not any(str(p) in SECRET_LIKE for p in e["loc"])
-    return f"config key '{key}': {e['msg']}" + (f" (got {got!r})" if show else "")
-
+from .config import ApiConfig, validation_message
 
 def load_api_config(path: str | Path, overrides: list[str] | None = None) -> ApiConfig:
     """Read a generate recipe (standalone or with an ``api:`` section), apply overrides, validate."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ValidationError, BaseModel, ConfigDict, Field, field_validator
 
 
 class _Section(BaseModel):
@@ -96,3 +96,17 @@ class ApiConfig(_Section):
 
     def summary_path(self) -> str:
         return f"{self.output}.summary.json"
+
+
+SECRET_LIKE = ("api_key_env",)  # never echo what was given for these (it may be a pasted key)
+
+
+def validation_message(err: ValidationError, prefix: str) -> str:
+    """One line naming the first offending key; the offending value is shown unless it may be secret."""
+    e = err.errors()[0]
+    key = ".".join([prefix, *(str(p) for p in e["loc"])])
+    if e["type"] == "extra_forbidden":
+        return f"config key '{key}' is not a known setting"
+    got = e.get("input")
+    show = not isinstance(got, (dict, list)) and not any(str(p) in SECRET_LIKE for p in e["loc"])
+    return f"config key '{key}': {e['msg']}" + (f" (got {got!r})" if show else "")

@@ -287,7 +287,7 @@ def generate_dataset(cfg: ApiConfig | dict, **overrides: Any) -> dict:
     """
     from pydantic import ValidationError
 
-    from .command import validation_message
+    from .config import validation_message
 
     data = cfg.model_dump() if isinstance(cfg, ApiConfig) else dict(cfg)
     data.update(overrides)

@@ -6,7 +6,7 @@ Format: ``docs/cache_format.md``. Public API:
 * :func:`write_cache` (``writer``): teacher + datasets -> sharded cache folder (resumable, per rank).
 * :class:`CacheReader` (``reader``): ``check(expected)``, ``targets(indices, split)``,
   ``measure_read_throughput()``.
-* :class:`CachedTeacher` (``teacher``): the cache behind a live teacher's ``targets(batch)``.
+* the cache as a teacher: :class:`distillery.teachers.CachedTeacher`.
 * :func:`cache_info` (``info``) and :func:`add_cache_parser` (``command``): the ``distillery cache`` verb.
 """
 
@@ -14,7 +14,6 @@ from .codec import Encoding
 from .command import add_cache_parser, run_cache
 from .info import cache_info
 from .reader import CacheReader
-from .teacher import CachedTeacher
 from .writer import write_cache
 
-__all__ = ["CacheReader", "CachedTeacher", "Encoding", "add_cache_parser", "cache_info", "run_cache", "write_cache"]
+__all__ = ["CacheReader", "Encoding", "add_cache_parser", "cache_info", "run_cache", "write_cache"]

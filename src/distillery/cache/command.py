@@ -43,26 +43,25 @@ def run_cache(cfg, out_dir: str, *, k: int | None = None, batch_size: int = 8, s
     """Load the recipe's teacher and data, then :func:`~distillery.cache.writer.write_cache` this rank's share
     (``k``/``tail_samples`` None: :func:`default_k_and_samples`)."""
     from ..data import build_datasets, tokenizer_hash
-    from ..teachers import load_teacher
+    from ..teachers import open_teacher, run_device, shared_vocab, teacher_device
     from .writer import write_cache
 
-    if cfg.teacher.kind != "hf":
-        raise DistilleryError("`distillery cache` needs a live teacher: set teacher.kind to 'hf'")
-    k, tail_samples = default_k_and_samples(cfg, k, tail_samples)
+    if cfg.teacher.kind not in ("hf", "served"):
+        raise DistilleryError(f"`distillery cache` runs a teacher over the data: teacher.kind must be 'hf' (in this "
+                              f"process) or 'served' (a server), not '{cfg.teacher.kind}'")
     rank, world = _rank_world()
-    device = cfg.teacher.device
-    if device == "auto":
-        import torch
-
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    teacher = load_teacher(cfg.teacher.source, device=device, dtype=cfg.teacher.dtype,
-                           trust_remote_code=cfg.teacher.trust_remote_code)
+    teacher = open_teacher(cfg.teacher, teacher_device(cfg.teacher.device, run_device()))
+    if teacher.model is None:  # a served teacher reports its top log-probs only: no tail to sample
+        if tail_samples:
+            raise DistilleryError(f"--tail-samples {tail_samples}: a served teacher reports its top log-probs only, so "
+                                  "there is no tail to sample; pass --tail-samples 0 (the tail is then one bucket)")
+        tail_samples = 0
+        k = k or cfg.teacher.top_logprobs
+    k, tail_samples = default_k_and_samples(cfg, k, tail_samples)
     tok = teacher.tokenizer
     splits = build_datasets(cfg.data, tok)
-    width = teacher.model.get_output_embeddings().weight.shape[0]
-    vocab = min(len(tok), width)
-    info = {"teacher": {"name": teacher.name, "weights_hash": teacher.weights_hash()},
-            "tokenizer_hash": tokenizer_hash(tok), "data_fingerprint": splits.fingerprint}
+    vocab = shared_vocab(tok, teacher.vocab_width)
+    info = {"teacher": teacher.identity(), "tokenizer_hash": tokenizer_hash(tok), "data_fingerprint": splits.fingerprint}
     return write_cache(lambda batch: teacher.targets(batch, vocab_size=vocab), splits, out_dir, k=k,
                        loss_temperature=cfg.loss.loss_temperature, manifest_info=info, shard_blocks=shard_blocks,
                        rank=rank, world_size=world, batch_size=batch_size, vocab_size=vocab,

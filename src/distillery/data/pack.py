@@ -34,7 +34,7 @@ class BlockDataset(Dataset):
         targets: ``(N,)`` bool, False where a token must not be a label; ``None`` = all targets.
         real: ``(N,)`` bool, False on padding; ``None`` = no padding.
         teacher_rows: ``(N,)`` int64, for each token the row of a side table of teacher targets that
-            describes it (-1 = none); ``None`` = no side table (see ``distillery.api.logprob_teacher``).
+            describes it (-1 = none); ``None`` = no side table (see ``distillery.teachers.api_logprobs``).
 
     ``dataset[i]`` is a dict ``input_ids (T,)``, ``labels (T,)``, ``attention_mask (T,)`` (int64) and
     ``index ()`` int64 = ``i``, the block's number within this dataset (the teacher cache's key); with

@@ -114,7 +114,6 @@ def prune_model(teacher, calib_batches: Iterable[dict], *, layers: int | None = 
     return student
 
 
-from .cli import add_prune_parser, prune_main  # noqa: E402  (the CLI half uses prune_model above)
 
-__all__ = ["PrunePlan", "add_prune_parser", "apply_plan", "calibrate", "calibration_loss", "check_supported",
-           "loss_importance", "plan_pruning", "prune_main", "prune_model"]
+__all__ = ["PrunePlan", "apply_plan", "calibrate", "calibration_loss", "check_supported",
+           "loss_importance", "plan_pruning", "prune_model"]

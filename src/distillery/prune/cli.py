@@ -103,9 +103,10 @@ def prune_main(teacher, out: str | Path, *, layers: int | None = None, hidden: i
     if out.exists() and any(out.iterdir()):
         raise DistilleryError(f"output folder '{out}' already exists and is not empty")
     if isinstance(teacher, (str, Path)):
-        from ..teachers import load_teacher
+        from ..config import TeacherConfig
+        from ..teachers import open_teacher
 
-        teacher = load_teacher(str(teacher), device=device, dtype=dtype)
+        teacher = open_teacher(TeacherConfig(source=str(teacher), dtype=dtype), device)
     model = teacher if isinstance(teacher, torch.nn.Module) else teacher.model  # bare model or Teacher
     tokenizer = tokenizer or getattr(teacher, "tokenizer", None)
     if calib is None:

@@ -1,10 +1,19 @@
-"""Teacher backends. Every backend yields :class:`distillery.targets.TeacherTargets`.
+"""The teacher room: the :class:`Teacher` protocol and every backend. Each yields
+:class:`distillery.targets.TeacherTargets`; nothing outside this room knows which backend runs.
 
-- :mod:`.hf`: a live Hugging Face model (folder, hub id, GGUF file, or the bundled ``smollm2``).
-- the teacher cache (``distillery.cache``) and the served/API teacher (``distillery.api``) plug in
-  with the same ``targets(batch)`` method.
+- :mod:`.protocol`: ``Teacher``, and the shared vocabulary and device rules;
+- :mod:`.open`: ``open_teacher(cfg.teacher, device)`` picks the backend from ``teacher.kind``;
+- :mod:`.hf`: a live Hugging Face model in this process (folder, hub id, GGUF file, or ``smollm2``);
+- :mod:`.cached`: a teacher cache written by ``distillery cache``;
+- :mod:`.api_logprobs`: the stored top log-probs of a ``distillery generate`` data set;
+- :mod:`.served`: a model behind an OpenAI-compatible server (vLLM, llama.cpp) scoring any sequence.
 """
 
-from .hf import Teacher, convert_gguf, distillery_home, load_teacher, pick_device, pick_dtype, smollm2_gguf
+from .cached import CachedTeacher
+from .hf import HFTeacher, convert_gguf, distillery_home, load_teacher, pick_device, pick_dtype, smollm2_gguf
+from .open import open_teacher, teacher_config
+from .protocol import Teacher, run_device, shared_vocab, teacher_device
 
-__all__ = ["Teacher", "convert_gguf", "distillery_home", "load_teacher", "pick_device", "pick_dtype", "smollm2_gguf"]
+__all__ = ["CachedTeacher", "HFTeacher", "Teacher", "convert_gguf", "distillery_home", "load_teacher", "open_teacher",
+           "pick_device", "pick_dtype", "run_device", "shared_vocab", "smollm2_gguf", "teacher_config",
+           "teacher_device"]

@@ -142,8 +142,10 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 @dataclass
-class Teacher:
-    """A frozen live teacher. ``targets(batch)`` runs it under ``no_grad`` and returns lazy dense targets."""
+class HFTeacher:
+    """A frozen in-process teacher (the ``hf`` backend of :class:`~distillery.teachers.Teacher`).
+
+    ``targets(batch)`` runs it under ``no_grad`` and returns lazy dense targets."""
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
@@ -151,6 +153,20 @@ class Teacher:
     source: str
     device: torch.device
     _weights_hash: str | None = field(default=None, repr=False)
+    scores_new_text: bool = field(default=True, init=False)
+
+    @property
+    def vocab_width(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    def eval_teacher(self) -> "HFTeacher":
+        return self
+
+    def prefetch(self, batch: dict) -> None:
+        """Nothing to start ahead: the forward runs when :meth:`targets` is called."""
+
+    def identity(self) -> dict:
+        return {"name": self.name, "weights_hash": self.weights_hash()}
 
     @torch.no_grad()
     def targets(self, batch: dict, vocab_size: int | None = None) -> TeacherTargets:
@@ -194,7 +210,7 @@ def remote_code_error(exc: Exception, what: str, setting: str) -> DistilleryErro
 
 
 def load_teacher(source: str, *, device: str = "auto", dtype: str = "auto",
-                 trust_remote_code: bool = False) -> Teacher:
+                 trust_remote_code: bool = False) -> HFTeacher:
     """Load a frozen teacher (eval mode, no gradients) from any supported source."""
     folder, name = resolve_source(source)
     dev = pick_device(device)
@@ -211,4 +227,4 @@ def load_teacher(source: str, *, device: str = "auto", dtype: str = "auto",
     except (OSError, ValueError) as exc:
         raise remote_code_error(exc, f"teacher '{source}'", "teacher.trust_remote_code") from None
     model.to(dev).eval().requires_grad_(False)
-    return Teacher(model=model, tokenizer=tok, name=name, source=source, device=dev)
+    return HFTeacher(model=model, tokenizer=tok, name=name, source=source, device=dev)

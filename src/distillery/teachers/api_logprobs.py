@@ -53,7 +53,7 @@ from ..data.chat import has_generation_tags, render_chat
 from ..data.readers import read_source, resolve_sources
 from ..errors import DistilleryError
 from ..targets import TeacherTargets, tail_logprob_outside
-from .targets import _entry_bytes, _lost_bytes, alternatives_row, token_id_map
+from ..api.targets import _entry_bytes, _lost_bytes, alternatives_row, token_id_map
 
 UNMAPPED_LIMIT = 0.01  # share of generated tokens (or alternatives) with no id above which the tokenizers differ
 RETOKENIZED_LIMIT = 0.5  # share of records tokenized otherwise than the server did, above which likewise
@@ -213,6 +213,10 @@ class ApiLogprobTeacher:
     each label position, -1 where there is none (prompt, end-of-turn token, text-only records).
     """
 
+    model = None  # the teacher is gone: only its answers and their top_logprobs remain
+    scores_new_text = False  # rows exist only for the stored answers
+    name = "api_logprobs"
+
     def __init__(self, tokenizer, entries: list[str], data_format: str = "auto", text_field: str = "text",
                  tokenizer_mismatch: str | None = None):
         self.tokenizer = tokenizer
@@ -295,6 +299,19 @@ class ApiLogprobTeacher:
     def report(self, file=None) -> None:
         print(self.message(), file=file or sys.stderr)
 
+    @property
+    def vocab_width(self) -> int:
+        return len(self.tokenizer)
+
+    def eval_teacher(self) -> "ApiLogprobTeacher":
+        return self
+
+    def prefetch(self, batch: dict) -> None:
+        """Nothing to start: the rows are in memory."""
+
+    def identity(self) -> dict:
+        return {"name": self.name, "top_k": self.stats.top_k}
+
     def targets(self, batch: dict, vocab_size: int | None = None) -> TeacherTargets:
         """Sparse targets ``(B, T, K)`` for ``batch``; ``mask`` = label positions that have a row."""
         if vocab_size is not None and vocab_size != len(self.tokenizer):
@@ -317,7 +334,7 @@ class ApiLogprobTeacher:
                               loss_temperature=1.0, mask=mask, vocab_size=len(self.tokenizer))
 
 
-def load_api_tokenizer(cfg):
+def load_api_tokenizer(tcfg, scfg):
     """``(tokenizer, mismatch)``: the tokenizer the data are tokenized with (the student's) and, when the
     recipe names both the teacher's (``teacher.source``) and a pretrained student's own, a one-phrase
     reason they differ (None when they agree or only one is known)."""
@@ -325,9 +342,8 @@ def load_api_tokenizer(cfg):
 
     from transformers import AutoTokenizer
 
-    from ..teachers.hf import resolve_source
+    from .hf import resolve_source
 
-    tcfg, scfg = cfg.teacher, cfg.student
     own = None
     if scfg.init == "pretrained" and scfg.pretrained and (Path(scfg.pretrained) / "tokenizer_config.json").is_file():
         own = AutoTokenizer.from_pretrained(scfg.pretrained)

@@ -14,12 +14,15 @@ import numpy as np
 
 from ..errors import DistilleryError
 from ..targets import TeacherTargets
-from .reader import CacheReader
-from .shard import block_digest
+from ..cache.reader import CacheReader
+from ..cache.shard import block_digest
 
 
 class CachedTeacher:
     """Teacher targets from a cache folder (``split`` = which cached split ``batch["index"]`` refers to)."""
+
+    model = None  # the teacher ran when the cache was written
+    scores_new_text = False  # targets exist only for the cached blocks
 
     def __init__(self, path: str | Path | None = None, split: str = "train", reader: CacheReader | None = None,
                  tail: str = "auto"):
@@ -56,6 +59,13 @@ class CachedTeacher:
         if cfg is not None:
             expected.update(seq_len=cfg.data.seq_len, loss_temperature=cfg.loss.loss_temperature)
         self.reader.check(expected)
+
+    def prefetch(self, batch: dict) -> None:
+        """Nothing to start: shards are read on demand (memory-mapped)."""
+
+    def identity(self) -> dict:
+        """The manifest's record of the teacher that wrote the cache (name, weights hash)."""
+        return dict(self.reader.manifest.get("teacher", {}))
 
     def eval_teacher(self) -> "CachedTeacher | None":
         """The same cache bound to its ``val`` split (None if no validation split was cached)."""
