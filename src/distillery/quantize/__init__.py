@@ -1,12 +1,12 @@
-"""Weight-only int8/int4 quantization of a student and quantization-aware training helpers.
+"""Weight-only 2-8-bit quantization of a student and quantization-aware training helpers.
 
 Public API (imported lazily so that ``distillery --help`` stays fast):
 
 * :func:`quantize_model` / :func:`load_quantized` — ``distillery quantize``; see ``quantize.model``.
 * :func:`qat_wrap` / :func:`qat_unwrap` — fake-quantized linear layers with STE gradients for the
   last steps of distillation; see ``quantize.qat``.
-* :func:`fake_quantize`, :func:`quantize_weight`, :func:`dequantize_weight` — the grids (GGUF
-  Q8_0/Q4_0 compatible); see ``quantize.core``.
+* :func:`fake_quantize`, :func:`quantize_weight`, :func:`dequantize_weight`, :func:`affine_quantize`,
+  :func:`affine_dequantize` — the grids (GGUF Q8_0/Q4_0, MLX affine 2/3/4/6/8-bit); see ``quantize.core``.
 * :func:`add_quantize_parser` — registers the ``quantize`` verb on an argparse subparsers object.
 """
 
@@ -19,6 +19,7 @@ _LAZY = {
     "quantize_model": "model", "load_quantized": "model", "quantize_linears": "model",
     "qat_wrap": "qat", "qat_unwrap": "qat",
     "fake_quantize": "core", "fake_quantize_ste": "core", "quantize_weight": "core", "dequantize_weight": "core",
+    "affine_quantize": "core", "affine_dequantize": "core",
 }
 
 __all__ = [*_LAZY, "add_quantize_parser"]
@@ -40,18 +41,22 @@ def _run_quantize(args) -> int:
 
     report = quantize_model(args.student, bits=args.bits, group_size=args.group_size, out_dir=args.out,
                             include_lm_head=args.include_lm_head, eval_tokens=args.eval_tokens,
-                            teacher_dir=args.teacher)
+                            teacher_dir=args.teacher, scheme=args.scheme)
     print(json.dumps(report, indent=2))
     return 0
 
 
 def add_quantize_parser(subparsers) -> None:
-    """Register ``distillery quantize STUDENT --bits 8|4 [--group-size N] [--out DIR]``."""
-    p = subparsers.add_parser("quantize", help="weight-only int8/int4 quantization of a student folder")
+    """Register ``distillery quantize STUDENT --bits 8|6|4|3|2 [--scheme S] [--group-size N] [--out DIR]``."""
+    p = subparsers.add_parser("quantize", help="weight-only 2-8-bit quantization of a student folder")
     p.add_argument("student", help="student folder (HF format, with its tokenizer)")
-    p.add_argument("--bits", type=int, choices=(8, 4), default=8)
+    p.add_argument("--bits", type=int, choices=(8, 6, 4, 3, 2), default=8)
+    p.add_argument("--scheme", choices=("auto", "symmetric", "affine"), default="auto",
+                   help="symmetric: GGUF Q8_0/Q4_0 grid (8, 4 bits); affine: MLX mx.quantize grid, scale and "
+                        "bias per group (2, 3, 4, 6, 8 bits); auto: symmetric for 8/4, affine below")
     p.add_argument("--group-size", type=_group_size, default=-1,
-                   help="scales per group of N input columns, or 'channel' (default: channel for 8, 32 for 4)")
+                   help="scales per group of N input columns, or 'channel' (symmetric only; default: channel "
+                        "for symmetric 8, else 32; affine takes 32, 64 or 128)")
     p.add_argument("--out", default=None, help="output folder (default: STUDENT-int<bits>)")
     p.add_argument("--include-lm-head", action="store_true", help="quantize the LM head too (untied heads only)")
     p.add_argument("--eval-tokens", type=int, default=512, help="held-out tokens for the report (0: skip)")

@@ -1,13 +1,16 @@
-"""``quantize_model``: weight-only int8/int4 quantization of a student folder, saved loadably.
+"""``quantize_model``: weight-only 2-8-bit quantization of a student folder, saved loadably.
 
 What is written to ``out_dir``:
 
 * ``model.safetensors`` + ``config.json`` + tokenizer: a plain HF model whose linear weights are the
-  *dequantized* values (``q * d``). Every loader and converter takes it as is (``from_pretrained``,
-  ``export_model`` — and GGUF Q8_0/Q4_0 export of an int8/int4-g32 model re-quantizes onto the same
-  grid, so it loses nothing more).
-* ``quantized.safetensors``: the compact form, ``<linear>.qweight`` (int8 codes, or int4 codes packed
-  two per byte as uint8), ``<linear>.scales`` (fp32, ``(O, I // g)``) and every other tensor as is.
+  *dequantized* values (``q * d``, or ``s * q + b`` for the affine scheme). Every loader and converter
+  takes it as is (``from_pretrained``, ``export_model`` — and GGUF Q8_0/Q4_0 export of an int8/int4-g32
+  model, or MLX ``mx.quantize`` of an affine one with the same bits and group size, re-quantizes onto
+  the same grid, so it loses nothing more).
+* ``quantized.safetensors``: the compact form, ``<linear>.qweight`` and ``<linear>.scales`` (fp32,
+  ``(O, I // g)``), plus ``<linear>.biases`` for the affine scheme, and every other tensor as is.
+  Symmetric: int8 codes, or int4 codes packed two per byte as uint8. Affine: codes packed into uint32
+  exactly as ``mx.quantize`` packs them (so ``qweight``/``scales``/``biases`` are MLX's own tensors).
   ``load_quantized(out_dir)`` rebuilds the model from this file alone (dequantizing on load).
 * ``quantization.json``: the scheme and the report below.
 
@@ -29,7 +32,8 @@ from torch import nn
 from ..errors import DistilleryError
 from ..export.inputs import check_student_dir, heldout_ids, load_student
 from ..export.metrics import compare_logits, mean_nll
-from .core import (SUPPORTED_BITS, default_group_size, dequantize_weight, pack_int4, quantize_weight,
+from .core import (affine_dequantize, affine_quantize, check_group_size, default_group_size,
+                   dequantize_weight, pack_bits, pack_int4, quantize_weight, resolve_scheme, unpack_bits,
                    unpack_int4)
 
 SCHEME_FILE = "quantization.json"
@@ -42,10 +46,19 @@ def _quantizable(model: nn.Module, include_lm_head: bool) -> dict[str, nn.Linear
 
 
 def quantize_linears(model: nn.Module, bits: int, group_size: int | None,
-                     include_lm_head: bool = False) -> dict[str, torch.Tensor]:
-    """Quantize ``model``'s linear weights in place (weights become ``q * d``); return the packed tensors."""
+                     include_lm_head: bool = False, scheme: str | None = None) -> dict[str, torch.Tensor]:
+    """Quantize ``model``'s linear weights in place (weights become their dequantized grid values);
+    return the packed tensors. ``scheme`` None: symmetric for 8/4 bits, affine below (see ``core``)."""
+    scheme = resolve_scheme(bits, scheme)
     packed: dict[str, torch.Tensor] = {}
     for name, lin in _quantizable(model, include_lm_head).items():
+        if scheme == "affine":
+            q, s, b = affine_quantize(lin.weight, bits, group_size, name=name)
+            with torch.no_grad():
+                lin.weight.copy_(affine_dequantize(q, s, b, lin.weight.dtype))
+            packed.update({f"{name}.qweight": pack_bits(q, bits), f"{name}.scales": s.contiguous(),
+                           f"{name}.biases": b.contiguous()})
+            continue
         q, d = quantize_weight(lin.weight, bits, group_size, name=name)
         with torch.no_grad():
             lin.weight.copy_(dequantize_weight(q, d, lin.weight.dtype))
@@ -74,17 +87,24 @@ def _window_ppl(logits: torch.Tensor, ids: list[int], window: int) -> float:
 
 def quantize_model(student_dir: str | Path, bits: int = 8, group_size: int | None = -1,
                    out_dir: str | Path | None = None, include_lm_head: bool = False,
-                   eval_tokens: int = 512, teacher_dir: str | Path | None = None) -> dict:
-    """Quantize a student folder's linear layers (weight-only, symmetric) and save it; return a report.
+                   eval_tokens: int = 512, teacher_dir: str | Path | None = None,
+                   scheme: str | None = None) -> dict:
+    """Quantize a student folder's linear layers (weight-only) and save it; return a report.
 
-    ``group_size=-1``: the default for ``bits`` (int8 per channel, int4 groups of 32); ``None``: per
-    channel. ``out_dir`` defaults to ``<student_dir>-int<bits>``. The LM head (often tied to the
-    embeddings) stays fp32 unless ``include_lm_head``. ``eval_tokens=0`` skips the evaluation.
+    ``scheme`` None/'auto': symmetric (GGUF Q8_0/Q4_0) for 8 and 4 bits, affine (MLX) for 2, 3 and 6.
+    ``group_size=-1``: the default (symmetric int8 per channel, else groups of 32); ``None``: per
+    channel (symmetric only). ``out_dir`` defaults to ``<student_dir>-int<bits>``. The LM head (often
+    tied to the embeddings) stays fp32 unless ``include_lm_head``. ``eval_tokens=0`` skips the evaluation.
+    A student trained with ``qat`` at the same bits, group size and scheme quantizes to exactly the
+    weights its training forward saw.
     """
-    if bits not in SUPPORTED_BITS:
-        raise DistilleryError(f"--bits {bits} is not supported (choose 8 or 4)")
+    try:
+        scheme = resolve_scheme(bits, scheme)
+    except DistilleryError as err:
+        raise DistilleryError(f"--bits {bits}: {err}") from None
     src = check_student_dir(student_dir)
-    group_size = default_group_size(bits) if group_size == -1 else group_size
+    group_size = default_group_size(bits, scheme) if group_size == -1 else group_size
+    check_group_size(scheme, group_size, name="--group-size")
     out = Path(out_dir) if out_dir is not None else src.with_name(f"{src.name}-int{bits}")
     if out.resolve() == src.resolve():
         raise DistilleryError(f"output folder '{out}' is the student folder; choose another")
@@ -96,9 +116,9 @@ def quantize_model(student_dir: str | Path, bits: int = 8, group_size: int | Non
         ids = heldout_ids(tok, eval_tokens)
         window = min(256, model.config.max_position_embeddings)
         reference = _heldout_logits(model, ids, window)
-    packed = quantize_linears(model, bits, group_size, include_lm_head)
-    report = {"student": str(src), "out_dir": str(out), "bits": bits, "group_size": group_size,
-              "quantized_linears": len(packed) // 2, "include_lm_head": include_lm_head}
+    packed = quantize_linears(model, bits, group_size, include_lm_head, scheme=scheme)
+    report = {"student": str(src), "out_dir": str(out), "bits": bits, "group_size": group_size, "scheme": scheme,
+              "quantized_linears": sum(k.endswith(".qweight") for k in packed), "include_lm_head": include_lm_head}
     if reference is not None:
         quant = _heldout_logits(model, ids, window)
         cmp = compare_logits(reference, quant)
@@ -135,7 +155,7 @@ def _save(model, tok, packed: dict[str, torch.Tensor], out: Path, report: dict) 
     rest = {k: v.contiguous() for k, v in model.state_dict().items() if k not in skip}
     if model.config.tie_word_embeddings:
         rest.pop("lm_head.weight", None)  # shared with the embeddings: store once
-    meta = {"bits": str(report["bits"]), "group_size": str(report["group_size"])}
+    meta = {"bits": str(report["bits"]), "group_size": str(report["group_size"]), "scheme": report["scheme"]}
     save_file({**rest, **packed}, str(out / PACKED_FILE), metadata=meta)
     (out / SCHEME_FILE).write_text(json.dumps(report, indent=2))
 
@@ -151,11 +171,16 @@ def load_quantized(quant_dir: str | Path):
     scheme = json.loads((path / SCHEME_FILE).read_text())
     tensors = load_file(str(path / PACKED_FILE))
     state = {}
+    affine = scheme.get("scheme", "symmetric") == "affine"  # files written before the affine scheme: symmetric
     for key, value in tensors.items():
-        if key.endswith(".scales"):
+        if key.endswith((".scales", ".biases")):
             continue
         if key.endswith(".qweight"):
             base = key.removesuffix(".qweight")
+            if affine:
+                q = unpack_bits(value, scheme["bits"])
+                state[base + ".weight"] = affine_dequantize(q, tensors[base + ".scales"], tensors[base + ".biases"])
+                continue
             q = unpack_int4(value) if scheme["bits"] == 4 else value
             state[base + ".weight"] = dequantize_weight(q, tensors[base + ".scales"])
         else:

@@ -1,12 +1,19 @@
 """Quantization-aware distillation: train linear layers through fake-quantized weights (STE).
 
-``qat_wrap(model, bits, group_size)`` registers a ``torch.nn.utils.parametrize`` parametrization on
+``qat_wrap(model, bits, group_size, scheme)`` registers a ``torch.nn.utils.parametrize`` parametrization on
 the weight of every ``nn.Linear`` (the LM head excluded by default): each forward then sees
 ``fake_quantize(w)`` while gradients flow to the fp32 latent weight unchanged (straight-through
 estimator). The latent ``nn.Parameter`` objects are kept (moved to
 ``module.parametrizations.weight.original``), so an optimizer built before wrapping keeps updating
 them. ``qat_unwrap(model)`` removes the parametrizations and leaves the *latent* fp32 weights in
-place (quantize or export afterwards; the grids match GGUF Q8_0/Q4_0, see ``core``).
+place (quantize or export afterwards with the same bits, group size and scheme: the grid is a pure
+function of the weight, so ``distillery quantize`` then reproduces exactly what training saw; the
+grids match GGUF Q8_0/Q4_0 and MLX's affine ``mx.quantize``, see ``core``).
+
+At 2 and 3 bits the grid is MLX's affine one (``scheme=None`` picks it); the student is trained through
+it with the teacher's distribution as the target (``qat.enabled`` in a recipe), which is what moves a
+2/3-bit student back near its fp32 perplexity where post-training rounding alone does not
+(benchmarks/lowbit.py).
 
 Call it for the last N steps of training; save only after ``qat_unwrap`` (a parametrized module's
 state dict has different keys).
@@ -19,21 +26,21 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import DistilleryError
-from .core import SUPPORTED_BITS, default_group_size, fake_quantize_ste
+from .core import check_group_size, default_group_size, fake_quantize_ste, resolve_scheme
 
 
 class FakeQuantSTE(nn.Module):
     """Parametrization: weight ``(O, I)`` → fake-quantized weight, identity gradient."""
 
-    def __init__(self, bits: int, group_size: int | None):
+    def __init__(self, bits: int, group_size: int | None, scheme: str):
         super().__init__()
-        self.bits, self.group_size = bits, group_size
+        self.bits, self.group_size, self.scheme = bits, group_size, scheme
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return fake_quantize_ste(weight, self.bits, self.group_size)
+        return fake_quantize_ste(weight, self.bits, self.group_size, scheme=self.scheme)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, group_size={self.group_size}"
+        return f"bits={self.bits}, group_size={self.group_size}, scheme={self.scheme}"
 
 
 def _lm_head(model: nn.Module) -> nn.Module | None:
@@ -42,16 +49,20 @@ def _lm_head(model: nn.Module) -> nn.Module | None:
 
 
 def qat_wrap(model: nn.Module, bits: int = 4, group_size: int | None = -1,
-             include_lm_head: bool = False) -> list[str]:
+             include_lm_head: bool = False, scheme: str | None = None) -> list[str]:
     """Make every ``nn.Linear`` of ``model`` use fake-quantized weights in forward; return their names.
 
-    ``group_size=-1`` means the default for ``bits`` (per channel for 8, 32 for 4); ``None`` means per
-    channel. Layers whose ``in_features`` the group size does not divide raise ``DistilleryError``.
-    Wrapping twice is an error.
+    ``scheme`` None or 'auto': symmetric (GGUF) for 8 and 4 bits, affine (MLX) for 2, 3 and 6.
+    ``group_size=-1`` means the default (per channel for symmetric 8, else 32); ``None`` means per
+    channel (symmetric only). Layers whose ``in_features`` the group size does not divide raise
+    ``DistilleryError``. Wrapping twice is an error.
     """
-    if bits not in SUPPORTED_BITS:
-        raise DistilleryError(f"qat bits={bits} is not supported (choose 8 or 4)")
-    group_size = default_group_size(bits) if group_size == -1 else group_size
+    try:
+        scheme = resolve_scheme(bits, scheme)
+    except DistilleryError as err:
+        raise DistilleryError(f"qat: {err}") from None
+    group_size = default_group_size(bits, scheme) if group_size == -1 else group_size
+    check_group_size(scheme, group_size, name="qat group_size")
     head = None if include_lm_head else _lm_head(model)
     wrapped = []
     for name, module in model.named_modules():
@@ -61,7 +72,7 @@ def qat_wrap(model: nn.Module, bits: int = 4, group_size: int | None = -1,
             raise DistilleryError(f"{name}: already wrapped for QAT (call qat_unwrap first)")
         if group_size is not None and module.in_features % group_size:
             raise DistilleryError(f"{name}: in_features={module.in_features} is not a multiple of group_size={group_size}")
-        parametrize.register_parametrization(module, "weight", FakeQuantSTE(bits, group_size), unsafe=True)
+        parametrize.register_parametrization(module, "weight", FakeQuantSTE(bits, group_size, scheme), unsafe=True)
         wrapped.append(name)
     return wrapped
 
