@@ -1,0 +1,235 @@
+"""Answer fidelity for instruct teachers: do the student's answers read like the teacher's?
+
+For each held-out prompt, the teacher and the student answer it through their own chat templates, once
+greedily and once sampled (``sample_temperature``, no top-k/top-p, seeded). Every answer ``a`` is scored:
+
+- ``teacher_logprob_per_byte`` (nats/byte; higher = more teacher-like): with the teacher's tokenization
+  ``c`` of the chat-formatted prompt and ``y_1..y_m`` of ``a``,
+  ``sum_j log p_teacher(y_j | c, y_<j) / len(a.encode("utf-8"))``; ``None`` for an empty answer.
+  Per byte, not per token, so answers of any tokenizer and length compare.
+- ``rouge_l`` (vs the teacher's greedy answer): ROUGE-L F-measure from Google's ``rouge-score`` package
+  (LCS over its lower-cased alphanumeric tokens, no stemming): ``F = 2PR / (P + R)``, ``P = LCS/|pred|``,
+  ``R = LCS/|ref|``. The teacher's own sampled answer gets one too: the ceiling a student can expect.
+- degeneration over whitespace tokens: ``distinct_2`` = unique bigrams / bigrams (``None`` below two
+  tokens) and ``longest_repeated_ngram`` = the largest ``n`` such that some ``n`` consecutive tokens occur
+  at two different positions (overlaps allowed; 0 when nothing repeats).
+- ``empty_or_whitespace``: the answer has no visible character.
+
+A tokenizer without a chat template gets the bare prompt plus a newline; the output records which.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import DistilleryError
+
+ANSWERS = ("teacher_greedy", "teacher_sampled", "student_greedy", "student_sampled")
+
+# Used when no --fidelity-prompts file is given: short, general, and not drawn from any training text here.
+DEFAULT_PROMPTS = (
+    "What is the capital of France?",
+    "Explain in two sentences why the sky is blue.",
+    "Give me three tips for sleeping better.",
+    "Write a short poem about the sea.",
+    "What is the difference between weather and climate?",
+    "How do plants make their food?",
+    "Describe a cat to someone who has never seen one.",
+    "Why do we have seasons on Earth?",
+    "What should I pack for a weekend hiking trip?",
+    "Summarise the story of Romeo and Juliet in three sentences.",
+    "How can I learn a new language faster?",
+    "What is a prime number? Give two examples.",
+)
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a ``.jsonl`` file (``{"prompt": "..."}`` per line) or a text file (one prompt per line)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DistilleryError(f"prompts file '{p}' does not exist")
+    prompts = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if p.suffix == ".jsonl":
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DistilleryError(f"{p}:{n}: not JSON ({exc.msg})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
+                raise DistilleryError(f"{p}:{n}: each line needs a non-empty string \"prompt\"")
+            prompts.append(rec["prompt"])
+        else:
+            prompts.append(line.strip())
+    if not prompts:
+        raise DistilleryError(f"prompts file '{p}' holds no prompt")
+    return prompts
+
+
+def chat_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids of ``prompt`` as one user turn plus the assistant header (bare prompt + newline without a template)."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        text = prompt + "\n"
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _stop_ids(model, tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: list[str], *, do_sample: bool, max_new_tokens: int = 64,
+                     sample_temperature: float = 1.0, seed: int = 0, batch_size: int = 8) -> list[str]:
+    """One answer per prompt, batched with left padding; decoding stops at the tokenizer's or model's EOS.
+
+    The answer is the text of the new tokens before the first stop token (special tokens dropped).
+    """
+    device = next(model.parameters()).device
+    stops = _stop_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
+    if do_sample:
+        torch.manual_seed(seed)  # the same draws for a given model, prompts and seed
+    answers = []
+    for start in range(0, len(prompts), batch_size):
+        seqs = [chat_ids(tokenizer, p) for p in prompts[start:start + batch_size]]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        for row, s in enumerate(seqs):
+            ids[row, width - len(s):] = torch.tensor(s)
+            mask[row, width - len(s):] = 1
+        kwargs = dict(do_sample=True, temperature=sample_temperature, top_k=0, top_p=1.0) if do_sample else \
+            dict(do_sample=False, temperature=None, top_k=None, top_p=None)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                             eos_token_id=stops or None, pad_token_id=pad, **kwargs)
+        for row in out[:, width:].tolist():
+            cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+            answers.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
+    return answers
+
+
+@torch.no_grad()
+def teacher_logprob_per_byte(model, tokenizer, prompts: list[str], answers: list[str], *,
+                             batch_size: int = 8) -> list[float | None]:
+    """Per-byte log-likelihood (nats/byte) of each answer given its chat-formatted prompt (module docstring)."""
+    device = next(model.parameters()).device
+    items = []
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        ans = tokenizer(a, add_special_tokens=False)["input_ids"]
+        if a and ans:
+            items.append((i, chat_ids(tokenizer, p), ans))
+    out: list[float | None] = [None] * len(answers)
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        width = max(len(c) + len(a) for _, c, a in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        target = torch.zeros(len(chunk), width, dtype=torch.bool)  # True at answer tokens
+        for row, (_, c, a) in enumerate(chunk):
+            ids[row, :len(c) + len(a)] = torch.tensor(c + a)
+            mask[row, :len(c) + len(a)] = 1
+            target[row, len(c):len(c) + len(a)] = True
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()  # (B, T-1, V)
+        logp = F.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None].to(device)).squeeze(-1).cpu()  # (B, T-1)
+        sums = (logp * target[:, 1:]).sum(dim=1)
+        for row, (i, _, _) in enumerate(chunk):
+            out[i] = float(sums[row]) / len(answers[i].encode("utf-8"))
+    return out
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F-measure of ``prediction`` against ``reference`` (``rouge-score``, no stemming)."""
+    try:
+        from rouge_score import rouge_scorer
+    except ModuleNotFoundError:
+        raise DistilleryError("answer fidelity needs the rouge-score package: pip install 'distillery[eval]'") from None
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False).score(reference, prediction)["rougeL"].fmeasure
+
+
+def distinct_2(text: str) -> float | None:
+    """Unique whitespace-token bigrams / bigrams; ``None`` when the text has fewer than two tokens."""
+    toks = text.split()
+    bigrams = list(zip(toks, toks[1:]))
+    return len(set(bigrams)) / len(bigrams) if bigrams else None
+
+
+def longest_repeated_ngram(text: str) -> int:
+    """Largest ``n`` such that some ``n`` consecutive whitespace tokens occur at two positions (overlap allowed).
+
+    ``lcp[i][j]`` = length of the common run starting at tokens ``i`` and ``j``, filled from the end, O(n^2)
+    for answers of a few hundred tokens.
+    """
+    toks = text.split()
+    n = len(toks)
+    best = 0
+    nxt = [0] * (n + 1)  # lcp row i+1
+    for i in range(n - 1, -1, -1):
+        cur = [0] * (n + 1)
+        for j in range(n - 1, i, -1):
+            if toks[i] == toks[j]:
+                cur[j] = nxt[j + 1] + 1
+                best = max(best, cur[j])
+        nxt = cur
+    return best
+
+
+def _mean(values) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def score_fidelity(teacher_model, teacher_tok, student_model, student_tok, prompts: list[str] | None = None, *,
+                   max_new_tokens: int = 64, sample_temperature: float = 1.0, seed: int = 0,
+                   batch_size: int = 8) -> dict:
+    """Answers of teacher and student to ``prompts`` (default :data:`DEFAULT_PROMPTS`), scored side by side.
+
+    Returns ``{"records": [{"prompt", "answers": {name: text}, "scores": {name: {...}}}], "means": {name:
+    {"teacher_logprob_per_byte", "rouge_l", "distinct_2", "longest_repeated_ngram", "empty_or_whitespace"}},
+    "settings": {...}}`` for the four answers in :data:`ANSWERS`; ``empty_or_whitespace`` in ``means`` is a count.
+    """
+    prompts = list(DEFAULT_PROMPTS if prompts is None else prompts)
+    if not prompts:
+        raise DistilleryError("answer fidelity: no prompts")
+    t0 = time.perf_counter()
+    answers = {}
+    for who, model, tok in (("teacher", teacher_model, teacher_tok), ("student", student_model, student_tok)):
+        for mode in ("greedy", "sampled"):
+            answers[f"{who}_{mode}"] = generate_answers(model, tok, prompts, do_sample=mode == "sampled",
+                                                        max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                                        sample_temperature=sample_temperature, seed=seed)
+    ll = {name: teacher_logprob_per_byte(teacher_model, teacher_tok, prompts, answers[name], batch_size=batch_size)
+          for name in ANSWERS}
+    records = []
+    for i, prompt in enumerate(prompts):
+        ref = answers["teacher_greedy"][i]
+        scores = {}
+        for name in ANSWERS:
+            a = answers[name][i]
+            scores[name] = {"teacher_logprob_per_byte": ll[name][i],
+                            "rouge_l": None if name == "teacher_greedy" else rouge_l(a, ref),
+                            "distinct_2": distinct_2(a), "longest_repeated_ngram": longest_repeated_ngram(a),
+                            "empty_or_whitespace": not a.strip()}
+        records.append({"prompt": prompt, "answers": {n: answers[n][i] for n in ANSWERS}, "scores": scores})
+    means = {}
+    for name in ANSWERS:
+        rows = [r["scores"][name] for r in records]
+        means[name] = {k: _mean(r[k] for r in rows)
+                       for k in ("teacher_logprob_per_byte", "rouge_l", "distinct_2", "longest_repeated_ngram")}
+        means[name]["empty_or_whitespace"] = sum(r["empty_or_whitespace"] for r in rows)
+    settings = {"n_prompts": len(prompts), "max_new_tokens": max_new_tokens, "sample_temperature": sample_temperature,
+                "seed": seed, "teacher_chat_template": bool(getattr(teacher_tok, "chat_template", None)),
+                "student_chat_template": bool(getattr(student_tok, "chat_template", None)),
+                "seconds": round(time.perf_counter() - t0, 2)}
+    return {"records": records, "means": means, "settings": settings}
