@@ -55,6 +55,7 @@ class PruneConfig(_Section):
     calibration_batches: int = 8
 
 
+STUDENT_FAMILIES = ("llama", "qwen2")  # = students.SUPPORTED_FAMILIES (tests/test_config_properties.py checks)
 _STUDENT_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings")
 
@@ -80,15 +81,13 @@ def check_student_model(fields: dict) -> None:
     family), and its sizes positive whole numbers. Raises a one-line pydantic error naming the key."""
     import difflib
 
-    from .students import SUPPORTED_FAMILIES  # the families a student may be (one list)
-
     if not fields:
         return
     mt = fields.get("model_type")
-    if mt is not None and mt not in SUPPORTED_FAMILIES:
+    if mt is not None and mt not in STUDENT_FAMILIES:
         raise PydanticCustomError("student_model", "{message}", {"message": (
-            f"student.model.model_type {_show(mt)!r} is not supported (choose one of {', '.join(SUPPORTED_FAMILIES)})")})
-    families = [mt] if mt is not None else list(SUPPORTED_FAMILIES)
+            f"student.model.model_type {_show(mt)!r} is not supported (choose one of {', '.join(STUDENT_FAMILIES)})")})
+    families = [mt] if mt is not None else list(STUDENT_FAMILIES)
     known = frozenset().union(*(_family_keys(f) for f in families))
     for key, value in fields.items():
         if not isinstance(key, str) or key not in known:
