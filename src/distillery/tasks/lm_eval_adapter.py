@@ -148,17 +148,32 @@ def run_lm_eval(teacher: str, student: str, specs: list[str], *, batch_size: int
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec_path.write_text(json.dumps({**resolved, "teacher": teacher, "student": student, "batch_size": batch_size,
                                          "limit": limit, "seed": seed, "keep_samples": keep_samples}))
-        # The child's stdout goes to our stderr: the CLI's stdout carries only its own result.
-        proc = subprocess.run([sys.executable, "-m", "distillery.tasks.lm_eval_adapter", str(spec_path), str(out_path)],
-                              env=env, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
-        if proc.returncode != 0 or not out_path.is_file():
-            sys.stderr.write(proc.stderr[-4000:])
-            last = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-            why = last[-1].removeprefix("error: ") if last else f"exit status {proc.returncode}"
+        rc, tail = _run_child([sys.executable, "-m", "distillery.tasks.lm_eval_adapter", str(spec_path),
+                               str(out_path)], env)
+        if rc != 0 or not out_path.is_file():
+            last = [ln for ln in tail.strip().splitlines() if ln.strip()]
+            why = last[-1].removeprefix("error: ") if last else f"exit status {rc}"
             raise DistilleryError(f"lm-eval failed on {', '.join(specs)}: {why}")
         result = json.loads(out_path.read_text())
     result.update({"hf_home": str(home), "offline": not resolved["registry"], "specs": list(specs)})
     return result
+
+
+def _run_child(cmd: list[str], env: dict) -> tuple[int, str]:
+    """Run ``cmd``, streaming its stdout and stderr to our stderr as they come (lm-eval's progress bars; the
+    CLI's stdout carries only its own result); return the exit status and the last 4 kB of the output."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    tail = b""
+    out = getattr(sys.stderr, "buffer", None)
+    while chunk := os.read(proc.stdout.fileno(), 65536):
+        tail = (tail + chunk)[-4096:]
+        if out is not None:
+            out.write(chunk)
+            out.flush()
+        else:
+            sys.stderr.write(chunk.decode("utf-8", "replace"))
+    proc.stdout.close()
+    return proc.wait(), tail.decode("utf-8", "replace")
 
 
 def _task_metrics(res: dict) -> dict:
