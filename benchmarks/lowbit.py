@@ -1,0 +1,140 @@
+"""Low-bit students: 3- and 2-bit post-training quantization vs QAT with distillation, same start weights.
+
+From one distilled student (``--base``, trained here first when the folder is missing), for each bit
+width ``b`` in ``--bits``:
+
+* **PTQ**: ``quantize_model(base, bits=b)``: MLX's affine grid (``mx.quantize``, groups of
+  ``--group-size``), every linear layer but the tied LM head / embedding table;
+* **QAT**: ``distillery distill`` from the base weights (``student.init=pretrained``) with
+  ``qat.enabled`` for the whole run (``qat.last_steps = train.max_steps = --qat-steps``): forward KL to
+  the live teacher through the fake-quantized weights (straight-through gradient), then
+  ``quantize_model`` of the result: the weights the runtime runs, equal to what training saw;
+* the QAT run's latent fp32 weights are evaluated as well, to show how much of the gain is the
+  quantizer and how much is the extra training.
+
+Every model is scored by ``distillery.evaluate.run_eval`` against the teacher on held-out text
+(``demo:milton``: never trained on): perplexity, KL(teacher ‖ student), top-1 agreement; the change
+of perplexity is relative to the fp32 base. Goals (issue 19): 3-bit QAT within 5 % of fp32 perplexity,
+2-bit within 15 %, with PTQ far off. Runs use one thread (``--threads``) and short step counts.
+
+    .venv/bin/python benchmarks/lowbit.py [--quick] [--base runs/lowbit/base/student] [--qat-steps 40]
+
+Results go to ``benchmarks/results/lowbit.json`` (``lowbit_quick.json`` with ``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from common import RESULTS, ROOT, machine_info, write_json
+from distillery.config import load_config
+from distillery.evaluate import run_eval
+from distillery.quantize import quantize_model
+from distillery.train import distill
+
+GOALS_PCT = {3: 5.0, 2: 15.0}  # QAT perplexity within this % of fp32 (issue 19)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--recipe", default=str(ROOT / "configs" / "smollm2_student.yaml"))
+    p.add_argument("--base", default="runs/lowbit/base/student", help="trained student folder (made if missing)")
+    p.add_argument("--base-steps", type=int, default=100, help="steps of the base run when --base is missing")
+    p.add_argument("--work-dir", default="runs/lowbit")
+    p.add_argument("--bits", type=int, nargs="+", default=[3, 2])
+    p.add_argument("--group-size", type=int, default=32)
+    p.add_argument("--qat-steps", type=int, default=40)
+    p.add_argument("--qat-lr", type=float, default=1e-3)
+    p.add_argument("--seq-len", type=int, default=128, help="training and evaluation block length")
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--eval-blocks", type=int, default=32, help="held-out blocks of --seq-len tokens")
+    p.add_argument("--eval-data", default="demo:milton")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quick", action="store_true", help="10 QAT steps, 8 eval blocks, 30 base steps if made")
+    p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/lowbit[_quick].json)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.qat_steps, args.eval_blocks, args.base_steps = min(args.qat_steps, 10), min(args.eval_blocks, 8), 30
+    return args
+
+
+def _train_overrides(args, out: Path, steps: int) -> list[str]:
+    return [f"train.output_dir={out}", f"train.max_steps={steps}", f"data.seq_len={args.seq_len}",
+            f"train.micro_batch_size={args.micro_batch}", "train.eval_every=0", f"train.save_every={steps}",
+            "train.progress=false"]
+
+
+def _distill(args, overrides: list[str]) -> float:
+    t0 = time.perf_counter()
+    distill(load_config(args.recipe, overrides))
+    return time.perf_counter() - t0
+
+
+def _score(args, name: str, folder: Path, fp32_ppl: float | None) -> dict:
+    m = run_eval(args.teacher, str(folder), [args.eval_data], seq_len=args.seq_len, batch_size=4,
+                 max_blocks=args.eval_blocks, progress=False)
+    row = {"model": name, "folder": str(folder), "perplexity": m["student_perplexity"],
+           "kl_teacher_student": m["kl_teacher_student"], "top1_agreement": m["top1_agreement"],
+           "tokens": m["tokens"], "teacher_perplexity": m["teacher_perplexity"]}
+    if fp32_ppl is not None:
+        row["ppl_change_pct"] = 100 * (row["perplexity"] / fp32_ppl - 1)
+    print(f"{name:>18}: ppl {row['perplexity']:.3f}  KL {row['kl_teacher_student']:.4f}  "
+          f"top1 {row['top1_agreement']:.3f}" + (f"  {row['ppl_change_pct']:+.1f}%" if fp32_ppl else ""), flush=True)
+    return row
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.teacher = load_config(args.recipe, []).teacher  # the recipe's teacher scores every model
+    work, base = Path(args.work_dir), Path(args.base)
+    command = shlex.join([".venv/bin/python", "benchmarks/lowbit.py", *(sys.argv[1:] if argv is None else argv)])
+    result = {"machine": machine_info(command.split(), threads=args.threads),
+              "settings": {k: v for k, v in vars(args).items() if k not in ("out", "teacher")},
+              "teacher": args.teacher.source, "timings_s": {}}
+    if not (base / "config.json").is_file():
+        base_run = base.parent
+        result["base_command"] = shlex.join([".venv/bin/python", "-m", "distillery.cli", "distill", args.recipe,
+                                             *_train_overrides(args, base_run, args.base_steps)])
+        result["timings_s"]["base"] = _distill(args, _train_overrides(args, base_run, args.base_steps))
+    rows = [_score(args, "fp32", base, None)]
+    fp32_ppl = rows[0]["perplexity"]
+    for bits in args.bits:
+        ptq = quantize_model(base, bits=bits, group_size=args.group_size, out_dir=work / f"ptq{bits}", eval_tokens=0)
+        rows.append(_score(args, f"ptq{bits}", Path(ptq["out_dir"]), fp32_ppl))
+        qat_run = work / f"qat{bits}"
+        overrides = [*_train_overrides(args, qat_run, args.qat_steps), "student.init=pretrained",
+                     f"student.pretrained={base}", "qat.enabled=true", f"qat.bits={bits}",
+                     f"qat.group_size={args.group_size}", f"qat.last_steps={args.qat_steps}",
+                     f"train.lr={args.qat_lr}", f"train.warmup_steps={max(1, args.qat_steps // 10)}"]
+        result.setdefault("qat_commands", {})[bits] = shlex.join(
+            [".venv/bin/python", "-m", "distillery.cli", "distill", args.recipe, *overrides])
+        result["timings_s"][f"qat{bits}"] = _distill(args, overrides)
+        rows.append(_score(args, f"qat{bits}_latent_fp32", qat_run / "student", fp32_ppl))
+        q = quantize_model(qat_run / "student", bits=bits, group_size=args.group_size,
+                           out_dir=work / f"qat{bits}-q", eval_tokens=0)
+        rows.append(_score(args, f"qat{bits}", Path(q["out_dir"]), fp32_ppl))
+    result["rows"] = rows
+    by = {r["model"]: r for r in rows}
+    result["goals"] = {f"{b}bit": {"goal_ppl_change_pct_max": GOALS_PCT.get(b),
+                                   "qat_ppl_change_pct": by[f"qat{b}"]["ppl_change_pct"],
+                                   "ptq_ppl_change_pct": by[f"ptq{b}"]["ppl_change_pct"],
+                                   "met": GOALS_PCT.get(b) is not None and by[f"qat{b}"]["ppl_change_pct"] <= GOALS_PCT[b]}
+                       for b in args.bits}
+    result["limits"] = ("CPU only, one thread, shared machine; short runs (base and QAT step counts in settings); "
+                        "the QAT runs train qat_steps more steps than the base, the latent_fp32 rows show that "
+                        "extra training alone; linears quantized, the tied embedding / LM head kept fp32.")
+    out = Path(args.out) if args.out else RESULTS / ("lowbit_quick.json" if args.quick else "lowbit.json")
+    write_json(result, out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
