@@ -69,7 +69,7 @@ class Ctx:
 @dataclass(frozen=True)
 class Case:
     id: str
-    area: str  # cli | config | data | model | tokenizer | cache | api
+    area: str  # cli | config | data | model | tokenizer | cache | api | run
     what: str
     build: Callable[[Ctx], list[str]]
     expect: str  # regex for the message after "error: "
@@ -123,6 +123,90 @@ def _generate_after_corrupt_output(ctx: Ctx) -> list[str]:
     recipe = ctx.api()
     ctx.file("out/data.jsonl", '{"id": "a", "messages": []}\nnot json at all\n{"id": "b"}\n')
     return ["generate", str(recipe), "--quiet"]
+
+
+HELD: list = []  # lock files held open by a case (the "other run" of run-locked)
+
+
+def _copy_teacher(ctx: Ctx, name: str) -> Path:
+    import shutil
+
+    folder = ctx.tmp / name
+    shutil.copytree(make_teacher(ctx.base), folder)
+    return folder
+
+
+def _truncated(folder: Path) -> Path:
+    w = folder / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    return folder
+
+
+def _pickle_only(folder: Path) -> Path:
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")  # the name is what matters: never opened
+    return folder
+
+
+def _student(ctx: Ctx, name: str = "student", hidden: int = 32, layers: int = 1) -> Path:
+    from tiny import tiny_llama, tiny_tokenizer
+
+    folder = ctx.tmp / name
+    tiny_llama(vocab_size=512, hidden=hidden, layers=layers, heads=2, kv_heads=1, ffn=2 * hidden).save_pretrained(folder)
+    tiny_tokenizer(512).save_pretrained(folder)
+    return folder
+
+
+def _eval(ctx: Ctx, *flags: str, student: Path | None = None) -> list[str]:
+    s = student or _student(ctx)
+    return ["eval", "--teacher", str(make_teacher(ctx.base)), "--student", str(s), "--data",
+            str(make_corpus(ctx.base)), "--seq-len", "32", "--max-blocks", "4", *flags]
+
+
+def _edit_manifest(ctx: Ctx, edit) -> list[str]:
+    cache = _cache(ctx)
+    m = json.loads((cache / "manifest.json").read_text())
+    edit(m)
+    (cache / "manifest.json").write_text(json.dumps(m))
+    return ["distill", str(ctx.recipe(teacher={"kind": "cache", "cache_path": str(cache)}))]
+
+
+def _ran(ctx: Ctx, *overrides: str) -> Path:
+    """A finished one-step run in ctx.out (its recipe returned)."""
+    from distillery.cli import main
+
+    recipe = ctx.recipe()
+    assert main(["distill", str(recipe), "train.max_steps=1", *overrides]) == 0
+    return recipe
+
+
+def _locked(ctx: Ctx) -> list[str]:
+    import fcntl
+
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    fh = open(ctx.out / ".lock", "a+")
+    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fh.write("4242 other-host 2024-01-01T00:00:00\n")
+    fh.flush()
+    HELD.append(fh)  # closed (and so released) by the test after the case
+    return ["distill", str(ctx.recipe())]
+
+
+def _bad_metrics(ctx: Ctx) -> list[str]:
+    recipe = _ran(ctx)
+    with open(ctx.out / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": "two", "loss": 1.0}\n')
+    return ["distill", str(recipe), "--resume", "train.max_steps=2"]
+
+
+def _all_checkpoints_damaged(ctx: Ctx) -> list[str]:
+    recipe = _ran(ctx)
+    _truncated(next((ctx.out / "checkpoints").glob("step-*")))
+    return ["distill", str(recipe), "--resume", "train.max_steps=2"]
+
+
+def _report_run(ctx: Ctx, line: str) -> list[str]:
+    ctx.file("run/metrics.jsonl", '{"step": 1, "loss": 2.0, "tok_s": 10.0}\n' + line)
+    return ["report", str(ctx.tmp / "run")]
 
 
 CASES: list[Case] = [
@@ -189,4 +273,48 @@ CASES: list[Case] = [
     Case("api-garbage", "api", "the server answers 200 with something that is not a chat completion", lambda c: ["generate", str(c.api(url=c.bad_server + "/garbage/v1")), "--quiet"], r"record\(s\) failed .*rerun the same command", status=1),
     Case("api-bad-prompt", "api", "a prompt line without 'prompt' or 'messages'", lambda c: ["generate", str(c.api(prompts=[str(c.file("p.jsonl", '{"question": "hi"}\n'))]))], r"p.jsonl:1: needs a string 'prompt' or a non-empty list 'messages'"),
     Case("api-corrupt-output", "api", "a damaged line in the output being resumed", _generate_after_corrupt_output, r"data.jsonl:2: corrupt line"),
+    # ---------------------------------------------------------------- issue 17: checked before anything loads
+    Case("cli-eval-seq-len-1", "cli", "`eval --seq-len 1` (no next token to predict)", lambda c: ["eval", "--teacher", "t", "--student", "s", "--data", "d", "--seq-len", "1"], r"argument --seq-len: must be at least 2 \(got 1\)"),
+    Case("cli-eval-max-blocks-0", "cli", "`eval --max-blocks 0`", lambda c: ["eval", "--teacher", "t", "--student", "s", "--data", "d", "--max-blocks", "0"], r"argument --max-blocks: must be at least 1 \(got 0\)"),
+    Case("cli-eval-batch-size-0", "cli", "`eval --batch-size 0`", lambda c: ["eval", "--teacher", "t", "--student", "s", "--data", "d", "--batch-size", "0"], r"argument --batch-size: must be at least 1 \(got 0\)"),
+    Case("cli-eval-batch-size-negative", "cli", "`eval --batch-size -1` (was: perplexity 1.0 over no tokens)", lambda c: ["eval", "--teacher", "t", "--student", "s", "--data", "d", "--batch-size=-1"], r"argument --batch-size: must be at least 1 \(got -1\)"),
+    Case("config-duplicate-key", "config", "a key given twice in one section (YAML keeps the last)", lambda c: ["distill", str(c.file("r.yaml", "train:\n  max_steps: 5\n  lr: 0.001\n  max_steps: 50\n"))], r"r.yaml:4: key 'max_steps' is given twice in one section \(first at line 2\)"),
+    Case("config-duplicate-section", "config", "a second `teacher:` section", lambda c: ["distill", str(c.file("r.yaml", "teacher:\n  source: a\ntrain:\n  max_steps: 2\nteacher:\n  source: b\n"))], r"r.yaml:5: key 'teacher' is given twice in one section \(first at line 1\)"),
+    Case("config-recipe-not-utf8", "config", "a recipe that is not UTF-8", lambda c: ["distill", str(c.file("r.yaml", "train:\n  output_dir: caf\xe9\n".encode("latin-1")))], r"r.yaml:2: not UTF-8 text \(byte offset 24: 0xe9\)"),
+    Case("config-recipe-is-folder", "config", "a folder given as the recipe", lambda c: ["distill", str(c.tmp)], r"recipe '.*' is a folder, not a YAML file"),
+    Case("config-adam-betas", "config", "`train.adam_betas` out of [0, 1) (checked before the teacher, which is missing here)", lambda c: ["distill", str(c.recipe(teacher={"source": str(c.tmp / "missing")}, train={"adam_betas": [0.9, 1.5]}))], r"config key 'train.adam_betas.1': Input should be less than 1 \(got 1.5\)"),
+    Case("config-qat-group-size", "config", "`qat.group_size=0` (was: an error when QAT starts, near the end)", lambda c: ["distill", str(c.recipe()), "qat.enabled=true", "qat.group_size=0"], r"config key 'qat.group_size': Input should be greater than 0"),
+    Case("config-qat-last-steps", "config", "a negative `qat.last_steps`", lambda c: ["distill", str(c.recipe()), "qat.last_steps=-5"], r"config key 'qat.last_steps': Input should be greater than or equal to 0"),
+    Case("config-output-dir-empty", "config", "`train.output_dir=` (was: the run written into the current folder)", lambda c: ["distill", str(c.recipe()), "train.output_dir="], r"config key 'train.output_dir': .*must name a folder"),
+    Case("config-not-finite", "config", "an infinite learning rate", lambda c: ["distill", str(c.recipe()), "train.lr=.inf"], r"config key 'train.lr': Input should be a finite number"),
+    Case("config-student-model-typo", "config", "a misspelt key inside `student.model` (was: silently ignored)", lambda c: ["distill", str(c.recipe(student={"model": {**SMALL, "hidden_sise": 48}}))], r"config key 'student.model.hidden_sise' is not a setting of llama/qwen2 configs \(did you mean 'student.model.hidden_size'\?\)"),
+    Case("config-student-model-size", "config", "a negative size inside `student.model`", lambda c: ["distill", str(c.recipe(student={"model": {**SMALL, "num_hidden_layers": -1}}))], r"config key 'student.model.num_hidden_layers': must be a positive whole number \(got -1\)"),
+    Case("config-output-is-input", "config", "`train.output_dir` is the teacher's own folder", lambda c: ["distill", str(c.recipe(train={"output_dir": str(make_teacher(c.base))}))], r"train.output_dir '.*teacher' is the teacher folder"),
+    Case("data-lone-surrogate", "data", "a JSONL line with a lone surrogate (`\\ud800`)", lambda c: c.data("d.jsonl", '{"text": "ok"}\n{"text": "bad \\ud800 here"}\n'), r"d.jsonl:2: field 'text' holds a lone surrogate \\ud800 at character 4"),
+    Case("data-chat-surrogate", "data", "a chat message with a lone surrogate", lambda c: c.data("c.jsonl", '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "\\udc80"}]}\n'), r"c.jsonl:1: messages\[1\].content holds a lone surrogate \\udc80"),
+    Case("model-teacher-truncated", "model", "a truncated teacher `model.safetensors` (distill)", lambda c: ["distill", str(c.recipe(teacher={"source": str(_truncated(_copy_teacher(c, "t-cut")))}))], r"teacher: weights file '.*t-cut/model.safetensors' has \d+ bytes"),
+    Case("model-teacher-pickle-only", "model", "a teacher whose weights exist only as `pytorch_model.bin`", lambda c: ["distill", str(c.recipe(teacher={"source": str(_pickle_only(_copy_teacher(c, "t-pkl")))}))], r"teacher '.*t-pkl' holds its weights only as a pickle \(pytorch_model.bin\): distillery never unpickles"),
+    Case("model-pretrained-pickle-only", "model", "`student.pretrained` holding only a pickle", lambda c: ["distill", str(c.recipe(student={"init": "pretrained", "pretrained": str(_pickle_only(_student(c))), "model": {}}))], r"student.pretrained '.*student' holds its weights only as a pickle"),
+    Case("model-pretrained-larger", "model", "a pretrained student larger than the teacher", lambda c: ["distill", str(c.recipe(student={"init": "pretrained", "pretrained": str(_student(c, hidden=96, layers=2)), "model": {}}))], r"student.pretrained '.*' has [\d.]+M parameters, more than its teacher \([\d.]+M\)"),
+    Case("model-eval-truncated", "model", "`eval` with a truncated student", lambda c: _eval(c, student=_truncated(_student(c))), r"student: weights file '.*model.safetensors' has \d+ bytes"),
+    Case("model-eval-pickle-teacher", "model", "`eval` with a pickle-only teacher", lambda c: ["eval", "--teacher", str(_pickle_only(_copy_teacher(c, "t-pkl"))), "--student", str(_student(c)), "--data", "demo:milton"], r"teacher '.*t-pkl' holds its weights only as a pickle"),
+    Case("model-export-truncated", "model", "`export` of a truncated student", lambda c: ["export", str(_truncated(_student(c))), str(c.tmp / "s.gguf")], r"student: weights file '.*' has \d+ bytes"),
+    Case("model-quantize-truncated", "model", "`quantize` of a truncated student", lambda c: ["quantize", str(_truncated(_student(c))), "--out", str(c.tmp / "q")], r"student: weights file '.*' has \d+ bytes"),
+    Case("model-bench-truncated", "model", "`bench` of a truncated model", lambda c: ["bench", str(_truncated(_student(c)))], r"model: weights file '.*' has \d+ bytes"),
+    Case("cache-manifest-missing-key", "cache", "a cache manifest missing a key", lambda c: _edit_manifest(c, lambda m: m.pop("k")), r"manifest.json: the manifest has no 'k'"),
+    Case("cache-path-escape", "cache", "a cache manifest naming a file outside the cache (`../../`)", lambda c: _edit_manifest(c, lambda m: m["shards"][0].update(file="../../corpus.txt")), r"its manifest names the file '../../corpus.txt', outside the cache folder; refusing to read it"),
+    Case("cache-other-teacher", "cache", "a cache written by another teacher than the recipe's", lambda c: ["distill", str(c.recipe(teacher={"kind": "cache", "cache_path": str(_cache(c)), "source": str(_copy_teacher(c, "teacher-b"))}))], r"was written by teacher 'teacher', but teacher.source names 'teacher-b'"),
+    # ---------------------------------------------------------------- runs, resumes and outputs
+    Case("run-resume-other-settings", "run", "`--resume` with another loss", lambda c: ["distill", str(_ran(c)), "--resume", "loss.kd=jsd"], r"--resume: .*step-00000001 was written with other settings \(loss.kd: 'forward_kl' in the run, 'jsd' now\)"),
+    Case("run-resume-drops-overrides", "run", "`distill R train.max_steps=1 loss.kd=jsd`, then `distill R --resume` (was: continued as forward KL)", lambda c: ["distill", str(_ran(c, "loss.kd=jsd")), "--resume"], r"--resume: .* \(loss.kd: 'jsd' in the run, 'forward_kl' now\); resume with the run's own settings \(distill .*config.yaml --resume\)"),
+    Case("run-resume-other-student", "run", "`--resume` with another student shape", lambda c: ["distill", str(_ran(c)), "--resume", "student.model.hidden_size=48"], r"--resume: .*student.model: "),
+    Case("run-resume-damaged", "run", "`--resume` when every checkpoint is damaged", _all_checkpoints_damaged, r"checkpoint .*step-00000001: model.safetensors has \d+ bytes.*: no checkpoint to resume from"),
+    Case("run-resume-bad-metrics", "run", "`--resume` with a `metrics.jsonl` line of another shape", _bad_metrics, r"metrics.jsonl:\d+: not a metrics record of distill \(no whole-number 'step'\)"),
+    Case("run-diverged", "run", "a diverging run (`train.lr=1e10`; was: a student of huge weights, exit 0)", lambda c: ["distill", str(c.recipe()), "train.lr=1e10", "train.warmup_steps=0", "train.max_grad_norm=0"], r"step \d+: .*(diverged|loss is nan).*(last good checkpoint: none|last good checkpoint: none\))"),
+    Case("run-locked", "run", "a second run into a folder another run is writing", _locked, r"train.output_dir '.*out' is being written by another run \(process 4242 on other-host holds .*\.lock\)"),
+    Case("run-report-bad-metrics", "run", "`report` on a `metrics.jsonl` line of another shape", lambda c: _report_run(c, '{"step": 2, "loss": "low"}\n'), r"metrics.jsonl:2: not a metrics record of distill \('loss' is missing or not a number\)"),
+    Case("run-report-over-input", "run", "`report RUN --out RUN/metrics.jsonl`", lambda c: [*_report_run(c, ""), "--out", str(c.tmp / "run" / "metrics.jsonl")], r"report --out: the output '.*metrics.jsonl' would write over the run's metrics.jsonl"),
+    Case("run-export-over-input", "run", "`export STUDENT STUDENT/model.safetensors`", lambda c: ["export", str(_student(c)), str(c.tmp / "student" / "model.safetensors")], r"export: the output '.*student/model.safetensors' would write over the student folder"),
+    Case("run-eval-json-over-input", "run", "`eval --json STUDENT/model.safetensors`", lambda c: _eval(c, "--json", str(c.tmp / "student" / "model.safetensors")), r"eval --json: the output .* would write over the student"),
+    Case("run-quantize-over-input", "run", "`quantize STUDENT --out STUDENT`", lambda c: ["quantize", str(_student(c)), "--out", str(c.tmp / "student")], r"quantize --out: the output '.*student' would write over the student folder"),
 ]

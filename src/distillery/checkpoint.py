@@ -7,7 +7,8 @@ A checkpoint is a folder ``<run>/checkpoints/step-00000100/`` holding
 * ``optimizer.pt``, ``scheduler.pt`` — their ``state_dict``s (plain tensors and numbers, read back with
   ``torch.load(weights_only=True)``: no pickle of arbitrary objects),
 * ``rng.pt`` — torch CPU (and CUDA) RNG states and the sampling generator's state,
-* ``state.json`` — step, data position, tokens seen, and the config fingerprint,
+* ``state.json`` — step, data position, tokens seen, and the run's identity: the fingerprint of the
+  settings that determine its trajectory (:func:`run_identity`), checked on resume by :func:`check_resume`,
 * ``COMPLETE`` — written last.
 
 It is written under a temporary name and renamed into place, so a crash at any point leaves either
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -228,3 +230,169 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler,
     if generator is not None and "generator" in rng:
         generator.set_state(rng["generator"])
     return json.loads((path / "state.json").read_text())
+
+
+# ---------------------------------------------------------------------------- run identity and resume
+
+# Settings a resume may change: they decide how long the run goes, how often it reports and where, or where
+# things run, not the path the weights take. micro_batch_size may change with the number of processes as long
+# as the blocks per step stay the same (train.py checks that product against the checkpoint's).
+RESUMABLE_CHANGES = frozenset({
+    "train.max_steps", "train.eval_every", "train.eval_batches", "train.save_every", "train.keep_checkpoints",
+    "train.log_every", "train.progress", "train.output_dir", "train.tensorboard", "train.report_to",
+    "train.micro_batch_size", "teacher.device", "teacher.base_urls", "teacher.api_key_env", "teacher.timeout_s",
+    "teacher.max_retries", "teacher.concurrency", "teacher.prefetch", "loss.chunk_size", "generation.collapse_guard"})
+
+
+def run_identity(cfg) -> dict:
+    """The settings that determine a run's training trajectory, flattened (``{'loss.kd': 'jsd', ...}``):
+    every setting of the config except :data:`RESUMABLE_CHANGES` (sections added later are included)."""
+    flat: dict = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict) and not (prefix == "student.model"):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif prefix not in RESUMABLE_CHANGES:
+            flat[prefix] = value
+
+    walk("", cfg.model_dump(mode="json"))
+    return flat
+
+
+def run_fingerprint(cfg) -> str:
+    """sha256 of :func:`run_identity` as canonical JSON: equal fingerprints, equal trajectories."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(run_identity(cfg), sort_keys=True).encode()).hexdigest()
+
+
+def identity_state(cfg) -> dict:
+    """What ``state.json`` records of the run's identity: ``fingerprint`` and the ``settings`` behind it."""
+    return {"fingerprint": run_fingerprint(cfg), "settings": run_identity(cfg)}
+
+
+def check_resume(ckpt_dir: Path, cfg) -> None:
+    """Refuse to resume checkpoint ``ckpt_dir`` with settings that would change its trajectory; the one-line
+    error names each differing setting with both values. Checkpoints written before fingerprints existed are
+    compared with the run's ``config.yaml``. Also refuses a ``metrics.jsonl`` holding lines of another shape."""
+    from .config import RunConfig, load_config
+    from .errors import DistilleryError
+
+    ckpt_dir = Path(ckpt_dir)
+    run_dir = ckpt_dir.parent.parent
+    if (run_dir / "metrics.jsonl").is_file():
+        from .report.collect import check_metrics_file
+
+        check_metrics_file(run_dir / "metrics.jsonl")
+    state = json.loads((ckpt_dir / "state.json").read_text())
+    if state.get("fingerprint") == run_fingerprint(cfg):
+        return
+    saved = state.get("settings")
+    if not isinstance(saved, dict):
+        try:
+            saved = run_identity(load_config(run_dir / "config.yaml"))
+        except DistilleryError:
+            return  # an old run without a readable config.yaml: nothing to compare with
+    now, default = run_identity(cfg), run_identity(RunConfig())
+    changed = [k for k in sorted(set(saved) | set(now))
+               if saved.get(k, default.get(k)) != now.get(k, default.get(k))]
+    if not changed:
+        return
+    shown = "; ".join(f"{k}: {saved.get(k, default.get(k))!r} in the run, {now.get(k, default.get(k))!r} now"
+                      for k in changed[:4]) + (f" (and {len(changed) - 4} more)" if len(changed) > 4 else "")
+    raise DistilleryError(
+        f"--resume: {ckpt_dir} was written with other settings ({shown}); resume with the run's own settings "
+        f"(distill {run_dir / 'config.yaml'} --resume) or choose another train.output_dir. A resume may change only "
+        f"{', '.join(sorted(k for k in RESUMABLE_CHANGES if k.startswith('train.')))[:200]}")
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why checkpoint ``path`` cannot be resumed from (None if it can), from its files alone: the
+    safetensors framing, each ``.pt`` a whole zip archive (torch.save's format; CRCs checked, nothing is
+    unpickled) and ``state.json``."""
+    import zipfile
+
+    from .preflight import safetensors_problem
+
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        return "model.safetensors is missing"
+    problem = safetensors_problem(weights)
+    if problem:
+        return f"model.safetensors {problem}"
+    for name in ("optimizer.pt", "scheduler.pt", "rng.pt"):
+        try:
+            with zipfile.ZipFile(path / name) as zf:
+                bad = zf.testzip()
+        except (OSError, zipfile.BadZipFile, EOFError) as exc:
+            return (f"{name} is not a plain tensor file written by distillery ({type(exc).__name__}); "
+                    "refusing to unpickle it")
+        if bad is not None:
+            return f"{name} is damaged (bad checksum in {bad})"
+    try:
+        state = json.loads((path / "state.json").read_text())
+        int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "state.json is missing or damaged"
+    return None
+
+
+def usable_checkpoints(run_dir: Path, warn: bool = True) -> list[Path]:
+    """:func:`list_checkpoints` up to the newest one that is whole: a damaged newer one (a disk error, a
+    copy cut short) is skipped with a warning and the previous complete one is resumed from. Raises a
+    one-line error when checkpoints exist but none is whole."""
+    import sys
+
+    from .errors import DistilleryError
+
+    ckpts = list_checkpoints(Path(run_dir))
+    skipped: list[str] = []
+    while ckpts:
+        problem = checkpoint_problem(ckpts[-1])
+        if problem is None:
+            if warn:
+                for line in skipped:
+                    print(f"warning: {line}; resuming from {ckpts[-1].name}, the previous complete checkpoint",
+                          file=sys.stderr)
+            return ckpts
+        skipped.append(f"checkpoint {ckpts[-1]}: {problem}")
+        ckpts = ckpts[:-1]
+    if skipped:
+        more = f" (and {len(skipped) - 1} older ones are damaged too)" if len(skipped) > 1 else ""
+        raise DistilleryError(f"{skipped[0]}{more}: no checkpoint to resume from")
+    return []
+
+
+# ---------------------------------------------------------------------------- divergence
+
+MAX_ABS_WEIGHT = 1e4  # a trained LM's weights stay within a few hundred; 1e4 means the optimizer has blown up
+
+
+def check_weights(source, step: int, run_dir: Path) -> None:
+    """Stop a run whose student weights are non-finite or exploding (``source``: a module or a state dict),
+    before they are saved; the error names the last good checkpoint."""
+    from .errors import DistilleryError
+
+    tensors = source.state_dict() if isinstance(source, torch.nn.Module) else source
+    for name, t in tensors.items():
+        if not torch.is_floating_point(t) or t.numel() == 0:
+            continue
+        peak = float(t.detach().abs().max())
+        if not math.isfinite(peak) or peak > MAX_ABS_WEIGHT:
+            ckpts = list_checkpoints(Path(run_dir))
+            raise DistilleryError(
+                f"step {step}: the student diverged ({name} holds {'non-finite values' if not math.isfinite(peak) else f'|w| = {peak:.3g}'}); "
+                f"nothing saved; last good checkpoint: {ckpts[-1] if ckpts else 'none'} (lower train.lr or "
+                "train.max_grad_norm)")
+
+
+def check_validation(metrics: dict, step: int, run_dir: Path) -> None:
+    """Stop a run whose validation metrics are not finite numbers (a diverged student)."""
+    from .errors import DistilleryError
+
+    bad = {k: v for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)}
+    if bad:
+        ckpts = list_checkpoints(Path(run_dir))
+        raise DistilleryError(f"step {step}: validation {', '.join(f'{k}={v}' for k, v in bad.items())}: the student "
+                              f"diverged; last good checkpoint: {ckpts[-1] if ckpts else 'none'} (lower train.lr)")

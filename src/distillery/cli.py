@@ -14,13 +14,14 @@ import sys
 
 
 def _cmd_distill(args) -> int:
+    from .evaluate import strict_json
     from .config import load_config
     from .train import distill
 
     cfg = load_config(args.recipe, args.overrides)
     summary = distill(cfg, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":  # under accelerate launch / torchrun only the main process prints
-        print(json.dumps(summary, indent=2))
+        print(strict_json(summary))
     return 0
 
 
@@ -49,7 +50,9 @@ def _cmd_eval(args) -> int:
                            json_out=args.json, held_out=metrics)
         print(summary(result) if args.json else json.dumps(result, indent=2))
         return 0
-    print(json.dumps(metrics, indent=2))
+    from .evaluate import strict_json
+
+    print(strict_json(metrics))
     return 0
 
 

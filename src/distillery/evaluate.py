@@ -74,8 +74,8 @@ def evaluate(teacher, student, batches: Iterable[dict], *, vocab_size: int | Non
     n_kd = max(sums["kd_tokens"], 1)  # positions with a teacher target (sparse targets may mask some out)
     no_teacher = sums["tokens"] > 0 and sums["kd_tokens"] == 0
     return {
-        "teacher_perplexity": None if sums.get("sparse") else math.exp(sums["t_ce"] / n),
-        "student_perplexity": math.exp(sums["s_ce"] / n),
+        "teacher_perplexity": None if sums.get("sparse") else _exp(sums["t_ce"] / n),
+        "student_perplexity": _exp(sums["s_ce"] / n),
         "kl_teacher_student": None if no_teacher else sums["kl"] / n_kd,
         "top1_agreement": None if no_teacher else sums["agree"] / n_kd,
         "tokens": sums["tokens"],
@@ -142,11 +142,30 @@ def _sparse_chunk(sums: dict, s_logits: torch.Tensor, targets: TeacherTargets, r
     sums["kd_tokens"] += ids.shape[0]
 
 
+def _exp(x: float) -> float:
+    """exp(x), inf past float range (a diverged student's perplexity), instead of OverflowError."""
+    return math.exp(x) if x < 709.0 else float("inf")
+
+
+def strict_json(obj, indent: int | None = 2) -> str:
+    """JSON text with every non-finite float written as null: ``json.dumps`` would write a bare ``NaN`` or
+    ``Infinity``, which no strict JSON reader accepts."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(obj), indent=indent, allow_nan=False)
+
+
 def write_json(metrics: dict, path: str | Path) -> None:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    tmp.write_text(strict_json(metrics) + "\n")
     tmp.replace(p)
 
 

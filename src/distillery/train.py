@@ -34,6 +34,8 @@ from tqdm.auto import tqdm
 
 from . import fsdp
 from .checkpoint import ensure_writable_dir, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import check_resume, check_validation, check_weights, identity_state, usable_checkpoints
+from .locks import locked_run
 from .config import RunConfig, dump_config
 from .data import BlockSampler
 from .errors import DistilleryError
@@ -81,6 +83,7 @@ def collate(dataset, indices: torch.Tensor) -> dict:
     return dataset.batch(indices)
 
 
+@locked_run  # one run at a time writes train.output_dir (a second one stops, naming the first)
 def distill(cfg: RunConfig, resume: bool = False) -> dict:
     """Run the distillation described by ``cfg``; return the final summary (also written to JSON)."""
     tc = cfg.train
@@ -92,6 +95,10 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
     ensure_writable_dir(out, "train.output_dir")
     if not resume and list_checkpoints(out):
         raise DistilleryError(f"{out} already holds checkpoints: pass --resume to continue, or choose another train.output_dir")
+    identity = identity_state(cfg)  # the settings that shape the trajectory, recorded in every checkpoint
+    ckpts = usable_checkpoints(out, warn=acc.is_main_process) if resume else []  # a damaged newest one is skipped
+    if ckpts:
+        check_resume(ckpts[-1], cfg)  # before anything loads: same settings as the checkpoint, or a one-line error
     run = prepare_run(cfg, device=acc.device, is_main=acc.is_main_process)  # teacher, data, student, vocab
     cfg = run.cfg  # the config in effect (api_logprobs without usable log-probs falls back to CE)
     student, teacher, train_ds = run.student, run.teacher, run.train
@@ -106,7 +113,6 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
     use_fsdp = fsdp.fsdp_requested(acc.distributed_type.value, world)
     if use_fsdp:
         fsdp.check_fsdp_recipe(cfg)
-    ckpts = list_checkpoints(out) if resume else []
     if use_fsdp:  # whole weights go in before sharding; the optimizer is built on the sharded parameters
         if ckpts:
             load_model(student, str(ckpts[-1] / "model.safetensors"))
@@ -227,10 +233,11 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
             gathered = (fsdp.full_model_state(student), fsdp.full_optimizer_state(student, optimizer)) if use_fsdp else None
             if gathered is not None and step == tc.max_steps:
                 final_state = gathered[0]
+            check_weights(gathered[0] if gathered is not None else student, step, out)  # never save a diverged student
             if acc.is_main_process:
                 save_checkpoint(out, step, student, optimizer, scheduler,
                                 {"tokens_seen": tokens_seen, "data_step": step, "global_batch": global_batch,
-                                 "world_size": world}, gen, keep=tc.keep_checkpoints, gathered=gathered)
+                                 "world_size": world, **identity}, gen, keep=tc.keep_checkpoints, gathered=gathered)
     bar.close()
     if qat_on:
         from .quantize import qat_unwrap
@@ -301,6 +308,7 @@ def _validate(run, student, step: int, log, tc, acc, sharded_root=None) -> dict 
                      max_batches=tc.eval_batches * acc.num_processes, chunk_rows=min(1024, run.cfg.loss.chunk_rows(acc.device.type, run.vocab_size)))
     if not acc.is_main_process:
         return None
+    check_validation(m, step, Path(tc.output_dir))  # non-finite validation metrics: diverged
     log.write(json.dumps({"step": step, "split": "val", **m}) + "\n")
     log.flush()
     return m

@@ -55,6 +55,40 @@ def check_split_name(split: str) -> None:
         raise DistilleryError(f"cache split name '{split}' may only hold letters, digits, '_' and '-'")
 
 
+def member(root: Path, rel) -> Path:
+    """``root / rel`` for a file a manifest names, refused unless it stays inside the cache folder: a
+    manifest is data, and ``../../x`` or an absolute path in it must never make the reader open other files."""
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
+        raise DistilleryError(f"teacher cache {root}: its manifest names the file {rel!r}, outside the cache folder; "
+                              "refusing to read it (the manifest is damaged or was not written by distillery)")
+    path = root / rel
+    real_root = root.resolve()
+    if real_root not in path.resolve().parents:  # a symlink pointing elsewhere
+        raise DistilleryError(f"teacher cache {root}: '{rel}' leads outside the cache folder; refusing to read it")
+    return path
+
+
+MANIFEST_KEYS = ("k", "seq_len", "vocab_size", "loss_temperature", "encoding", "splits", "shards")
+SHARD_KEYS = ("split", "shard", "file", "bytes", "rows", "first_index", "last_index", "sha256")
+
+
+def check_manifest(m: dict, path: Path) -> None:
+    """One-line error naming the first key a readable manifest must hold and does not (or holds in another shape)."""
+    missing = [k for k in MANIFEST_KEYS if k not in m]
+    if missing:
+        raise DistilleryError(f"{path}: the manifest has no '{missing[0]}'; the cache is damaged: rewrite it with "
+                              "`distillery cache`")
+    if not isinstance(m["splits"], dict) or not isinstance(m["shards"], list) or not all(
+            isinstance(v, dict) and isinstance(v.get("blocks"), int) for v in m["splits"].values()):
+        raise DistilleryError(f"{path}: the manifest's 'splits' or 'shards' has another shape; the cache is damaged: "
+                              "rewrite it with `distillery cache`")
+    for i, rec in enumerate(m["shards"]):
+        gone = [k for k in SHARD_KEYS if not isinstance(rec, dict) or k not in rec]
+        if gone:
+            raise DistilleryError(f"{path}: shard record {i} has no '{gone[0]}'; the cache is damaged: rewrite it with "
+                                  "`distillery cache`")
+
+
 # ---------------------------------------------------------------------------- atomic files
 def _fsync_dir(folder: Path) -> None:
     try:

@@ -87,6 +87,7 @@ class CacheReader:
         self.root = Path(path)
         self.manifest = _open_manifest(self.root)
         m = self.manifest
+        layout.check_manifest(m, self.root / "manifest.json")
         self.k, self.seq_len, self.vocab_size = int(m["k"]), int(m["seq_len"]), int(m["vocab_size"])
         self.loss_temperature = float(m["loss_temperature"])
         self.tail = read_tail_record(m)
@@ -100,7 +101,7 @@ class CacheReader:
         self._max_open = max_open_shards
         by_split: dict[str, list[dict]] = {name: [] for name in self.splits}
         for rec in sorted(m["shards"], key=lambda r: (r["split"], r["shard"])):
-            path_ = self.root / rec["file"]
+            path_ = layout.member(self.root, rec["file"])
             size = path_.stat().st_size if path_.is_file() else None
             if size != rec["bytes"]:
                 what = "is missing" if size is None else f"has {size} bytes, the manifest says {rec['bytes']} (truncated or replaced)"

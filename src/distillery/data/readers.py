@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
 import zlib
 from dataclasses import dataclass
 from importlib import resources
@@ -146,6 +147,18 @@ def _read_text(src: Source) -> Iterator[Record]:
     yield Record(src.name, 1, text=text.removeprefix("\ufeff"))
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_unicode(text: str, where: str) -> None:
+    """Refuse a lone surrogate (``"\\ud800"``, common in scraped text): ``json.loads`` accepts the escape, but
+    the string is not valid Unicode and the tokenizer (or any UTF-8 encoder) fails on it far from here."""
+    m = _SURROGATE.search(text)
+    if m:
+        raise DistilleryError(f"{where} holds a lone surrogate \\u{ord(m.group()):04x} at character {m.start()}: "
+                              "not valid Unicode text; fix or drop the record")
+
+
 def _check_messages(messages: Any, where: str) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise DistilleryError(f"{where}: 'messages' must be a non-empty list, got {type(messages).__name__}")
@@ -158,6 +171,7 @@ def _check_messages(messages: Any, where: str) -> list[dict]:
             raise DistilleryError(f"{where}: messages[{i}] has unknown role {role!r} (expected one of {', '.join(ROLES)})")
         if not isinstance(content, str):
             raise DistilleryError(f"{where}: messages[{i}].content must be a string, got {type(content).__name__}")
+        _check_unicode(content, f"{where}: messages[{i}].content")
         clean.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in clean):
         raise DistilleryError(f"{where}: conversation has no assistant turn (nothing to learn from)")
@@ -198,6 +212,7 @@ def _parse_jsonl(fh, src: Source, text_field: str) -> Iterator[Record]:
             text = obj[text_field]
             if not isinstance(text, str):
                 raise DistilleryError(f"{where}: field '{text_field}' must be a string, got {type(text).__name__}")
+            _check_unicode(text, f"{where}: field '{text_field}'")
             yield Record(src.name, lineno, text=text)
 
 

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from ..errors import DistilleryError
+from ..locks import refuse_overwrite
 from .inputs import SUPPORTED_ARCHS, check_student_dir, heldout_ids, load_student, student_arch
 
 FORMATS = ("gguf", "onnx")
@@ -39,6 +40,7 @@ def export_model(student_dir: str | Path, fmt: str, out: str | Path, quant: str 
     src = check_student_dir(student_dir)
     arch = SUPPORTED_ARCHS[student_arch(src)]
     out = Path(out).expanduser()
+    refuse_overwrite(out, {"the student folder": src}, "export")  # e.g. OUT = STUDENT/model.safetensors
     if fmt == "onnx" and quant not in ("f32", "f16"):
         raise DistilleryError(f"--quant {quant} is not available for ONNX (the graph is fp32; quantize with ONNX Runtime tools)")
     if fmt == "gguf" and out.is_dir():

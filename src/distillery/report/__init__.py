@@ -31,6 +31,11 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         raise DistilleryError(f"report: '{root}' holds no run (no metrics.jsonl, summary.json or results.json in it "
                               "or its sub-folders)")
     path = Path(out) if out is not None else root / "report.html"
+    if out is not None:  # the page must not replace what it is made from (metrics.jsonl, summary.json, ...)
+        from ..locks import refuse_overwrite
+
+        inputs = {f"the run's {f.name}": f for f in root.rglob("*") if f.is_file() and f.suffix in (".jsonl", ".json", ".yaml", ".safetensors")}
+        refuse_overwrite(path, inputs, "report --out")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(render(data), encoding="utf-8")

@@ -19,15 +19,57 @@ from pathlib import Path
 import yaml
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def metrics_problem(rec) -> str | None:
+    """Why ``rec`` is not a record ``distill`` writes to ``metrics.jsonl`` (None if it is one): a training
+    record has an integer ``step`` and numbers ``loss`` and ``tok_s``; a validation record has ``split: val``
+    and numbers (or null) for its metrics."""
+    if not isinstance(rec, dict):
+        return f"a JSON {type(rec).__name__}, not an object"
+    if not isinstance(rec.get("step"), int) or isinstance(rec.get("step"), bool) or rec["step"] < 0:
+        return "no whole-number 'step'"
+    if "split" in rec:
+        if rec["split"] != "val":
+            return f"split {rec['split']!r} is not 'val'"
+        keys = ("kl_teacher_student", "top1_agreement", "student_perplexity", "teacher_perplexity")
+        bad = [k for k in keys if rec.get(k) is not None and not _number(rec[k])]
+        return f"'{bad[0]}' is not a number" if bad else None
+    bad = [k for k in ("loss", "tok_s") if not _number(rec.get(k))]
+    if bad:
+        return f"'{bad[0]}' is missing or not a number"
+    if rec.get("tokens_seen") is not None and not _number(rec["tokens_seen"]):
+        return "'tokens_seen' is not a number"
+    return None
+
+
 def read_jsonl(path: Path) -> list[dict]:
-    """Records of a JSONL file; a torn last line (a run killed mid-write) is skipped."""
+    """Records of a run's ``metrics.jsonl``; a line that is not JSON (torn by a kill mid-write) is skipped, a
+    JSON line of another shape is a one-line error naming ``file:line`` (:func:`metrics_problem`)."""
+    from ..errors import DistilleryError
+
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DistilleryError(f"{path}: not UTF-8 text (byte offset {exc.start}): not a metrics file distill wrote") from None
+    for lineno, line in enumerate(lines, start=1):
         try:
-            out.append(json.loads(line))
+            rec = json.loads(line)
         except json.JSONDecodeError:
             continue
+        problem = metrics_problem(rec)
+        if problem:
+            raise DistilleryError(f"{path}:{lineno}: not a metrics record of distill ({problem}); remove the line")
+        out.append(rec)
     return out
+
+
+def check_metrics_file(path: Path) -> None:
+    """One-line error for a ``metrics.jsonl`` holding a line of another shape (see :func:`read_jsonl`)."""
+    read_jsonl(path)
 
 
 def read_json(path: Path) -> dict | None:
@@ -69,9 +111,17 @@ def load_run(folder: Path, label: str) -> dict:
     val = [dict(m, tokens_seen=tokens_at.get(m["step"])) for m in metrics if m.get("split") == "val"]
     cfg = {}
     if (folder / "config.yaml").is_file():
-        cfg = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")) or {}
+        try:
+            cfg = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            from ..errors import DistilleryError
+
+            raise DistilleryError(f"{folder / 'config.yaml'}: not a config distill wrote "
+                                  f"({' '.join(str(exc).split())[:120]})") from None
+        cfg = cfg if isinstance(cfg, dict) else {}
     params, size = safetensors_stats(folder / "student")
-    summary = read_json(folder / "summary.json") or {}
+    summary = read_json(folder / "summary.json")
+    summary = summary if isinstance(summary, dict) else {}
     steady = train[len(train) // 5:] or train
     return {"name": label, "dir": str(folder), "train": train, "val": val, "summary": summary, "config": cfg,
             "parameters": params, "size_bytes": size,
