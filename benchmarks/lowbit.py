@@ -4,7 +4,8 @@ From one distilled student (``--base``, trained here first when the folder is mi
 width ``b`` in ``--bits``:
 
 * **PTQ**: ``quantize_model(base, bits=b)``: MLX's affine grid (``mx.quantize``, groups of
-  ``--group-size``), every linear layer but the tied LM head / embedding table;
+  ``--group-size``, what ``mlx_lm.convert -q`` does), every linear layer but the tied LM head /
+  embedding table; and the same after a per-group range search (``clip="mse"``), a stronger PTQ;
 * **QAT**: ``distillery distill`` from the base weights (``student.init=pretrained``) with
   ``qat.enabled`` for the whole run (``qat.last_steps = train.max_steps = --qat-steps``): forward KL to
   the live teacher through the fake-quantized weights (straight-through gradient), then
@@ -106,8 +107,10 @@ def main(argv=None) -> int:
     rows = [_score(args, "fp32", base, None)]
     fp32_ppl = rows[0]["perplexity"]
     for bits in args.bits:
-        ptq = quantize_model(base, bits=bits, group_size=args.group_size, out_dir=work / f"ptq{bits}", eval_tokens=0)
-        rows.append(_score(args, f"ptq{bits}", Path(ptq["out_dir"]), fp32_ppl))
+        for clip, name in (("none", f"ptq{bits}"), ("mse", f"ptq{bits}_clip_mse")):
+            ptq = quantize_model(base, bits=bits, group_size=args.group_size, out_dir=work / name, eval_tokens=0,
+                                 clip=clip)
+            rows.append(_score(args, name, Path(ptq["out_dir"]), fp32_ppl))
         qat_run = work / f"qat{bits}"
         overrides = [*_train_overrides(args, qat_run, args.qat_steps), "student.init=pretrained",
                      f"student.pretrained={base}", "qat.enabled=true", f"qat.bits={bits}",

@@ -157,3 +157,27 @@ def test_qat_distill_2bit_beats_post_training_rounding(tmp_path):
     kl_qat = _kl_to_teacher(teacher_dir, quant, ids)
     kl_fp32 = _kl_to_teacher(teacher_dir, AutoModelForCausalLM.from_pretrained(base / "student").eval(), ids)
     assert kl_qat < kl_ptq and kl_fp32 < kl_ptq
+
+
+def test_clip_search_lowers_error_and_qat_bakes_it():
+    """clip='mse': per-group squared error never above the plain grid's; after QAT with it, qat_unwrap
+    writes the clamp into the latent weights, so the plain grid (what MLX's mx.quantize computes on the
+    saved weights) reproduces the wrapped forward exactly."""
+    w = _weights(2)
+    plain, clipped = fake_quantize(w, 2, 32), fake_quantize(w, 2, 32, clip="mse")
+    per_group = lambda x: ((x - w) ** 2).reshape(48, 8, 32).sum(-1)  # noqa: E731
+    assert bool((per_group(clipped) <= per_group(plain) + 1e-12).all())
+    assert float(per_group(clipped).sum()) < 0.9 * float(per_group(plain).sum())   # the outlier rows gain most
+    with pytest.raises(DistilleryError, match="affine"):
+        fake_quantize(w, 4, 32, scheme="symmetric", clip="mse")
+    model = tiny_llama()
+    qat_wrap(model, bits=2, clip="mse")
+    ids = torch.randint(0, 512, (1, 16))
+    with torch.no_grad():
+        wrapped_logits = model(ids).logits
+    qat_unwrap(model)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.Linear) and mod is not model.lm_head:
+                mod.weight.copy_(fake_quantize(mod.weight, 2, 32))
+        assert torch.equal(model(ids).logits, wrapped_logits)

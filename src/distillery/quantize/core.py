@@ -27,7 +27,10 @@ exactly as MLX's kernel computes it (mlx/backend/cpu/quantized.cpp)::
     q0 = rint(e / s);  if q0 != 0: s = e / q0, b = e   else: b = 0
     q = clamp(rint((w - b) / s), 0, n)     # rint: round half to even
 
-``e`` maps to code 0 and the value 0 to the integer code ``-q0`` (zero is exact). Scales and biases
+``e`` maps to code 0 and the value 0 to the integer code ``-q0`` (zero is exact). ``clip="mse"``
+first clamps each group to ``[r·lo, r·hi]``, ``r`` from :data:`CLIP_RATIOS` chosen per group to
+minimise ``‖fq(clamp(w)) − w‖²`` (AWQ/llama.cpp-style range search); the clamped weight's own min/max
+grid is then the clipped one, so MLX re-quantizing the clamped weights lands on the same values. Scales and biases
 are stored in the weight's dtype (``dtype`` argument: float32, or float16/bfloat16 as MLX stores
 them for a half-precision model). Packed codes (:func:`pack_bits`) are MLX's layout: a little-endian
 bit stream per row, code ``k`` in bits ``[k·bits, (k+1)·bits)``, viewed as uint32.
@@ -44,6 +47,8 @@ AFFINE_BITS = (2, 3, 4, 6, 8)
 AFFINE_GROUP_SIZES = (32, 64, 128)  # the group sizes mx.quantize accepts
 SUPPORTED_BITS = (2, 3, 4, 6, 8)
 SCHEMES = ("symmetric", "affine")
+CLIPS = ("none", "mse")
+CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0, 0.975, ..., 0.5 of each group's range
 
 
 def resolve_scheme(bits: int, scheme: str | None = None) -> str:
@@ -139,23 +144,49 @@ def affine_dequantize(q: torch.Tensor, scales: torch.Tensor, biases: torch.Tenso
     return (scales.unsqueeze(-1) * qg + biases.unsqueeze(-1)).reshape(out_f, in_f).to(dtype)
 
 
+@torch.no_grad()
+def affine_clip(w: torch.Tensor, bits: int, group_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``w`` clamped per group to ``[r·lo, r·hi]`` with the ratio ``r`` (of :data:`CLIP_RATIOS`) that
+    minimises the group's squared affine-grid error; ``(O, I)`` in, ``(O, I)`` out (``w``'s dtype).
+    Quantizing the result with the plain grid gives the clipped grid (its extremes are ``r·lo, r·hi``)."""
+    wg = _groups(w.detach().to(dtype).float(), group_size)                  # (O, G, g)
+    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    best, best_err = wg, torch.full_like(lo, float("inf"))
+    for r in CLIP_RATIOS:
+        c = torch.minimum(torch.maximum(wg, lo * r), hi * r).reshape(w.shape)
+        q, s, b = affine_quantize(c, bits, group_size, dtype=dtype)
+        err = ((affine_dequantize(q, s, b) - w.float()) ** 2).reshape(wg.shape).sum(-1, keepdim=True)
+        better = err < best_err
+        best = torch.where(better, c.reshape(wg.shape), best)
+        best_err = torch.where(better, err, best_err)
+    return best.reshape(w.shape).to(w.dtype)
+
+
 def fake_quantize(w: torch.Tensor, bits: int, group_size: int | None = None,
-                  scale_dtype: torch.dtype = torch.float32, scheme: str | None = None) -> torch.Tensor:
+                  scale_dtype: torch.dtype = torch.float32, scheme: str | None = None,
+                  clip: str = "none") -> torch.Tensor:
     """``dequantize(quantize(w))`` in ``w``'s dtype (no gradient). ``scheme`` None: see :func:`resolve_scheme`.
     Symmetric: ``scale_dtype=float16`` reproduces GGUF exactly (GGUF stores block scales as fp16).
-    Affine: ``scale_dtype`` is the dtype MLX holds the weight, scales and biases in."""
+    Affine: ``scale_dtype`` is the dtype MLX holds the weight, scales and biases in; ``clip="mse"``
+    quantizes :func:`affine_clip` ``(w)`` instead of ``w``."""
+    if clip not in CLIPS:
+        raise DistilleryError(f"clip '{clip}' is not known (choose none or mse)")
     if resolve_scheme(bits, scheme) == "affine":
+        if clip == "mse":
+            w = affine_clip(w, bits, group_size, dtype=scale_dtype)
         q, s, b = affine_quantize(w, bits, group_size, dtype=scale_dtype)
         return affine_dequantize(q, s, b, w.dtype)
+    if clip != "none":
+        raise DistilleryError("clip='mse' is for the affine scheme (GGUF's Q4_0/Q8_0 grids fix their own range)")
     q, d = quantize_weight(w, bits, group_size)
     return dequantize_weight(q, d.to(scale_dtype).float()).to(w.dtype)
 
 
 def fake_quantize_ste(w: torch.Tensor, bits: int, group_size: int | None = None,
-                      scheme: str | None = None) -> torch.Tensor:
+                      scheme: str | None = None, clip: str = "none") -> torch.Tensor:
     """Fake-quantized weight with a straight-through gradient: forward = ``fake_quantize(w)``,
     backward = identity (d out / d w = 1), so the fp32 latent weight keeps learning."""
-    return w + (fake_quantize(w, bits, group_size, scheme=scheme) - w).detach()
+    return w + (fake_quantize(w, bits, group_size, scheme=scheme, clip=clip) - w).detach()
 
 
 def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:

@@ -32,7 +32,7 @@ from torch import nn
 from ..errors import DistilleryError
 from ..export.inputs import check_student_dir, heldout_ids, load_student
 from ..export.metrics import compare_logits, mean_nll
-from .core import (affine_dequantize, affine_quantize, check_group_size, default_group_size,
+from .core import (CLIPS, affine_clip, affine_dequantize, affine_quantize, check_group_size, default_group_size,
                    dequantize_weight, pack_bits, pack_int4, quantize_weight, resolve_scheme, unpack_bits,
                    unpack_int4)
 
@@ -46,14 +46,19 @@ def _quantizable(model: nn.Module, include_lm_head: bool) -> dict[str, nn.Linear
 
 
 def quantize_linears(model: nn.Module, bits: int, group_size: int | None,
-                     include_lm_head: bool = False, scheme: str | None = None) -> dict[str, torch.Tensor]:
+                     include_lm_head: bool = False, scheme: str | None = None,
+                     clip: str = "none") -> dict[str, torch.Tensor]:
     """Quantize ``model``'s linear weights in place (weights become their dequantized grid values);
-    return the packed tensors. ``scheme`` None: symmetric for 8/4 bits, affine below (see ``core``)."""
+    return the packed tensors. ``scheme`` None: symmetric for 8/4 bits, affine below (see ``core``);
+    ``clip="mse"``: affine grid of the range-searched clamp (``core.affine_clip``)."""
     scheme = resolve_scheme(bits, scheme)
+    if clip not in CLIPS or (clip != "none" and scheme != "affine"):
+        raise DistilleryError(f"clip '{clip}': choose none, or mse with the affine scheme")
     packed: dict[str, torch.Tensor] = {}
     for name, lin in _quantizable(model, include_lm_head).items():
         if scheme == "affine":
-            q, s, b = affine_quantize(lin.weight, bits, group_size, name=name)
+            w = affine_clip(lin.weight, bits, group_size) if clip == "mse" else lin.weight
+            q, s, b = affine_quantize(w, bits, group_size, name=name)
             with torch.no_grad():
                 lin.weight.copy_(affine_dequantize(q, s, b, lin.weight.dtype))
             packed.update({f"{name}.qweight": pack_bits(q, bits), f"{name}.scales": s.contiguous(),
@@ -88,7 +93,7 @@ def _window_ppl(logits: torch.Tensor, ids: list[int], window: int) -> float:
 def quantize_model(student_dir: str | Path, bits: int = 8, group_size: int | None = -1,
                    out_dir: str | Path | None = None, include_lm_head: bool = False,
                    eval_tokens: int = 512, teacher_dir: str | Path | None = None,
-                   scheme: str | None = None) -> dict:
+                   scheme: str | None = None, clip: str = "none") -> dict:
     """Quantize a student folder's linear layers (weight-only) and save it; return a report.
 
     ``scheme`` None/'auto': symmetric (GGUF Q8_0/Q4_0) for 8 and 4 bits, affine (MLX) for 2, 3 and 6.
@@ -96,7 +101,8 @@ def quantize_model(student_dir: str | Path, bits: int = 8, group_size: int | Non
     channel (symmetric only). ``out_dir`` defaults to ``<student_dir>-int<bits>``. The LM head (often
     tied to the embeddings) stays fp32 unless ``include_lm_head``. ``eval_tokens=0`` skips the evaluation.
     A student trained with ``qat`` at the same bits, group size and scheme quantizes to exactly the
-    weights its training forward saw.
+    weights its training forward saw (with ``clip="none"`` here even after ``qat.clip="mse"``: the
+    range search is already written into its weights). ``clip="mse"`` is a post-training range search.
     """
     try:
         scheme = resolve_scheme(bits, scheme)
@@ -116,8 +122,9 @@ def quantize_model(student_dir: str | Path, bits: int = 8, group_size: int | Non
         ids = heldout_ids(tok, eval_tokens)
         window = min(256, model.config.max_position_embeddings)
         reference = _heldout_logits(model, ids, window)
-    packed = quantize_linears(model, bits, group_size, include_lm_head, scheme=scheme)
+    packed = quantize_linears(model, bits, group_size, include_lm_head, scheme=scheme, clip=clip)
     report = {"student": str(src), "out_dir": str(out), "bits": bits, "group_size": group_size, "scheme": scheme,
+              "clip": clip,
               "quantized_linears": sum(k.endswith(".qweight") for k in packed), "include_lm_head": include_lm_head}
     if reference is not None:
         quant = _heldout_logits(model, ids, window)

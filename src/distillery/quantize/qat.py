@@ -26,21 +26,21 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import DistilleryError
-from .core import check_group_size, default_group_size, fake_quantize_ste, resolve_scheme
+from .core import CLIPS, affine_clip, check_group_size, default_group_size, fake_quantize_ste, resolve_scheme
 
 
 class FakeQuantSTE(nn.Module):
     """Parametrization: weight ``(O, I)`` → fake-quantized weight, identity gradient."""
 
-    def __init__(self, bits: int, group_size: int | None, scheme: str):
+    def __init__(self, bits: int, group_size: int | None, scheme: str, clip: str = "none"):
         super().__init__()
-        self.bits, self.group_size, self.scheme = bits, group_size, scheme
+        self.bits, self.group_size, self.scheme, self.clip = bits, group_size, scheme, clip
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return fake_quantize_ste(weight, self.bits, self.group_size, scheme=self.scheme)
+        return fake_quantize_ste(weight, self.bits, self.group_size, scheme=self.scheme, clip=self.clip)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, group_size={self.group_size}, scheme={self.scheme}"
+        return f"bits={self.bits}, group_size={self.group_size}, scheme={self.scheme}, clip={self.clip}"
 
 
 def _lm_head(model: nn.Module) -> nn.Module | None:
@@ -49,20 +49,26 @@ def _lm_head(model: nn.Module) -> nn.Module | None:
 
 
 def qat_wrap(model: nn.Module, bits: int = 4, group_size: int | None = -1,
-             include_lm_head: bool = False, scheme: str | None = None) -> list[str]:
+             include_lm_head: bool = False, scheme: str | None = None, clip: str = "none") -> list[str]:
     """Make every ``nn.Linear`` of ``model`` use fake-quantized weights in forward; return their names.
 
     ``scheme`` None or 'auto': symmetric (GGUF) for 8 and 4 bits, affine (MLX) for 2, 3 and 6.
     ``group_size=-1`` means the default (per channel for symmetric 8, else 32); ``None`` means per
-    channel (symmetric only). Layers whose ``in_features`` the group size does not divide raise
-    ``DistilleryError``. Wrapping twice is an error.
+    channel (symmetric only). ``clip="mse"`` (affine only): each forward quantizes the range-searched
+    clamp of the weight (``core.affine_clip``), and :func:`qat_unwrap` writes that clamp into the
+    latent weights, so the plain grid of the result is still exactly what training saw. Layers whose
+    ``in_features`` the group size does not divide raise ``DistilleryError``. Wrapping twice is an error.
     """
+    if clip not in CLIPS:
+        raise DistilleryError(f"qat clip '{clip}' is not known (choose none or mse)")
     try:
         scheme = resolve_scheme(bits, scheme)
     except DistilleryError as err:
         raise DistilleryError(f"qat: {err}") from None
     group_size = default_group_size(bits, scheme) if group_size == -1 else group_size
     check_group_size(scheme, group_size, name="qat group_size")
+    if clip != "none" and scheme != "affine":
+        raise DistilleryError(f"qat clip '{clip}' needs the affine scheme (bits {bits} is {scheme} here)")
     head = None if include_lm_head else _lm_head(model)
     wrapped = []
     for name, module in model.named_modules():
@@ -72,16 +78,21 @@ def qat_wrap(model: nn.Module, bits: int = 4, group_size: int | None = -1,
             raise DistilleryError(f"{name}: already wrapped for QAT (call qat_unwrap first)")
         if group_size is not None and module.in_features % group_size:
             raise DistilleryError(f"{name}: in_features={module.in_features} is not a multiple of group_size={group_size}")
-        parametrize.register_parametrization(module, "weight", FakeQuantSTE(bits, group_size, scheme), unsafe=True)
+        parametrize.register_parametrization(module, "weight", FakeQuantSTE(bits, group_size, scheme, clip), unsafe=True)
         wrapped.append(name)
     return wrapped
 
 
 def qat_unwrap(model: nn.Module) -> list[str]:
-    """Remove the QAT parametrizations, keeping the latent fp32 weights; return the unwrapped names."""
+    """Remove the QAT parametrizations, keeping the latent fp32 weights (clamped to the searched range
+    when ``clip="mse"``); return the unwrapped names."""
     unwrapped = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and parametrize.is_parametrized(module, "weight"):
+            fq = module.parametrizations.weight[0]
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+            if getattr(fq, "clip", "none") != "none":
+                with torch.no_grad():
+                    module.weight.copy_(affine_clip(module.weight, fq.bits, fq.group_size))
             unwrapped.append(name)
     return unwrapped
