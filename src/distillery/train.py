@@ -40,9 +40,11 @@ from .config import RunConfig, dump_config
 from .data import BlockSampler
 from .errors import DistilleryError
 from .evaluate import evaluate, student_hidden, write_json
+from .hardware import auto_precision
 from .losses import chunked_distill_loss
 from .onpolicy import CollapseGuard, choose_on_policy, on_policy_batch
 from .run_setup import prepare_run
+from .teachers import TeacherUnavailable
 
 
 class HiddenStates(torch.nn.Module):
@@ -88,9 +90,9 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
     """Run the distillation described by ``cfg``; return the final summary (also written to JSON)."""
     tc = cfg.train
     out = Path(tc.output_dir)
-    mp = tc.mixed_precision  # 'auto': bf16 autocast on GPUs that have it; fp32 on CPU (bf16 is ~50x slower there)
+    mp = tc.mixed_precision  # 'auto': bf16 autocast where the GPU or CPU runs bf16 fast (hardware.py probes it)
     if mp == "auto":
-        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        mp = auto_precision("cuda" if torch.cuda.is_available() else "cpu")
     acc = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
     ensure_writable_dir(out, "train.output_dir")
     if not resume and list_checkpoints(out):
@@ -165,13 +167,20 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
         if on_policy:  # GKD: the student samples, the teacher scores, the loss is on the samples only
             micro = [on_policy_batch(student, mb, run.tokenizer, gc, generator=gen,
                                      vocab_size=run.vocab_size) for mb in micro]
+        if lc.kd_weight > 0:  # a remote teacher starts scoring now, and the next step's blocks while we compute
+            for mb in micro + _next_blocks(step + 1, tc, gc, train_ds, sampler):
+                teacher.prefetch(mb)
         micro = [{k: v.to(acc.device) for k, v in mb.items()} for mb in micro]
         # N_window: target tokens in the whole accumulation window, summed over ranks, counted once.
         n_tokens = torch.tensor(float(sum(int((mb["labels"] != -100).sum()) for mb in micro)), device=acc.device)
         n_tokens = acc.reduce(n_tokens, reduction="sum").item() if world > 1 else n_tokens.item()
         kd_sum = ce_sum = 0.0
         for i, mb in enumerate(micro):
-            targets = teacher.targets(mb, vocab_size=run.vocab_size).to(acc.device) if lc.kd_weight > 0 else None
+            try:
+                targets = teacher.targets(mb, vocab_size=run.vocab_size).to(acc.device) if lc.kd_weight > 0 else None
+            except TeacherUnavailable as exc:
+                raise DistilleryError(f"step {step}: {exc}; the run stopped (last checkpoint: {_last_checkpoint(out)}); "
+                                      "once the server is back, rerun with --resume") from None
             if use_fsdp:  # reduce-scatter gradients once per accumulation window
                 wrapped.set_requires_gradient_sync(i == len(micro) - 1)
                 ctx = contextlib.nullcontext()
@@ -259,6 +268,15 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
         # to abort a rank ("terminate called without an active exception") under FSDP's device mesh.
         torch.distributed.destroy_process_group()
     return summary
+
+
+def _next_blocks(step: int, tc, gc, train_ds, sampler) -> list[dict]:
+    """The micro-batches step ``step`` will train on, when it is an off-policy step of this run (else none:
+    an on-policy step trains on samples not drawn yet). Data order is a pure function of the step."""
+    if step >= tc.max_steps or (gc.on_policy_fraction > 0 and step >= gc.on_policy_start
+                                and choose_on_policy(step, gc.on_policy_fraction, tc.seed)):
+        return []
+    return [train_ds.batch(sampler.indices(*divmod(step * tc.grad_accum + i, len(sampler)))) for i in range(tc.grad_accum)]
 
 
 def _last_checkpoint(out: Path) -> str:

@@ -12,8 +12,8 @@
 from .cached import CachedTeacher
 from .hf import HFTeacher, convert_gguf, distillery_home, load_teacher, pick_device, pick_dtype, smollm2_gguf
 from .open import open_teacher, teacher_config
-from .protocol import Teacher, run_device, shared_vocab, teacher_device
+from .protocol import Teacher, TeacherUnavailable, run_device, shared_vocab, teacher_device
 
-__all__ = ["CachedTeacher", "HFTeacher", "Teacher", "convert_gguf", "distillery_home", "load_teacher", "open_teacher",
+__all__ = ["CachedTeacher", "HFTeacher", "Teacher", "TeacherUnavailable", "convert_gguf", "distillery_home", "load_teacher", "open_teacher",
            "pick_device", "pick_dtype", "run_device", "shared_vocab", "smollm2_gguf", "teacher_config",
            "teacher_device"]

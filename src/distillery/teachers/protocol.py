@@ -32,6 +32,10 @@ from ..errors import DistilleryError
 from ..targets import TeacherTargets
 
 
+class TeacherUnavailable(DistilleryError):
+    """A remote teacher stopped answering (its retries spent): ``distill`` adds the checkpoint to resume from."""
+
+
 @runtime_checkable
 class Teacher(Protocol):
     """What a teacher backend provides (structural: no base class to inherit)."""
