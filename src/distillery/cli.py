@@ -28,6 +28,15 @@ def _cmd_distill(args) -> int:
 def _cmd_eval(args) -> int:
     from .errors import DistilleryError
 
+    if (args.teacher is None) == (args.teacher_recipe is None):
+        raise DistilleryError("eval needs exactly one of --teacher SOURCE and --teacher-recipe RECIPE")
+    teacher = args.teacher
+    if args.teacher_recipe:
+        from .config import load_config
+
+        teacher = load_config(args.teacher_recipe).teacher
+        if args.tasks:
+            raise DistilleryError("--tasks scores the teacher's own model: give it with --teacher SOURCE")
     if not args.data and not args.tasks:
         raise DistilleryError("eval needs --data (held-out text), --tasks (blimp, fidelity, lmeval:...), or both")
     if args.tasks:
@@ -38,7 +47,7 @@ def _cmd_eval(args) -> int:
     if args.data:
         from .evaluate import run_eval
 
-        metrics = run_eval(args.teacher, args.student, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
+        metrics = run_eval(teacher, args.student, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
                            max_blocks=args.max_blocks, json_out=None if args.tasks else args.json,
                            own_samples=args.own_samples, prompt_tokens=args.prompt_tokens,
                            sample_temperature=args.sample_temperature)
@@ -75,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_distill)
 
     e = sub.add_parser("eval", help="compare a student to its teacher on held-out text")
-    e.add_argument("--teacher", required=True, help="teacher folder, .gguf file, or 'smollm2'")
+    e.add_argument("--teacher", default=None, help="teacher folder, .gguf file, or 'smollm2' (in this process)")
+    e.add_argument("--teacher-recipe", default=None, metavar="RECIPE",
+                   help="take the teacher from a recipe's teacher: section instead (e.g. teacher.kind: served)")
     e.add_argument("--student", required=True, help="student folder (HF format)")
     e.add_argument("--data", nargs="+", default=None,
                    help="held-out text/JSONL files or demo:milton (optional when --tasks is given)")
