@@ -70,8 +70,13 @@ def _ready(base_url: str) -> bool:
 @contextlib.contextmanager
 def llamacpp_server(model: str | Path, *, port: int | None = None, n_threads: int = 1, n_ctx: int = 1024,
                     alias: str = "teacher", api_key: str | None = None, log_path: str | Path | None = None,
-                    startup_timeout: float = 180.0) -> Iterator[str]:
-    """Start ``python -m llama_cpp.server`` for ``model``; yield its base URL; stop it on exit."""
+                    startup_timeout: float = 180.0, logits_all: bool = False,
+                    cpus: set[int] | None = None) -> Iterator[str]:
+    """Start ``python -m llama_cpp.server`` for ``model``; yield its base URL; stop it on exit.
+
+    ``logits_all``: keep every position's logits, which prompt log-probs (``echo`` + ``logprobs``) need: the
+    setting a served teacher (``teacher.kind: served``) requires. ``cpus``: pin the server to these cores
+    (benchmarks keep it off the trainer's)."""
     if not have_llamacpp_server():
         raise DistilleryError("llama-cpp-python with its server extras is not installed "
                               "(pip install .cache/wheels/llama_cpp_python-*.whl fastapi uvicorn sse-starlette "
@@ -81,11 +86,14 @@ def llamacpp_server(model: str | Path, *, port: int | None = None, n_threads: in
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
            "--port", str(port), "--n_threads", str(n_threads), "--n_threads_batch", str(n_threads),
            "--n_ctx", str(n_ctx), "--model_alias", alias, "--verbose", "False"]
+    if logits_all:
+        cmd += ["--logits_all", "true"]
     env = {k: v for k, v in os.environ.items() if k != "API_KEY"}
     if api_key:
         env["API_KEY"] = api_key
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=pin)
     try:
         deadline = time.monotonic() + startup_timeout
         while not _ready(base_url):
