@@ -322,7 +322,11 @@ def _read_recipe(p: Path) -> Any:
         raise DistilleryError(f"{p}:{line}: not UTF-8 text (byte offset {exc.start}: 0x{raw[exc.start]:02x}); "
                               "save the recipe as UTF-8") from None
     try:
-        return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 (a SafeLoader subclass)
+        loader = _RecipeLoader(text)  # a SafeLoader: plain data only
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
     except _DuplicateKey as exc:
         raise DistilleryError(f"{p}:{exc.args[1]}: {exc.args[0]}") from None
     except yaml.YAMLError as exc:
