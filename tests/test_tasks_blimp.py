@@ -93,3 +93,27 @@ def test_bad_pairs_file_names_file_and_line(tmp_path):
         load_pairs(path)
     with pytest.raises(DistilleryError, match="at least 1"):
         load_pairs(per_paradigm=0)
+
+
+def test_cli_eval_tasks_blimp_writes_one_json(tmp_path, capsys):
+    from distillery.cli import main
+
+    tok = tiny_tokenizer()
+    for name, seed in (("teacher", 0), ("student", 1)):
+        tiny_llama(seed=seed).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    out = tmp_path / "tasks.json"
+    rc = main(["eval", "--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "student"),
+               "--tasks", "blimp", "--blimp-per-paradigm", "1", "--json", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["blimp"]["teacher"]["n_pairs"] == res["blimp"]["student"]["n_pairs"] == 67
+    t, s = res["blimp"]["teacher"]["overall"], res["blimp"]["student"]["overall"]
+    assert res["blimp"]["retained_above_chance"] == (None if t <= 0.5 else pytest.approx((s - 0.5) / (t - 0.5)))
+    assert "BLiMP (67 pairs, chance 50%)" in capsys.readouterr().out
+    args = ["eval", "--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "student")]
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip() == ("error: eval needs --data (held-out text), --tasks (blimp, fidelity, "
+                                               "lmeval:...), or both")
+    assert main(args + ["--tasks", "blimp,mmlu"]) == 2
+    assert "unknown task 'mmlu'" in capsys.readouterr().err
