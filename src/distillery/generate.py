@@ -1,10 +1,21 @@
 """Batched KV-cached sampling from a Hugging Face causal LM, for on-policy distillation.
 
-``sample`` runs one prefill over the left-padded prompts, then one model call per new token on the
-``(B, 1)`` last tokens with the KV cache. Per step the only work besides the model call is a handful
-of tensor ops (temperature, nucleus filter, draw, EOS bookkeeping); the attention mask and the output
-buffer are allocated once. Positions follow the left padding (``position = cumsum(mask) - 1``), as
-``model.generate`` does, so greedy ``sample`` matches greedy ``generate`` token for token.
+``sample`` runs one prefill over the left-padded prompts (the model's own forward), then one decode
+step per new token for the rows still running. Two decoders do the steps:
+
+* ``StaticDecoder`` (Llama, Qwen2, Qwen3, Mistral: the student architectures): keys and values live in
+  buffers allocated once, ``(b, kv_heads, P + N, head_dim)`` per layer, written in place one column per
+  step; a step calls the model's own submodules (embedding, norms, q/k/v/o projections, rotary
+  embedding, MLP, LM head) with nothing else around them. The generic forward rebuilds a 4-D mask,
+  concatenates the cache and dispatches through several wrappers at every token; on a small student
+  that overhead is most of a decode step.
+* ``HFDecoder`` (any other causal LM): the model's forward with its ``DynamicCache``.
+
+A row that has produced an EOS leaves the batch at once (``keep``): its cache rows are dropped and
+the next steps run on the remaining rows only, so no work is spent on finished rows. Positions follow
+the left padding (``position = cumsum(mask) - 1``), as ``model.generate`` does, so greedy ``sample``
+matches greedy ``generate`` token for token (the same submodules on the same numbers; attention over
+the cached columns differs from the generic path only by float rounding order).
 
 ``sample_temperature == 0`` is greedy (argmax) and ignores ``top_p`` and the generator.
 """
@@ -13,10 +24,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 
 import torch
+import torch.nn.functional as F
 
 from .errors import DistilleryError
+
+STATIC_TYPES = ("llama", "qwen2", "qwen3", "mistral")  # decoder layers of the Llama shape (pre-norm, RoPE, GQA)
 
 
 @functools.lru_cache(maxsize=32)
@@ -80,11 +95,118 @@ def completion_mask_from(generated: torch.Tensor, eos: torch.Tensor | None) -> t
     return (eos_before == 0).long()
 
 
+def static_decode_supported(model, total_length: int) -> bool:
+    """True when ``StaticDecoder`` can run ``model`` for sequences of ``total_length`` tokens: a Llama-shaped
+    architecture (``STATIC_TYPES``), full attention over that length, and plain (not FSDP-sharded) weights,
+    since the decoder calls submodules whose parameters a sharding wrapper gathers only in the layer's forward."""
+    cfg = model.config
+    if getattr(cfg, "model_type", None) not in STATIC_TYPES or not hasattr(getattr(model, "model", None), "rotary_emb"):
+        return False
+    window = getattr(cfg, "sliding_window", None)
+    if window is not None and getattr(cfg, "use_sliding_window", True) and window < total_length:
+        return False
+    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
+        return False
+    if getattr(sys.modules.get(type(model).__module__), "apply_rotary_pos_emb", None) is None:
+        return False
+    p = next(model.parameters())
+    return type(p).__name__ != "DTensor" and type(p.data).__name__ != "DTensor"
+
+
+class HFDecoder:
+    """Decode steps through the model's own forward and ``DynamicCache`` (any causal LM)."""
+
+    def __init__(self, model, cache, mask: torch.Tensor, vocab_size: int | None):
+        self.model, self.cache, self.vocab_size = model, cache, vocab_size
+        self.mask = mask  # (b, P + N): 1 on real tokens; grows by slicing
+        self.length = cache.get_seq_length()
+        self.cache_arg = _forward_args(type(model))[0]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Drop every batch row not in ``rows`` (indices into the current batch)."""
+        self.cache.reorder_cache(rows)
+        self.mask = self.mask[rows]
+
+    def step(self, tok: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """``tok (b,)`` at ``position (b, 1)`` → next-token logits ``(b, V)``."""
+        self.length += 1
+        out = self.model(input_ids=tok[:, None], attention_mask=self.mask[:, :self.length], position_ids=position,
+                         use_cache=True, **{self.cache_arg: self.cache})
+        self.cache = _returned_cache(out)
+        return out.logits[:, -1, :self.vocab_size] if self.vocab_size else out.logits[:, -1]
+
+
+class StaticDecoder:
+    """Decode steps of a Llama-shaped model against preallocated key/value buffers.
+
+    One step for ``b`` rows, per layer (``h`` the residual stream ``(b, 1, H)``, ``L`` the cached length)::
+
+        q, k, v = rope(q_proj(norm1(h))), rope(k_proj(norm1(h))), v_proj(norm1(h))   # (b, heads, 1, d)
+        K[:, :, L], V[:, :, L] = k, v                                                 # in place
+        h = h + o_proj(softmax(q K[:, :, :L+1]ᵀ · scaling + mask) V[:, :, :L+1])     # SDPA, GQA
+        h = h + mlp(norm2(h))
+
+    then ``logits = lm_head(norm(h))``. The mask hides the prompts' left padding. Every submodule is the
+    model's own, so weights, biases, q/k norms (Qwen3), RoPE scaling and the dtype are the model's.
+    """
+
+    def __init__(self, model, cache, mask: torch.Tensor, vocab_size: int | None):
+        base = model.model
+        self.model, self.base, self.vocab_size = model, base, vocab_size
+        self.layers = list(base.layers[:model.config.num_hidden_layers])
+        self.rope = sys.modules[type(model).__module__].apply_rotary_pos_emb
+        self.length = cache.get_seq_length()
+        B, total = mask.shape
+        self.keys, self.values = [], []
+        for layer in cache.layers[:len(self.layers)]:  # copy the prefill's (b, kv_heads, P, d) into (b, kv_heads, P + N, d)
+            k = layer.keys.new_empty(B, layer.keys.shape[1], total, layer.keys.shape[3])
+            v = layer.values.new_empty(B, layer.values.shape[1], total, layer.values.shape[3])
+            k[:, :, :self.length] = layer.keys
+            v[:, :, :self.length] = layer.values
+            self.keys.append(k)
+            self.values.append(v)
+        self.mask = mask.bool()[:, None, None, :]  # (b, 1, 1, P + N): True = attend
+        a = self.layers[0].self_attn
+        self.head_dim, self.scaling = a.head_dim, a.scaling
+        self.gqa = model.config.num_attention_heads != getattr(model.config, "num_key_value_heads", None)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Drop every batch row not in ``rows``: later steps run on the kept rows only."""
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+        self.mask = self.mask[rows]
+
+    def step(self, tok: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """``tok (b,)`` at ``position (b, 1)`` → next-token logits ``(b, V)``."""
+        L = self.length
+        b = tok.shape[0]
+        h = self.base.embed_tokens(tok[:, None])                  # (b, 1, H)
+        cos, sin = self.base.rotary_emb(h, position_ids=position)
+        mask = self.mask[..., :L + 1]
+        for layer, K, V in zip(self.layers, self.keys, self.values):
+            a = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = a.q_proj(x).view(b, 1, -1, self.head_dim)
+            k = a.k_proj(x).view(b, 1, -1, self.head_dim)
+            if hasattr(a, "q_norm"):  # Qwen3: RMSNorm per head before RoPE
+                q, k = a.q_norm(q), a.k_norm(k)
+            q, k = self.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (b, heads, 1, d)
+            K[:, :, L] = k[:, :, 0]
+            V[:, :, L] = a.v_proj(x).view(b, -1, self.head_dim)
+            o = F.scaled_dot_product_attention(q, K[:, :, :L + 1], V[:, :, :L + 1], attn_mask=mask,
+                                               scale=self.scaling, enable_gqa=self.gqa)  # (b, heads, 1, d)
+            h = h + a.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        self.length = L + 1
+        logits = self.model.lm_head(self.base.norm(h[:, 0]))       # (b, V)
+        return logits[:, :self.vocab_size] if self.vocab_size else logits
+
+
 @torch.no_grad()
 def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
            sample_temperature: float = 1.0, top_p: float = 1.0, eos_token_id: int | list[int] | None = None,
            pad_token_id: int = 0, generator: torch.Generator | None = None,
-           vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           vocab_size: int | None = None, decoder: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Continue left-padded prompts with ``model``; returns ``(sequences, completion_mask)``.
 
     Args:
@@ -98,6 +220,8 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
         pad_token_id: written after a row's EOS.
         generator: RNG of the draws (a CPU generator works for a CUDA model: it seeds one there).
         vocab_size: sample only among the first ``vocab_size`` logits (padded embedding tables).
+        decoder: ``"auto"`` (``StaticDecoder`` where ``static_decode_supported``, else ``HFDecoder``),
+            ``"static"`` or ``"hf"``.
 
     Returns:
         sequences ``(B, P + N')`` int64 (``N' ≤ N`` steps run): prompt, then the generated tokens,
@@ -105,7 +229,9 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
         completion_mask ``(B, P + N')`` int64: 1 on generated tokens up to and including the first
         EOS, 0 on the prompt, the prompt padding and everything after the EOS.
 
-    The model runs in eval mode for the call (its previous mode is restored).
+    The model runs in eval mode for the call (its previous mode is restored). A row leaves the batch
+    after its EOS, so with sampling its later draws (not its tokens' distribution) depend on which rows
+    are still running.
     """
     if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
         raise DistilleryError(f"sample: input_ids {tuple(input_ids.shape)} and attention_mask "
@@ -114,44 +240,50 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
         raise DistilleryError(f"sample: max_new_tokens must be positive (got {max_new_tokens})")
     if bool((attention_mask[:, -1] == 0).any()):
         raise DistilleryError("sample: prompts must be left-padded (attention_mask[:, -1] must be 1 in every row)")
+    if decoder not in ("auto", "static", "hf"):
+        raise DistilleryError(f"sample: decoder must be 'auto', 'static' or 'hf' (got {decoder!r})")
     device = input_ids.device
     B, P = input_ids.shape
+    static = decoder == "static" or (decoder == "auto" and static_decode_supported(model, P + max_new_tokens))
+    if decoder == "static" and not static_decode_supported(model, P + max_new_tokens):
+        raise DistilleryError(f"sample: decoder='static' does not support {type(model).__name__} "
+                              f"(Llama-shaped full-attention models only: {', '.join(STATIC_TYPES)})")
     eos = _eos_tensor(eos_token_id, device)
     gen = _device_generator(generator, device)
-    cache_arg, keep_arg = _forward_args(type(model))
+    keep_arg = _forward_args(type(model))[1]
     was_training = model.training
     model.eval()
 
-    # Buffers allocated once: the mask grows by slicing, never by torch.cat.
     mask = torch.ones(B, P + max_new_tokens, dtype=attention_mask.dtype, device=device)
     mask[:, :P] = attention_mask
     generated = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    rows = torch.arange(B, device=device)  # original row of each row still running
     position = attention_mask.long().cumsum(dim=1) - 1  # (B, P); left padding gets position -1 ...
     position = position.masked_fill(attention_mask == 0, 1)  # ... replaced by 1, as generate does
     next_pos = position[:, -1:] + 1  # (B, 1)
 
     extra = {"logits_to_keep": 1} if keep_arg else {}  # prefill: only the last position's logits
-    out = model(input_ids=input_ids, attention_mask=mask[:, :P], position_ids=position, use_cache=True, **extra)
-    cache = _returned_cache(out)
-    logits = out.logits[:, -1, :vocab_size] if vocab_size else out.logits[:, -1]
-    steps = 0
     try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position, use_cache=True, **extra)
+        logits = out.logits[:, -1, :vocab_size] if vocab_size else out.logits[:, -1]
+        dec = (StaticDecoder if static else HFDecoder)(model, _returned_cache(out), mask, vocab_size)
+        del out
+        steps = 0
         for t in range(max_new_tokens):
-            tok = next_tokens(logits, sample_temperature, top_p, gen)  # (B,)
-            tok = tok.masked_fill(finished, pad_token_id)
-            generated[:, t] = tok
+            tok = next_tokens(logits, sample_temperature, top_p, gen)  # (b,)
+            generated[rows, t] = tok
             steps = t + 1
-            if eos is not None:
-                finished |= torch.isin(tok, eos)
-                if bool(finished.all()):
-                    break
             if t + 1 == max_new_tokens:
                 break
-            out = model(input_ids=tok[:, None], attention_mask=mask[:, :P + t + 1], position_ids=next_pos,
-                        use_cache=True, **{cache_arg: cache})
-            cache = _returned_cache(out)
-            logits = out.logits[:, -1, :vocab_size] if vocab_size else out.logits[:, -1]
+            if eos is not None:
+                running = ~torch.isin(tok, eos)
+                if not bool(running.all()):  # some rows just ended: drop them from the batch
+                    if not bool(running.any()):
+                        break
+                    keep = running.nonzero().squeeze(1)
+                    rows, tok, next_pos = rows[keep], tok[keep], next_pos[keep]
+                    dec.keep(keep)
+            logits = dec.step(tok, next_pos)
             next_pos = next_pos + 1
     finally:
         model.train(was_training)

@@ -1,0 +1,96 @@
+"""What the hardware runs fast: the precision ``auto`` means on this machine.
+
+On a CPU, bf16 is only worth it where the cores have bf16 units. Three cases were seen:
+
+* an AMD EPYC with AVX2 only: bf16 matmul ~50x *slower* than fp32 (emulated);
+* an Intel Xeon with AMX (``amx_bf16``): a 2048² bf16 matmul at 1,428 GFLOP/s against 162 for fp32;
+* an AMD EPYC (Zen 4) with ``avx512_bf16``: 1024² bf16 at ~2.6x fp32 on one thread.
+
+So ``cpu_bf16_fast`` decides from the CPU flags first (``amx_bf16``: yes; no bf16 flag at all: no)
+and, where a flag says "maybe" (``avx512_bf16``, Arm's ``bf16``), measures once per process: the best
+of a few ``(n, n) @ (n, n)`` matmuls (n = 1024) in each dtype on the current torch thread count, bf16
+fast when ``t_fp32 / t_bf16 >= BF16_MIN_SPEEDUP``. ``DISTILLERY_CPU_BF16=1`` or ``0`` overrides the
+probe (a fleet of identical machines, a reproducible test run).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from pathlib import Path
+
+import torch
+
+BF16_MIN_SPEEDUP = 1.5  # bf16 autocast also casts and runs some ops slower: demand a clear matmul win
+PROBE_N = 1024
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of /proc/cpuinfo (``flags`` on x86, ``Features`` on Arm); empty when unreadable."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def matmul_seconds(dtype: torch.dtype, n: int = PROBE_N, trials: int = 3) -> float:
+    """Best wall time of one ``(n, n) @ (n, n)`` matmul in ``dtype`` on the CPU (after one warm-up)."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def bf16_probe() -> dict:
+    """The evidence behind ``cpu_bf16_fast``: flags seen, and (when measured) both timings and their ratio."""
+    flags = cpu_flags()
+    seen = sorted(flags & {"amx_bf16", "avx512_bf16", "bf16"})
+    env = os.environ.get("DISTILLERY_CPU_BF16")
+    if env in ("0", "1"):
+        return {"flags": seen, "decided_by": "DISTILLERY_CPU_BF16", "fast": env == "1"}
+    if "amx_bf16" in flags:
+        return {"flags": seen, "decided_by": "amx_bf16 flag", "fast": True}
+    if not seen:
+        return {"flags": seen, "decided_by": "no bf16 flag", "fast": False}
+    t32, t16 = matmul_seconds(torch.float32), matmul_seconds(torch.bfloat16)
+    speedup = t32 / max(t16, 1e-12)
+    return {"flags": seen, "decided_by": f"measured {PROBE_N}² matmul", "fp32_s": t32, "bf16_s": t16,
+            "bf16_speedup": speedup, "threads": torch.get_num_threads(), "fast": speedup >= BF16_MIN_SPEEDUP}
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_probe() -> dict:
+    return bf16_probe()
+
+
+def cpu_bf16_fast() -> bool:
+    """True when this CPU runs bf16 matmuls clearly faster than fp32 (probed once per process)."""
+    return bool(_cached_probe()["fast"])
+
+
+def auto_precision(device: str | torch.device) -> str:
+    """``train.mixed_precision: auto`` on ``device``: ``'bf16'`` on a GPU that supports it and on a CPU where
+    ``cpu_bf16_fast()``; ``'no'`` (fp32) elsewhere."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if kind == "cpu":
+        return "bf16" if cpu_bf16_fast() else "no"
+    return "no"
+
+
+def auto_dtype(device: str | torch.device) -> torch.dtype:
+    """The weight dtype ``auto`` means for a frozen model (the teacher) on ``device``: bf16 where
+    ``auto_precision`` picks bf16, else fp32."""
+    return torch.bfloat16 if auto_precision(device) == "bf16" else torch.float32
