@@ -10,8 +10,15 @@ width ``b`` in ``--bits``:
   ``qat.enabled`` for the whole run (``qat.last_steps = train.max_steps = --qat-steps``): forward KL to
   the live teacher through the fake-quantized weights (straight-through gradient), then
   ``quantize_model`` of the result: the weights the runtime runs, equal to what training saw;
+* **QAT + clip** (``--qat-clip mse``): the same run with the per-group range search inside the fake
+  quantizer (``qat_wrap(clip="mse")``, written into the weights at the end). train.py calls
+  ``qat_wrap(student, bits, group_size)`` and has no recipe key for it yet, so this script passes
+  ``clip`` by wrapping ``distillery.quantize.qat_wrap`` for that run (nothing else changes);
 * the QAT run's latent fp32 weights are evaluated as well, to show how much of the gain is the
   quantizer and how much is the extra training.
+
+Two processes can share the work (``--bits 3 --out a.json`` and ``--bits 2 --out b.json``), then
+``--merge a.json b.json`` writes the combined result.
 
 Every model is scored by ``distillery.evaluate.run_eval`` against the teacher on held-out text
 (``demo:milton``: never trained on): perplexity, KL(teacher ‖ student), top-1 agreement; the change
@@ -26,6 +33,9 @@ Results go to ``benchmarks/results/lowbit.json`` (``lowbit_quick.json`` with ``-
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import json
 import shlex
 import sys
 import time
@@ -34,6 +44,7 @@ from pathlib import Path
 import torch
 
 from common import RESULTS, ROOT, machine_info, write_json
+import distillery.quantize
 from distillery.config import load_config
 from distillery.evaluate import run_eval
 from distillery.quantize import quantize_model
@@ -57,6 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-blocks", type=int, default=32, help="held-out blocks of --seq-len tokens")
     p.add_argument("--eval-data", default="demo:milton")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--qat-clip", nargs="+", choices=("none", "mse"), default=["none", "mse"])
+    p.add_argument("--merge", nargs="+", default=None, help="combine result files of runs split by --bits")
     p.add_argument("--quick", action="store_true", help="10 QAT steps, 8 eval blocks, 30 base steps if made")
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/lowbit[_quick].json)")
     args = p.parse_args(argv)
@@ -71,10 +84,25 @@ def _train_overrides(args, out: Path, steps: int) -> list[str]:
             "train.progress=false"]
 
 
-def _distill(args, overrides: list[str]) -> float:
+def _distill(args, overrides: list[str], clip: str = "none") -> float:
     t0 = time.perf_counter()
-    distill(load_config(args.recipe, overrides))
+    with _qat_clip(clip):
+        distill(load_config(args.recipe, overrides))
     return time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def _qat_clip(clip: str):
+    """train.py imports ``qat_wrap`` from ``distillery.quantize`` when QAT starts: hand it ``clip``."""
+    if clip == "none":
+        yield
+        return
+    from distillery.quantize.qat import qat_wrap
+    distillery.quantize.qat_wrap = functools.partial(qat_wrap, clip=clip)
+    try:
+        yield
+    finally:
+        del distillery.quantize.qat_wrap  # back to the package's lazy attribute
 
 
 def _score(args, name: str, folder: Path, fp32_ppl: float | None) -> dict:
@@ -90,8 +118,44 @@ def _score(args, name: str, folder: Path, fp32_ppl: float | None) -> dict:
     return row
 
 
+def _goals(rows: list[dict], bits_list: list[int]) -> dict:
+    """Per bit width: the best QAT variant's perplexity change against the goal, beside PTQ's."""
+    goals = {}
+    for b in bits_list:
+        qat = [r for r in rows if r["model"] in (f"qat{b}", f"qat{b}_clip_mse")]
+        best = min(qat, key=lambda r: r["perplexity"])
+        latent = next(r for r in rows if r["model"] == best["model"] + "_latent_fp32")
+        goals[f"{b}bit"] = {"goal_ppl_change_pct_max": GOALS_PCT.get(b), "best_qat": best["model"],
+                            "qat_ppl_change_pct": best["ppl_change_pct"],
+                            "qat_vs_own_fp32_latent_pct": 100 * (best["perplexity"] / latent["perplexity"] - 1),
+                            "ptq_ppl_change_pct": {r["model"]: r["ppl_change_pct"] for r in rows
+                                                   if r["model"] in (f"ptq{b}", f"ptq{b}_clip_mse")},
+                            "met": GOALS_PCT.get(b) is not None and best["ppl_change_pct"] <= GOALS_PCT[b]}
+    return goals
+
+
+def _merge(args) -> int:
+    parts = [json.loads(Path(f).read_text()) for f in args.merge]
+    merged = {**parts[0], "parts": [{"file": f, "machine": p["machine"]} for f, p in zip(args.merge, parts)]}
+    rows = {}
+    for p in parts:
+        rows.update({r["model"]: r for r in p["rows"]})
+        for key in ("timings_s", "qat_commands"):
+            merged[key] = {**merged.get(key, {}), **p.get(key, {})}
+    merged["rows"] = list(rows.values())
+    bits = sorted({b for p in parts for b in p["settings"]["bits"]}, reverse=True)
+    merged["settings"]["bits"] = bits
+    merged["goals"] = _goals(merged["rows"], bits)
+    out = Path(args.out) if args.out else RESULTS / "lowbit.json"
+    write_json(merged, out)
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.merge:
+        return _merge(args)
     torch.set_num_threads(args.threads)
     args.teacher = load_config(args.recipe, []).teacher  # the recipe's teacher scores every model
     work, base = Path(args.work_dir), Path(args.base)
@@ -111,25 +175,22 @@ def main(argv=None) -> int:
             ptq = quantize_model(base, bits=bits, group_size=args.group_size, out_dir=work / name, eval_tokens=0,
                                  clip=clip)
             rows.append(_score(args, name, Path(ptq["out_dir"]), fp32_ppl))
-        qat_run = work / f"qat{bits}"
-        overrides = [*_train_overrides(args, qat_run, args.qat_steps), "student.init=pretrained",
-                     f"student.pretrained={base}", "qat.enabled=true", f"qat.bits={bits}",
-                     f"qat.group_size={args.group_size}", f"qat.last_steps={args.qat_steps}",
-                     f"train.lr={args.qat_lr}", f"train.warmup_steps={max(1, args.qat_steps // 10)}"]
-        result.setdefault("qat_commands", {})[bits] = shlex.join(
-            [".venv/bin/python", "-m", "distillery.cli", "distill", args.recipe, *overrides])
-        result["timings_s"][f"qat{bits}"] = _distill(args, overrides)
-        rows.append(_score(args, f"qat{bits}_latent_fp32", qat_run / "student", fp32_ppl))
-        q = quantize_model(qat_run / "student", bits=bits, group_size=args.group_size,
-                           out_dir=work / f"qat{bits}-q", eval_tokens=0)
-        rows.append(_score(args, f"qat{bits}", Path(q["out_dir"]), fp32_ppl))
+        for clip in args.qat_clip:
+            name = f"qat{bits}" + ("" if clip == "none" else f"_clip_{clip}")
+            overrides = [*_train_overrides(args, work / name, args.qat_steps), "student.init=pretrained",
+                         f"student.pretrained={base}", "qat.enabled=true", f"qat.bits={bits}",
+                         f"qat.group_size={args.group_size}", f"qat.last_steps={args.qat_steps}",
+                         f"train.lr={args.qat_lr}", f"train.warmup_steps={max(1, args.qat_steps // 10)}"]
+            result.setdefault("qat_commands", {})[name] = shlex.join(
+                [".venv/bin/python", "-m", "distillery.cli", "distill", args.recipe, *overrides]) + (
+                "" if clip == "none" else f"  # with qat_wrap(clip='{clip}'), passed by this script")
+            result["timings_s"][name] = _distill(args, overrides, clip)
+            rows.append(_score(args, f"{name}_latent_fp32", work / name / "student", fp32_ppl))
+            q = quantize_model(work / name / "student", bits=bits, group_size=args.group_size,
+                               out_dir=work / f"{name}-q", eval_tokens=0)   # plain grid: what training saw
+            rows.append(_score(args, name, Path(q["out_dir"]), fp32_ppl))
     result["rows"] = rows
-    by = {r["model"]: r for r in rows}
-    result["goals"] = {f"{b}bit": {"goal_ppl_change_pct_max": GOALS_PCT.get(b),
-                                   "qat_ppl_change_pct": by[f"qat{b}"]["ppl_change_pct"],
-                                   "ptq_ppl_change_pct": by[f"ptq{b}"]["ppl_change_pct"],
-                                   "met": GOALS_PCT.get(b) is not None and by[f"qat{b}"]["ppl_change_pct"] <= GOALS_PCT[b]}
-                       for b in args.bits}
+    result["goals"] = _goals(rows, args.bits)
     result["limits"] = ("CPU only, one thread, shared machine; short runs (base and QAT step counts in settings); "
                         "the QAT runs train qat_steps more steps than the base, the latent_fp32 rows show that "
                         "extra training alone; linears quantized, the tied embedding / LM head kept fp32.")
