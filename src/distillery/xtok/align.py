@@ -20,7 +20,8 @@ label position ``k − 1``. For each *student* label position the :class:`Alignm
 and which teacher label positions the span covers, ready for :mod:`distillery.xtok.losses`. Spans that contain a
 side's token 0 (never predicted) or a token that is not a target on either side are dropped.
 
-Costs: a Python walk over the tokens (linear); a few ms per 1,000 tokens.
+Costs: linear Python loops over the tokens: about 45–95 µs per student token including both tokenizations
+(measured on 200k characters of Shakespeare, SmolLM2 vs GPT-2 / an 8k BPE), so align in data preparation, not per step.
 """
 
 from __future__ import annotations
