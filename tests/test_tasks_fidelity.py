@@ -93,6 +93,13 @@ def test_score_fidelity_records_and_means():
         assert res["means"][name]["empty_or_whitespace"] == sum(
             not r["answers"][name].strip() for r in res["records"])
     assert res["settings"]["n_prompts"] == 2 and res["settings"]["teacher_chat_template"] is True
+    # a second student reuses the teacher's answers: the teacher's rows are unchanged
+    reuse = {k: [r["answers"][k] for r in res["records"]] for k in ("teacher_greedy", "teacher_sampled")}
+    other = score_fidelity(model, tok, tiny_llama(seed=1), tok, prompts, max_new_tokens=6, seed=3, batch_size=2,
+                           teacher_answers=reuse)
+    for a, b in zip(res["records"], other["records"]):
+        for k in ("teacher_greedy", "teacher_sampled"):
+            assert b["answers"][k] == a["answers"][k] and b["scores"][k] == a["scores"][k]
 
 
 def test_read_prompts(tmp_path):

@@ -192,20 +192,28 @@ def _mean(values) -> float | None:
 
 def score_fidelity(teacher_model, teacher_tok, student_model, student_tok, prompts: list[str] | None = None, *,
                    max_new_tokens: int = 64, sample_temperature: float = 1.0, seed: int = 0,
-                   batch_size: int = 8) -> dict:
+                   batch_size: int = 8, teacher_answers: dict[str, list[str]] | None = None) -> dict:
     """Answers of teacher and student to ``prompts`` (default :data:`DEFAULT_PROMPTS`), scored side by side.
 
     Returns ``{"records": [{"prompt", "answers": {name: text}, "scores": {name: {...}}}], "means": {name:
     {"teacher_logprob_per_byte", "rouge_l", "distinct_2", "longest_repeated_ngram", "empty_or_whitespace"}},
     "settings": {...}}`` for the four answers in :data:`ANSWERS`; ``empty_or_whitespace`` in ``means`` is a count.
+    ``teacher_answers`` (``{"teacher_greedy": [...], "teacher_sampled": [...]}`` from an earlier result's records,
+    same prompts and settings) skips the teacher's generation when several students are scored.
     """
     prompts = list(DEFAULT_PROMPTS if prompts is None else prompts)
     if not prompts:
         raise DistilleryError("answer fidelity: no prompts")
     t0 = time.perf_counter()
     answers = {}
+    if teacher_answers is not None:
+        answers = {k: list(teacher_answers[k]) for k in ("teacher_greedy", "teacher_sampled")}
+        if any(len(v) != len(prompts) for v in answers.values()):
+            raise DistilleryError("answer fidelity: teacher_answers must hold one answer per prompt")
     for who, model, tok in (("teacher", teacher_model, teacher_tok), ("student", student_model, student_tok)):
         for mode in ("greedy", "sampled"):
+            if f"{who}_{mode}" in answers:
+                continue
             answers[f"{who}_{mode}"] = generate_answers(model, tok, prompts, do_sample=mode == "sampled",
                                                         max_new_tokens=max_new_tokens, batch_size=batch_size,
                                                         sample_temperature=sample_temperature, seed=seed)

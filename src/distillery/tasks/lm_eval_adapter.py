@@ -58,8 +58,12 @@ def _milton_docs() -> list[str]:
 
 
 def materialize_shipped(name: str, root: Path, *, blimp_per_paradigm: int | None = None, seed: int = 0) -> Path:
-    """Write shipped task ``name`` (YAML + JSONL with absolute paths) under ``root/name``; return the folder."""
-    folder = root / name
+    """Write shipped task ``name`` (YAML + JSONL with absolute paths) under ``root``; return its folder.
+
+    The folder name carries the BLiMP subsample (``distillery_blimp-n50-s0``), so two runs asking for different
+    subsamples never overwrite each other's data file."""
+    folder = root / (f"{name}-{'all' if blimp_per_paradigm is None else f'n{blimp_per_paradigm}'}-s{seed}"
+                     if name == "distillery_blimp" else name)
     folder.mkdir(parents=True, exist_ok=True)
     data = folder / "data.jsonl"
     common = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data))}\ntest_split: test\n"
@@ -138,7 +142,10 @@ def run_lm_eval(teacher: str, student: str, specs: list[str], *, batch_size: int
         raise DistilleryError("lm-eval tasks need lm-evaluation-harness: pip install 'distillery[eval]'") from None
     home = hf_home()
     home.mkdir(parents=True, exist_ok=True)
-    resolved = resolve_specs(specs, home.parent / "lm_eval_tasks", blimp_per_paradigm=blimp_per_paradigm, seed=seed)
+    from ..teachers import distillery_home
+
+    resolved = resolve_specs(specs, distillery_home() / "lm_eval_tasks", blimp_per_paradigm=blimp_per_paradigm,
+                             seed=seed)
     env = dict(os.environ, HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false")
     env.pop("HF_DATASETS_CACHE", None)  # these would override HF_HOME for datasets and the hub
     env.pop("HF_HUB_CACHE", None)
