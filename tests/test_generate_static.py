@@ -1,0 +1,96 @@
+"""The fast sampler: StaticDecoder (preallocated K/V, the model's own submodules) and dropping finished rows.
+
+Greedy tokens must equal transformers' ``generate`` on the same batch (left padding, EOS), on every
+architecture the static path claims; the LM head must run on exactly one row per generated token.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import MistralConfig, MistralForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from distillery.errors import DistilleryError
+from distillery.generate import sample, static_decode_supported
+from tiny import tiny_llama, tiny_qwen2
+from test_generate import PAD, hf_greedy, left_padded_prompts
+
+
+def tiny_qwen3():
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, max_position_embeddings=512, eos_token_id=0, pad_token_id=PAD)
+    return Qwen3ForCausalLM(cfg).eval()
+
+
+def tiny_mistral(window):
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, sliding_window=window, max_position_embeddings=512, pad_token_id=PAD)
+    return MistralForCausalLM(cfg).eval()
+
+
+def head_rows(model):
+    """Rows the LM head runs on, per call (a forward hook)."""
+    rows = []
+    model.lm_head.register_forward_hook(lambda m, i, o: rows.append(i[0].reshape(-1, i[0].shape[-1]).shape[0]))
+    return rows
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_qwen2, tiny_qwen3, lambda: tiny_mistral(None)])
+@pytest.mark.parametrize("decoder", ["static", "hf"])
+def test_greedy_equals_generate(build, decoder):
+    model = build()
+    assert static_decode_supported(model, 40)
+    ids, mask = left_padded_prompts(lengths=(7, 3, 5, 6))
+    seqs, completion = sample(model, ids, mask, max_new_tokens=14, sample_temperature=0.0, eos_token_id=None,
+                              pad_token_id=PAD, decoder=decoder)
+    assert torch.equal(seqs, hf_greedy(model, ids, mask, 14, None))
+    assert completion[:, 7:].sum() == 4 * 14
+
+
+@pytest.mark.parametrize("decoder", ["static", "hf"])
+def test_finished_rows_leave_the_batch_and_tokens_still_equal_generate(decoder):
+    model = tiny_llama(layers=2)
+    ids, mask = left_padded_prompts(lengths=(7, 3, 5, 6), seed=1)
+    free, _ = sample(model, ids, mask, max_new_tokens=12, sample_temperature=0.0, eos_token_id=None, pad_token_id=PAD)
+    row0 = free[0, 7:].tolist()
+    eos = row0[next(k for k in range(1, 6) if row0[k] not in row0[:k])]  # row 0 ends early on this token
+    rows = head_rows(model)
+    seqs, completion = sample(model, ids, mask, max_new_tokens=12, sample_temperature=0.0, eos_token_id=eos,
+                              pad_token_id=PAD, decoder=decoder)
+    rows = list(rows)  # ours only (generate below runs the same head)
+    ref = hf_greedy(model, ids, mask, 12, eos)
+    assert torch.equal(seqs, ref[:, :seqs.shape[1]]) and (ref[:, seqs.shape[1]:] == PAD).all()
+    generated = int(completion.sum())
+    assert rows[0] == 4 and sum(rows) == generated  # prefill, then one head row per generated token: none wasted
+    assert rows == sorted(rows, reverse=True) and min(rows) < 4  # the batch shrank as rows ended
+
+
+def test_static_and_hf_decoders_draw_the_same_samples():
+    model = tiny_qwen2(layers=2)
+    ids, mask = left_padded_prompts()
+    out = [sample(model, ids, mask, max_new_tokens=10, sample_temperature=1.0, top_p=0.9, pad_token_id=PAD,
+                  eos_token_id=[5, 6, 7], generator=torch.Generator().manual_seed(4), decoder=d) for d in ("static", "hf")]
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+
+
+def test_bf16_autocast_static_equals_hf():
+    model = tiny_llama(layers=2)
+    ids, mask = left_padded_prompts()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, _ = sample(model, ids, mask, max_new_tokens=8, sample_temperature=0.0, pad_token_id=PAD, decoder="static")
+        b, _ = sample(model, ids, mask, max_new_tokens=8, sample_temperature=0.0, pad_token_id=PAD, decoder="hf")
+    assert torch.equal(a, b)
+
+
+def test_short_sliding_window_falls_back_and_static_is_refused():
+    model = tiny_mistral(window=8)
+    ids, mask = left_padded_prompts()
+    assert not static_decode_supported(model, 7 + 6) and static_decode_supported(tiny_mistral(window=64), 13)
+    seqs, _ = sample(model, ids, mask, max_new_tokens=6, sample_temperature=0.0, pad_token_id=PAD)  # auto: HF decoder
+    assert torch.equal(seqs, hf_greedy(model, ids, mask, 6, None))
+    with pytest.raises(DistilleryError, match="static"):
+        sample(model, ids, mask, max_new_tokens=6, decoder="static")
+    with pytest.raises(DistilleryError, match="decoder must be"):
+        sample(model, ids, mask, max_new_tokens=6, decoder="fast")
