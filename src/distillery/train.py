@@ -165,8 +165,9 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
         on_policy = (gc.on_policy_fraction > 0 and step >= gc.on_policy_start
                      and choose_on_policy(step, gc.on_policy_fraction, tc.seed))
         if on_policy:  # GKD: the student samples, the teacher scores, the loss is on the samples only
-            micro = [on_policy_batch(student, mb, run.tokenizer, gc, generator=gen,
-                                     vocab_size=run.vocab_size) for mb in micro]
+            with acc.autocast():  # sample in the precision the student trains in (bf16 where it is fast)
+                micro = [on_policy_batch(student, mb, run.tokenizer, gc, generator=gen,
+                                         vocab_size=run.vocab_size) for mb in micro]
         if lc.kd_weight > 0:  # a remote teacher starts scoring now, and the next step's blocks while we compute
             for mb in micro + _next_blocks(step + 1, tc, gc, train_ds, sampler):
                 teacher.prefetch(mb)
