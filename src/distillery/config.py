@@ -263,7 +263,7 @@ def _error_line(err: ValidationError, source: str) -> str:
         return f"{source}: config key '{key}' is not a known setting{_did_you_mean(e['loc'])}"
     got = e.get("input")
     got_s = "" if isinstance(got, dict) else f" (got {_show(repr(got))})"
-    return f"{source}: config key '{key}': {_show(e['msg'])}{got_s}"
+    return f"{source}: config key '{key}': {' '.join(str(e['msg']).split())}{got_s}"
 
 
 def _did_you_mean(loc: tuple) -> str:

@@ -100,16 +100,16 @@ def check_args(args) -> None:
         values = getattr(args, attr, None)
         for v in values if isinstance(values, list) else [values]:
             if isinstance(v, str) and (Path(v).expanduser() / "config.json").is_file():
-                check_weights_folder(v, f"--{attr}" if attr != "models" else "model")
+                check_weights_folder(v, attr if attr != "models" else "model")
     command = getattr(args, "command", None)
     if command == "eval" and getattr(args, "json", None):
         refuse_overwrite(args.json, {"the student": args.student, "the teacher": args.teacher}, "eval --json")
     if command == "quantize" and getattr(args, "out", None):
         refuse_overwrite(args.out, {"the student folder": args.student}, "quantize --out")
-    if command == "distill":
+    if command in ("distill", "cache") and getattr(args, "recipe", None):
         from .config import load_config
 
-        check_recipe(load_config(args.recipe, args.overrides))
+        check_recipe(load_config(args.recipe, args.overrides), writes_run=command == "distill")
 
 
 def _teacher_name(source: str) -> str:
@@ -120,8 +120,9 @@ def _teacher_name(source: str) -> str:
     return p.stem if p.suffix == ".gguf" else (p.name if p.is_dir() else source)
 
 
-def check_recipe(cfg) -> None:
-    """A recipe's inputs, before any of them loads (see the module docstring)."""
+def check_recipe(cfg, writes_run: bool = True) -> None:
+    """A recipe's inputs, before any of them loads (see the module docstring); ``writes_run``: the command
+    trains into ``train.output_dir`` (distill; not cache)."""
     tcfg, scfg, tc = cfg.teacher, cfg.student, cfg.train
     teacher_dir = Path(tcfg.source).expanduser() if tcfg.kind == "hf" and tcfg.source != "smollm2" else None
     if teacher_dir is not None and teacher_dir.is_dir():
@@ -144,6 +145,8 @@ def check_recipe(cfg) -> None:
             raise DistilleryError(f"teacher cache '{tcfg.cache_path}' was written by teacher '{recorded}', but "
                                   f"teacher.source names '{_teacher_name(tcfg.source)}': rewrite the cache with "
                                   "`distillery cache`, or point teacher.source at the teacher that wrote it")
+    if not writes_run:
+        return
     out = Path(tc.output_dir).expanduser().resolve()
     inputs = {"the teacher folder": teacher_dir, "student.pretrained": scfg.pretrained,
               "the teacher cache": tcfg.cache_path if tcfg.kind == "cache" else None}
