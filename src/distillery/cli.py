@@ -16,12 +16,13 @@ import sys
 def _cmd_distill(args) -> int:
     from .evaluate import strict_json
     from .config import load_config
-    from .train import distill
+    from .python_api import distill
 
     cfg = load_config(args.recipe, args.overrides)
-    summary = distill(cfg, resume=args.resume)
+    result = distill(cfg, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":  # under accelerate launch / torchrun only the main process prints
-        print(strict_json(summary))
+        print(strict_json(result.summary))
+        print(f"student saved to {result.student_dir} (metrics: {result.metrics_path})", file=sys.stderr)
     return 0
 
 
