@@ -228,8 +228,20 @@ class TrainConfig(_Section):
     log_every: int = Field(1, gt=0)
     seed: int = 0
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description="'auto': fp32 on CPU, bf16 where the GPU has it.")
-    tensorboard: bool = False
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "aim", "clearml", "dvclive", "swanlab"]] = Field(default_factory=list, description="Experiment trackers (Accelerate's names) that receive every record metrics.jsonl gets, training keys under 'train/', validation under 'val/'. TensorBoard writes to <output_dir>/logs/distillery; the others use their own settings (WANDB_MODE, MLFLOW_TRACKING_URI, ...). Each needs its package installed.")
+    tensorboard: bool = Field(False, description="Alias kept for old recipes: true adds 'tensorboard' to report_to.")
     progress: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tensorboard_alias(cls, data):
+        if isinstance(data, dict) and isinstance(data.get("report_to"), str):  # report_to=wandb: a list of one
+            data = {**data, "report_to": [data["report_to"]]}
+        if isinstance(data, dict) and data.get("tensorboard") is True:
+            listed = data.get("report_to") or []
+            if isinstance(listed, list) and "tensorboard" not in listed:
+                data = {**data, "report_to": [*listed, "tensorboard"]}
+        return data
 
     @field_validator("output_dir")
     @classmethod

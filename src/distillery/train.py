@@ -32,7 +32,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_model
 from tqdm.auto import tqdm
 
-from . import fsdp
+from . import fsdp, trackers
 from .checkpoint import ensure_writable_dir, list_checkpoints, load_checkpoint, save_checkpoint
 from .checkpoint import check_resume, check_validation, check_weights, identity_state, usable_checkpoints
 from .locks import locked_run
@@ -93,7 +93,8 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
     mp = tc.mixed_precision  # 'auto': bf16 autocast where the GPU or CPU runs bf16 fast (hardware.py probes it)
     if mp == "auto":
         mp = auto_precision("cuda" if torch.cuda.is_available() else "cpu")
-    acc = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+    trackers.check_available(tc.report_to)  # a missing tracker package: one line, before anything loads
+    acc = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available(), **trackers.accelerator_kwargs(tc.report_to, out))
     ensure_writable_dir(out, "train.output_dir")
     if not resume and list_checkpoints(out):
         raise DistilleryError(f"{out} already holds checkpoints: pass --resume to continue, or choose another train.output_dir")
@@ -148,6 +149,7 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
     if acc.is_main_process and resume and metrics_path.exists():
         _trim_metrics(metrics_path, step, tc.max_steps)
     log = open(metrics_path, "a") if acc.is_main_process else None
+    trackers.start(acc, tc.report_to, cfg, out.name)  # train.report_to: the same records go to TensorBoard, W&B, ...
     lc = cfg.loss
     chunk_rows = lc.chunk_rows(acc.device.type, run.vocab_size)  # 'auto': larger chunks on a GPU
     bar = tqdm(total=tc.max_steps, initial=step, desc="distill", disable=not (tc.progress and acc.is_main_process))
@@ -227,6 +229,7 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
                 rec["on_policy"] = on_policy  # then "ce" is the student's -log q of its own samples
             log.write(json.dumps(rec) + "\n")
             log.flush()
+            trackers.log(acc, tc.report_to, rec)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tok_s']:.0f}")
             t_start, window_tokens = time.perf_counter(), 0
         bar.update(1)
@@ -263,6 +266,7 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
         run.save_student(student if final_state is None else fsdp.plain_copy(student, final_state), out / "student")
         write_json(summary, out / "summary.json")
         log.close()
+        trackers.finish(acc, tc.report_to)
     acc.wait_for_everyone()
     if world > 1 and torch.distributed.is_initialized():
         # Tear the process group down before exit: left to interpreter shutdown, gloo's threads were seen
@@ -330,4 +334,5 @@ def _validate(run, student, step: int, log, tc, acc, sharded_root=None) -> dict 
     check_validation(m, step, Path(tc.output_dir))  # non-finite validation metrics: diverged
     log.write(json.dumps({"step": step, "split": "val", **m}) + "\n")
     log.flush()
+    trackers.log(acc, tc.report_to, {"step": step, "split": "val", **m})
     return m
