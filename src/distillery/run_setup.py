@@ -16,7 +16,7 @@ import torch
 from .config import RunConfig
 from .errors import DistilleryError
 from .students import build_student, check_vocab, load_student_tokenizer
-from .teachers import Teacher, open_teacher, teacher_config, teacher_device
+from .teachers import Teacher, open_teacher, shared_vocab, teacher_config, teacher_device
 
 
 @dataclass
@@ -32,6 +32,8 @@ class Run:
     vocab_size: int
     save_student: Callable[[torch.nn.Module, Path], None]
     teacher_stats: dict | None = None  # what the api_logprobs teacher found in the data (run summary)
+    xtok: object | None = None  # xtok.batch.CrossTokenizer when the student has its own tokenizer
+    teacher_vocab: int | None = None  # the teacher's vocabulary (differs from vocab_size across tokenizers)
 
 
 def _max_positions(*models) -> int | None:
@@ -84,11 +86,20 @@ def prepare_run(cfg: RunConfig, device: torch.device, is_main: bool = True) -> R
         raise DistilleryError("generation.on_policy_fraction > 0 needs a teacher that scores the student's samples; "
                               f"teacher.kind '{tcfg.kind}' only holds targets for stored text (use teacher.kind: hf or served)")
     tokenizer = teacher.tokenizer
+    student_tok = load_student_tokenizer(cfg.student, tokenizer)  # a pretrained student's own, else the teacher's
+    if cfg.student.tokenizer:
+        from .student_tokenizer import open_student_tokenizer
+
+        student_tok = open_student_tokenizer(cfg.student.tokenizer, tokenizer, cfg.data, cfg.train.output_dir)
+    xtok = None
+    if student_tok.get_vocab() != tokenizer.get_vocab():  # another vocabulary: cross-tokenizer distillation
+        cfg, xtok = _cross_tokenizer_setup(cfg, teacher, student_tok)
     teacher_stats, renderer = None, None
     if tcfg.kind == "api_logprobs":  # stored answers: say what is usable; without log-probs, the text alone (CE)
         cfg, renderer, teacher_stats = _api_logprobs_setup(cfg, teacher, is_main)
 
-    splits = build_datasets(cfg.data, tokenizer, max_positions=_max_positions(teacher.model), chat_renderer=renderer)
+    data_tok = student_tok if xtok is not None else tokenizer  # the student trains on its own tokens
+    splits = build_datasets(cfg.data, data_tok, max_positions=_max_positions(teacher.model), chat_renderer=renderer)
     if tcfg.kind == "cache":
         teacher.check(splits.fingerprint, cfg)
 
@@ -104,12 +115,42 @@ def prepare_run(cfg: RunConfig, device: torch.device, is_main: bool = True) -> R
     if limit and cfg.data.seq_len > limit:
         raise DistilleryError(f"data.seq_len ({cfg.data.seq_len}) is above the student's limit "
                               f"max_position_embeddings={limit}")
-    student_tok = load_student_tokenizer(cfg.student, tokenizer)
-    vocab = check_vocab(tokenizer, student_tok, teacher.vocab_width, student.get_output_embeddings().weight.shape[0])
+    s_width = student.get_output_embeddings().weight.shape[0]
+    if xtok is None:
+        vocab = check_vocab(tokenizer, student_tok, teacher.vocab_width, s_width)
+        teacher_vocab = vocab
+    else:
+        vocab = shared_vocab(student_tok, None, s_width)
+        teacher_vocab = shared_vocab(tokenizer, teacher.vocab_width)
     student.to(device)
-    return Run(cfg=cfg, teacher=teacher, eval_teacher=teacher.eval_teacher(), tokenizer=tokenizer,
+    return Run(cfg=cfg, teacher=teacher, eval_teacher=teacher.eval_teacher(), tokenizer=data_tok,
                train=splits.train, val=splits.val, fingerprint=splits.fingerprint, student=student,
-               vocab_size=vocab, save_student=_student_saver(tokenizer), teacher_stats=teacher_stats)
+               vocab_size=vocab, save_student=_student_saver(data_tok), teacher_stats=teacher_stats,
+               xtok=xtok, teacher_vocab=teacher_vocab)
+
+
+def _cross_tokenizer_setup(cfg: RunConfig, teacher, student_tok):
+    """A student with its own vocabulary: refuse what cannot work, size a built student's embedding to its
+    tokenizer, and return the :class:`~distillery.xtok.batch.CrossTokenizer` that maps batches."""
+    from .xtok.batch import CrossTokenizer
+
+    if cfg.student.init == "pruned":
+        raise DistilleryError("student.init 'pruned' keeps the teacher's embedding, so the student keeps the teacher's "
+                              "tokenizer: drop student.tokenizer, or build the student from student.model")
+    if cfg.teacher.kind in ("cache", "api_logprobs"):
+        raise DistilleryError(f"a student with its own tokenizer needs a teacher that scores text in its own tokens: "
+                              f"teacher.kind 'hf' or 'served', not '{cfg.teacher.kind}' (docs/cross_tokenizer.md)")
+    if cfg.generation.on_policy_fraction > 0:
+        raise DistilleryError("on-policy steps with a student of another tokenizer are not supported yet: set "
+                              "generation.on_policy_fraction to 0")
+    if cfg.student.init == "config":
+        cfg = cfg.model_copy(deep=True)
+        cfg.student.model = {**cfg.student.model, "vocab_size": len(student_tok),
+                             **{k: getattr(student_tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}}
+    return cfg, CrossTokenizer(teacher.tokenizer, student_tok)
+
+
+
 
 
 def _api_logprobs_setup(cfg: RunConfig, teacher, is_main: bool):

@@ -170,8 +170,10 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
             with acc.autocast():  # sample in the precision the student trains in (bf16 where it is fast)
                 micro = [on_policy_batch(student, mb, run.tokenizer, gc, generator=gen,
                                          vocab_size=run.vocab_size) for mb in micro]
+        views = [run.xtok.view(mb) for mb in micro] if run.xtok is not None and lc.kd_weight > 0 else None
         if lc.kd_weight > 0:  # a remote teacher starts scoring now, and the next step's blocks while we compute
-            for mb in micro + _next_blocks(step + 1, tc, gc, train_ds, sampler):
+            ahead = [v.batch for v in views] if views else micro + _next_blocks(step + 1, tc, gc, train_ds, sampler)
+            for mb in ahead:
                 teacher.prefetch(mb)
         micro = [{k: v.to(acc.device) for k, v in mb.items()} for mb in micro]
         # N_window: target tokens in the whole accumulation window, summed over ranks, counted once.
@@ -180,7 +182,9 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
         kd_sum = ce_sum = 0.0
         for i, mb in enumerate(micro):
             try:
-                targets = teacher.targets(mb, vocab_size=run.vocab_size).to(acc.device) if lc.kd_weight > 0 else None
+                t_batch = views[i].batch if views else mb  # another tokenizer: the teacher reads its own tokens
+                targets = (teacher.targets(t_batch, vocab_size=run.teacher_vocab).to(acc.device)
+                           if lc.kd_weight > 0 else None)
             except TeacherUnavailable as exc:
                 raise DistilleryError(f"step {step}: {exc}; the run stopped (last checkpoint: {_last_checkpoint(out)}); "
                                       "once the server is back, rerun with --resume") from None
@@ -192,10 +196,14 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
             with ctx, acc.autocast():
                 hidden = wrapped(mb["input_ids"], mb.get("attention_mask"))  # (B, T, H)
                 loss, stats = chunked_distill_loss(
-                    hidden, head.weight, targets, mb["labels"], kd=lc.kd, beta=lc.beta, alpha=lc.alpha,
-                    loss_temperature=lc.loss_temperature, kd_weight=lc.kd_weight, ce_weight=lc.ce_weight,
-                    n_tokens=max(n_tokens, 1.0), chunk_size=chunk_rows, vocab_size=run.vocab_size,
-                    lm_head_bias=head.bias)
+                    hidden, head.weight, None if views else targets, mb["labels"], kd=lc.kd, beta=lc.beta,
+                    alpha=lc.alpha, loss_temperature=lc.loss_temperature, kd_weight=0.0 if views else lc.kd_weight,
+                    ce_weight=lc.ce_weight, n_tokens=max(n_tokens, 1.0), chunk_size=chunk_rows,
+                    vocab_size=run.vocab_size, lm_head_bias=head.bias)
+                if views:  # cross-tokenizer KD on the aligned positions (xtok.losses), added to the fused CE
+                    kd_tok = run.xtok.loss(hidden, head, targets, views[i], mb["labels"], lc, chunk_rows)
+                    loss = loss + lc.kd_weight * lc.loss_temperature ** 2 * kd_tok / max(n_tokens, 1.0)
+                    stats["kd_sum"] = float(kd_tok.detach())
                 if not torch.isfinite(loss):
                     raise DistilleryError(f"step {step}: loss is {loss.item()}; stopped before the update "
                                           f"(last good checkpoint: {_last_checkpoint(out)})")
@@ -327,8 +335,14 @@ def _validate(run, student, step: int, log, tc, acc, sharded_root=None) -> dict 
     # the same whatever the number of processes; the main process evaluates them alone. Its (rows, V) logit
     # buffers are bounded by loss.chunk_size like the training loss's (about 7 of them live at once).
     with fsdp.gathered_root(sharded_root):
-        m = evaluate(run.eval_teacher, student, batches, vocab_size=run.vocab_size,
-                     max_batches=tc.eval_batches * acc.num_processes, chunk_rows=min(1024, run.cfg.loss.chunk_rows(acc.device.type, run.vocab_size)))
+        if run.xtok is not None:  # another tokenizer: bits per byte, and KL / agreement on aligned positions
+            from .xtok.evaluate import evaluate_xtok
+
+            m = evaluate_xtok(run.eval_teacher, student, batches, run.xtok, teacher_vocab=run.teacher_vocab,
+                              student_vocab=run.vocab_size, max_batches=tc.eval_batches * acc.num_processes)
+        else:
+            m = evaluate(run.eval_teacher, student, batches, vocab_size=run.vocab_size,
+                         max_batches=tc.eval_batches * acc.num_processes, chunk_rows=min(1024, run.cfg.loss.chunk_rows(acc.device.type, run.vocab_size)))
     if not acc.is_main_process:
         return None
     check_validation(m, step, Path(tc.output_dir))  # non-finite validation metrics: diverged

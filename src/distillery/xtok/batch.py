@@ -1,0 +1,126 @@
+"""A student batch seen by a teacher with another tokenizer: the same bytes, re-tokenized, and the alignment.
+
+The student trains on its own tokens. For every row of a batch (``input_ids (B, T)``, shifted ``labels``,
+``attention_mask``) the block's bytes are spelled from the student's ids (:func:`~.vocab_map.token_bytes`;
+special tokens spell nothing), cut to whole UTF-8 characters at the two edges (a block of a packed stream may
+start or end inside a character), decoded, and tokenized by the teacher with byte offsets
+(:func:`~.align.encode_with_offsets`). :func:`~.align.align_spans` then pairs the two token lists into spans over
+the same bytes, and :func:`~.align.block_alignment` says, per student label position, which teacher label
+positions describe it (``(B, T_s)``). The teacher batch is the teacher's ids of each row, right-padded:
+``input_ids (B, T_t)``, ``labels (B, T_t)`` (its own next tokens: the span terms need their log-probs) and
+``attention_mask``. Any backend scores it (in-process, served); its targets stay in the teacher's vocabulary
+and :func:`~.losses.xtok_loss` maps them onto the student's.
+
+Chat data: the teacher reads the conversation as the student's template renders it (its tokens spelled as
+text), not through its own template; only the student's target (assistant) positions are aligned. Aligning
+each side's own rendering (:func:`~.chat.align_chat`) is left for the data pipeline.
+
+Cost: Python loops over the tokens, about 50-100 µs per student token (docs/cross_tokenizer.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .align import Alignment, align_spans, block_alignment, encode_with_offsets, spelling, stack_alignments
+from .vocab_map import build_vocab_map
+
+
+def _utf8_window(raw: bytes) -> tuple[int, int]:
+    """``[lo, hi)``: ``raw`` without a character cut at either edge (continuation bytes first, a lead byte last)."""
+    lo = 0
+    while lo < len(raw) and lo < 4 and (raw[lo] & 0xC0) == 0x80:
+        lo += 1
+    hi = len(raw)
+    for back in range(1, min(4, hi - lo) + 1):  # the last lead byte: is its character complete?
+        b = raw[hi - back]
+        if (b & 0xC0) == 0x80:
+            continue
+        need = 1 if b < 0x80 else 2 if b >> 5 == 0b110 else 3 if b >> 4 == 0b1110 else 4 if b >> 3 == 0b11110 else 1
+        if back < need:
+            hi -= back
+        break
+    return lo, hi
+
+
+@dataclass
+class TeacherView:
+    """The teacher's batch of the same bytes (``batch``), and the student positions' alignment to it."""
+
+    batch: dict
+    alignment: Alignment
+
+
+class CrossTokenizer:
+    """Teacher views of student batches, and the vocabulary map between the two tokenizers."""
+
+    def __init__(self, teacher_tokenizer, student_tokenizer):
+        self.teacher_tokenizer, self.student_tokenizer = teacher_tokenizer, student_tokenizer
+        self.vmap = build_vocab_map(teacher_tokenizer, student_tokenizer)
+        self._spelled = spelling(student_tokenizer).spelling
+        pad = teacher_tokenizer.pad_token_id
+        self._pad = pad if pad is not None else (teacher_tokenizer.eos_token_id or 0)
+
+    def row_bytes(self, ids: list[int]) -> tuple[bytes, np.ndarray]:
+        """The bytes a student token row spells, and each token's ``[start, end)`` in them (``-1``: special)."""
+        offsets = np.full((len(ids), 2), -1, dtype=np.int64)
+        parts, at = [], 0
+        for k, i in enumerate(ids):
+            b = self._spelled[i] if 0 <= i < len(self._spelled) else None
+            if b is None:
+                continue
+            offsets[k] = (at, at + len(b))
+            parts.append(b)
+            at += len(b)
+        return b"".join(parts), offsets
+
+    def view(self, batch: dict) -> TeacherView:
+        ids, labels = batch["input_ids"].cpu(), batch["labels"].cpu()
+        att = batch.get("attention_mask")
+        B, T = ids.shape
+        rows, aligns = [], []
+        for b in range(B):
+            n = int(att[b].sum()) if att is not None else T
+            block = ids[b, :n].tolist()
+            if n and int(labels[b, n - 1]) != -100:
+                block.append(int(labels[b, n - 1]))
+            raw, s_off = self.row_bytes(block)
+            lo, hi = _utf8_window(raw)
+            try:
+                text = raw[lo:hi].decode("utf-8")
+            except UnicodeDecodeError:  # bytes that spell no text (arbitrary byte-fallback runs): row unaligned
+                text = ""
+            t_ids, t_off = encode_with_offsets(self.teacher_tokenizer, text) if text else ([], np.zeros((0, 2), np.int64))
+            t_off = np.where(t_off >= 0, t_off + lo, -1)
+            s_off = np.where((s_off[:, :1] >= lo) & (s_off[:, 1:] <= hi), s_off, -1)  # tokens cut at the edges: out
+            spans = align_spans(t_off, s_off) if len(t_ids) > 1 else []
+            t_len = max(len(t_ids) - 1, 0)
+            rows.append(t_ids)
+            aligns.append((spans, t_len, (labels[b] != -100).numpy()))
+        T_t = max(max((len(r) - 1 for r in rows), default=1), 1)
+        t_input = torch.full((B, T_t), self._pad, dtype=torch.long)
+        t_labels = torch.full((B, T_t), -100, dtype=torch.long)
+        t_att = torch.zeros(B, T_t, dtype=torch.long)
+        for b, r in enumerate(rows):
+            if len(r) > 1:
+                t_input[b, :len(r) - 1] = torch.tensor(r[:-1])
+                t_labels[b, :len(r) - 1] = torch.tensor(r[1:])
+                t_att[b, :len(r) - 1] = 1
+        alignment = stack_alignments([block_alignment(sp, T, T_t, student_targets=tg) for sp, _, tg in aligns])
+        return TeacherView({"input_ids": t_input, "labels": t_labels, "attention_mask": t_att}, alignment)
+
+    def loss(self, hidden: torch.Tensor, head, targets, view: TeacherView, labels: torch.Tensor, loss_cfg,
+             chunk_rows: int) -> torch.Tensor:
+        """Sum over the student's target positions of the cross-tokenizer KD term (``loss.xtok_method`` and the
+        span term at ``loss.xtok_span_weight``), a scalar with gradients to ``hidden`` and the head."""
+        from .losses import StudentHead, xtok_loss
+
+        device = hidden.device
+        per_token = xtok_loss(StudentHead(hidden, head.weight, head.bias), targets, view.alignment.to(device), self.vmap,
+                              student_labels=labels, teacher_labels=view.batch["labels"].to(device),
+                              method=loss_cfg.xtok_method, span_weight=loss_cfg.xtok_span_weight,
+                              loss_temperature=loss_cfg.loss_temperature, chunk_size=chunk_rows)
+        return per_token.sum()
