@@ -11,7 +11,8 @@ from ..errors import DistilleryError
 from ..locks import refuse_overwrite
 from .inputs import SUPPORTED_ARCHS, check_student_dir, heldout_ids, load_student, student_arch
 
-FORMATS = ("gguf", "onnx")
+FORMATS = ("gguf", "onnx", "mlx", "executorch", "coreml")
+APPLE_FORMATS = ("mlx", "executorch", "coreml")   # folder outputs, in ``apple_export``
 
 
 def _reject(path: Path) -> Path:
@@ -26,7 +27,8 @@ def _reject(path: Path) -> Path:
 
 
 def export_model(student_dir: str | Path, fmt: str, out: str | Path, quant: str = "f16", verify: bool = True,
-                 verify_text: str | None = None, verify_tokens: int = 512) -> dict:
+                 verify_text: str | None = None, verify_tokens: int = 512, group_size: int | None = None,
+                 max_seq_len: int = 1024) -> dict:
     """Export a Llama/Qwen2 student to ``fmt`` ('gguf': file ``out``; 'onnx': folder ``out``); return a report.
 
     ``quant``: f32|f16|q8_0|q4_0 for GGUF; ONNX graphs are fp32 (pass 'f32' or leave the default).
@@ -34,9 +36,15 @@ def export_model(student_dir: str | Path, fmt: str, out: str | Path, quant: str 
     Runtime and compared with PyTorch on ``verify_tokens`` held-out tokens (``verify_text``, default:
     the tail of *Paradise Lost*); a failed check moves the output to ``<out>.rejected`` and raises
     :class:`DistilleryError`. See ``export.verify`` for the thresholds.
+    'mlx', 'executorch' and 'coreml' (folders; ``group_size``, ``max_seq_len``) go through
+    ``export.apple_export``.
     """
     if fmt not in FORMATS:
-        raise DistilleryError(f"--format {fmt} is not supported (choose gguf or onnx)")
+        raise DistilleryError(f"--format {fmt} is not supported (choose {', '.join(FORMATS)})")
+    if fmt in APPLE_FORMATS:
+        from .apple_export import export_apple
+
+        return export_apple(student_dir, fmt, out, quant, verify, verify_text, verify_tokens, group_size, max_seq_len)
     src = check_student_dir(student_dir)
     arch = SUPPORTED_ARCHS[student_arch(src)]
     out = Path(out).expanduser()

@@ -1,0 +1,193 @@
+"""ExecuTorch export (iOS / Android, XNNPACK CPU delegate): ``model.pte`` + ``model.ptd``, run by ``executorch.runtime``.
+
+Path: transformers' static-cache wrapper (``TorchExportableModuleForDecoderOnlyLM``: the KV cache is a
+set of mutable buffers ``(1, n_kv_heads, max_seq_len, head_dim)`` per layer inside the program) →
+``torch.export(strict=True)`` with a dynamic sequence length ``1..max_seq_len`` →
+``to_edge_transform_and_lower(XnnpackPartitioner)`` → ``to_executorch``.
+
+Program signature (what the ExecuTorch LLM runner calls): ``forward(input_ids (1, T) int64,
+cache_position (T,) int64) -> logits (1, T, V)``; ``cache_position`` holds the absolute positions of
+the ``T`` tokens (``arange(P, P + T)`` after ``P`` cached ones): prefill is one call with ``P = 0``,
+decode calls ``T = 1``.
+
+Weights live in ``model.ptd`` (ExecuTorch's external data file), not in the ``.pte``: the embedding
+table (a program constant, read by the portable ``embedding`` kernel) and the XNNPACK LM-head weight
+of a tied model are the same bytes, and the shared named-data store writes identical blobs once.
+Inside one ``.pte`` the two would be stored twice (XNNPACK has no gather op to read the table).
+
+``quant``: ``f32``, or ``8da4w`` — linear layers (LM head included) with int8 dynamic per-token
+activations and int4 symmetric weights in groups of ``group_size`` (torchao
+``Int8DynamicActivationIntxWeightConfig``, lowered to XNNPACK's QD8-QB4W GEMMs); the embedding
+table int8 per group (``quantized_decomposed.embedding_byte``). With int4 the LM head and the
+gather table no longer hold the same bytes, so a tied model carries both (int8 table + int4 head).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import DistilleryError
+from .device_check import GREEDY_NEW, GREEDY_PROMPT, greedy_fields, torch_greedy, verdict
+from .folders import folder_bytes, staged_folder
+from .metrics import compare_logits
+
+QUANTS = ("f32", "8da4w")
+MANIFEST = "distillery_executorch.json"
+DATA_TAG = "model"                           # -> model.ptd
+HINT = "ExecuTorch is not installed: pip install 'distillery[apple]' (executorch==1.5.1)"
+PARITY_REL_8DA4W = 2e-2   # XNNPACK and torchao's reference round the int8 activations slightly differently
+
+
+def _import_executorch():
+    try:
+        import executorch.exir  # noqa: F401
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    except ImportError:
+        raise DistilleryError(HINT) from None
+    return XnnpackPartitioner
+
+
+def prepared(model, quant: str, group_size: int):
+    """A frozen copy of ``model`` as it is exported: for ``8da4w`` quantized in place by torchao.
+
+    Also the PyTorch reference of the parity check (torchao's reference kernels compute the same
+    int8-activation / int4-weight products XNNPACK does). ``padding_idx`` only shapes gradients; it is
+    dropped because it hides the embedding from ExecuTorch's quantized-embedding fusion.
+    """
+    m = copy.deepcopy(model).eval().requires_grad_(False)
+    m.model.embed_tokens.padding_idx = None
+    if quant == "8da4w":
+        from executorch.extension.llm.export.quantize import quantize_model_
+
+        bad = [n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear) and mod.in_features % group_size]
+        if bad:
+            raise DistilleryError(f"--group-size {group_size} does not divide the input width of {bad[0]}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_model_(m, qlinear_config="8da4w", qlinear_group_size=group_size,
+                            qembedding_config="8w", qembedding_group_size=group_size)
+    return m
+
+
+def _constant_methods(cfg, max_len: int) -> dict:
+    """Metadata the ExecuTorch LLM runner reads from the program."""
+    eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
+    meta = {"get_max_seq_len": max_len, "get_max_context_len": max_len, "get_vocab_size": cfg.vocab_size,
+            "use_kv_cache": True, "enable_dynamic_shape": True}
+    if all(isinstance(e, int) for e in eos):
+        meta["get_eos_ids"] = eos
+    return meta
+
+
+def _lower(m, max_len: int):
+    """torch.export → edge → XNNPACK → ExecuTorch program; every constant tagged for ``model.ptd``."""
+    XnnpackPartitioner = _import_executorch()
+    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+    from transformers import GenerationConfig
+    from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
+
+    m.generation_config = GenerationConfig(use_cache=True, cache_implementation="static")
+    wrapper = TorchExportableModuleForDecoderOnlyLM(m, batch_size=1, max_cache_len=max_len)
+    seq = torch.export.Dim("seq", min=1, max=max_len)
+    example = torch.zeros(1, 4, dtype=torch.long)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = wrapper.export(input_ids=example, cache_position=torch.arange(4),
+                            dynamic_shapes={"input_ids": {1: seq}, "cache_position": {0: seq}}, strict=True)
+        sig = ep.graph_signature
+        weights = set(sig.inputs_to_parameters) | set(sig.inputs_to_lifted_tensor_constants)
+        for node in ep.graph.nodes:                  # XNNPACK puts tagged constants into the external file
+            if node.op == "placeholder" and node.name in weights:
+                node.meta.setdefault("custom", {})["delegate_constant_tag"] = DATA_TAG
+        edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()],
+                                           constant_methods=_constant_methods(m.config, max_len))
+        return edge.to_executorch(ExecutorchBackendConfig(external_constants=lambda _node: DATA_TAG,
+                                                          do_quant_fusion_and_const_prop=True))
+
+
+def write_executorch(model, tokenizer, out: Path, quant: str = "f32", group_size: int = 32,
+                     max_seq_len: int = 1024) -> dict:
+    """Export ``model`` to ``out/model.pte`` + ``out/model.ptd`` (tokenizer and config beside); return a report."""
+    _import_executorch()
+    if quant == "8da4w":
+        import executorch.kernels.quantized  # noqa: F401  (registers the quantized embedding ops)
+    max_len = min(max_seq_len, model.config.max_position_embeddings)
+    try:
+        program = _lower(prepared(model, quant, group_size), max_len)
+    except DistilleryError:
+        raise
+    except Exception as exc:  # export and lowering raise many types; keep one line
+        raise DistilleryError(f"ExecuTorch export failed: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
+    with staged_folder(out) as tmp:
+        with open(tmp / "model.pte", "wb") as fh:
+            program.write_to_file(fh)
+        program.write_tensor_data_to_file(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        model.config.save_pretrained(tmp)
+        manifest = {"format": "executorch", "quant": quant, "group_size": group_size if quant != "f32" else None,
+                    "max_seq_len": max_len, "backend": "xnnpack", "program": "model.pte", "data": f"{DATA_TAG}.ptd",
+                    "inputs": ["input_ids (1, T) int64", "cache_position (T,) int64"], "outputs": ["logits (1, T, V)"]}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return {"format": "executorch", "path": str(out), "quant": quant, "max_seq_len": max_len,
+            "bytes": folder_bytes(out, "model.pt*"), "pte_bytes": (out / "model.pte").stat().st_size}
+
+
+def load_method(out: Path):
+    """The ``forward`` method of an exported folder, loaded with its ``.ptd`` weights."""
+    _import_executorch()
+    from executorch.runtime import Runtime
+
+    manifest = json.loads((Path(out) / MANIFEST).read_text())
+    program = Runtime.get().load_program(Path(out) / manifest["program"], data_path=Path(out) / manifest["data"])
+    return program.load_method("forward"), manifest
+
+
+def pte_forward(method, ids: list[int], start: int) -> np.ndarray:
+    """Logits ``(T, V)`` for ``ids`` placed at positions ``start .. start + T - 1`` of the static cache."""
+    out = method.execute([torch.tensor([ids], dtype=torch.long), torch.arange(start, start + len(ids))])
+    return out[0][0].float().numpy()
+
+
+def _pte_greedy(method, prompt: list[int], n_new: int) -> list[int]:
+    logits, tokens = pte_forward(method, prompt, 0), []
+    for i in range(n_new):
+        tokens.append(int(logits[-1].argmax()))
+        logits = pte_forward(method, [tokens[-1]], len(prompt) + i)
+    return tokens
+
+
+def verify_executorch(out: Path, model, ids: list[int], window: int, quant: str, group_size: int) -> dict:
+    """Prefill and KV-cache decode logits of the ``.pte`` against PyTorch, greedy tokens, fidelity to fp32."""
+    from .verify import _windows, torch_logits
+
+    method, manifest = load_method(out)
+    window = min(window, manifest["max_seq_len"])
+    ref_model = prepared(model, quant, group_size)
+    ref = torch_logits(ref_model, ids, window)
+    got = np.concatenate([pte_forward(method, w, 0) for w in _windows(ids, window)])
+    result = {"fidelity": compare_logits(torch_logits(model, ids, window), got)}
+    result.update(compare_logits(ref, got))
+    first, half = ids[:window], len(ids[:window]) // 2
+    cached = [pte_forward(method, first[:half], 0)] + [pte_forward(method, [t], half + i)
+                                                       for i, t in enumerate(first[half:])]
+    kv = compare_logits(ref[:len(first)], np.concatenate(cached))
+    result["kv_cache_max_abs_diff"], result["kv_cache_rel_error"] = kv["max_abs_diff"], kv["rel_error"]
+    prompt = ids[:GREEDY_PROMPT]
+    result.update(greedy_fields(torch_greedy(ref_model, prompt, GREEDY_NEW), _pte_greedy(method, prompt, GREEDY_NEW)))
+    if quant == "f32":
+        result["reference"] = "torch fp32 (eager)"
+        return verdict(result, quant)
+    result["reference"] = "torch running the same torchao 8da4w model (reference kernels)"
+    result = verdict(result, quant, parity_max_abs=float("inf"))
+    for key in ("rel_error", "kv_cache_rel_error"):
+        if result[key] > PARITY_REL_8DA4W:
+            result["problems"].append(f"{key} {result[key]:.2e} > {PARITY_REL_8DA4W:.0e}")
+    result["threshold_rel_error"], result["passed"] = PARITY_REL_8DA4W, not result["problems"]
+    return result

@@ -1,0 +1,150 @@
+"""MLX export (Apple silicon Macs, mlx-lm) through ``mlx_lm.convert``, verified with ``mlx_lm.load``.
+
+``quant``: ``f32`` / ``f16`` keep plain weights; ``q2 q3 q4 q6 q8`` use MLX's affine group
+quantization: per group of ``group_size`` consecutive input weights ``w ≈ scale · q + bias`` with
+``q`` in ``[0, 2^bits - 1]`` (scale and bias stored per group, fp32 here). Embedding and linear
+layers are quantized; a tied LM head reuses the (quantized) embedding, so it is stored once.
+
+The folder ``out`` is what ``mlx_lm.load`` / ``mlx_lm.generate --model out`` reads: ``model.safetensors``,
+``config.json`` (with a ``quantization`` entry) and the tokenizer files, plus ``distillery_mlx.json``.
+MLX runs on Linux x86-64 too (``mlx[cpu]``), which is how the export is checked here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import DistilleryError
+from .device_check import GREEDY_NEW, GREEDY_PROMPT, greedy_fields, torch_greedy, verdict
+from .folders import folder_bytes, staged_folder
+from .metrics import compare_logits
+
+QUANTS = {"f32": None, "f16": None, "q2": 2, "q3": 3, "q4": 4, "q6": 6, "q8": 8}
+MANIFEST = "distillery_mlx.json"
+HINT = "MLX is not installed: pip install 'distillery[apple]' (mlx[cpu], mlx-lm[cpu] on Linux)"
+
+
+def _import_mlx():
+    try:
+        import mlx.core as mx
+        import mlx_lm
+    except ImportError:
+        raise DistilleryError(HINT) from None
+    return mx, mlx_lm
+
+
+def write_mlx(student_dir: Path, out: Path, quant: str = "f32", group_size: int = 64) -> dict:
+    """Convert the student folder with ``mlx_lm.convert`` into ``out`` (replaced atomically); return a report."""
+    _import_mlx()
+    from mlx_lm.convert import convert
+
+    bits = QUANTS[quant]
+    with staged_folder(out) as tmp:
+        target = tmp / "mlx"                         # convert() insists on a path that does not exist yet
+        try:
+            with contextlib.redirect_stdout(sys.stderr):   # its progress lines would spoil the CLI's JSON
+                convert(str(student_dir), str(target), quantize=bits is not None, q_bits=bits,
+                        q_group_size=group_size if bits else None,
+                        dtype="float16" if quant == "f16" else "float32")
+        except ValueError as exc:
+            raise DistilleryError(f"mlx_lm.convert failed for {student_dir}: {exc}".splitlines()[0]) from None
+        for f in target.iterdir():
+            f.rename(tmp / f.name)
+        target.rmdir()
+        manifest = {"format": "mlx", "quant": quant, "bits": bits, "group_size": group_size if bits else None,
+                    "mode": "affine" if bits else None, "source": str(student_dir)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return {"format": "mlx", "path": str(out), "quant": quant, "group_size": manifest["group_size"],
+            "bytes": folder_bytes(out, "*.safetensors")}
+
+
+def _np(x) -> np.ndarray:
+    mx, _ = _import_mlx()
+    return np.array(x.astype(mx.float32))
+
+
+def _to_f32(model) -> None:
+    """Cast float parameters (not packed quantized codes) to fp32 so the MLX pass computes in fp32."""
+    mx, _ = _import_mlx()
+    from mlx.utils import tree_map
+
+    model.update(tree_map(lambda p: p.astype(mx.float32) if mx.issubdtype(p.dtype, mx.floating) else p,
+                          model.parameters()))
+
+
+def dequantized_torch(out: Path, model):
+    """A copy of the torch ``model`` carrying the MLX file's weights, dequantized to fp32 (the parity reference)."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import dequantize_model, load_model
+
+    mlx_model, _ = load_model(Path(out))
+    dequantize_model(mlx_model)
+    weights = {k: torch.from_numpy(_np(v)) for k, v in tree_flatten(mlx_model.parameters())}
+    ref = copy.deepcopy(model)
+    missing, unexpected = ref.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise DistilleryError(f"MLX weights of {out} do not map onto the student: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
+    return ref.eval()
+
+
+def _mlx_greedy(mlx_model, prompt: list[int], n_new: int) -> list[int]:
+    mx, _ = _import_mlx()
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(mlx_model)
+    logits = mlx_model(mx.array([prompt]), cache=cache)
+    tokens = []
+    for _ in range(n_new):
+        tokens.append(int(mx.argmax(logits[0, -1]).item()))
+        logits = mlx_model(mx.array([[tokens[-1]]]), cache=cache)
+    return tokens
+
+
+def mlx_logits(mlx_model, ids: list[int], window: int) -> np.ndarray:
+    """MLX logits ``(N, V)`` for ``ids``, window by window, each from an empty context."""
+    mx, _ = _import_mlx()
+    from .verify import _windows
+
+    return np.concatenate([_np(mlx_model(mx.array([w]))[0]) for w in _windows(ids, window)])
+
+
+def _cached_logits(mlx_model, w: list[int]) -> np.ndarray:
+    """Logits ``(T, V)`` for one window: the first half in one call, then one token at a time with the cache."""
+    mx, _ = _import_mlx()
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache, half = make_prompt_cache(mlx_model), len(w) // 2
+    rows = [_np(mlx_model(mx.array([w[:half]]), cache=cache)[0])]
+    rows += [_np(mlx_model(mx.array([[t]]), cache=cache)[0]) for t in w[half:]]
+    return np.concatenate(rows)
+
+
+def verify_mlx(out: Path, model, ids: list[int], window: int, quant: str) -> dict:
+    """Parity (MLX in fp32 vs torch on the file's dequantized weights) and fidelity (vs the fp32 student)."""
+    _import_mlx()
+    from mlx_lm import load
+
+    from .verify import torch_logits
+
+    ref_model = dequantized_torch(out, model)
+    ref = torch_logits(ref_model, ids, window)
+    native, _ = load(str(out))                       # as a Mac user runs it (f16 computes in fp16)
+    result = {"fidelity": compare_logits(torch_logits(model, ids, window), mlx_logits(native, ids, window))}
+    fp32, _ = load(str(out))
+    _to_f32(fp32)
+    result.update(compare_logits(ref, mlx_logits(fp32, ids, window)))
+    first = ids[:window]
+    result["kv_cache_max_abs_diff"] = float(np.abs(_cached_logits(fp32, first) - ref[:len(first)]).max())
+    prompt = ids[:GREEDY_PROMPT]
+    result.update(greedy_fields(torch_greedy(ref_model, prompt, GREEDY_NEW), _mlx_greedy(fp32, prompt, GREEDY_NEW)))
+    result["reference"] = "torch on the MLX weights dequantized to fp32; MLX computing in fp32"
+    return verdict(result, quant)

@@ -1,0 +1,89 @@
+"""MLX export (mlx-lm): logits and greedy tokens match PyTorch; quantized files are smaller and exact on their own weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("mlx_lm")
+
+from distillery.errors import DistilleryError  # noqa: E402
+from distillery.export import export_model  # noqa: E402
+from tiny import tiny_llama, tiny_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    model = tiny_llama(tie=True)
+    with torch.no_grad():                          # non-uniform attention, so positions and the cache matter
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(5)
+            layer.self_attn.k_proj.weight.mul_(5)
+    src = tmp_path_factory.mktemp("student")
+    model.save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    return model, src
+
+
+@pytest.fixture(scope="module")
+def exports(student):
+    _, src = student
+    return {q: export_model(src, "mlx", src.parent / f"mlx-{q}", q, verify_tokens=256) for q in ("f32", "q8", "q4", "q2")}
+
+
+def test_f32_matches_torch_and_greedy(exports):
+    ver = exports["f32"]["verification"]
+    assert ver["passed"] and ver["max_abs_diff"] <= 1e-4 and ver["kv_cache_max_abs_diff"] <= 1e-4
+    assert ver["greedy_identical"] and ver["greedy_tokens"] == 32
+    assert ver["fidelity"]["top1_agreement"] == 1.0 and ver["fidelity"]["kl_ref_test"] < 1e-8
+
+
+@pytest.mark.parametrize("quant", ["q8", "q4", "q2"])
+def test_quantized_exact_on_dequantized_weights(exports, quant):
+    ver = exports[quant]["verification"]
+    assert ver["passed"] and ver["max_abs_diff"] <= 1e-4 and ver["kv_cache_max_abs_diff"] <= 1e-4
+    assert ver["greedy_identical"]
+    kl = ver["fidelity"]["kl_ref_test"]              # rounding cost grows as bits shrink
+    assert {"q8": kl < 1e-5, "q4": 1e-6 < kl < 1e-2, "q2": 1e-4 < kl < 0.5}[quant]
+
+
+def test_sizes_shrink_and_tied_embedding_stored_once(exports, student):
+    model, _ = student
+    sizes = {q: r["bytes"] for q, r in exports.items()}
+    params = sum(p.numel() for p in model.parameters()) * 4          # tied: counted once
+    assert params <= sizes["f32"] < params * 1.02
+    assert sizes["f32"] > sizes["q8"] > sizes["q4"] > sizes["q2"]
+    assert sizes["q4"] < sizes["f32"] * 0.25
+    cfg = json.loads((Path(exports["q4"]["path"]) / "config.json").read_text())
+    assert cfg["quantization"]["bits"] == 4 and cfg["quantization"]["group_size"] == 64
+
+
+def test_mlx_lm_generates_what_torch_generates(exports, student):
+    """mlx_lm's own stream_generate (greedy) from the exported folder yields the tokens torch's generate yields."""
+    from mlx_lm import load, stream_generate
+
+    model, src = student
+    mlx_model, tok = load(exports["f32"]["path"])
+    prompt = tiny_tokenizer()("To be, or not to be", add_special_tokens=False)["input_ids"]
+    got = [r.token for r in stream_generate(mlx_model, tok, prompt=prompt, max_tokens=12)]
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=3)
+    assert len(got) == 12 and got == out[0, len(prompt):].tolist()
+
+
+def test_refuses_output_inside_student_and_foreign_folder(student, tmp_path):
+    _, src = student
+    with pytest.raises(DistilleryError, match="inside the student folder"):
+        export_model(src, "mlx", src / "mlx", "f32")
+    with pytest.raises(DistilleryError, match="inside the student folder"):
+        export_model(src, "mlx", src, "f32")
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(DistilleryError, match="not a previous mlx export"):
+        export_model(src, "mlx", tmp_path, "f32")
+    with pytest.raises(DistilleryError, match="--quant q4_0 is not available for mlx"):
+        export_model(src, "mlx", tmp_path / "x", "q4_0")
+    assert (tmp_path / "keep.txt").read_text() == "mine" and np.all([p.is_file() for p in src.iterdir()])
