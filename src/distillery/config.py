@@ -133,6 +133,7 @@ class DataConfig(_Section):
     validation: list[str] = Field(default_factory=list, description="Separate held-out files; empty = split `val_fraction` of `train` off deterministically.")
     format: Literal["auto", "text", "jsonl", "chat"] = Field("auto", description="'auto' decides per file: .jsonl with 'messages' = chat, with 'text' = jsonl, else text.")
     text_field: str = "text"
+    chat_template: str | None = Field(None, description="Chat data: None = the tokenizer's own template; 'chatml' = plain ChatML (no default system prompt, tool calls as <tool_call> blocks); or a Jinja template file. The student is saved with the template it was trained on.")
     seq_len: int = Field(256, gt=1, description="Tokens per training block.")
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     seed: int = 0

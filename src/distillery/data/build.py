@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import DistilleryError
-from .chat import has_generation_tags, render_chat
+from .chat import default_system_prompt, has_generation_tags, render_chat, use_chat_template
 from .pack import BlockDataset, pack_chat, text_starts
 from .readers import read_source, resolve_sources
 from .split import permutation, split_blocks
@@ -89,6 +89,7 @@ def build_blocks(entries: list[str], cfg, tokenizer, what: str, progress: bool =
     targets = real = teacher_rows = None  # text only: every token is a target and real
     if chats:
         use_tags = has_generation_tags(tokenizer)
+        _note_default_system(chats, tokenizer, what)
         bar = tqdm(chats, desc="chat template", delay=1.0, disable=not progress, leave=False)
         if chat_renderer is None:
             rendered, rows = [render_chat(r, tokenizer, use_tags) for r in bar], None
@@ -123,6 +124,18 @@ def build_blocks(entries: list[str], cfg, tokenizer, what: str, progress: bool =
     return ds, [s.info() for s in sources], stats
 
 
+def _note_default_system(chats: list, tokenizer, what: str) -> None:
+    """Say when the template gives system-less conversations a system prompt of its own (SmolLM2's does):
+    the student would learn that prompt as part of every such conversation."""
+    bare = sum(1 for r in chats if r.messages[0]["role"] not in ("system", "developer"))
+    injected = default_system_prompt(tokenizer) if bare else None
+    if injected:
+        shown = injected if len(injected) <= 80 else injected[:77] + "..."
+        warnings.warn(f"{what}: {bare} of {len(chats)} conversations have no system message, and the chat template "
+                      f"adds its own to them ({shown!r}); give them a system message, or set data.chat_template "
+                      "(e.g. 'chatml') to render them without one", stacklevel=3)
+
+
 def build_datasets(cfg, tokenizer, max_positions: int | None = None, progress: bool = True,
                    chat_renderer=None) -> DataSplits:
     """Read, tokenize, pack and split the data of ``cfg`` (a ``DataConfig``).
@@ -141,6 +154,7 @@ def build_datasets(cfg, tokenizer, max_positions: int | None = None, progress: b
                               f"max_position_embeddings={max_positions}")
     if not cfg.train:
         raise DistilleryError("data.train is empty: name at least one file, folder or demo corpus")
+    use_chat_template(tokenizer, cfg.chat_template)  # data.chat_template: set on the tokenizer the student ships with
     full, files, stats = build_blocks(cfg.train, cfg, tokenizer, "data.train", progress, chat_renderer)
     val_files: list[dict] = []
     if cfg.validation:

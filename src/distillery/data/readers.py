@@ -30,7 +30,7 @@ from ..hashing import file_sha256
 DEMO_CORPORA = {"demo:shakespeare": "shakespeare8.txt.gz", "demo:milton": "paradise_lost.txt.gz"}
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 JSONL_SUFFIXES = (".jsonl",)
-ROLES = ("system", "user", "assistant", "tool")
+ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True)
@@ -166,16 +166,62 @@ def _check_messages(messages: Any, where: str) -> list[dict]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise DistilleryError(f"{where}: messages[{i}] must be an object with role and content")
-        role, content = m.get("role"), m.get("content")
+        role = m.get("role")
         if role not in ROLES:
             raise DistilleryError(f"{where}: messages[{i}] has unknown role {role!r} (expected one of {', '.join(ROLES)})")
-        if not isinstance(content, str):
-            raise DistilleryError(f"{where}: messages[{i}].content must be a string, got {type(content).__name__}")
+        calls = _tool_calls(m.get("tool_calls"), role, f"{where}: messages[{i}]")
+        content = _content_text(m.get("content"), bool(calls), f"{where}: messages[{i}].content")
         _check_unicode(content, f"{where}: messages[{i}].content")
-        clean.append({"role": role, "content": content})
+        msg = {"role": role, "content": content}
+        if calls:
+            msg["tool_calls"] = calls
+        msg.update({k: m[k] for k in ("tool_call_id", "name") if isinstance(m.get(k), str)})
+        clean.append(msg)
     if not any(m["role"] == "assistant" for m in clean):
         raise DistilleryError(f"{where}: conversation has no assistant turn (nothing to learn from)")
     return clean
+
+
+def _content_text(content: Any, has_calls: bool, where: str) -> str:
+    """OpenAI's ``content``: a string, a list of parts of which only ``{"type": "text", "text": ...}`` is text
+    (joined with newlines, as vLLM's server does), or null beside tool calls (then empty)."""
+    if isinstance(content, str):
+        return content
+    if content is None and has_calls:
+        return ""
+    if isinstance(content, list) and content:
+        texts = []
+        for j, part in enumerate(content):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise DistilleryError(f"{where}[{j}] is a {kind!r} part: only text parts ({{\"type\": \"text\", "
+                                      "\"text\": ...}) can be distilled")
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise DistilleryError(f"{where} must be a string or a list of text parts, got {type(content).__name__}")
+
+
+def _tool_calls(calls: Any, role: str, where: str) -> list[dict]:
+    """An assistant's OpenAI ``tool_calls``: ``[{"type": "function", "function": {"name", "arguments"}}]``.
+    ``arguments`` (a JSON string in OpenAI's format) becomes an object, as Hugging Face chat templates expect."""
+    if calls is None or calls == []:
+        return []
+    if role != "assistant" or not isinstance(calls, list):
+        raise DistilleryError(f"{where}.tool_calls must be a list on an assistant message")
+    out = []
+    for j, call in enumerate(calls):
+        f = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str):
+            raise DistilleryError(f"{where}.tool_calls[{j}] must be {{\"type\": \"function\", \"function\": "
+                                  "{\"name\": ..., \"arguments\": ...}}")
+        args = f.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise DistilleryError(f"{where}.tool_calls[{j}].function.arguments is not JSON ({exc.msg})") from None
+        out.append({**call, "type": call.get("type", "function"), "function": {"name": f["name"], "arguments": args}})
+    return out
 
 
 def _read_jsonl(src: Source, text_field: str) -> Iterator[Record]:
