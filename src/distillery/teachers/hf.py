@@ -133,12 +133,13 @@ def pick_device(device: str) -> torch.device:
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """fp32 on CPU (bf16 is ~50x slower on CPUs without bf16 units), bf16 on GPUs that have it."""
+    """``'auto'``: bf16 where the device runs it fast (GPUs that have it; CPUs with AMX, or AVX512-BF16 that
+    passes a speed probe: ``hardware.auto_dtype``), else fp32 (bf16 is ~50x slower on CPUs without bf16 units)."""
     if dtype != "auto":
         return getattr(torch, dtype)
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    from ..hardware import auto_dtype
+
+    return auto_dtype(device.type)
 
 
 @dataclass
