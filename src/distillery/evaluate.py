@@ -27,8 +27,11 @@ from .targets import TeacherTargets
 
 
 def student_hidden(model, batch: dict) -> torch.Tensor:
-    """Final (post-norm) hidden states of a HF causal LM, ``(B, T, H)``."""
-    return model.base_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).last_hidden_state
+    """Final (post-norm) hidden states of a HF causal LM, ``(B, T, H)`` (packed conversations kept apart:
+    :func:`distillery.data.pack.model_inputs`)."""
+    from .data.pack import model_inputs
+
+    return model.base_model(**model_inputs(batch)).last_hidden_state
 
 
 @torch.no_grad()

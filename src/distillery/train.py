@@ -54,8 +54,10 @@ class HiddenStates(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return student_hidden(self.model, {"input_ids": input_ids, "attention_mask": attention_mask})
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return student_hidden(self.model, {"input_ids": input_ids, "attention_mask": attention_mask,
+                                           "position_ids": position_ids})  # position_ids: packed conversations
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):
@@ -194,7 +196,7 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
             else:
                 ctx = acc.no_sync(wrapped) if i < len(micro) - 1 else contextlib.nullcontext()
             with ctx, acc.autocast():
-                hidden = wrapped(mb["input_ids"], mb.get("attention_mask"))  # (B, T, H)
+                hidden = wrapped(mb["input_ids"], mb.get("attention_mask"), mb.get("position_ids"))  # (B, T, H)
                 loss, stats = chunked_distill_loss(
                     hidden, head.weight, None if views else targets, mb["labels"], kd=lc.kd, beta=lc.beta,
                     alpha=lc.alpha, loss_temperature=lc.loss_temperature, kd_weight=0.0 if views else lc.kd_weight,

@@ -86,7 +86,7 @@ def build_blocks(entries: list[str], cfg, tokenizer, what: str, progress: bool =
     starts = text_starts(len(stream), cfg.seq_len)
     stats = {"documents": len(texts), "text_tokens": int(len(stream)), "conversations": len(chats)}
     tokens, all_starts = [stream], [starts]
-    targets = real = teacher_rows = None  # text only: every token is a target and real
+    targets = real = teacher_rows = positions = None  # text only: every token is a target and real
     if chats:
         use_tags = has_generation_tags(tokenizer)
         _note_default_system(chats, tokenizer, what)
@@ -100,6 +100,9 @@ def build_blocks(entries: list[str], cfg, tokenizer, what: str, progress: bool =
         tokens.append(packed["tokens"])
         targets = torch.from_numpy(np.concatenate([np.ones(len(stream), bool), packed["targets"]]))
         real = torch.from_numpy(np.concatenate([np.ones(len(stream), bool), packed["real"]]))
+        # per-conversation positions (pack.model_inputs); a text block's input token at offset o is at o mod T
+        positions = torch.from_numpy(np.concatenate([np.arange(len(stream), dtype=np.int64) % cfg.seq_len,
+                                                     packed["positions"]]))
         if rows is not None:
             teacher_rows = torch.from_numpy(np.concatenate([np.full(len(stream), -1, np.int64), packed["rows"]]))
         all_starts.append(packed["starts"] + len(stream))
@@ -119,7 +122,7 @@ def build_blocks(entries: list[str], cfg, tokenizer, what: str, progress: bool =
         raise DistilleryError(f"{what}: {names} make only {n_tokens} tokens, fewer than one block of "
                               f"data.seq_len + 1 = {cfg.seq_len + 1}")
     ds = BlockDataset(torch.from_numpy(np.concatenate(tokens)), torch.from_numpy(starts), cfg.seq_len,
-                      targets=targets, real=real, teacher_rows=teacher_rows)
+                      targets=targets, real=real, teacher_rows=teacher_rows, positions=positions)
     stats.update(blocks=len(ds), seconds=round(time.perf_counter() - t0, 3))
     return ds, [s.info() for s in sources], stats
 
@@ -181,6 +184,8 @@ def build_datasets(cfg, tokenizer, max_positions: int | None = None, progress: b
                   "seed": cfg.seed, "max_train_blocks": cfg.max_train_blocks, "max_val_blocks": cfg.max_val_blocks},
         "blocks": {"train": len(train), "val": len(val) if val is not None else 0},
     }
+    if full.positions is not None:  # packed conversations see only themselves (a cache made before does not match)
+        fingerprint["packing"] = "per-conversation attention"
     if chat_renderer is not None:  # the token ids come from somewhere else than the chat template alone
         fingerprint["chat_renderer"] = str(getattr(chat_renderer, "name", "custom"))
     return DataSplits(train=train, val=val, fingerprint=fingerprint, stats=stats)

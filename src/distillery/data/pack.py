@@ -35,17 +35,20 @@ class BlockDataset(Dataset):
         real: ``(N,)`` bool, False on padding; ``None`` = no padding.
         teacher_rows: ``(N,)`` int64, for each token the row of a side table of teacher targets that
             describes it (-1 = none); ``None`` = no side table (see ``distillery.teachers.api_logprobs``).
+        positions: ``(N,)`` int64, each token's position within its own document (0 where a packed
+            conversation, or a block's padding, starts); ``None`` = plain text, positions ``0..T-1``.
 
     ``dataset[i]`` is a dict ``input_ids (T,)``, ``labels (T,)``, ``attention_mask (T,)`` (int64) and
     ``index ()`` int64 = ``i``, the block's number within this dataset (the teacher cache's key); with
-    ``teacher_rows`` also ``teacher_row (T,)``: the side-table row of each *label* position.
+    ``teacher_rows`` also ``teacher_row (T,)``: the side-table row of each *label* position; with
+    ``positions`` also ``position_ids (T,)``, which keeps packed conversations apart (:func:`model_inputs`).
     """
 
     def __init__(self, tokens: torch.Tensor, starts: torch.Tensor, seq_len: int,
                  targets: torch.Tensor | None = None, real: torch.Tensor | None = None,
-                 teacher_rows: torch.Tensor | None = None):
+                 teacher_rows: torch.Tensor | None = None, positions: torch.Tensor | None = None):
         self.tokens, self.starts, self.seq_len = tokens, starts.to(torch.int64), int(seq_len)
-        self.targets, self.real, self.teacher_rows = targets, real, teacher_rows
+        self.targets, self.real, self.teacher_rows, self.positions = targets, real, teacher_rows, positions
         self._offsets = torch.arange(self.seq_len + 1, dtype=torch.int64)
 
     def __len__(self) -> int:
@@ -66,6 +69,8 @@ class BlockDataset(Dataset):
         out = {"input_ids": blk[:, :-1].contiguous(), "labels": labels, "attention_mask": attention, "index": idx}
         if self.teacher_rows is not None:
             out["teacher_row"] = self.teacher_rows[pos[:, 1:]]  # (B, T): the row describing labels[:, t]
+        if self.positions is not None:
+            out["position_ids"] = self.positions[pos[:, :-1]]  # (B, T): restarts at 0 where a conversation starts
         return out
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
@@ -76,7 +81,8 @@ class BlockDataset(Dataset):
 
     def subset(self, order: torch.Tensor) -> "BlockDataset":
         """A dataset of blocks ``order`` (in that order, renumbered 0..len-1), sharing storage."""
-        return BlockDataset(self.tokens, self.starts[order], self.seq_len, self.targets, self.real, self.teacher_rows)
+        return BlockDataset(self.tokens, self.starts[order], self.seq_len, self.targets, self.real, self.teacher_rows,
+                            self.positions)
 
     def n_targets(self) -> int:
         """Number of label positions that are not -100 (counts each block's own targets)."""
@@ -89,6 +95,36 @@ class BlockDataset(Dataset):
 def collate(items: list[dict]) -> dict[str, torch.Tensor]:
     """Stack dataset items into a batch: every ``(T,)`` becomes ``(B, T)``, ``index ()`` becomes ``(B,)``."""
     return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
+
+
+def model_inputs(batch: dict, device=None) -> dict:
+    """Keyword arguments for a Hugging Face causal LM's forward on ``batch``.
+
+    A batch of packed conversations carries ``position_ids (B, T)`` that restart at 0 where each conversation
+    (and the block's padding) starts. They are passed *without* an attention mask: transformers then reads the
+    restarts as packed sequences and builds a block-diagonal causal mask (``masking_utils.
+    find_packed_sequence_indices``), so a token attends only to earlier tokens of its own conversation, and
+    rotary positions count from each conversation's start. Padding sits at a block's end, where causality
+    already hides it from every real token. Any other batch gets ``input_ids`` and ``attention_mask``, as before.
+    """
+    def on(x):
+        return x if device is None else x.to(device)
+
+    if batch.get("position_ids") is not None:
+        # use_cache=False: transformers looks for packed sequences only when no KV cache is being built
+        return {"input_ids": on(batch["input_ids"]), "position_ids": on(batch["position_ids"]), "use_cache": False}
+    mask = batch.get("attention_mask")
+    return {"input_ids": on(batch["input_ids"]), "attention_mask": None if mask is None else on(mask)}
+
+
+def document_positions(lengths: list[int] | np.ndarray, total: int) -> np.ndarray:
+    """``(total,)`` int64: ``0..len-1`` for each document of ``lengths`` in turn, then ``0..`` over the rest."""
+    out = np.empty(total, dtype=np.int64)
+    at = 0
+    for n in [*lengths, total - int(np.sum(lengths))]:
+        out[at:at + n] = np.arange(n)
+        at += n
+    return out
 
 
 def text_starts(n_tokens: int, seq_len: int) -> np.ndarray:
@@ -107,7 +143,8 @@ def pack_chat(convs: list[tuple[list[int], list[int]]], seq_len: int, pad_id: in
             packed, cut and dropped along with its tokens.
     Returns:
         dict with ``tokens (n*(T+1),)`` int32, ``targets`` / ``real`` ``(n*(T+1),)`` bool,
-        ``starts (n,)`` int64, and the counts ``truncated`` (conversations cut to ``T + 1`` tokens)
+        ``starts (n,)`` int64, ``positions (n*(T+1),)`` int64 (each token's position in its conversation,
+        padding counted as one more), and the counts ``truncated`` (conversations cut to ``T + 1`` tokens)
         and ``dropped`` (conversations with no assistant token left after the cut); with ``rows``
         also ``rows (n*(T+1),)`` int64 (-1 on padding and on tokens without a row).
     """
@@ -133,8 +170,10 @@ def pack_chat(convs: list[tuple[list[int], list[int]]], seq_len: int, pad_id: in
     targets = np.zeros(n * width, dtype=bool)
     real = np.zeros(n * width, dtype=bool)
     packed_rows = np.full(n * width, -1, dtype=np.int64) if rows is not None else None
+    positions = np.zeros(n * width, dtype=np.int64)
     for b, members in enumerate(blocks):
         at = b * width
+        positions[at:at + width] = document_positions([len(ids) for ids, _, _ in members], width)
         for ids, mask, r in members:
             tokens[at:at + len(ids)] = ids
             targets[at:at + len(ids)] = np.asarray(mask, dtype=bool)
@@ -143,7 +182,7 @@ def pack_chat(convs: list[tuple[list[int], list[int]]], seq_len: int, pad_id: in
                 packed_rows[at:at + len(ids)] = r
             at += len(ids)
     out = {"tokens": tokens, "targets": targets, "real": real, "starts": np.arange(n, dtype=np.int64) * width,
-           "truncated": truncated, "dropped": dropped}
+           "positions": positions, "truncated": truncated, "dropped": dropped}
     if packed_rows is not None:
         out["rows"] = packed_rows
     return out

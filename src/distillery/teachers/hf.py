@@ -177,16 +177,16 @@ class HFTeacher:
         the loss applies the head only to the rows it needs. Models whose logits are not a plain
         linear map of the last hidden state (soft-capped logits) get full dense logits instead.
         """
-        ids = batch["input_ids"].to(self.device)
-        mask = batch.get("attention_mask")
-        mask = None if mask is None else mask.to(self.device)
+        from ..data.pack import model_inputs  # packed conversations: position_ids, each sees only itself
+
+        inputs = model_inputs(batch, self.device)
         labels = batch.get("labels")
         target_mask = None if labels is None else (labels != -100)
         head = self.model.get_output_embeddings()
         if getattr(self.model.config, "final_logit_softcapping", None) or not isinstance(head, torch.nn.Linear):
-            logits = self.model(input_ids=ids, attention_mask=mask).logits
+            logits = self.model(**inputs).logits
             return TeacherTargets(logits=logits, mask=target_mask, vocab_size=vocab_size)
-        hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, H)
+        hidden = self.model.base_model(**inputs).last_hidden_state  # (B, T, H)
         return TeacherTargets(hidden=hidden, lm_head_weight=head.weight, lm_head_bias=head.bias,
                               mask=target_mask, vocab_size=vocab_size)
 
