@@ -63,5 +63,5 @@ def add_quantize_parser(subparsers) -> None:
     p.add_argument("--out", default=None, help="output folder (default: STUDENT-int<bits>)")
     p.add_argument("--include-lm-head", action="store_true", help="quantize the LM head too (untied heads only)")
     p.add_argument("--eval-tokens", type=int, default=512, help="held-out tokens for the report (0: skip)")
-    p.add_argument("--teacher", default=None, help="teacher HF folder: also report KL(teacher || student)")
+    p.add_argument("--teacher", default=None, help="teacher folder, .gguf file or smollm2: also report KL(teacher || student)")
     p.set_defaults(func=_run_quantize)
