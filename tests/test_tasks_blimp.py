@@ -52,6 +52,11 @@ def test_sentence_logprobs_bos_prefix_and_no_prefix():
     assert prefix_token_id(tok) == bos
     hand = [_hand_logprob(model, [bos] + tok(t, add_special_tokens=False)["input_ids"]) for t in TEXTS]
     assert sentence_logprobs(model, tok, TEXTS, batch_size=3) == pytest.approx(hand, abs=1e-4)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")  # a named prefix overrides BOS
+    hand_named = [_hand_logprob(model, [im_end] + tok(t, add_special_tokens=False)["input_ids"]) for t in TEXTS]
+    assert sentence_logprobs(model, tok, TEXTS, prefix="<|im_end|>") == pytest.approx(hand_named, abs=1e-4)
+    with pytest.raises(DistilleryError, match="not in the tokenizer"):
+        sentence_logprobs(model, tok, TEXTS, prefix="<s>")
     tok.bos_token, tok.eos_token = None, None  # neither: the first token is given, unscored
     assert prefix_token_id(tok) is None
     hand = [_hand_logprob(model, tok(t, add_special_tokens=False)["input_ids"]) for t in TEXTS]

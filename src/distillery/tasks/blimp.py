@@ -94,16 +94,24 @@ def prefix_token_id(tokenizer) -> int | None:
     return None
 
 
+def _token_id(tokenizer, token: str) -> int:
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if tid is None or tid == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(tid) != token:
+        raise DistilleryError(f"BLiMP prefix token {token!r} is not in the tokenizer's vocabulary")
+    return int(tid)
+
+
 @torch.no_grad()
 def sentence_logprobs(model, tokenizer, texts: list[str], *, batch_size: int = 32, progress: bool = False,
-                      desc: str = "BLiMP") -> list[float]:
+                      desc: str = "BLiMP", prefix: str | None = None) -> list[float]:
     """Total log-probability (nats) of each text under ``model``, scored as the module docstring says.
 
     Texts are sorted by token length so each padded batch ``(B, T)`` wastes little; padding is on the
     right, so real tokens never attend to it. Log-softmax runs in fp32 whatever the model's dtype.
+    ``prefix`` names another prefix token (e.g. ``"<|endoftext|>"``) in place of the BOS/EOS default.
     Returns one float per text, in the order given.
     """
-    prefix = prefix_token_id(tokenizer)
+    prefix = prefix_token_id(tokenizer) if prefix is None else _token_id(tokenizer, prefix)
     device = next(model.parameters()).device
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     seqs = [([prefix] + ids) if prefix is not None else ids for ids in encoded]
@@ -156,11 +164,15 @@ def accuracy_table(pairs: list[dict], correct: list[bool]) -> dict:
 
 
 def score_blimp(model, tokenizer, pairs: list[dict] | None = None, *, per_paradigm: int | None = None,
-                seed: int = 0, batch_size: int = 32, progress: bool | None = None, name: str = "model") -> dict:
+                seed: int = 0, batch_size: int = 32, progress: bool | None = None, name: str = "model",
+                prefix: str | None = None) -> dict:
     """BLiMP accuracy of one model: ``pairs`` (default: the bundled file, ``per_paradigm`` per uid, seeded).
 
     Returns ``{"overall", "chance", "per_field", "per_paradigm", "n_pairs", "n_paradigms", "prefix_token",
-    "seconds", "credit"}``. ``progress=None`` shows a bar when more than 1,000 pairs are scored.
+    "seconds", "credit"}``. ``progress=None`` shows a bar when more than 1,000 pairs are scored. ``prefix``: see
+    :func:`sentence_logprobs` (SmolLM2's BOS is the chat-turn marker ``<|im_start|>``; after its document
+    separator ``<|endoftext|>`` it scores 76.7% instead of 68.1% on 5 pairs per paradigm: compare models
+    only under the same prefix).
     """
     pairs = load_pairs(per_paradigm=per_paradigm, seed=seed) if pairs is None else pairs
     if not pairs:
@@ -168,12 +180,13 @@ def score_blimp(model, tokenizer, pairs: list[dict] | None = None, *, per_paradi
     progress = len(pairs) > 1000 if progress is None else progress
     t0 = time.perf_counter()
     texts = [p["good"] for p in pairs] + [p["bad"] for p in pairs]
-    lp = sentence_logprobs(model, tokenizer, texts, batch_size=batch_size, progress=progress, desc=f"BLiMP {name}")
+    lp = sentence_logprobs(model, tokenizer, texts, batch_size=batch_size, progress=progress, desc=f"BLiMP {name}",
+                           prefix=prefix)
     n = len(pairs)
     correct = [lp[i] > lp[n + i] for i in range(n)]
     table = accuracy_table(pairs, correct)
-    prefix = prefix_token_id(tokenizer)
-    table.update({"prefix_token": None if prefix is None else tokenizer.convert_ids_to_tokens(prefix),
+    pid = prefix_token_id(tokenizer) if prefix is None else _token_id(tokenizer, prefix)
+    table.update({"prefix_token": None if pid is None else tokenizer.convert_ids_to_tokens(pid),
                   "seconds": round(time.perf_counter() - t0, 2), "credit": CREDIT})
     return table
 
