@@ -1,0 +1,78 @@
+"""ExecuTorch export (XNNPACK): prefill and KV-cache decode logits match PyTorch, greedy identical, tied weights stored once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("executorch.runtime")
+
+from distillery.export import export_model  # noqa: E402
+from distillery.export.executorch_export import load_method, pte_forward  # noqa: E402
+from tiny import tiny_llama, tiny_tokenizer  # noqa: E402
+
+
+def _student(tmp_path_factory):
+    model = tiny_llama(tie=True)
+    with torch.no_grad():                          # non-uniform attention, so positions and the cache matter
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(5)
+            layer.self_attn.k_proj.weight.mul_(5)
+    src = tmp_path_factory.mktemp("student")
+    model.save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    return model, src
+
+
+@pytest.fixture(scope="module")
+def f32(tmp_path_factory):
+    model, src = _student(tmp_path_factory)
+    return model, export_model(src, "executorch", src.parent / "et-f32", "f32", verify_tokens=128, max_seq_len=128)
+
+
+def test_f32_prefill_decode_and_greedy_match_torch(f32):
+    _, report = f32
+    ver = report["verification"]
+    assert ver["passed"] and ver["max_abs_diff"] <= 1e-4 and ver["kv_cache_max_abs_diff"] <= 1e-4
+    assert ver["top1_agreement"] == 1.0 and ver["greedy_identical"] and ver["greedy_tokens"] == 32
+
+
+def test_tied_embedding_stored_once(f32):
+    """The weights live in model.ptd once: embedding table and XNNPACK LM head share one blob."""
+    model, report = f32
+    out = Path(report["path"])
+    params = sum(p.numel() for p in model.parameters()) * 4          # tied: counted once
+    emb = model.model.embed_tokens.weight.numel() * 4
+    ptd = (out / "model.ptd").stat().st_size
+    assert params <= ptd < params + emb / 4                            # a second copy would add `emb`
+    assert (out / "model.pte").stat().st_size < emb / 2                # the program holds no weights
+    manifest = json.loads((out / "distillery_executorch.json").read_text())
+    assert manifest["max_seq_len"] == 128 and manifest["backend"] == "xnnpack"
+
+
+def test_runtime_decode_positions_independent_of_history(f32):
+    """Runtime directly: 9 tokens prefilled then 3 decoded == torch on all 12; a fresh prefill resets the cache."""
+    model, report = f32
+    method, _ = load_method(Path(report["path"]))
+    torch.manual_seed(1)
+    ids = torch.randint(0, 512, (12,)).tolist()
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    for _ in range(2):                                                  # second round reuses the stale cache
+        rows = [pte_forward(method, ids[:9], 0)] + [pte_forward(method, [t], 9 + i) for i, t in enumerate(ids[9:])]
+        assert np.abs(np.concatenate(rows) - ref).max() <= 1e-4
+
+
+@pytest.mark.slow   # a second lowering: ~50 s of CPU on top of the fp32 one
+def test_8da4w_smaller_and_matches_torchao_reference(tmp_path_factory, f32):
+    model, src = _student(tmp_path_factory)
+    report = export_model(src, "executorch", src.parent / "et-q", "8da4w", verify_tokens=128, max_seq_len=128)
+    ver = report["verification"]
+    assert ver["passed"] and ver["rel_error"] <= 2e-2 and ver["kv_cache_rel_error"] <= 2e-2
+    assert ver["top1_agreement"] >= 0.99 and ver["greedy_identical"]
+    assert 1e-6 < ver["fidelity"]["kl_ref_test"] < 1e-2               # int4 weights cost something, not much
+    assert report["bytes"] < f32[1]["bytes"] * 0.45
