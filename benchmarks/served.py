@@ -12,6 +12,10 @@ core, the trainer (the demo student, 15.8M) to the other, one thread each. Measu
 
 Goal (issue 21): served tok/s >= 0.8 x min(student, server). Steady state = median step after the first 2.
 
+Then the quality check: ``--kl-steps`` steps off-policy and on-policy (lambda = 1) with the served teacher and
+with the in-process teacher (the same GGUF dequantized), both students scored afterwards against the in-process
+teacher on the same held-out blocks: held-out KL within 2% (issue 21).
+
     .venv/bin/python benchmarks/served.py [--steps 12] [--batch 4] [--seq-len 128] [--out benchmarks/results/served.json]
 """
 
@@ -52,11 +56,45 @@ def _steady(run: Path) -> float:
     return statistics.median(tok[2:]) if len(tok) > 2 else statistics.median(tok)
 
 
+def _quality(root: Path, served: dict, args) -> dict:
+    """Held-out KL (against the in-process teacher) of students trained with the served and the in-process teacher."""
+    import torch
+
+    from distillery.config import load_config
+    from distillery.evaluate import evaluate
+    from distillery.teachers import load_teacher
+    from distillery.train import distill
+    from transformers import AutoModelForCausalLM
+
+    live = load_teacher("smollm2", dtype="float32")
+    res = {}
+    for policy, frac in (("off_policy", 0.0), ("on_policy", 1.0)):
+        for name, teacher in (("in_process", {"kind": "hf", "dtype": "float32"}), ("served", {**served, "prefetch": 2})):
+            run = f"kl_{policy}_{name}"
+            cfg = load_config(_recipe(root, run, teacher, args),
+                              [f"train.max_steps={args.kl_steps}", f"generation.on_policy_fraction={frac}",
+                               "generation.max_new_tokens=32", "generation.prompt_tokens=32",
+                               "generation.collapse_guard=off", "data.val_fraction=0.05", "data.max_val_blocks=8",
+                               f"data.max_train_blocks={args.batch * args.kl_steps}"])
+            distill(cfg)
+            student = AutoModelForCausalLM.from_pretrained(str(root / run / "student")).eval()
+            from distillery.data import build_datasets
+
+            val = build_datasets(cfg.data, live.tokenizer).val
+            batches = (val.batch(torch.arange(i, min(i + 4, len(val)))) for i in range(0, len(val), 4))
+            res[f"{policy}_{name}"] = evaluate(live, student, batches, vocab_size=len(live.tokenizer))["kl_teacher_student"]
+            print(f"{run}: held-out KL {res[f'{policy}_{name}']:.4f}", flush=True)
+        a, b = res[f"{policy}_in_process"], res[f"{policy}_served"]
+        res[f"{policy}_relative_difference"] = (b - a) / a
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--kl-steps", type=int, default=30, help="steps of the served-vs-in-process quality runs (0: skip)")
     ap.add_argument("--out", default=str(RESULTS / "served.json"))
     args = ap.parse_args()
 
@@ -102,6 +140,8 @@ def main() -> None:
             distill(load_config(_recipe(root, name, {**served, "prefetch": depth}, args)))
             out[f"{name}_tok_s"] = _steady(root / name)
             print(f"{name}: {out[f'{name}_tok_s']:.0f} tok/s", flush=True)
+        if args.kl_steps:
+            out["held_out_kl"] = _quality(root, served, args)
     bound = min(out["student_tok_s"], out["server_tok_s"])
     out["bound_tok_s"] = bound
     out["ratio_prefetch2_to_bound"] = out["served_prefetch2_tok_s"] / bound

@@ -320,6 +320,8 @@ def _trim_metrics(path: Path, step: int, max_steps: int) -> None:
             rec = json.loads(line)
         except ValueError:
             continue  # torn by a crash or a full disk
+        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+            continue  # a line of another shape: not ours to keep
         if rec["step"] < step or (rec["step"] == step and ("split" not in rec or step < max_steps)):
             kept.append(line)
     path.with_suffix(".tmp").write_text("".join(ln + "\n" for ln in kept))
