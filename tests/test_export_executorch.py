@@ -76,3 +76,13 @@ def test_8da4w_smaller_and_matches_torchao_reference(tmp_path_factory, f32):
     assert ver["top1_agreement"] >= 0.99 and ver["greedy_identical"]
     assert 1e-6 < ver["fidelity"]["kl_ref_test"] < 1e-2               # int4 weights cost something, not much
     assert report["bytes"] < f32[1]["bytes"] * 0.45
+
+
+def test_bench_runtime_executorch(f32):
+    from distillery.bench import bench_models
+
+    result = bench_models([f32[1]["path"]], runtime="executorch", prompt_tokens=32, new_tokens=8, repeats=1,
+                          threads=1, show=False)
+    s = result["models"][0]["summary"]
+    assert s["file_bytes"]["median"] == f32[1]["bytes"] and s["decode_tok_s"]["median"] > 0
+    assert s["peak_rss_bytes"]["median"] >= s["base_rss_bytes"]["median"] > 0

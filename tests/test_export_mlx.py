@@ -87,3 +87,13 @@ def test_refuses_output_inside_student_and_foreign_folder(student, tmp_path):
     with pytest.raises(DistilleryError, match="--quant q4_0 is not available for mlx"):
         export_model(src, "mlx", tmp_path / "x", "q4_0")
     assert (tmp_path / "keep.txt").read_text() == "mine" and np.all([p.is_file() for p in src.iterdir()])
+
+
+def test_bench_runtime_mlx(exports):
+    from distillery.bench import bench_models
+
+    result = bench_models([exports["q4"]["path"]], runtime="mlx", prompt_tokens=32, new_tokens=8, repeats=1,
+                          threads=1, show=False)
+    s = result["models"][0]["summary"]
+    assert s["file_bytes"]["median"] == exports["q4"]["bytes"] and s["prefill_tok_s"]["median"] > 0
+    assert s["decode_tok_s"]["median"] > 0 and s["peak_rss_bytes"]["median"] > 0

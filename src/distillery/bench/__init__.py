@@ -30,10 +30,11 @@ def _run_bench(args) -> int:
 
 
 def add_bench_parser(subparsers) -> None:
-    """Register ``distillery bench MODEL... [--runtime torch|llamacpp|onnx] [--repeats N] [--json FILE]``."""
+    """Register ``distillery bench MODEL... [--runtime torch|llamacpp|onnx|mlx|executorch] [--repeats N] [--json FILE]``."""
     p = subparsers.add_parser("bench", help="size, load time, prefill/decode tok/s and peak RSS of models in a runtime")
-    p.add_argument("models", nargs="+", help="HF folders (torch), .gguf files (llamacpp) or ONNX export folders (onnx)")
-    p.add_argument("--runtime", choices=("torch", "llamacpp", "onnx"), default="torch")
+    p.add_argument("models", nargs="+", help="HF folders (torch), .gguf files (llamacpp) or export folders (onnx, mlx, "
+                                             "executorch)")
+    p.add_argument("--runtime", choices=("torch", "llamacpp", "onnx", "mlx", "executorch"), default="torch")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3, help="fresh-process runs per model (median and spread)")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import DistilleryError
 
-RUNTIMES = ("torch", "llamacpp", "onnx")
+RUNTIMES = ("torch", "llamacpp", "onnx", "mlx", "executorch")
 METRICS = ("file_bytes", "load_s", "prefill_tok_s", "decode_tok_s", "peak_rss_bytes", "base_rss_bytes")
 
 
@@ -34,6 +34,8 @@ def check_model_path(path: str, runtime: str) -> str:
         raise DistilleryError(f"'{path}' is not a .gguf file for --runtime llamacpp")
     if runtime == "onnx" and not ((p / "model.onnx").is_file() if p.is_dir() else p.suffix == ".onnx"):
         raise DistilleryError(f"'{path}' is neither an ONNX export folder nor a .onnx file for --runtime onnx")
+    if runtime in ("mlx", "executorch") and not (p / f"distillery_{runtime}.json").is_file():
+        raise DistilleryError(f"'{path}' is not a folder written by `distillery export --format {runtime}`")
     if runtime == "llamacpp":
         try:
             import llama_cpp  # noqa: F401
@@ -58,7 +60,7 @@ def machine_info() -> dict:
             "platform": platform.platform(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     from importlib.metadata import PackageNotFoundError, version
 
-    for dist in ("llama-cpp-python", "onnxruntime", "transformers", "gguf"):
+    for dist in ("llama-cpp-python", "onnxruntime", "transformers", "gguf", "mlx", "executorch"):
         try:
             info[dist] = version(dist)
         except PackageNotFoundError:

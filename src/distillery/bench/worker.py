@@ -6,7 +6,7 @@ in one call), ``decode_tok_s`` (``new_tokens`` greedy tokens one at a time with 
 high-water mark). A short warm-up call precedes the timed prefill so that one-time kernel set-up is
 not billed to it; the load time includes everything up to a ready model.
 
-The spec: ``{"runtime": "torch|llamacpp|onnx", "path": ..., "prompt_tokens": 512, "new_tokens": 128,
+The spec: ``{"runtime": "torch|llamacpp|onnx|mlx|executorch", "path": ..., "prompt_tokens": 512, "new_tokens": 128,
 "threads": 2, "text": null}``. Prompt tokens come from ``text`` (default: the tail of *Paradise
 Lost*), tokenized by the model's own tokenizer, repeated if too short.
 """
@@ -136,7 +136,58 @@ def run_onnx(spec: dict) -> dict:
     return {"load_s": load, "prefill_s": prefill, "decode_s": decode, "base_rss_bytes": base, "file_bytes": size}
 
 
-RUNNERS = {"torch": run_torch, "llamacpp": run_llamacpp, "onnx": run_onnx}
+def run_mlx(spec: dict) -> dict:
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.models.cache import make_prompt_cache
+
+    base = _rss_peak()
+    t0 = time.perf_counter()
+    model, tok = load(spec["path"])
+    load_s = time.perf_counter() - t0
+    ids = _prompt(tok.encode(_text(spec), add_special_tokens=False), spec["prompt_tokens"])
+    mx.eval(model(mx.array([ids[:8]])))                                   # warm-up (MLX is lazy: eval forces it)
+    cache = make_prompt_cache(model)
+    t0 = time.perf_counter()
+    logits = model(mx.array([ids]), cache=cache)
+    nxt = mx.argmax(logits[0, -1]).item()
+    prefill = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(spec["new_tokens"]):
+        nxt = mx.argmax(model(mx.array([[nxt]]), cache=cache)[0, -1]).item()
+    decode = time.perf_counter() - t0
+    size = sum(f.stat().st_size for f in Path(spec["path"]).glob("*.safetensors"))
+    return {"load_s": load_s, "prefill_s": prefill, "decode_s": decode, "base_rss_bytes": base, "file_bytes": size}
+
+
+def run_executorch(spec: dict) -> dict:
+    import executorch.runtime  # noqa: F401  (imported before the clock starts, as the other runtimes are)
+    from tokenizers import Tokenizer
+
+    from distillery.export.executorch_export import load_method, pte_forward
+
+    base = _rss_peak()
+    folder = Path(spec["path"])
+    t0 = time.perf_counter()
+    method, manifest = load_method(folder)
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    load = time.perf_counter() - t0
+    if spec["prompt_tokens"] + spec["new_tokens"] > manifest["max_seq_len"]:
+        raise SystemExit(f"prompt + new tokens exceed the program's max_seq_len {manifest['max_seq_len']}")
+    ids = _prompt(tok.encode(_text(spec), add_special_tokens=False).ids, spec["prompt_tokens"])
+    pte_forward(method, ids[:8], 0)                                       # warm-up
+    t0 = time.perf_counter()
+    nxt = int(pte_forward(method, ids, 0)[-1].argmax())
+    prefill = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(spec["new_tokens"]):
+        nxt = int(pte_forward(method, [nxt], len(ids) + i)[-1].argmax())
+    decode = time.perf_counter() - t0
+    size = sum(f.stat().st_size for f in folder.glob("model.pt*"))
+    return {"load_s": load, "prefill_s": prefill, "decode_s": decode, "base_rss_bytes": base, "file_bytes": size}
+
+
+RUNNERS = {"torch": run_torch, "llamacpp": run_llamacpp, "onnx": run_onnx, "mlx": run_mlx, "executorch": run_executorch}
 
 
 def main(argv: list[str]) -> int:

@@ -145,6 +145,8 @@ def load_method(out: Path):
     from executorch.runtime import Runtime
 
     manifest = json.loads((Path(out) / MANIFEST).read_text())
+    if manifest["quant"] != "f32":
+        import executorch.kernels.quantized  # noqa: F401  (the int8 embedding kernel lives in this library)
     program = Runtime.get().load_program(Path(out) / manifest["program"], data_path=Path(out) / manifest["data"])
     return program.load_method("forward"), manifest
 
