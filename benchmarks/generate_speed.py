@@ -3,6 +3,9 @@
 Both run greedy on the same left-padded batch (8 prompts of 16..32 tokens), 64 new tokens, no EOS
 (so both produce exactly 64 tokens per row), KV cache on, fp32. The outputs are checked to be equal
 token for token. Each timing is the median of ``--repeats`` runs, the two methods interleaved, after one warm-up run.
+Then both sample (temperature 1, no top-k / top-p: on-policy training's draws) on the same batch: speed only.
+Models: ``tiny`` and ``small`` (vocabulary 512: the decode loop's overhead shows) and the demo student
+(vocabulary 49,152: its LM head and the draw dominate a step).
 
     .venv/bin/python benchmarks/generate_speed.py [--threads 1] [--repeats 5] [--out benchmarks/results/generate_speed.json]
 """
@@ -28,6 +31,8 @@ MODELS = {
                  num_attention_heads=4, num_key_value_heads=2),
     "small": dict(vocab_size=512, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2),
+    "demo_student": dict(vocab_size=49152, hidden_size=256, intermediate_size=768, num_hidden_layers=4,  # configs/demo.yaml
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
 }
 PAD = 3
 
@@ -86,12 +91,22 @@ def bench(name: str, batch: int, new_tokens: int, repeats: int, device: str) -> 
         lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
                                pad_token_id=PAD),
         repeats, device)
+    # Sampled (temperature 1, no top-k/top-p), as on-policy training draws: speed only, the draws differ by method.
+    gen = torch.Generator(device=device)
+    t_ours_s, _, t_hf_s, _ = timed_pair(
+        lambda: sample(model, ids, mask, max_new_tokens=new_tokens, sample_temperature=1.0, eos_token_id=None,
+                       pad_token_id=PAD, generator=gen.manual_seed(0))[0],
+        lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=True,
+                               temperature=1.0, top_k=0, top_p=1.0, pad_token_id=PAD),
+        repeats, device)
     generated = batch * new_tokens
     return {"model": name, **{k: fields[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size")},
             "parameters": sum(p.numel() for p in model.parameters()), "batch": batch, "new_tokens": new_tokens,
             "sample_s": round(t_ours, 4), "generate_s": round(t_hf, 4),
             "sample_tok_s": round(generated / t_ours, 1), "generate_tok_s": round(generated / t_hf, 1),
-            "speedup": round(t_hf / t_ours, 3), "identical_tokens": bool(torch.equal(ours, ref))}
+            "speedup": round(t_hf / t_ours, 3), "identical_tokens": bool(torch.equal(ours, ref)),
+            "sampled_tok_s": round(generated / t_ours_s, 1), "generate_sampled_tok_s": round(generated / t_hf_s, 1),
+            "sampled_speedup": round(t_hf_s / t_ours_s, 3)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     for r in rows:
-        print(f"{r['model']:>6}: sample {r['sample_tok_s']:>8.1f} tok/s   generate {r['generate_tok_s']:>8.1f} tok/s   "
-              f"x{r['speedup']:.2f}   identical={r['identical_tokens']}")
+        print(f"{r['model']:>6}: greedy: sample {r['sample_tok_s']:>8.1f} tok/s   generate {r['generate_tok_s']:>8.1f} tok/s   "
+              f"x{r['speedup']:.2f}   identical={r['identical_tokens']};   sampled: x{r['sampled_speedup']:.2f}")
     return 0 if all(r["identical_tokens"] for r in rows) else 1
 
 
