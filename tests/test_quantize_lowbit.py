@@ -14,6 +14,7 @@ from distillery.config import load_config
 from distillery.errors import DistilleryError
 from distillery.quantize import affine_quantize, fake_quantize, load_quantized, qat_unwrap, qat_wrap, quantize_model
 from distillery.quantize.core import affine_dequantize, pack_bits, unpack_bits
+from distillery.quantize.qat import quant_targets
 from helpers_run import write_recipe
 from tiny import tiny_llama, tiny_tokenizer
 
@@ -85,7 +86,8 @@ def test_quantize_verb_lowbit(student_dir, tmp_path, bits):
     out = tmp_path / f"q{bits}"
     assert main(["quantize", str(student_dir), "--bits", str(bits), "--out", str(out), "--eval-tokens", "64"]) == 0
     report = json.loads((out / "quantization.json").read_text())
-    assert (report["scheme"], report["group_size"], report["quantized_linears"]) == ("affine", 32, 14)
+    # 14 linears + the LM head + the embedding, as mlx_lm.convert -q quantizes them
+    assert (report["scheme"], report["group_size"], report["quantized_tensors"], report["embeddings"]) == ("affine", 32, 16, True)
     original = AutoModelForCausalLM.from_pretrained(student_dir)
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
     w0 = original.model.layers[1].mlp.down_proj.weight
@@ -116,9 +118,10 @@ def test_lowbit_config_and_wrap_errors():
         qat_wrap(model, bits=2, scheme="symmetric")
     with pytest.raises(DistilleryError, match="32, 64 or 128"):
         qat_wrap(model, bits=3, group_size=16)
-    assert len(qat_wrap(model, bits=3)) == 14
+    assert len(qat_wrap(model, bits=3)) == 16                 # + the embedding and the LM head (MLX quantizes them)
     assert "scheme=affine" in repr(model.model.layers[0].self_attn.q_proj.parametrizations.weight[0])
-    assert len(qat_unwrap(model)) == 14
+    assert len(qat_unwrap(model)) == 16
+    assert len(qat_wrap(model, bits=3, embeddings=False)) == 14 and len(qat_unwrap(model)) == 14
 
 
 def _kl_to_teacher(teacher_dir, student, ids) -> float:
@@ -177,9 +180,8 @@ def test_clip_search_lowers_error_and_qat_bakes_it():
         wrapped_logits = model(ids).logits
     qat_unwrap(model)
     with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, torch.nn.Linear) and mod is not model.lm_head:
-                mod.weight.copy_(fake_quantize(mod.weight, 2, 32))
+        for mod in quant_targets(model, embeddings=True).values():   # linears, LM head, embedding
+            mod.weight.copy_(fake_quantize(mod.weight, 2, 32))
         assert torch.equal(model(ids).logits, wrapped_logits)
 
 
@@ -199,7 +201,7 @@ def test_mlx_lm_convert_runs_our_grid(student_dir, tmp_path, bits):
     ours = AutoModelForCausalLM.from_pretrained(student_dir)
     quantize_model(student_dir, bits=bits, out_dir=tmp_path / "q", eval_tokens=0)
     with safe_open(str(tmp_path / "q" / "quantized.safetensors"), "pt") as f:
-        for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.embed_tokens", "lm_head"):
             w = dict(ours.named_parameters())[name + ".weight"].detach()
             deq = mx.dequantize(theirs[name + ".weight"], theirs[name + ".scales"], theirs[name + ".biases"],
                                 group_size=32, bits=bits)

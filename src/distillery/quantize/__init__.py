@@ -41,7 +41,8 @@ def _run_quantize(args) -> int:
 
     report = quantize_model(args.student, bits=args.bits, group_size=args.group_size, out_dir=args.out,
                             include_lm_head=args.include_lm_head, eval_tokens=args.eval_tokens,
-                            teacher_dir=args.teacher, scheme=args.scheme, clip=args.clip)
+                            teacher_dir=args.teacher, scheme=args.scheme, clip=args.clip,
+                            embeddings=False if args.keep_embeddings else None)
     print(json.dumps(report, indent=2))
     return 0
 
@@ -54,6 +55,9 @@ def add_quantize_parser(subparsers) -> None:
     p.add_argument("--scheme", choices=("auto", "symmetric", "affine"), default="auto",
                    help="symmetric: GGUF Q8_0/Q4_0 grid (8, 4 bits); affine: MLX mx.quantize grid, scale and "
                         "bias per group (2, 3, 4, 6, 8 bits); auto: symmetric for 8/4, affine below")
+    p.add_argument("--keep-embeddings", action="store_true",
+                   help="affine: leave the embedding and LM head unquantized (by default they are quantized, "
+                        "as mlx_lm.convert -q does)")
     p.add_argument("--clip", choices=("none", "mse"), default="none",
                    help="affine only: search each group's range (clamp to r x [min, max], r in 1..0.5) for the "
                         "least squared error before rounding (none: MLX's plain min/max grid)")

@@ -32,6 +32,7 @@ from torch import nn
 from ..errors import DistilleryError
 from ..export.inputs import check_student_dir, heldout_ids, load_student
 from ..export.metrics import compare_logits, mean_nll
+from .qat import quant_targets
 from .core import (CLIPS, affine_clip, affine_dequantize, affine_quantize, check_group_size, default_group_size,
                    dequantize_weight, pack_bits, pack_int4, quantize_weight, resolve_scheme, unpack_bits,
                    unpack_int4)
@@ -40,22 +41,24 @@ SCHEME_FILE = "quantization.json"
 PACKED_FILE = "quantized.safetensors"
 
 
-def _quantizable(model: nn.Module, include_lm_head: bool) -> dict[str, nn.Linear]:
-    head = None if include_lm_head else model.get_output_embeddings()
-    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
-
-
 def quantize_linears(model: nn.Module, bits: int, group_size: int | None,
                      include_lm_head: bool = False, scheme: str | None = None,
-                     clip: str = "none") -> dict[str, torch.Tensor]:
+                     clip: str = "none", embeddings: bool | None = None) -> dict[str, torch.Tensor]:
     """Quantize ``model``'s linear weights in place (weights become their dequantized grid values);
     return the packed tensors. ``scheme`` None: symmetric for 8/4 bits, affine below (see ``core``);
-    ``clip="mse"``: affine grid of the range-searched clamp (``core.affine_clip``)."""
+    ``clip="mse"``: affine grid of the range-searched clamp (``core.affine_clip``); ``embeddings``
+    (None: True for affine, as ``mlx_lm.convert -q``): the input embedding and LM head too, a tied
+    pair once."""
     scheme = resolve_scheme(bits, scheme)
     if clip not in CLIPS or (clip != "none" and scheme != "affine"):
         raise DistilleryError(f"clip '{clip}': choose none, or mse with the affine scheme")
+    embeddings = scheme == "affine" if embeddings is None else embeddings
     packed: dict[str, torch.Tensor] = {}
-    for name, lin in _quantizable(model, include_lm_head).items():
+    seen = set()
+    for name, lin in quant_targets(model, include_lm_head, embeddings).items():
+        if id(lin.weight) in seen:  # the LM head tied to the embedding: stored once, under the embedding
+            continue
+        seen.add(id(lin.weight))
         if scheme == "affine":
             w = affine_clip(lin.weight, bits, group_size) if clip == "mse" else lin.weight
             q, s, b = affine_quantize(w, bits, group_size, name=name)
@@ -93,13 +96,14 @@ def _window_ppl(logits: torch.Tensor, ids: list[int], window: int) -> float:
 def quantize_model(student_dir: str | Path, bits: int = 8, group_size: int | None = -1,
                    out_dir: str | Path | None = None, include_lm_head: bool = False,
                    eval_tokens: int = 512, teacher_dir: str | Path | None = None,
-                   scheme: str | None = None, clip: str = "none") -> dict:
+                   scheme: str | None = None, clip: str = "none", embeddings: bool | None = None) -> dict:
     """Quantize a student folder's linear layers (weight-only) and save it; return a report.
 
     ``scheme`` None/'auto': symmetric (GGUF Q8_0/Q4_0) for 8 and 4 bits, affine (MLX) for 2, 3 and 6.
     ``group_size=-1``: the default (symmetric int8 per channel, else groups of 32); ``None``: per
-    channel (symmetric only). ``out_dir`` defaults to ``<student_dir>-int<bits>``. The LM head (often
-    tied to the embeddings) stays fp32 unless ``include_lm_head``. ``eval_tokens=0`` skips the evaluation.
+    channel (symmetric only). ``out_dir`` defaults to ``<student_dir>-int<bits>``. Symmetric: the LM
+    head (often tied to the embeddings) stays fp32 unless ``include_lm_head``. Affine: ``embeddings``
+    (default True) quantizes the input embedding and LM head too, as ``mlx_lm.convert -q`` does. ``eval_tokens=0`` skips the evaluation.
     A student trained with ``qat`` at the same bits, group size and scheme quantizes to exactly the
     weights its training forward saw (with ``clip="none"`` here even after ``qat.clip="mse"``: the
     range search is already written into its weights). ``clip="mse"`` is a post-training range search.
@@ -115,17 +119,20 @@ def quantize_model(student_dir: str | Path, bits: int = 8, group_size: int | Non
     if out.resolve() == src.resolve():
         raise DistilleryError(f"output folder '{out}' is the student folder; choose another")
     model, tok = load_student(src)
-    if include_lm_head and model.config.tie_word_embeddings:
+    embeddings = scheme == "affine" if embeddings is None else embeddings
+    if include_lm_head and model.config.tie_word_embeddings and not embeddings:
         raise DistilleryError("include_lm_head with tied embeddings would quantize the input embeddings too")
     reference = None
     if eval_tokens:
         ids = heldout_ids(tok, eval_tokens)
         window = min(256, model.config.max_position_embeddings)
         reference = _heldout_logits(model, ids, window)
-    packed = quantize_linears(model, bits, group_size, include_lm_head, scheme=scheme, clip=clip)
+    packed = quantize_linears(model, bits, group_size, include_lm_head, scheme=scheme, clip=clip, embeddings=embeddings)
     report = {"student": str(src), "out_dir": str(out), "bits": bits, "group_size": group_size, "scheme": scheme,
-              "clip": clip,
-              "quantized_linears": sum(k.endswith(".qweight") for k in packed), "include_lm_head": include_lm_head}
+              "clip": clip, "quantized_tensors": sum(k.endswith(".qweight") for k in packed),
+              "quantized_linears": sum(k.endswith(".qweight") and isinstance(model.get_submodule(k[:-8]), nn.Linear)
+                                       for k in packed),
+              "include_lm_head": include_lm_head or embeddings, "embeddings": embeddings}
     if reference is not None:
         quant = _heldout_logits(model, ids, window)
         cmp = compare_logits(reference, quant)

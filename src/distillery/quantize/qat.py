@@ -48,11 +48,27 @@ def _lm_head(model: nn.Module) -> nn.Module | None:
     return get() if callable(get) else None
 
 
+def quant_targets(model: nn.Module, include_lm_head: bool = False, embeddings: bool = False) -> dict[str, nn.Module]:
+    """The modules whose ``weight`` gets quantized, by name: every ``nn.Linear`` but the LM head (unless
+    ``include_lm_head``); with ``embeddings`` also the input embedding and the LM head, as
+    ``mlx_lm.convert -q`` does (a tied pair shares one weight: both modules are listed, it is one tensor)."""
+    head = _lm_head(model)
+    get_emb = getattr(model, "get_input_embeddings", None)
+    emb = get_emb() if callable(get_emb) and embeddings else None
+    return {name: m for name, m in model.named_modules()
+            if (isinstance(m, nn.Linear) and (m is not head or include_lm_head or embeddings))
+            or (emb is not None and m is emb)}
+
+
 def qat_wrap(model: nn.Module, bits: int = 4, group_size: int | None = -1,
-             include_lm_head: bool = False, scheme: str | None = None, clip: str = "none") -> list[str]:
+             include_lm_head: bool = False, scheme: str | None = None, clip: str = "none",
+             embeddings: bool | None = None) -> list[str]:
     """Make every ``nn.Linear`` of ``model`` use fake-quantized weights in forward; return their names.
 
     ``scheme`` None or 'auto': symmetric (GGUF) for 8 and 4 bits, affine (MLX) for 2, 3 and 6.
+    ``embeddings`` None: True for the affine scheme, False for symmetric — the input embedding and
+    the LM head are quantized too, as ``mlx_lm.convert -q`` does (llama.cpp keeps them at higher
+    precision); the student then trains against the whole model the runtime runs.
     ``group_size=-1`` means the default (per channel for symmetric 8, else 32); ``None`` means per
     channel (symmetric only). ``clip="mse"`` (affine only): each forward quantizes the range-searched
     clamp of the weight (``core.affine_clip``), and :func:`qat_unwrap` writes that clamp into the
@@ -69,15 +85,14 @@ def qat_wrap(model: nn.Module, bits: int = 4, group_size: int | None = -1,
     check_group_size(scheme, group_size, name="qat group_size")
     if clip != "none" and scheme != "affine":
         raise DistilleryError(f"qat clip '{clip}' needs the affine scheme (bits {bits} is {scheme} here)")
-    head = None if include_lm_head else _lm_head(model)
+    embeddings = scheme == "affine" if embeddings is None else embeddings
     wrapped = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or module is head:
-            continue
+    for name, module in quant_targets(model, include_lm_head, embeddings).items():
         if parametrize.is_parametrized(module, "weight"):
             raise DistilleryError(f"{name}: already wrapped for QAT (call qat_unwrap first)")
-        if group_size is not None and module.in_features % group_size:
-            raise DistilleryError(f"{name}: in_features={module.in_features} is not a multiple of group_size={group_size}")
+        in_features = module.weight.shape[1]
+        if group_size is not None and in_features % group_size:
+            raise DistilleryError(f"{name}: in_features={in_features} is not a multiple of group_size={group_size}")
         parametrize.register_parametrization(module, "weight", FakeQuantSTE(bits, group_size, scheme, clip), unsafe=True)
         wrapped.append(name)
     return wrapped
@@ -86,12 +101,13 @@ def qat_wrap(model: nn.Module, bits: int = 4, group_size: int | None = -1,
 def qat_unwrap(model: nn.Module) -> list[str]:
     """Remove the QAT parametrizations, keeping the latent fp32 weights (clamped to the searched range
     when ``clip="mse"``); return the unwrapped names."""
-    unwrapped = []
+    unwrapped, baked = [], set()
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and parametrize.is_parametrized(module, "weight"):
+        if isinstance(module, (nn.Linear, nn.Embedding)) and parametrize.is_parametrized(module, "weight"):
             fq = module.parametrizations.weight[0]
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
-            if getattr(fq, "clip", "none") != "none":
+            if getattr(fq, "clip", "none") != "none" and id(module.weight) not in baked:  # a tied weight once
+                baked.add(id(module.weight))
                 with torch.no_grad():
                     module.weight.copy_(affine_clip(module.weight, fq.bits, fq.group_size))
             unwrapped.append(name)
