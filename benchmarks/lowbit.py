@@ -4,8 +4,8 @@ From one distilled student (``--base``, trained here first when the folder is mi
 width ``b`` in ``--bits``:
 
 * **PTQ**: ``quantize_model(base, bits=b)``: MLX's affine grid (``mx.quantize``, groups of
-  ``--group-size``, what ``mlx_lm.convert -q`` does), every linear layer but the tied LM head /
-  embedding table; and the same after a per-group range search (``clip="mse"``), a stronger PTQ;
+  ``--group-size``), every linear layer and the tied embedding / LM head, as ``mlx_lm.convert -q``
+  does; and the same after a per-group range search (``clip="mse"``), a stronger PTQ;
 * **QAT**: ``distillery distill`` from the base weights (``student.init=pretrained``) with
   ``qat.enabled`` for the whole run (``qat.last_steps = train.max_steps = --qat-steps``): forward KL to
   the live teacher through the fake-quantized weights (straight-through gradient), then
@@ -51,6 +51,9 @@ from distillery.quantize import quantize_model
 from distillery.train import distill
 
 GOALS_PCT = {3: 5.0, 2: 15.0}  # QAT perplexity within this % of fp32 (issue 19)
+LIMITS = ("CPU only, one thread, shared machine; short runs (base and QAT step counts in settings); the QAT runs "
+          "train qat_steps more steps than the base, the latent_fp32 rows show that extra training alone; every "
+          "linear layer and the tied embedding / LM head quantized (as mlx_lm.convert -q).")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -146,6 +149,7 @@ def _merge(args) -> int:
     bits = sorted({b for p in parts for b in p["settings"]["bits"]}, reverse=True)
     merged["settings"]["bits"] = bits
     merged["goals"] = _goals(merged["rows"], bits)
+    merged["limits"] = LIMITS
     out = Path(args.out) if args.out else RESULTS / "lowbit.json"
     write_json(merged, out)
     print(f"wrote {out}")
@@ -191,9 +195,7 @@ def main(argv=None) -> int:
             rows.append(_score(args, name, Path(q["out_dir"]), fp32_ppl))
     result["rows"] = rows
     result["goals"] = _goals(rows, args.bits)
-    result["limits"] = ("CPU only, one thread, shared machine; short runs (base and QAT step counts in settings); "
-                        "the QAT runs train qat_steps more steps than the base, the latent_fp32 rows show that "
-                        "extra training alone; linears quantized, the tied embedding / LM head kept fp32.")
+    result["limits"] = LIMITS
     out = Path(args.out) if args.out else RESULTS / ("lowbit_quick.json" if args.quick else "lowbit.json")
     write_json(result, out)
     print(f"wrote {out}")
