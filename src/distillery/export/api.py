@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from pathlib import Path
 
 from ..errors import DistilleryError
 from ..locks import refuse_overwrite
+from .folders import reject as _reject
 from .inputs import SUPPORTED_ARCHS, check_student_dir, heldout_ids, load_student, student_arch
 
 FORMATS = ("gguf", "onnx", "mlx", "executorch", "coreml")
 APPLE_FORMATS = ("mlx", "executorch", "coreml")   # folder outputs, in ``apple_export``
-
-
-def _reject(path: Path) -> Path:
-    """Move a failed export aside (``<name>.rejected``) so it is never mistaken for a good one."""
-    target = path.with_name(path.name + ".rejected")
-    if target.is_dir():
-        shutil.rmtree(target)
-    elif target.exists():
-        target.unlink()
-    os.replace(path, target)
-    return target
 
 
 def export_model(student_dir: str | Path, fmt: str, out: str | Path, quant: str = "f16", verify: bool = True,

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from ..errors import DistilleryError
-from .folders import check_out_dir
+from .folders import check_out_dir, reject
 from .inputs import check_student_dir, heldout_ids, load_student, student_arch
 
 # format -> (module, quant choices, default group size, the function that imports the runtime or says how to install it)
@@ -26,8 +26,6 @@ def export_apple(student_dir, fmt: str, out, quant: str | None, verify: bool, ve
                  verify_tokens: int, group_size: int | None, max_seq_len: int) -> dict:
     """Export ``student_dir`` to the ``fmt`` folder ``out``; see the module docstring."""
     import importlib
-
-    from .api import _reject
 
     module_name, quants, default_group, require = SPECS[fmt]
     quant = quant or DEFAULT_QUANT[fmt]
@@ -65,6 +63,6 @@ def export_apple(student_dir, fmt: str, out, quant: str | None, verify: bool, ve
         result = mod.verify_coreml(out, model, ids, window, quant)
     report["verification"] = result
     if not result["passed"]:
-        moved = _reject(out)
+        moved = reject(out)
         raise DistilleryError(f"{fmt} export failed verification ({'; '.join(result['problems'])}); output moved to {moved}")
     return report

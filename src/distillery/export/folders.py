@@ -10,6 +10,7 @@ output under the real name.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -49,3 +50,14 @@ def staged_folder(out: Path):
 def folder_bytes(folder: Path, pattern: str = "*") -> int:
     """Total size in bytes of the files under ``folder`` matching ``pattern`` (recursive)."""
     return sum(f.stat().st_size for f in Path(folder).rglob(pattern) if f.is_file())
+
+
+def reject(path: Path) -> Path:
+    """Move a failed export aside (``<name>.rejected``) so it is never mistaken for a good one."""
+    target = path.with_name(path.name + ".rejected")
+    if target.is_dir():
+        shutil.rmtree(target)
+    elif target.exists():
+        target.unlink()
+    os.replace(path, target)
+    return target
