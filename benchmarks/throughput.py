@@ -56,8 +56,9 @@ CACHED_GOAL = 0.8  # ours_cached >= 0.8 x student_ce tok/s
 
 
 # ----------------------------------------------------------------------------- setup (parent, untimed)
-def setup_pair(pair: str, work: Path, n_records: int, seq_len: int) -> dict:
-    """Save teacher (tiny) and student folders with the tokenizer, write the chat JSONL, check the data."""
+def setup_pair(pair: str, work: Path, n_records: int, seq_len: int, prompt_tokens: int = 64) -> dict:
+    """Save teacher (tiny) and student folders with the tokenizer, write the chat JSONL (user turns of
+    ``prompt_tokens`` tokens), check the data. ``benchmarks/onpolicy.py`` builds its pairs here too."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -92,7 +93,7 @@ def setup_pair(pair: str, work: Path, n_records: int, seq_len: int) -> dict:
     student.save_pretrained(d / "student", safe_serialization=True)
     tok.save_pretrained(d / "student")
     data = d / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in common.chat_records(tok, n_records, seq_len)))
+    data.write_text("".join(json.dumps(r) + "\n" for r in common.chat_records(tok, n_records, seq_len, prompt_tokens=prompt_tokens)))
     models = {"teacher": {"dir": str(teacher_dir), "parameters": count_parameters(teacher), "matmul_parameters": common.matmul_params(teacher)},
               "student": {"dir": str(d / "student"), "parameters": count_parameters(student), "matmul_parameters": common.matmul_params(student)}}
     return {"teacher_source": teacher_source, "teacher_dir": str(teacher_dir), "student_dir": str(d / "student"),
