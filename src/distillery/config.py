@@ -231,7 +231,7 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(1, gt=0)
     seed: int = 0
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description="'auto': fp32 on CPU, bf16 where the GPU has it.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description="'auto': bf16 autocast where the device runs it fast (GPUs that have it; CPUs with AMX, or AVX512-BF16 that passes a measured matmul probe: distillery.hardware), else fp32.")
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "aim", "clearml", "dvclive", "swanlab"]] = Field(default_factory=list, description="Experiment trackers (Accelerate's names) that receive every record metrics.jsonl gets, training keys under 'train/', validation under 'val/'. TensorBoard writes to <output_dir>/logs/distillery; the others use their own settings (WANDB_MODE, MLFLOW_TRACKING_URI, ...). Each needs its package installed.")
     tensorboard: bool = Field(False, description="Alias kept for old recipes: true adds 'tensorboard' to report_to.")
     progress: bool = True
