@@ -1,18 +1,23 @@
-"""``distillery demo``: SmolLM2-135M-Instruct → a ~16M student on Shakespeare, end to end, with proof.
+"""``distillery demo``: SmolLM2-135M-Instruct -> a student pruned to under 1/4 of it, distilled on the teacher's answers.
 
-Two runs of the same student architecture for the same number of tokens:
+1. **Chat data the teacher wrote** (:mod:`.demo_chat`): prompts about short passages of the bundled Shakespeare
+   (training) and Milton (held out), answered once by the teacher in this process (batched, KV cache, greedy),
+   cached under ``<output_dir>/data`` and reused by the next demo; plus a slice of the plays as plain text.
+2. **The student**: pruned from the teacher once (Minitron-style, ``distillery.prune``: 8 of 30 layers, d=384,
+   FFN 1,024, 6 query / 3 KV heads, tied embeddings: 31.9M parameters, 0.24x), saved in ``pruned_init/``.
+3. **Two runs from that same init**, same blocks, same steps (``distill``):
+   * **KD**: forward KL to the live teacher (``kd_weight=1, ce_weight=0``) on the assistant tokens of the chat
+     and every token of the plain text;
+   * **CE**: cross-entropy on the same tokens, the baseline (on the answers this is sequence-level KD).
+4. **Evaluation** (:mod:`.demo_eval`): perplexity and KL(teacher || student) on the teacher's answers to the
+   held-out prompts and on *Paradise Lost*; BLiMP; answer fidelity on the held-out prompts; the goals.
 
-* **KD**: forward KL to the live teacher (``kd_weight=1, ce_weight=0``),
-* **CE**: the usual next-token cross-entropy only (``kd_weight=0, ce_weight=1``), the baseline.
-
-Both are evaluated against the teacher on the held-out Shakespeare split and on Milton's *Paradise
-Lost* (never trained on), saved as plain Hugging Face folders, and compared in a table; then the
-same prompt is answered by teacher and student. Results land in ``<output_dir>/results.json`` and
-``results.md``.
+Results land in ``<output_dir>/results.json`` and ``report.html``.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from importlib import resources
@@ -20,14 +25,19 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.table import Table
 
 from .config import load_config
-from .evaluate import write_json
 
-QUICK = ["train.max_steps=40", "train.micro_batch_size=4", "train.save_every=0", "data.max_val_blocks=16",
-         "train.warmup_steps=5"]
-PROMPT = "To be, or not to be"
+SETTINGS = {  # what runs; the full demo fits in ~15 min on an idle 2-core CPU (README, benchmarks/results/demo.json)
+    "full": dict(train_prompts=160, heldout_prompts=12, answer_tokens=64, plain_chars=90_000, steps=60,
+                 micro_batch=4, warmup=6, calib_batches=4, blimp_per_paradigm=10, milton_blocks=16, gen_batch=16),
+    "quick": dict(train_prompts=16, heldout_prompts=4, answer_tokens=24, plain_chars=12_000, steps=12,
+                  micro_batch=2, warmup=2, calib_batches=2, blimp_per_paradigm=1, milton_blocks=4, gen_batch=16),
+}
+PRUNE = {"layers": 8, "hidden": 384, "ffn": 1024, "heads": 6}
+QUICK = [f"train.max_steps={SETTINGS['quick']['steps']}", f"train.micro_batch_size={SETTINGS['quick']['micro_batch']}",
+         f"train.warmup_steps={SETTINGS['quick']['warmup']}", "train.save_every=0"]
+PROMPT = "To be, or not to be"  # quality.py's plain-text continuation prompt (kept for it)
 
 
 def _dir_size(folder: Path) -> int:
@@ -47,99 +57,103 @@ def _sample(model, tokenizer, text: str, new_tokens: int) -> tuple[str, float]:
     return tokenizer.decode(gen, skip_special_tokens=True), len(gen) / dt
 
 
+def make_data(teacher, out: Path, s: dict, console: Console, seed: int = 0) -> dict:
+    """Prompts, the teacher's cached answers and the training/held-out files; returns their paths and texts."""
+    from .data.chat import default_system_prompt
+    from .demo_chat import demo_prompts, teacher_answers, write_chat, write_plain
+
+    data = out / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    tok, model = teacher.tokenizer, teacher.model
+    log = lambda msg: console.print(msg, highlight=False)  # noqa: E731
+    t0 = time.perf_counter()
+    train_p = demo_prompts(s["train_prompts"], "shakespeare", seed)
+    held_p = demo_prompts(s["heldout_prompts"], "milton", seed)
+    kw = dict(max_new_tokens=s["answer_tokens"], batch_size=s["gen_batch"], log=log)
+    train_a = teacher_answers(model, tok, train_p, data / "answers_train.jsonl", **kw)
+    held_greedy = teacher_answers(model, tok, held_p, data / "answers_heldout_greedy.jsonl", **kw)
+    # the sampled answers (T = 1) are answer fidelity's second reference
+    held_sampled = teacher_answers(model, tok, held_p, data / "answers_heldout_sampled.jsonl", sample_temperature=1.0,
+                                   seed=seed, **kw)
+    system = default_system_prompt(tok)
+    n_train = write_chat(data / "train_chat.jsonl", train_p, train_a, system)
+    n_held = write_chat(data / "heldout_chat.jsonl", held_p, held_greedy, system)
+    write_plain(data / "plain.txt", s["plain_chars"])
+    return {"train_chat": str(data / "train_chat.jsonl"), "heldout_chat": str(data / "heldout_chat.jsonl"),
+            "plain": str(data / "plain.txt"), "train_prompts": train_p, "train_answers": train_a,
+            "heldout_prompts": held_p, "heldout_greedy": held_greedy, "heldout_sampled": held_sampled,
+            "n_train_conversations": n_train, "n_heldout_conversations": n_held, "system_prompt": system,
+            "seconds": time.perf_counter() - t0}
+
+
+def make_student(teacher, data: dict, out: Path, s: dict, console: Console) -> Path:
+    """Prune the teacher once (calibrated on the training files); both runs start from this folder."""
+    folder = out / "pruned_init"
+    if (folder / "config.json").is_file():
+        return folder
+    from .prune import prune_model
+    from .prune.cli import calibration_batches
+
+    console.print(f"pruning the teacher to {PRUNE} ...", highlight=False)
+    calib = calibration_batches([data["train_chat"], data["plain"]], teacher.tokenizer, seq_len=256,
+                                batch_size=s["micro_batch"], n_batches=s["calib_batches"])
+    student = prune_model(teacher.model, calib, **PRUNE)
+    tmp = folder.with_name(folder.name + ".tmp")
+    student.save_pretrained(tmp, safe_serialization=True)
+    tmp.replace(folder)
+    return folder
+
+
 def run_demo(quick: bool = False, output_dir: str = "runs/demo", overrides: list[str] | None = None) -> dict:
-    from .evaluate import evaluate
-    from .students import count_parameters
-    from .train import collate, distill
-    from .run_setup import prepare_run
+    from .demo_eval import evaluate_demo, print_results
+    from .evaluate import write_json
+    from .teachers import load_teacher
+    from .train import distill
 
     console = Console()
     out = Path(output_dir)
-    recipe = resources.files("distillery") / "configs" / "demo.yaml"
-    base = (QUICK if quick else []) + list(overrides or [])
+    s = SETTINGS["quick" if quick else "full"]
     started = time.perf_counter()
+    console.rule("[bold]1. Chat data the teacher writes[/] (cached in " + str(out / "data") + ")")
+    teacher = load_teacher("smollm2", dtype="float32")
+    data = make_data(teacher, out, s, console)
+    console.print(f"{data['n_train_conversations']} training and {data['n_heldout_conversations']} held-out "
+                  f"conversations, {data['seconds']:.0f} s", highlight=False)
+    console.rule("[bold]2. The student[/]: pruned from the teacher")
+    init = make_student(teacher, data, out, s, console)
+    del teacher
+    gc.collect()
+    recipe = resources.files("distillery") / "configs" / "demo.yaml"
+    base = (QUICK if quick else []) + [f"student.pretrained={init}",
+                                       f"data.train={json.dumps([data['train_chat'], data['plain']])}",
+                                       f"data.validation={json.dumps([data['heldout_chat']])}"] + list(overrides or [])
     runs = {}
     for name, extra in (("kd", ["loss.kd_weight=1.0", "loss.ce_weight=0.0"]),
                         ("ce", ["loss.kd_weight=0.0", "loss.ce_weight=1.0"])):
         cfg = load_config(str(recipe), base + extra + [f"train.output_dir={out / name}"])
-        console.rule(f"[bold]{name.upper()} run[/]: {cfg.train.max_steps} steps x "
+        console.rule(f"[bold]3. {name.upper()} run[/]: {cfg.train.max_steps} steps x "
                      f"{cfg.train.micro_batch_size * cfg.train.grad_accum} x {cfg.data.seq_len} tokens")
-        resume = (out / name / "checkpoints").is_dir()
+        done = (out / name / "student" / "config.json").is_file() and (out / name / "summary.json").is_file()
         t0 = time.perf_counter()
-        distill(cfg, resume=resume)
+        if not done:
+            distill(cfg, resume=(out / name / "checkpoints").is_dir())
         metrics = [json.loads(ln) for ln in (out / name / "metrics.jsonl").read_text().splitlines() if ln]
         train_steps = [m for m in metrics if "tok_s" in m]
         steady = train_steps[len(train_steps) // 5:] or train_steps
-        runs[name] = {"cfg": cfg, "seconds": time.perf_counter() - t0,
-                      "train_tok_s": sum(m["tok_s"] for m in steady) / max(len(steady), 1)}
-
-    console.rule("[bold]Evaluation[/] (held-out Shakespeare split, and Milton's Paradise Lost)")
-    cfg = runs["kd"]["cfg"]
-    # evaluate where training ran (a GPU if there is one); the teacher in fp32 there too, so the
-    # table's numbers do not depend on where they were measured
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    run = prepare_run(cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"dtype": "float32"})}),
-                      device=device)
-    teacher = run.teacher
-    from .data import build_datasets
-    from .config import DataConfig
-
-    milton = build_datasets(DataConfig(train=["demo:milton"], seq_len=cfg.data.seq_len, val_fraction=0.0,
-                                       max_train_blocks=cfg.data.max_val_blocks), run.tokenizer).train
-
-    def batches(ds):
-        bs = cfg.train.micro_batch_size
-        return (collate(ds, torch.arange(i, min(i + bs, len(ds)))) for i in range(0, len(ds), bs))
-
-    from transformers import AutoModelForCausalLM
-
-    results = {"teacher": {"name": teacher.name, "parameters": count_parameters(teacher.model)}, "runs": {}}
-    for name in ("kd", "ce"):
-        folder = out / name / "student"
-        student = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
-        held = evaluate(teacher, student, batches(run.val), vocab_size=run.vocab_size)
-        other = evaluate(teacher, student, batches(milton), vocab_size=run.vocab_size)
-        results["runs"][name] = {"student_dir": str(folder), "parameters": count_parameters(student),
-                                 "size_bytes": _dir_size(folder), "heldout": held, "milton": other,
-                                 "train_tok_s": runs[name]["train_tok_s"], "seconds": runs[name]["seconds"],
-                                 "steps": cfg.train.max_steps,
-                                 "tokens": cfg.train.max_steps * cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.data.seq_len}
-    kd = results["runs"]["kd"]
-
-    table = Table(title=f"{teacher.name} → student (same tokens for both students; "
-                        f"{kd['tokens']:,} training tokens each)")
-    for col in ("model", "params", "size", "held-out ppl", "KL(T‖S) held-out", "top-1 agree", "Milton ppl",
-                "KL(T‖S) Milton", "train tok/s"):
-        table.add_column(col, justify="right")
-    t_held = kd["heldout"]
-    table.add_row(f"teacher {teacher.name}", f"{results['teacher']['parameters'] / 1e6:.1f}M", "-",
-                  f"{t_held['teacher_perplexity']:.2f}", "0", "1.000", f"{kd['milton']['teacher_perplexity']:.2f}", "0", "-")
-    for name, label in (("kd", "student, KD (forward KL)"), ("ce", "student, CE only")):
-        r = results["runs"][name]
-        table.add_row(label, f"{r['parameters'] / 1e6:.1f}M", f"{r['size_bytes'] / 1e6:.0f} MB",
-                      f"{r['heldout']['student_perplexity']:.2f}", f"{r['heldout']['kl_teacher_student']:.3f}",
-                      f"{r['heldout']['top1_agreement']:.3f}", f"{r['milton']['student_perplexity']:.2f}",
-                      f"{r['milton']['kl_teacher_student']:.3f}", f"{r['train_tok_s']:.0f}")
-    console.print(table)
-
-    student = AutoModelForCausalLM.from_pretrained(out / "kd" / "student", dtype=torch.float32).to(device).eval()
-    new = 24 if quick else 40
-    t_text, t_speed = _sample(teacher.model, run.tokenizer, PROMPT, new)
-    s_text, s_speed = _sample(student, run.tokenizer, PROMPT, new)
-    console.rule("[bold]Same prompt, greedy (no repeated 3-grams)[/]")
-    console.print(f"[bold]prompt:[/] {PROMPT}")
-    console.print(f"[bold]teacher[/] ({t_speed:.0f} tok/s): {t_text!r}")
-    console.print(f"[bold]student[/] ({s_speed:.0f} tok/s): {s_text!r}")
-    results["sample"] = {"prompt": PROMPT, "teacher": t_text, "student": s_text,
-                         "teacher_decode_tok_s": t_speed, "student_decode_tok_s": s_speed}
+        runs[name] = {"cfg": cfg, "seconds": time.perf_counter() - t0, "reused": done,
+                      "train_tok_s": sum(m["tok_s"] for m in steady) / max(len(steady), 1),
+                      "tokens": train_steps[-1].get("tokens_seen") if train_steps else None}
+    console.rule("[bold]4. Evaluation[/]: held-out answers, Milton, BLiMP, answer fidelity")
+    results = evaluate_demo(out, runs, data, s, console, quick=quick)
     results["quick"] = quick
+    results["timings"] = {"data_s": data["seconds"], **{f"train_{n}_s": r["seconds"] for n, r in runs.items()},
+                          "eval_s": results.pop("eval_seconds")}
     results["seconds"] = time.perf_counter() - started
     write_json(results, out / "results.json")
-    verdict = ("KD beats CE on held-out KL to the teacher" if kd["heldout"]["kl_teacher_student"]
-               < results["runs"]["ce"]["heldout"]["kl_teacher_student"] else "CE matched or beat KD on held-out KL")
-    console.print(f"{verdict}. Students saved under {out}/kd/student and {out}/ce/student; "
-                  f"results in {out}/results.json ({results['seconds']:.0f} s).")
-    from .report import write_report  # curves, tables and the sample as one HTML page, from the JSON above
+    print_results(results, console)
+    console.print(f"Students saved under {out}/kd/student and {out}/ce/student; results in {out}/results.json "
+                  f"({results['seconds']:.0f} s).", highlight=False)
+    from .report import write_report  # tables, curves and answers as one HTML page, from the JSON above
 
     console.print(f"Report: {write_report(out)}")
     return results

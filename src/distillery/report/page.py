@@ -101,13 +101,16 @@ def samples(results: dict | None) -> str:
         # the demo's sample has no student_run: it answers with its KD student
         head = "<th>teacher</th>" + "".join(f"<th>student {esc(s.get('student_run', 'kd'))}</th>" for s in group)
         cells = f"<td>{answer(group[0].get('teacher'))}</td>" + "".join(f"<td>{answer(s.get('student'))}</td>" for s in group)
-        out.append(f"<p><b>prompt:</b> {esc(prompt)} <span class='note'>(greedy, no repeated 3-grams)</span></p>"
+        decoding = group[0].get("decoding", "greedy, no repeated 3-grams")
+        out.append(f"<p><b>prompt:</b> {esc(prompt)} <span class='note'>({esc(decoding)})</span></p>"
                    f"<table class='pair'><tr>{head}</tr><tr>{cells}</tr></table>")
     return "".join(out)
 
 
 def render(data: dict) -> str:
     """The whole page as one HTML string."""
+    from .tasks import render_tasks  # imports this module's helpers
+
     runs, results = data["runs"], data["results"] or {}
     compare, points = comparison(data)
     curves = plots.curves(runs)
@@ -123,6 +126,7 @@ def render(data: dict) -> str:
              "<h2>Teacher and students</h2>", compare,
              "<p class='note'>held-out = the run's validation split; 2nd corpus = text never trained on (e.g. Milton); "
              "KL in nats per token at T = 1; agreement = argmax(teacher) == argmax(student).</p>",
+             render_tasks(results),
              "<h2>Training and validation curves</h2>",
              f"<img alt='training and validation curves' src='{curves}'>" if curves else "<p class='note'>No metrics.jsonl records.</p>",
              "<h2>Quality vs size and speed</h2>",

@@ -13,6 +13,10 @@ greedily and once sampled (``sample_temperature``, no top-k/top-p, seeded). Ever
 - degeneration over whitespace tokens: ``distinct_2`` = unique bigrams / bigrams (``None`` below two
   tokens) and ``longest_repeated_ngram`` = the largest ``n`` such that some ``n`` consecutive tokens occur
   at two different positions (overlaps allowed; 0 when nothing repeats).
+- degeneration over characters, which whitespace tokens miss (``"1.1.1.1.1"`` is one token):
+  ``distinct_char_4`` = unique character 4-grams / 4-grams (``None`` below 4 characters; ~0.8-1 for prose,
+  near 0 for a loop) and ``repeat_share`` = (length of the longest substring that occurs at two positions,
+  overlaps allowed) / length (0 for an empty answer; ``"abcabcabc"`` -> 6/9).
 - ``empty_or_whitespace``: the answer has no visible character.
 
 A tokenizer without a chat template gets the bare prompt plus a newline; the output records which.
@@ -185,6 +189,33 @@ def longest_repeated_ngram(text: str) -> int:
     return best
 
 
+def distinct_char_4(text: str) -> float | None:
+    """Unique character 4-grams / character 4-grams; ``None`` when the text has fewer than 4 characters."""
+    grams = [text[i:i + 4] for i in range(len(text) - 3)]
+    return len(set(grams)) / len(grams) if grams else None
+
+
+def repeat_share(text: str) -> float:
+    """(Longest substring occurring at two positions, overlap allowed) / ``len(text)``; 0.0 for ``""``.
+
+    Binary search on the length ``L``: a repeat of length ``L`` implies one of every shorter length, so the
+    predicate "some length-``L`` substring occurs twice" is monotone; each probe is one pass with a set.
+    """
+    n = len(text)
+    lo, hi = 0, max(n - 1, 0)  # a repeat is at most n - 1 long (two distinct start positions)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        seen, found = set(), False
+        for i in range(n - mid + 1):
+            piece = text[i:i + mid]
+            if piece in seen:
+                found = True
+                break
+            seen.add(piece)
+        lo, hi = (mid, hi) if found else (lo, mid - 1)
+    return lo / n if n else 0.0
+
+
 def _mean(values) -> float | None:
     vals = [v for v in values if v is not None]
     return sum(vals) / len(vals) if vals else None
@@ -196,7 +227,8 @@ def score_fidelity(teacher_model, teacher_tok, student_model, student_tok, promp
     """Answers of teacher and student to ``prompts`` (default :data:`DEFAULT_PROMPTS`), scored side by side.
 
     Returns ``{"records": [{"prompt", "answers": {name: text}, "scores": {name: {...}}}], "means": {name:
-    {"teacher_logprob_per_byte", "rouge_l", "distinct_2", "longest_repeated_ngram", "empty_or_whitespace"}},
+    {"teacher_logprob_per_byte", "rouge_l", "distinct_2", "longest_repeated_ngram", "distinct_char_4",
+    "repeat_share", "empty_or_whitespace"}},
     "settings": {...}}`` for the four answers in :data:`ANSWERS`; ``empty_or_whitespace`` in ``means`` is a count.
     ``teacher_answers`` (``{"teacher_greedy": [...], "teacher_sampled": [...]}`` from an earlier result's records,
     same prompts and settings) skips the teacher's generation when several students are scored.
@@ -228,13 +260,15 @@ def score_fidelity(teacher_model, teacher_tok, student_model, student_tok, promp
             scores[name] = {"teacher_logprob_per_byte": ll[name][i],
                             "rouge_l": None if name == "teacher_greedy" else rouge_l(a, ref),
                             "distinct_2": distinct_2(a), "longest_repeated_ngram": longest_repeated_ngram(a),
+                            "distinct_char_4": distinct_char_4(a), "repeat_share": repeat_share(a),
                             "empty_or_whitespace": not a.strip()}
         records.append({"prompt": prompt, "answers": {n: answers[n][i] for n in ANSWERS}, "scores": scores})
     means = {}
     for name in ANSWERS:
         rows = [r["scores"][name] for r in records]
         means[name] = {k: _mean(r[k] for r in rows)
-                       for k in ("teacher_logprob_per_byte", "rouge_l", "distinct_2", "longest_repeated_ngram")}
+                       for k in ("teacher_logprob_per_byte", "rouge_l", "distinct_2", "longest_repeated_ngram",
+                          "distinct_char_4", "repeat_share")}
         means[name]["empty_or_whitespace"] = sum(r["empty_or_whitespace"] for r in rows)
     settings = {"n_prompts": len(prompts), "max_new_tokens": max_new_tokens, "sample_temperature": sample_temperature,
                 "seed": seed, "teacher_chat_template": bool(getattr(teacher_tok, "chat_template", None)),

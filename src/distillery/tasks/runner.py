@@ -123,10 +123,11 @@ def summary(result: dict) -> str:
     if "fidelity" in result:
         f = result["fidelity"]
         lines.append(f"answer fidelity ({f['settings']['n_prompts']} prompts; teacher log-lik nats/byte, ROUGE-L vs "
-                     "teacher greedy, distinct-2, longest repeat, empty):")
+                     "teacher greedy, distinct-2, longest repeat, distinct char 4-grams, repeat share, empty):")
         for name, m in f["means"].items():
             lines.append(f"  {name:<16} {_fmt(m['teacher_logprob_per_byte']):>8} {_fmt(m['rouge_l']):>7} "
-                         f"{_fmt(m['distinct_2']):>7} {_fmt(m['longest_repeated_ngram']):>6} {m['empty_or_whitespace']:>3}")
+                         f"{_fmt(m['distinct_2']):>7} {_fmt(m['longest_repeated_ngram']):>6} {_fmt(m.get('distinct_char_4')):>7} "
+                         f"{_fmt(m.get('repeat_share')):>7} {m['empty_or_whitespace']:>3}")
     for task, entry in result.get("lm_eval", {}).get("tasks", {}).items():
         keys = [k for k in entry.get("teacher", {}) if not k.endswith("_stderr")]
         parts = [f"{k} {_fmt(entry['teacher'].get(k))} / {_fmt(entry.get('student', {}).get(k))}" for k in keys]

@@ -1,0 +1,195 @@
+"""The demo's evaluation: teacher and each student on held-out answers, Milton, BLiMP and answer fidelity.
+
+* **held-out**: perplexity and KL(p_teacher || q_student) (nats/token, T = 1) on the assistant tokens of the
+  teacher's greedy answers to the held-out prompts (Milton passages, never trained on);
+* **Milton**: the same on plain *Paradise Lost* blocks;
+* **BLiMP** (:mod:`.tasks.blimp`): ``per_paradigm`` pairs of each of the 67 paradigms, every sentence scored after
+  ``<|endoftext|>`` (SmolLM2's document separator, what plain text follows in pretraining; its BOS
+  ``<|im_start|>`` opens a chat turn and scores lower), the same prefix for teacher and students;
+* **answer fidelity** (:mod:`.tasks.fidelity`): greedy and sampled answers to the held-out prompts, the
+  teacher's ones generated once in the data step and reused.
+
+Goals (issue 16), each reported met or not: BLiMP kept above chance ``(acc_s - 0.5) / (acc_t - 0.5) >= 0.9``;
+the KD student's greedy answers never empty or whitespace and mean distinct-2 >= 0.5; the teacher's per-byte
+log-likelihood of the KD student's greedy answers closer to that of the teacher's own greedy answers than the
+baseline's is.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+BLIMP_PREFIX = "<|endoftext|>"
+SIDE_BY_SIDE = 3  # held-out prompts shown with every model's answer
+FIELDS = ("teacher_logprob_per_byte", "rouge_l", "distinct_2", "longest_repeated_ngram", "distinct_char_4",
+          "repeat_share", "empty_or_whitespace")
+
+
+def _blimp_lite(table: dict) -> dict:
+    return {k: table[k] for k in ("overall", "per_field", "n_pairs", "n_paradigms", "prefix_token", "seconds")}
+
+
+def teacher_blimp(model, tok, pairs, path: Path, key: dict) -> dict:
+    """The teacher's BLiMP table, computed once per run folder and settings (it never changes)."""
+    from .tasks.blimp import score_blimp
+
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return cached["table"]
+    table = score_blimp(model, tok, pairs, prefix=BLIMP_PREFIX, name="teacher")
+    path.write_text(json.dumps({"key": key, "table": table}) + "\n")
+    return table
+
+
+def goals(teacher: dict, runs: dict) -> dict:
+    """The issue's three goals on the KD student (``runs['kd']``) against the teacher and the CE baseline."""
+    from .tasks.blimp import retained_above_chance
+
+    kd, ce = runs.get("kd", {}), runs.get("ce", {})
+    out = {}
+    kept = retained_above_chance(kd["blimp"]["overall"], teacher["blimp"]["overall"]) if kd.get("blimp") else None
+    out["blimp_kept_above_chance"] = kept
+    out["goal: BLiMP kept above chance >= 0.9"] = kept is not None and kept >= 0.9
+    g = (kd.get("fidelity") or {}).get("student_greedy")
+    if g:
+        out["kd_greedy_empty"] = g["empty_or_whitespace"]
+        out["kd_greedy_distinct_2"] = g["distinct_2"]
+        out["kd_greedy_distinct_2_min"] = kd["fidelity"].get("student_greedy_distinct_2_min")
+        out["goal: greedy answers never empty, distinct-2 >= 0.5"] = (
+            g["empty_or_whitespace"] == 0 and g["distinct_2"] is not None and g["distinct_2"] >= 0.5)
+    ref = (teacher.get("fidelity") or {}).get("teacher_greedy", {}).get("teacher_logprob_per_byte")
+    lls = {n: (r.get("fidelity") or {}).get("student_greedy", {}).get("teacher_logprob_per_byte") for n, r in runs.items()}
+    if ref is not None and lls.get("kd") is not None and lls.get("ce") is not None:
+        out["teacher_ll_per_byte"] = {"teacher_greedy": ref, **lls}
+        out["goal: KD answers closer to the teacher's log-likelihood than CE's"] = abs(lls["kd"] - ref) < abs(lls["ce"] - ref)
+    return out
+
+
+def evaluate_demo(out: Path, runs: dict, data: dict, s: dict, console: Console, *, quick: bool) -> dict:
+    """Load the teacher and both students, measure everything the module docstring lists; returns results."""
+    from transformers import AutoModelForCausalLM
+
+    from .config import DataConfig
+    from .data import build_datasets
+    from .evaluate import evaluate
+    from .students import count_parameters
+    from .tasks.blimp import CREDIT, load_pairs
+    from .tasks.fidelity import score_fidelity
+    from .teachers import load_teacher
+    from .train import collate
+
+    t0 = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = load_teacher("smollm2", device=str(device), dtype="float32")  # fp32 everywhere: same numbers
+    tok = teacher.tokenizer
+    cfg = runs["kd"]["cfg"]
+    bs = cfg.train.micro_batch_size
+    held = build_datasets(DataConfig(train=[data["heldout_chat"]], seq_len=cfg.data.seq_len, val_fraction=0.0),
+                          tok, progress=False).train
+    milton = build_datasets(DataConfig(train=["demo:milton"], seq_len=cfg.data.seq_len, val_fraction=0.0,
+                                       max_train_blocks=s["milton_blocks"]), tok, progress=False).train
+
+    def batches(ds):
+        return (collate(ds, torch.arange(i, min(i + bs, len(ds)))) for i in range(0, len(ds), bs))
+
+    pairs = load_pairs(per_paradigm=s["blimp_per_paradigm"], seed=0)
+    key = {"per_paradigm": s["blimp_per_paradigm"], "seed": 0, "prefix": BLIMP_PREFIX}
+    console.print(f"BLiMP: {len(pairs)} pairs ({s['blimp_per_paradigm']} per paradigm), teacher ...", highlight=False)
+    t_blimp = teacher_blimp(teacher.model, tok, pairs, out / "blimp_teacher.json", key)
+    given = {"teacher_greedy": data["heldout_greedy"], "teacher_sampled": data["heldout_sampled"]}
+    results = {"teacher": {"name": teacher.name, "parameters": count_parameters(teacher.model),
+                           "blimp": _blimp_lite(t_blimp)},
+               "init": "both students start from the same student pruned from the teacher (pruned_init/)",
+               "data": {k: data[k] for k in ("n_train_conversations", "n_heldout_conversations", "system_prompt")}
+               | {"train_files": [data["train_chat"], data["plain"]], "plain_chars": s["plain_chars"],
+                  "answer_tokens": s["answer_tokens"]},
+               "runs": {}, "samples": []}
+    fid_records = None
+    for name in runs:
+        folder = out / name / "student"
+        console.print(f"evaluating the {name.upper()} student ...", highlight=False)
+        student = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+        vocab = min(student.config.vocab_size, teacher.vocab_width)
+        from .tasks.blimp import score_blimp
+
+        sb = score_blimp(student, tok, pairs, prefix=BLIMP_PREFIX, name=name)
+        fid = score_fidelity(teacher.model, tok, student, tok, data["heldout_prompts"], max_new_tokens=s["answer_tokens"],
+                             teacher_answers=given, batch_size=8)
+        greedy_d2 = [r["scores"]["student_greedy"]["distinct_2"] for r in fid["records"]]
+        r = runs[name]
+        results["runs"][name] = {
+            "student_dir": str(folder), "parameters": count_parameters(student), "size_bytes": sum(
+                f.stat().st_size for f in folder.glob("*.safetensors")),
+            "heldout": evaluate(teacher, student, batches(held), vocab_size=vocab),
+            "milton": evaluate(teacher, student, batches(milton), vocab_size=vocab),
+            "train_tok_s": r["train_tok_s"], "seconds": r["seconds"], "reused": r["reused"],
+            "steps": r["cfg"].train.max_steps, "tokens": r["tokens"], "blimp": _blimp_lite(sb),
+            "fidelity": {"student_greedy": fid["means"]["student_greedy"], "student_sampled": fid["means"]["student_sampled"],
+                         "student_greedy_distinct_2_min": min((d for d in greedy_d2 if d is not None), default=None)}}
+        results["teacher"]["fidelity"] = {k: fid["means"][k] for k in ("teacher_greedy", "teacher_sampled")}
+        results["fidelity_settings"] = fid["settings"]
+        if fid_records is None:
+            fid_records = [{"prompt": rec["prompt"], "teacher_greedy": rec["answers"]["teacher_greedy"],
+                            "teacher_sampled": rec["answers"]["teacher_sampled"]} for rec in fid["records"]]
+        for i, rec in enumerate(fid["records"]):
+            fid_records[i][f"{name}_greedy"] = rec["answers"]["student_greedy"]
+            fid_records[i][f"{name}_sampled"] = rec["answers"]["student_sampled"]
+            fid_records[i][f"{name}_scores"] = rec["scores"]["student_greedy"]
+            if i < SIDE_BY_SIDE:
+                results["samples"].append({"prompt": rec["prompt"], "teacher": rec["answers"]["teacher_greedy"],
+                                           "student": rec["answers"]["student_greedy"], "student_run": name,
+                                           "decoding": "greedy, chat template, stops at the end of turn"})
+        del student
+    t_held = results["runs"]["kd"]["heldout"]
+    results["teacher"]["heldout_perplexity"] = t_held["teacher_perplexity"]
+    results["teacher"]["milton_perplexity"] = results["runs"]["kd"]["milton"]["teacher_perplexity"]
+    results["answers"] = fid_records
+    results["blimp"] = {"per_paradigm": s["blimp_per_paradigm"], "n_pairs": len(pairs), "prefix": BLIMP_PREFIX,
+                        "chance": 0.5, "credit": CREDIT}
+    results["goals"] = goals(results["teacher"], results["runs"])
+    results["eval_seconds"] = time.perf_counter() - t0
+    return results
+
+
+def _f(v, fmt="{:.3f}"):
+    return "-" if v is None else fmt.format(v)
+
+
+def print_results(results: dict, console: Console) -> None:
+    """The console's view of ``results``: one table of scores, three answers side by side, the goals."""
+    t, runs = results["teacher"], results["runs"]
+    table = Table(title=f"{t['name']} -> pruned student; {runs['kd'].get('tokens') or 0:,} training tokens each; "
+                        f"BLiMP {results['blimp']['n_pairs']} pairs, after {results['blimp']['prefix']}")
+    for col in ("model", "params", "held-out ppl", "KL held-out", "Milton ppl", "KL Milton", "BLiMP",
+                "teacher LL/byte (greedy)", "ROUGE-L", "distinct-2", "char 4-gram distinct", "repeat share", "empty"):
+        table.add_column(col, justify="right")
+    tg = t["fidelity"]["teacher_greedy"]
+    table.add_row(f"teacher {t['name']}", f"{t['parameters'] / 1e6:.1f}M", _f(t["heldout_perplexity"], "{:.2f}"), "0",
+                  _f(t["milton_perplexity"], "{:.2f}"), "0", _f(t["blimp"]["overall"], "{:.1%}"),
+                  _f(tg["teacher_logprob_per_byte"]), "1", _f(tg["distinct_2"]), _f(tg["distinct_char_4"]),
+                  _f(tg["repeat_share"]), str(tg["empty_or_whitespace"]))
+    for name, label in (("kd", "student, KD (forward KL)"), ("ce", "student, CE (baseline)")):
+        r = runs[name]
+        g = r["fidelity"]["student_greedy"]
+        table.add_row(label, f"{r['parameters'] / 1e6:.1f}M", _f(r["heldout"]["student_perplexity"], "{:.2f}"),
+                      _f(r["heldout"]["kl_teacher_student"]), _f(r["milton"]["student_perplexity"], "{:.2f}"),
+                      _f(r["milton"]["kl_teacher_student"]), _f(r["blimp"]["overall"], "{:.1%}"),
+                      _f(g["teacher_logprob_per_byte"]), _f(g["rouge_l"]), _f(g["distinct_2"]),
+                      _f(g["distinct_char_4"]), _f(g["repeat_share"]), str(g["empty_or_whitespace"]))
+    console.print(table)
+    console.print(f"[dim]{results['blimp']['credit']}[/]")
+    console.rule("[bold]Held-out prompts, greedy answers[/]")
+    for rec in results["answers"][:SIDE_BY_SIDE]:
+        console.print(f"[bold]prompt:[/] {rec['prompt']!r}", highlight=False)
+        for who in ("teacher", "kd", "ce"):
+            console.print(f"  [bold]{who}[/]: {rec.get(f'{who}_greedy', '')!r}", highlight=False)
+    for k, v in results["goals"].items():
+        if k.startswith("goal:"):
+            console.print(f"{'[green]met[/]' if v else '[red]not met[/]'}  {k[6:]}")

@@ -1,0 +1,125 @@
+"""The demo's new pieces on tiny models: prompts, the teacher's cached (resumable) answers, the chat files,
+the character-level degeneration measures, the goals and the report's task section."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import tiny_llama, tiny_tokenizer
+
+from distillery.config import DataConfig
+from distillery.data import build_datasets
+from distillery.demo_chat import TEMPLATES, demo_prompts, milton_passages, shakespeare_passages, teacher_answers, write_chat
+from distillery.demo_eval import goals
+from distillery.errors import DistilleryError
+from distillery.report.tasks import render_tasks
+from distillery.tasks.fidelity import chat_ids, distinct_char_4, repeat_share
+
+
+def test_prompts_are_seeded_and_from_both_corpora():
+    a, b = demo_prompts(6, "shakespeare", seed=1), demo_prompts(6, "shakespeare", seed=1)
+    assert a == b and len(set(a)) == 6 and a != demo_prompts(6, "shakespeare", seed=2)
+    assert all(p.startswith(t.split("{p}")[0]) for p, t in zip(a, TEMPLATES))
+    assert set(demo_prompts(4, "milton")).isdisjoint(a)
+    assert len(shakespeare_passages()) > 1000 and len(milton_passages()) > 1000
+    with pytest.raises(DistilleryError, match="passages"):
+        demo_prompts(10**6, "milton")
+
+
+def _argmax_answer(model, tok, prompt: str, n: int) -> str:
+    ids, new = chat_ids(tok, prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(torch.tensor([ids + new])).logits[0, -1].argmax())
+            if nxt == tok.eos_token_id:
+                break
+            new.append(nxt)
+    return tok.decode(new, skip_special_tokens=True)
+
+
+def test_teacher_answers_greedy_cached_and_resumed(tmp_path: Path):
+    tok, model = tiny_tokenizer(), tiny_llama(seed=4)
+    prompts = ["Who is there?", "Long live the king.", "Speak, speak!", "What, has this thing appeared again tonight?",
+               "Peace, break thee off."]
+    path = tmp_path / "answers.jsonl"
+    got = teacher_answers(model, tok, prompts, path, max_new_tokens=6, batch_size=2, log=lambda m: None)
+    assert got == [_argmax_answer(model, tok, p, 6) for p in prompts]  # batched, left-padded == one by one
+    lines = path.read_text().splitlines()
+    assert len(lines) == 5 and {json.loads(ln)["i"] for ln in lines} == set(range(5))
+    # killed after the first batch (a torn line at the end): the rest is generated again, the same answers
+    path.write_text("\n".join(lines[:2]) + '\n{"i": 3, "pro')
+    calls = []
+    again = teacher_answers(model, tok, prompts, path, max_new_tokens=6, batch_size=2, log=calls.append)
+    assert again == got and len(calls) == 2  # two of the three batches were left
+    assert teacher_answers(model, tok, prompts, path, max_new_tokens=6, batch_size=2, log=calls.append) == got
+    assert len(calls) == 2  # nothing generated the third time
+    with pytest.raises(DistilleryError, match=r"answers.jsonl:1: an answer for other prompts or settings"):
+        teacher_answers(model, tok, prompts, path, max_new_tokens=7, batch_size=2)
+
+
+def test_sampled_answers_are_seeded(tmp_path: Path):
+    tok, model = tiny_tokenizer(), tiny_llama(seed=4)
+    prompts = ["Who is there?", "Long live the king.", "Speak!"]
+    kw = dict(max_new_tokens=8, batch_size=2, sample_temperature=1.0, log=lambda m: None)
+    a = teacher_answers(model, tok, prompts, tmp_path / "a.jsonl", seed=5, **kw)
+    assert a == teacher_answers(model, tok, prompts, tmp_path / "b.jsonl", seed=5, **kw)
+    assert a != teacher_answers(model, tok, prompts, tmp_path / "c.jsonl", seed=6, **kw)
+
+
+def test_chat_file_trains_on_answers_only(tmp_path: Path):
+    tok = tiny_tokenizer()
+    n = write_chat(tmp_path / "c.jsonl", ["Who is there?", "Speak!"], ["Nay, answer me.", "  "], "Be brief.")
+    assert n == 1  # the whitespace answer is left out
+    rec = json.loads((tmp_path / "c.jsonl").read_text())
+    assert [m["role"] for m in rec["messages"]] == ["system", "user", "assistant"]
+    ds = build_datasets(DataConfig(train=[str(tmp_path / "c.jsonl")], seq_len=64, val_fraction=0.0), tok,
+                        progress=False).train
+    item = ds[0]
+    targets = item["labels"][item["labels"] != -100]
+    assert tok.decode(targets) == "Nay, answer me.<|im_end|>"
+
+
+def test_character_degeneration():
+    assert repeat_share("abcabcabc") == pytest.approx(6 / 9)
+    assert repeat_share("") == 0.0 and repeat_share("abcd") == 0.0 and repeat_share("aaaa") == pytest.approx(3 / 4)
+    assert distinct_char_4("1.1.1.1.1.1") == pytest.approx(2 / 8)  # "1.1." and ".1.1": a loop distinct-2 cannot see
+    assert distinct_char_4("abcdefg") == 1.0 and distinct_char_4("abc") is None
+
+
+RESULTS = {
+    "teacher": {"name": "T", "parameters": 100, "blimp": {"overall": 0.70, "per_field": {"syntax": 0.72}},
+                "fidelity": {"teacher_greedy": {"teacher_logprob_per_byte": -0.5, "rouge_l": None, "distinct_2": 0.9,
+                                                "longest_repeated_ngram": 1.0, "distinct_char_4": 0.9,
+                                                "repeat_share": 0.1, "empty_or_whitespace": 0}}},
+    "runs": {"kd": {"blimp": {"overall": 0.69, "per_field": {"syntax": 0.70}},
+                    "fidelity": {"student_greedy": {"teacher_logprob_per_byte": -0.7, "rouge_l": 0.4, "distinct_2": 0.8,
+                                                    "longest_repeated_ngram": 2.0, "distinct_char_4": 0.8,
+                                                    "repeat_share": 0.2, "empty_or_whitespace": 0},
+                                 "student_greedy_distinct_2_min": 0.6}},
+             "ce": {"blimp": {"overall": 0.60, "per_field": {"syntax": 0.61}},
+                    "fidelity": {"student_greedy": {"teacher_logprob_per_byte": -1.1, "rouge_l": 0.3, "distinct_2": 0.4,
+                                                    "longest_repeated_ngram": 5.0, "distinct_char_4": 0.3,
+                                                    "repeat_share": 0.6, "empty_or_whitespace": 2}}}},
+    "blimp": {"n_pairs": 670, "per_paradigm": 10, "prefix": "<|endoftext|>", "credit": "BLiMP: Warstadt et al. 2020"},
+}
+
+
+def test_goals_on_hand_numbers():
+    g = goals(RESULTS["teacher"], RESULTS["runs"])
+    assert g["blimp_kept_above_chance"] == pytest.approx(0.19 / 0.20)
+    assert g["goal: BLiMP kept above chance >= 0.9"] is True
+    assert g["goal: greedy answers never empty, distinct-2 >= 0.5"] is True
+    assert g["goal: KD answers closer to the teacher's log-likelihood than CE's"] is True  # |-0.2| < |-0.6|
+    bad = {"kd": dict(RESULTS["runs"]["kd"], blimp={"overall": 0.65}), "ce": RESULTS["runs"]["ce"]}
+    assert goals(RESULTS["teacher"], bad)["goal: BLiMP kept above chance >= 0.9"] is False  # 0.75
+
+
+def test_report_task_section():
+    html = render_tasks({**RESULTS, "goals": goals(RESULTS["teacher"], RESULTS["runs"])})
+    for text in ("70.0%", "69.0%", "0.95", "0.50", "Warstadt", "&lt;|endoftext|&gt;", "-0.700", "kd (greedy)",
+                 "teacher (greedy)", "repeat share", "<b>met</b>"):
+        assert text in html, text
+    assert render_tasks({"runs": {"kd": {"heldout": {}}}}) == ""  # an older results.json: no section
