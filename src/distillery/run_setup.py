@@ -15,7 +15,7 @@ import torch
 
 from .config import RunConfig
 from .errors import DistilleryError
-from .students import build_student, check_vocab, load_student_tokenizer
+from .students import build_student, check_student_family, check_vocab, load_student_tokenizer
 from .teachers import Teacher, open_teacher, shared_vocab, teacher_config, teacher_device
 
 
@@ -60,6 +60,7 @@ def _check_student_size(cfg: RunConfig, teacher_model) -> None:
 
 def _check_recipe(cfg: RunConfig) -> None:
     """Checks on the recipe alone, before anything loads."""
+    check_student_family(cfg.student)  # a family the loss or the exporters cannot handle, from config.json alone
     gc = cfg.generation
     if gc.on_policy_fraction > 0 and gc.on_policy_start >= cfg.train.max_steps:
         raise DistilleryError(f"generation.on_policy_start ({gc.on_policy_start}) is not below train.max_steps "
@@ -125,7 +126,7 @@ def prepare_run(cfg: RunConfig, device: torch.device, is_main: bool = True) -> R
     student.to(device)
     return Run(cfg=cfg, teacher=teacher, eval_teacher=teacher.eval_teacher(), tokenizer=data_tok,
                train=splits.train, val=splits.val, fingerprint=splits.fingerprint, student=student,
-               vocab_size=vocab, save_student=_student_saver(data_tok), teacher_stats=teacher_stats,
+               vocab_size=vocab, save_student=_student_saver(data_tok, cfg.student), teacher_stats=teacher_stats,
                xtok=xtok, teacher_vocab=teacher_vocab)
 
 
@@ -171,14 +172,19 @@ def _api_logprobs_setup(cfg: RunConfig, teacher, is_main: bool):
     return cfg, teacher.renderer, teacher.stats.as_dict()
 
 
-def _student_saver(tokenizer) -> Callable[[torch.nn.Module, Path], None]:
+def _student_saver(tokenizer, scfg=None) -> Callable[[torch.nn.Module, Path], None]:
     def save_student(model: torch.nn.Module, folder: Path) -> None:
-        """Plain HF folder (safetensors + tokenizer + generation config): no distillery needed to load it."""
+        """Plain HF folder (safetensors + tokenizer + generation config): no distillery needed to load it.
+        A LoRA student is saved merged, and its adapter alone beside the folder (``adapter/``)."""
         from .checkpoint import atomic_folder
+        from .lora import plain_model, save_adapter
 
         folder = Path(folder)
         with atomic_folder(folder, f"the student to {folder}") as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
+            plain_model(model).save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+        if scfg is not None and scfg.lora is not None:
+            with atomic_folder(folder.parent / "adapter", "the LoRA adapter") as tmp:
+                save_adapter(model, scfg.lora, tmp, scfg.pretrained)
 
     return save_student

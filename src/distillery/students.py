@@ -1,28 +1,65 @@
 """Students: plain Hugging Face causal LMs, built from a config, loaded pretrained, or pruned from the teacher.
 
-A student is always a ``PreTrainedModel`` of a family every runtime converter knows (Llama, Qwen2),
-saved with ``save_pretrained`` (safetensors) plus the tokenizer, so
-``AutoModelForCausalLM.from_pretrained(folder)`` loads it without distillery.
+A student is always a ``PreTrainedModel`` of a family every runtime converter knows
+(``SUPPORTED_FAMILIES``: Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 text, Phi-3), saved with
+``save_pretrained`` (safetensors) plus the tokenizer, so ``AutoModelForCausalLM.from_pretrained(folder)``
+loads it without distillery. The family is checked before anything loads (:func:`check_student_family`).
+
+The training loss computes the student's logits as ``hidden @ W_headᵀ (+ b)`` chunk by chunk
+(``losses.chunked``), which is what every family above does except Gemma 2 with its final logit
+soft-cap ``c·tanh(z/c)``: such a student is refused in one line; a Gemma 2 student built from
+``student.model`` gets ``final_logit_softcapping: null`` unless the recipe sets it (then it is refused).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .config import StudentConfig
+from .config import STUDENT_FAMILIES, StudentConfig
 from .errors import DistilleryError
 
-SUPPORTED_FAMILIES = ("llama", "qwen2")
+SUPPORTED_FAMILIES = STUDENT_FAMILIES  # one list: config.STUDENT_FAMILIES (checked when the recipe loads)
 
-# Fields copied from the teacher's config when the student's model section does not set them:
-# the vocabulary and special tokens must match; the rest are architecture defaults of the family.
-_INHERITED = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "rope_theta", "rope_scaling",
-              "rope_parameters", "rms_norm_eps", "hidden_act", "max_position_embeddings", "tie_word_embeddings",
-              "attention_bias", "mlp_bias")
+# Fields copied from the teacher's config when the student's model section does not set them: the
+# vocabulary and special tokens must match; the rest are architecture choices, copied only when the
+# student is of the teacher's own family (a Gemma student keeps Gemma's GELU and RoPE layout under a
+# Llama teacher).
+_INHERITED = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings",
+              "tie_word_embeddings")
+_SAME_FAMILY = ("rope_theta", "rope_scaling", "rope_parameters", "rms_norm_eps", "hidden_act", "attention_bias",
+                "mlp_bias")
+
+
+def check_family(config, where: str) -> None:
+    """One line unless ``config`` (a HF config or a config.json dict) is a student family the loss computes
+    exactly: a supported ``model_type`` and no final logit soft-capping."""
+    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+    mt = get("model_type")
+    if mt not in SUPPORTED_FAMILIES:
+        raise DistilleryError(f"{where}: student family '{mt}' is not supported (choose one of {', '.join(SUPPORTED_FAMILIES)})")
+    cap = get("final_logit_softcapping")
+    if cap is not None:
+        raise DistilleryError(f"{where}: {mt} with final_logit_softcapping={cap} is not supported as a student (the fused "
+                              "loss computes logits as hidden @ W^T); set final_logit_softcapping: null")
+
+
+def check_student_family(cfg: StudentConfig) -> None:
+    """The student's family, read from the recipe or ``student.pretrained``'s config.json (no weights):
+    called before the teacher loads."""
+    if cfg.init == "pretrained" and cfg.pretrained:
+        path = Path(cfg.pretrained).expanduser() / "config.json"
+        if path.is_file():
+            try:
+                check_family(json.loads(path.read_text()), f"student.pretrained '{cfg.pretrained}'")
+            except (OSError, json.JSONDecodeError) as exc:
+                raise DistilleryError(f"{path}: unreadable ({exc})".splitlines()[0]) from None
+    elif cfg.init == "config" and "model_type" in cfg.model:
+        check_family({"final_logit_softcapping": None, **cfg.model}, "student.model")
 
 
 def student_config(model_fields: dict, teacher_config) -> "AutoConfig":
@@ -35,10 +72,19 @@ def student_config(model_fields: dict, teacher_config) -> "AutoConfig":
     base = {}
     if teacher_config is not None:
         tdict = teacher_config.to_dict()
-        base = {k: tdict[k] for k in _INHERITED if k in tdict and tdict[k] is not None}
+        keys = _INHERITED + (_SAME_FAMILY if tdict.get("model_type") == model_type else ())
+        base = {k: tdict[k] for k in keys if k in tdict and tdict[k] is not None}
     base.update(fields)
     if "hidden_size" in base and "num_attention_heads" in base and "head_dim" not in fields:
         base["head_dim"] = base["hidden_size"] // base["num_attention_heads"]
+    if model_type in ("gemma", "gemma2") and "tie_word_embeddings" not in fields:
+        base["tie_word_embeddings"] = True  # Gemma 1/2 read their logits off the embedding (llama.cpp requires it)
+    if model_type in ("gemma2", "gemma3_text"):
+        # Gemma 2/3 scale attention by query_pre_attn_scalar^-1/2 (Gemma's own sizes: = head_dim); keep that
+        # relation for a resized student (llama.cpp assumes it), and no final soft-cap unless asked (then refused)
+        base.setdefault("final_logit_softcapping", None)
+        if "head_dim" in base:
+            base.setdefault("query_pre_attn_scalar", base["head_dim"])
     try:
         cfg = AutoConfig.for_model(model_type, **base)
     except (TypeError, ValueError) as exc:
@@ -52,6 +98,7 @@ def student_config(model_fields: dict, teacher_config) -> "AutoConfig":
 def build_student(cfg: StudentConfig, teacher_model: PreTrainedModel | None = None,
                   calibration: Iterable[dict] | None = None, seed: int = 0) -> PreTrainedModel:
     """Make the student named by ``cfg`` (fp32, train mode)."""
+    check_student_family(cfg)
     if cfg.init == "pretrained":
         if not cfg.pretrained:
             raise DistilleryError("student.init is 'pretrained' but student.pretrained (a folder) is not set")
@@ -77,10 +124,12 @@ def build_student(cfg: StudentConfig, teacher_model: PreTrainedModel | None = No
         config = student_config(cfg.model, None if teacher_model is None else teacher_model.config)
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    if model.config.model_type not in SUPPORTED_FAMILIES:
-        raise DistilleryError(f"student family '{model.config.model_type}' is not supported "
-                              f"(choose one of {', '.join(SUPPORTED_FAMILIES)})")
+    check_family(model.config, "student")
     model.requires_grad_(True)
+    if cfg.lora is not None:  # only the adapter trains; saved merged (lora.plain_model)
+        from .lora import add_lora
+
+        add_lora(model, cfg.lora)
     return model.train()
 
 

@@ -13,13 +13,17 @@ from pathlib import Path
 
 from ..errors import DistilleryError
 from .folders import check_out_dir, reject
-from .inputs import check_student_dir, heldout_ids, load_student, student_arch
+from .inputs import SUPPORTED_ARCHS, check_student_dir, heldout_ids, load_student, student_arch
 
 # format -> (module, quant choices, default group size, the function that imports the runtime or says how to install it)
 SPECS = {"mlx": ("mlx_export", ("f32", "f16", "q2", "q3", "q4", "q6", "q8"), 64, "_import_mlx"),
          "executorch": ("executorch_export", ("f32", "8da4w"), 32, "_import_executorch"),
          "coreml": ("coreml_export", ("f16", "q8", "q4", "p4"), 32, "_import_ct")}
 DEFAULT_QUANT = {"mlx": "f32", "executorch": "f32", "coreml": "f16"}
+# Families each format is verified on (mlx_lm has all the student families; the ExecuTorch and Core ML paths
+# are tested on Llama and Qwen2 only): another family is refused in one line before anything loads.
+FAMILIES = {"mlx": ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"),
+            "executorch": ("llama", "qwen2"), "coreml": ("llama", "qwen2")}
 
 
 def export_apple(student_dir, fmt: str, out, quant: str | None, verify: bool, verify_text: str | None,
@@ -37,7 +41,10 @@ def export_apple(student_dir, fmt: str, out, quant: str | None, verify: bool, ve
     if max_seq_len < 16:
         raise DistilleryError(f"--max-seq-len {max_seq_len} is too small (>= 16)")
     src = check_student_dir(student_dir)
-    student_arch(src)                                 # unsupported architectures fail before any loading
+    family = SUPPORTED_ARCHS[student_arch(src)]       # unsupported architectures fail before any loading
+    if family not in FAMILIES[fmt]:
+        raise DistilleryError(f"the {fmt} exporter does not write model_type '{family}' "
+                              f"(it writes {', '.join(FAMILIES[fmt])}); try --format gguf or onnx")
     mod = importlib.import_module(f".{module_name}", __package__)
     out = check_out_dir(src, Path(out), mod.MANIFEST, fmt)
     getattr(mod, require)()                           # a missing runtime fails before the student is loaded

@@ -1,4 +1,4 @@
-"""Write a Llama- or Qwen2-style HF causal LM as a GGUF file that llama.cpp runs on its own.
+"""Write a HF causal LM (Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3: ``gguf_families``) as a GGUF file llama.cpp runs on its own.
 
 Uses the ``gguf`` package only: ``GGUFWriter`` for the file, ``get_tensor_name_map`` for HF → GGUF
 tensor names and ``gguf.quants.quantize`` for F16/Q8_0/Q4_0 blocks (the same code paths as llama.cpp's
@@ -7,7 +7,8 @@ converter, without its tokenizer-fingerprint gate or its newer-``gguf`` requirem
 Conventions followed (as in llama.cpp's ``convert_hf_to_gguf.py``):
 
 * Llama q/k projections are permuted from HF's rotate-half layout back to the interleaved-pair layout
-  llama.cpp's (non-NeoX) RoPE expects; Qwen2 uses NeoX RoPE and needs no permutation.
+  llama.cpp's (non-NeoX) RoPE expects; the NeoX-RoPE families need no permutation (per-family rules:
+  ``gguf_families``).
 * 1-D tensors (norms, biases) stay F32.
 * ``q4_0``: linear layers and a separate token embedding are Q4_0; the tensor that computes the
   logits (``output.weight``, or ``token_embd.weight`` when tied) is Q8_0, the way llama.cpp's own
@@ -27,10 +28,10 @@ import numpy as np
 import torch
 
 from ..errors import DistilleryError
+from .gguf_families import add_family_hparams, check_config, context_length, family, fix_tensor, rope
 from .gguf_vocab import add_tokenizer, tokenizer_metadata
 
 QUANTS = ("f32", "f16", "q8_0", "q4_0")
-_ARCH = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
 _FILE_TYPE = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
               "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
 Q = gguf.GGMLQuantizationType
@@ -43,26 +44,7 @@ def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, hd // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _check_config(cfg, arch: str) -> None:
-    """Refuse config features the GGUF arch we write cannot express."""
-    rope = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "linear"):
-        raise DistilleryError(f"RoPE scaling '{rope_type}' is not supported by the GGUF exporter (default or linear only)")
-    if getattr(cfg, "mlp_bias", False):
-        raise DistilleryError("Llama models with mlp_bias=True are not supported by the GGUF exporter")
-    if arch == "qwen2" and getattr(cfg, "use_sliding_window", False):
-        raise DistilleryError("Qwen2 models with use_sliding_window=True are not supported by the GGUF exporter")
-
-
-def _rope(cfg) -> tuple[float, dict]:
-    rope = dict(getattr(cfg, "rope_parameters", None) or {})
-    theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
-    scaling = getattr(cfg, "rope_scaling", None) or rope
-    return float(theta), scaling
-
-
-def _add_hparams(w: gguf.GGUFWriter, cfg, arch: str, quant: str, name: str) -> None:
+def _add_hparams(w: gguf.GGUFWriter, cfg, quant: str, name: str) -> None:
     n_head = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
     w.add_name(name)
@@ -70,14 +52,15 @@ def _add_hparams(w: gguf.GGUFWriter, cfg, arch: str, quant: str, name: str) -> N
     if quant in ("q8_0", "q4_0"):
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_vocab_size(cfg.vocab_size)
-    w.add_context_length(cfg.max_position_embeddings)
+    fam = family(cfg)
+    w.add_context_length(context_length(cfg, fam))
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(n_head)
     w.add_head_count_kv(cfg.num_key_value_heads or n_head)
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
-    theta, scaling = _rope(cfg)
+    theta, scaling = rope(cfg)
     w.add_rope_freq_base(theta)
     w.add_rope_dimension_count(head_dim)
     if head_dim * n_head != cfg.hidden_size:
@@ -86,6 +69,7 @@ def _add_hparams(w: gguf.GGUFWriter, cfg, arch: str, quant: str, name: str) -> N
     if scaling.get("rope_type", scaling.get("type")) == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(scaling["factor"]))
+    add_family_hparams(w, cfg, fam)
 
 
 def _qtype(gguf_name: str, data: np.ndarray, quant: str, logits_tensor: str) -> gguf.GGMLQuantizationType:
@@ -99,23 +83,20 @@ def _qtype(gguf_name: str, data: np.ndarray, quant: str, logits_tensor: str) -> 
     return Q.Q4_0
 
 
-def gguf_tensors(model, arch: str):
-    """Yield ``(gguf_name, fp32 numpy array)`` for every tensor llama.cpp needs, in HF order."""
+def gguf_tensors(model, arch: str | None = None):
+    """Yield ``(gguf_name, fp32 numpy array)`` for every tensor llama.cpp needs, in HF order
+    (``arch``: unused, the family comes from ``model.config.model_type``)."""
     cfg = model.config
-    tmap = gguf.get_tensor_name_map(_ARCH[arch], cfg.num_hidden_layers)
+    fam = family(cfg)
+    tmap = gguf.get_tensor_name_map(fam.arch, cfg.num_hidden_layers)
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
-    n_kv = cfg.num_key_value_heads or cfg.num_attention_heads
     for hf_name, tensor in model.state_dict().items():
         if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
             continue
         name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise DistilleryError(f"tensor {hf_name} has no GGUF name for architecture {arch}")
-        t = tensor.detach().float()
-        if arch == "llama" and ".self_attn.q_proj." in hf_name:
-            t = permute_qk(t, cfg.num_attention_heads)
-        elif arch == "llama" and ".self_attn.k_proj." in hf_name:
-            t = permute_qk(t, n_kv)
+            raise DistilleryError(f"tensor {hf_name} has no GGUF name for {cfg.model_type}")
+        t = fix_tensor(hf_name, tensor.detach().float(), cfg, fam)
         yield name, t.contiguous().numpy()
 
 
@@ -128,16 +109,15 @@ def write_gguf(model, tokenizer, out: str | Path, quant: str = "f16", arch: str 
     """
     if quant not in QUANTS:
         raise DistilleryError(f"--quant {quant} is not supported (choose from {', '.join(QUANTS)})")
-    if arch not in _ARCH:
-        raise DistilleryError(f"architecture {arch} has no GGUF exporter (supported: {', '.join(_ARCH)})")
     cfg = model.config
-    _check_config(cfg, arch)
+    fam = family(cfg)  # ``arch`` is what the report shows; the family comes from the config
+    check_config(cfg, fam)
     vocab = tokenizer_metadata(tokenizer, cfg.vocab_size)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
-    writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[_ARCH[arch]])
-    _add_hparams(writer, cfg, arch, quant, name)
+    writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[fam.arch])
+    _add_hparams(writer, cfg, quant, name)
     add_tokenizer(writer, vocab)
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     logits_tensor = "token_embd.weight" if tied else "output.weight"
@@ -153,6 +133,6 @@ def write_gguf(model, tokenizer, out: str | Path, quant: str = "f16", arch: str 
     finally:
         writer.close()
     os.replace(tmp, out)
-    return {"format": "gguf", "path": str(out), "quant": quant, "arch": arch, "bytes": out.stat().st_size,
+    return {"format": "gguf", "path": str(out), "quant": quant, "arch": cfg.model_type, "bytes": out.stat().st_size,
             "tensor_types": dict(types), "tokenizer_pre": vocab["pre"], "tokenizer_pre_exact": vocab["pre_exact"],
             "vocab_size": cfg.vocab_size, "chat_template": vocab["chat_template"] is not None}

@@ -15,7 +15,11 @@ from pathlib import Path
 
 from ..errors import DistilleryError
 
-SUPPORTED_ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+# Architectures export/quantize/bench read (architecture -> model_type); each exporter refuses, in one line, a
+# family it does not write (gguf_families.FAMILIES; apple_export.FAMILIES). = the student families.
+SUPPORTED_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+                   "Qwen3ForCausalLM": "qwen3", "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2",
+                   "Gemma3ForCausalLM": "gemma3_text", "Phi3ForCausalLM": "phi3"}
 
 
 def check_student_dir(student_dir: str | Path) -> Path:
@@ -31,7 +35,7 @@ def check_student_dir(student_dir: str | Path) -> Path:
 
 
 def student_arch(student_dir: Path) -> str:
-    """The HF architecture name from config.json; refuse anything but Llama- and Qwen2-style models."""
+    """The HF architecture name from config.json; refuse anything outside ``SUPPORTED_ARCHS``."""
     try:
         config = json.loads((student_dir / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:

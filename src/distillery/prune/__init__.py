@@ -4,8 +4,8 @@
 calibration batches (``importance``), decides what to keep (``plan``) and slices the weights into a
 fresh model of the teacher's own class (``slicing``). Depth (layers) and width (hidden channels,
 MLP neurons, attention heads by whole KV groups) are all scored in one pass over the unpruned
-teacher, as in Minitron. Supported: Llama- and Qwen2-style models (``LlamaForCausalLM``,
-``Qwen2ForCausalLM``); anything else is refused with a :class:`DistilleryError`.
+teacher, as in Minitron. Supported: the causal LMs of ``SUPPORTED`` (Llama, Mistral, Qwen2/3, Gemma 1/2/3
+text, Phi-3: ``slicing`` knows each one's tensors); anything else is refused with a :class:`DistilleryError`.
 
 The result is a plain Hugging Face model: ``save_pretrained`` it and
 ``AutoModelForCausalLM.from_pretrained`` loads it without distillery. The command line verb is in
@@ -23,11 +23,13 @@ from .importance import Calibration, calibrate, calibration_loss, loss_importanc
 from .plan import PrunePlan, check_target, choose_heads, choose_layers, kv_group_count, top_k
 from .slicing import apply_plan, sized_config
 
-SUPPORTED = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+SUPPORTED = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+             "mistral": "MistralForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+             "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}
 
 
 def check_supported(model) -> None:
-    """Refuse models pruning does not know: only plain Llama / Qwen2 causal LMs are sliced."""
+    """Refuse models pruning does not know: only the plain causal LMs of ``SUPPORTED`` are sliced."""
     mt = getattr(getattr(model, "config", None), "model_type", None)
     name = type(model).__name__
     if mt not in SUPPORTED or name != SUPPORTED[mt]:

@@ -95,7 +95,9 @@ def calibrate(model, batches: list[dict], span: int | None = None) -> Calibratio
             lambda mod, args, add=add_h: add(args[0].unflatten(-1, (H, hd)).float().norm(dim=-1))))
         handles.append(layer.mlp.down_proj.register_forward_pre_hook(
             lambda mod, args, add=add_n: add(args[0].abs())))
-        for j, norm in enumerate((layer.input_layernorm, layer.post_attention_layernorm)):
+        # the norm outputs the attention and the MLP read (Gemma 2/3: the MLP reads pre_feedforward_layernorm)
+        mlp_norm = getattr(layer, "pre_feedforward_layernorm", None) or layer.post_attention_layernorm
+        for j, norm in enumerate((layer.input_layernorm, mlp_norm)):
             add_c = acc("layer_channels", (i, j))
             handles.append(norm.register_forward_hook(lambda mod, args, out, add=add_c: add(_first_tensor(out).abs())))
         if span:

@@ -9,6 +9,11 @@ query heads (``h·d .. h·d + d - 1`` for each kept head ``h``), ``kv`` = rows o
     o_proj (D, H·d) + bias   -> [c][:, q]       gate/up (F, D) + bias -> [f][:, c]
     down (D, F) + bias       -> [c][:, f]
 
+Phi-3's fused ``qkv_proj`` (rows ``[q | k | v]``) and ``gate_up_proj`` (rows ``[gate | up]``) take the same
+rows, each block offset by the teacher's width of the blocks before it. Qwen3 / Gemma 3 q/k norms ``(d,)``
+are kept whole (``d`` is kept); Gemma 2/3's extra norms slice like the other RMSNorms. Gemma multiplies the
+embedding by √D inside the model: a width-pruned Gemma's inputs are scaled by √c instead (training adapts).
+
 The config keeps ``head_dim`` explicitly (it no longer equals hidden / heads once either changes)
 and, for Qwen2, the ``layer_types`` of the kept layers. Tied embeddings stay tied (one table).
 """
@@ -86,11 +91,22 @@ def sized_config(config, layers: list[int], *, hidden: int, ffn: int, heads: int
     return cfg
 
 
-def _layer_param(name: str, t: torch.Tensor, plan: PrunePlan, j: int) -> torch.Tensor:
-    """Slice parameter ``name`` (relative to its layer) of kept layer ``j``."""
+def _fused_rows(cfg, q: torch.Tensor, kv: torch.Tensor, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of Phi-3's ``qkv_proj`` ``[q (H·d) | k (KV·d) | v (KV·d)]`` and ``gate_up_proj`` ``[gate (F) | up (F)]``."""
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    nq, nkv = cfg.num_attention_heads * hd, (cfg.num_key_value_heads or cfg.num_attention_heads) * hd
+    return torch.cat([q, nq + kv, nq + nkv + kv]), torch.cat([f, cfg.intermediate_size + f])
+
+
+def _layer_param(name: str, t: torch.Tensor, plan: PrunePlan, j: int, cfg=None) -> torch.Tensor:
+    """Slice parameter ``name`` (relative to its layer) of kept layer ``j`` (``cfg``: the teacher's config)."""
     c, f = plan.channels, plan.neurons[j]
     q, kv = _rows(plan.q_heads[j], plan.head_dim), _rows(plan.kv_heads[j], plan.head_dim)
+    qkv, gate_up = _fused_rows(cfg, q, kv, f) if cfg is not None else (None, None)
     rules = {
+        "self_attn.qkv_proj.weight": (qkv, c), "mlp.gate_up_proj.weight": (gate_up, c),  # Phi-3 (fused)
+        "self_attn.q_norm.weight": (None, None), "self_attn.k_norm.weight": (None, None),  # per head_dim
+        "pre_feedforward_layernorm.weight": (c, None), "post_feedforward_layernorm.weight": (c, None),
         "self_attn.q_proj.weight": (q, c), "self_attn.q_proj.bias": (q, None),
         "self_attn.k_proj.weight": (kv, c), "self_attn.k_proj.bias": (kv, None),
         "self_attn.v_proj.weight": (kv, c), "self_attn.v_proj.bias": (kv, None),
@@ -116,7 +132,7 @@ def pruned_state_dict(model, plan: PrunePlan) -> dict[str, torch.Tensor]:
             old = int(m.group(1))
             if old in new_index:
                 j = new_index[old]
-                out[f"model.layers.{j}.{m.group(2)}"] = _layer_param(m.group(2), t, plan, j)
+                out[f"model.layers.{j}.{m.group(2)}"] = _layer_param(m.group(2), t, plan, j, model.config)
         elif key in ("model.embed_tokens.weight", "lm_head.weight"):
             out[key] = _slice(t, cols=c)
         elif key == "model.norm.weight":
