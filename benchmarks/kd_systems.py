@@ -5,7 +5,8 @@
 ``SPEC["system"]`` picks the system: ``ours_live`` / ``ours_cached`` (``distillery.train.distill``),
 ``trl_fair`` / ``trl_defaults`` (TRL's ``GKDTrainer``), ``student_ce`` (the student alone, cross-entropy)
 or ``cache`` (write the teacher cache the cached system reads). ``SPEC["device"] == "cuda"`` runs it on
-the GPU in bf16 autocast (the teacher stored in bf16); otherwise on the CPU in fp32. The result holds
+the GPU; otherwise on the CPU. Each runs in bf16 autocast with the teacher stored in bf16 where the device runs bf16
+fast (``distillery.hardware.auto_precision``: GPUs that have it, CPUs that pass the bf16 probe), else in fp32. The result holds
 the per-step seconds, tokens per step, losses, peak RSS and (on a GPU) peak GPU memory.
 """
 
@@ -25,8 +26,11 @@ LR = 1e-4
 
 
 def ours_config(spec: dict, cached: bool) -> dict:
+    from distillery.hardware import auto_precision
+
+    bf16 = auto_precision(spec.get("device", "cpu")) == "bf16"  # what `auto` picks here (the CPU probe on a CPU)
     teacher = ({"kind": "cache", "cache_path": spec["cache_dir"]} if cached
-               else {"kind": "hf", "source": spec["teacher_source"]})
+               else {"kind": "hf", "source": spec["teacher_source"], "dtype": "bfloat16" if bf16 else "float32"})
     return {"teacher": teacher, "student": {"init": "pretrained", "pretrained": spec["student_dir"]},
             "data": {"train": [spec["data"]], "format": "chat", "seq_len": spec["seq_len"], "val_fraction": 0.0},
             "loss": {"kd": "jsd", "beta": 0.5, "kd_weight": 1.0, "ce_weight": 0.0},
@@ -55,10 +59,15 @@ def child_trl(spec: dict) -> dict:
     from trl.experimental.gkd import GKDConfig, GKDTrainer
     from trl.experimental.utils import DataCollatorForChatML
 
-    cuda = spec.get("device") == "cuda"  # benchmarks/gpu.py: bf16 autocast, the teacher stored in bf16
+    from distillery.hardware import auto_precision
+
+    cuda = spec.get("device") == "cuda"  # benchmarks/gpu.py
+    # bf16 autocast and a bf16 teacher where the device runs bf16 fast (a GPU; a CPU that passes the probe): TRL's
+    # fastest fair setting there, and the precision distillery's `auto` picks
+    bf16 = auto_precision("cuda" if cuda else "cpu") == "bf16"
     tok = AutoTokenizer.from_pretrained(spec["student_dir"])
     student = AutoModelForCausalLM.from_pretrained(spec["student_dir"], dtype=torch.float32)
-    teacher = AutoModelForCausalLM.from_pretrained(spec["teacher_dir"], dtype=torch.bfloat16 if cuda else torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(spec["teacher_dir"], dtype=torch.bfloat16 if bf16 else torch.float32)
     records = [json.loads(ln) for ln in Path(spec["data"]).read_text().splitlines()]
     inner = DataCollatorForChatML(tokenizer=tok, max_length=spec["seq_len"])  # what GKDTrainer builds itself
     counted: list[int] = []
@@ -86,7 +95,7 @@ def child_trl(spec: dict) -> dict:
                 self.losses.append(float(logs["loss"]))
 
     # fair: no activation checkpointing (memory is not short here), bf16 autocast only where it is fast (GPU)
-    extra = {"bf16": cuda, "gradient_checkpointing": False} if spec["config"] == "fair" else {}
+    extra = {"bf16": bf16, "gradient_checkpointing": False} if spec["config"] == "fair" else {}
     args = GKDConfig(output_dir=tempfile.mkdtemp(prefix="gkd-"), use_cpu=not cuda, lmbda=0.0, beta=0.5,
                      per_device_train_batch_size=spec["batch"], max_steps=spec["steps"], max_length=spec["seq_len"],
                      learning_rate=LR, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
@@ -116,14 +125,17 @@ def child_ce(spec: dict) -> dict:
     tok = AutoTokenizer.from_pretrained(spec["student_dir"])
     ds = build_datasets(DataConfig(train=[spec["data"]], format="chat", seq_len=spec["seq_len"], val_fraction=0.0),
                         tok, progress=False).train
+    from distillery.hardware import auto_precision
+
     dev = torch.device("cuda" if spec.get("device") == "cuda" else "cpu")
+    bf16 = auto_precision(dev) == "bf16"
     model = AutoModelForCausalLM.from_pretrained(spec["student_dir"], dtype=torch.float32).to(dev).train()
     opt = make_optimizer(model, TrainConfig(lr=LR))
     times, losses = [], []
     for step in range(spec["steps"]):
         t0 = time.perf_counter()
         b = {k: v.to(dev) for k, v in ds.batch(torch.arange(step * spec["batch"], (step + 1) * spec["batch"]) % len(ds)).items()}
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):  # bf16 on GPU, fp32 on CPU
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):  # the precision `auto` picks here
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # (B, T, V)
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), b["labels"].flatten(), ignore_index=-100)
         loss.backward()

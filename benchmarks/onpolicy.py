@@ -327,7 +327,7 @@ def run_pair(name: str, args, work: Path, log: Path, bf16_fast: bool, bf16_flag:
 
 
 def main() -> None:
-    from distillery.hardware import _cached_probe
+    from distillery.hardware import cpu_bf16_report
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a smoke run: few steps, one round, tiny pair unless --pair says")
@@ -354,7 +354,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    probe = _cached_probe()  # measured on the benchmark's thread count
+    probe = cpu_bf16_report()  # measured on the benchmark's thread count
     results = {name: run_pair(name, args, work, work / "children.log", probe["fast"], bool(probe["flags"])) for name in pairs}
     machine["load_average_end"] = common.loadavg()
     report = {"benchmark": "onpolicy", "quick": args.quick, "machine": machine, "cpu_bf16_probe": probe,

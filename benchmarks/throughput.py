@@ -5,12 +5,15 @@ student alone (cross-entropy, the ceiling a cached teacher can approach).
 
 Each system runs in ``benchmarks/kd_systems.py``. Every system trains the same student from the same
 saved weights, with the same teacher, on the same chat blocks (each conversation renders to exactly ``seq_len`` tokens, so no padding), batch 8 x 256,
-fp32, for the same number of optimizer steps, each in its own process, alternated A B A B:
+in the precision ``auto`` picks on this machine (bf16 autocast and a bf16 teacher where ``distillery.hardware``
+finds bf16 fast, else fp32; TRL's fair configuration follows it), for the same number of optimizer steps, each in
+its own process, alternated A B A B:
 
 * ``trl_defaults``: ``GKDTrainer`` with ``GKDConfig(use_cpu=True, lmbda=0, beta=0.5)`` and TRL's defaults
   (``bf16=True``, ``gradient_checkpointing=True``); fewer steps, context only (skipped for the real pair
   unless ``--real-defaults``: ~10x slower there);
-* ``trl_fair``: the same with ``bf16=False, gradient_checkpointing=False``: every headline ratio is to this;
+* ``trl_fair``: the same with ``gradient_checkpointing=False`` and ``bf16`` only where the probe finds it fast:
+  every headline ratio is to this;
 * ``ours_live``: ``distillery.train.distill`` (the product's loop) with ``loss.kd=jsd, beta=0.5``;
   tokens/s from its own ``metrics.jsonl``;
 * ``ours_cached``: the same from a top-32 teacher cache written first (``distillery.cache``, untimed);
@@ -227,6 +230,13 @@ def main() -> None:
     out = Path(args.out or common.RESULTS / ("throughput_quick.json" if args.quick else "throughput.json"))
     work = Path(args.work_dir)
     log = work / "children.log"
+    import os
+
+    import torch
+    from distillery.hardware import auto_precision, cpu_bf16_report
+
+    torch.set_num_threads(args.threads)  # the probe measures on the children's thread count ...
+    os.environ.setdefault("DISTILLERY_CPU_BF16", "1" if cpu_bf16_report()["fast"] else "0")  # ... and decides for all of them
     machine = common.machine_info(threads=args.threads)
     peak_before = common.matmul_peak_gflops(args.threads)
     results = {}
@@ -238,14 +248,15 @@ def main() -> None:
     for name, pair in results.items():
         pair.update(summarise(pair, pair["runs"], peak))
         pair["goals"] = goals(name, pair["ratios"])
-    report = {"benchmark": "throughput", "quick": args.quick, "machine": machine,
+    report = {"benchmark": "throughput", "quick": args.quick, "machine": machine, "cpu_bf16_probe": cpu_bf16_report(),
               "matmul_peak_gflops": {"before": peak_before, "after": peak_after, "used": peak, "threads": args.threads,
                                      "what": "best fp32 square matmul GFLOP/s (n = 512, 1024, 2048), before and after the runs"},
               "mfu_note": "MFU = tok/s x nominal FLOPs/token (6 N_s + 2 N_t, LM heads on every token) / peak. distillery "
                           "applies both LM heads only to target rows (prompt rows skipped), so it does less work per "
                           "token than the nominal count and its MFU reads high by up to the prompt share of head FLOPs.",
               "settings": {"batch": args.batch, "seq_len": args.seq_len, "rounds": args.rounds, "threads": args.threads,
-                           "loss": "JSD beta=0.5 (TRL: generalized_jsd_loss, lmbda=0), fp32", "lr": LR,
+                           "loss": "JSD beta=0.5 (TRL: generalized_jsd_loss, lmbda=0)", "lr": LR,
+                           "precision": auto_precision("cpu"),
                            "tokens": "all tokens processed (batch x seq_len, no padding)"},
               "limits": "CPU only, GPU untested; shared machine: absolute numbers are context, ratios from the same run "
                         "are the result" + ("; --quick: few steps, noisy" if args.quick else ""),

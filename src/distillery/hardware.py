@@ -74,6 +74,11 @@ def _cached_probe() -> dict:
     return bf16_probe()
 
 
+def cpu_bf16_report() -> dict:
+    """The probe's evidence for this process (flags, timings, ratio, decision), for benchmark records."""
+    return dict(_cached_probe())
+
+
 def cpu_bf16_fast() -> bool:
     """True when this CPU runs bf16 matmuls clearly faster than fp32 (probed once per process)."""
     return bool(_cached_probe()["fast"])
