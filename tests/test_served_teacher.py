@@ -50,21 +50,33 @@ def test_vllm_rows_take_the_next_entry_and_drop_a_low_ranked_prompt_token():
 
 
 def test_llamacpp_rows_read_the_distribution_after_each_token_and_check_the_tokenization():
+    from distillery.api.targets import token_id_map
+
     tok = tiny_tokenizer(512)
     seq = tok.encode("To be or not to be")
     pieces = [tok.decode([i]) for i in seq]
-    # echo: the server's tokens (a BOS it added, the prompt, one generated token); top_logprobs[i] = after token i
-    tops = [{pieces[0]: -0.5}] + [{pieces[i + 1]: -0.3, pieces[0]: -2.0} for i in range(len(seq) - 1)] + [{"x": -1.0}]
-    choice = {"logprobs": {"tokens": ["<s>"] + pieces + ["!"], "top_logprobs": [{"<s>": 0.0}] + tops[1:] + [{"x": -1.0}]}}
-    from distillery.api.targets import token_id_map
-
-    rows = llamacpp_rows(choice, seq, tok, token_id_map(tok), k=4)
-    assert len(rows) == len(seq) - 1
-    for t, row in enumerate(rows):
-        assert row[0] == (-0.3, seq[t + 1])  # the label of position t is the token after it
-    bad = {"logprobs": {"tokens": ["<s>", "Zq"] + pieces[1:] + ["!"], "top_logprobs": choice["logprobs"]["top_logprobs"]}}
-    with pytest.raises(DistilleryError, match="tokenized"):
-        llamacpp_rows(bad, seq, tok, token_id_map(tok), k=4)
+    ids = token_id_map(tok)
+    # no BOS (as SmolLM2): top_logprobs[i] = top-k after token i, plus an entry llama-cpp-python adds for token i
+    # itself read from that same row (dropped); the row after token 0 comes back as None
+    nxt = pieces[1:] + ["!"]
+    tops = [None] + [{nxt[i]: -0.3, pieces[0]: -2.0, pieces[i]: -7.0} for i in range(1, len(seq))]
+    choice = {"logprobs": {"tokens": pieces, "top_logprobs": tops}}
+    rows = llamacpp_rows(choice, seq, tok, ids, k=2)
+    assert rows[0] == []  # lost: no row after token 0
+    for t in range(1, len(seq) - 1):
+        assert rows[t] == [(-0.3, seq[t + 1]), (-2.0, seq[0])]  # the label of position t is the token after it
+    # with a BOS the rows are the distributions of each token, and the generated token is echoed last
+    tops_bos = [None] + [{pieces[i]: -0.1, "x": -3.0} for i in range(1, len(seq))] + [{"x": -1.0, "y": -2.0}]
+    rows = llamacpp_rows({"logprobs": {"tokens": pieces + ["!"], "top_logprobs": tops_bos}}, seq, tok, ids, k=2,
+                         bos=True)
+    assert [r[0][1] for r in rows] == seq[1:]
+    # the server re-tokenized the end otherwise: rows only while its context equals ours
+    merged = {"logprobs": {"tokens": pieces[:-2] + [pieces[-2] + pieces[-1]], "top_logprobs": tops[:-1]}}
+    rows = llamacpp_rows(merged, seq, tok, ids, k=2)
+    assert all(rows[t] for t in range(1, len(seq) - 2)) and rows[len(seq) - 2] == []
+    bad = {"logprobs": {"tokens": ["Zq"] + pieces[1:], "top_logprobs": tops}}
+    with pytest.raises(DistilleryError, match="otherwise"):
+        llamacpp_rows(bad, seq, tok, ids, k=2)
 
 
 def test_row_sequence_adds_the_last_label_only_when_it_is_a_target():

@@ -19,9 +19,9 @@ real tokens; the last label completes the block when it is a target). The row of
 * **llama.cpp** (``engine: llamacpp``, llama-cpp-python's server started with ``--logits_all true``):
   string prompts only, so the ids are decoded to text, sent with ``echo: true, logprobs: k,
   max_tokens: 1``, and the server's own tokenization (``logprobs.tokens``) is checked against them
-  (a mismatch is an error naming the row). Its ``top_logprobs[i]`` is the distribution *after* token
-  ``i`` (seen here: after "To" it lists " a", " used"), so label position ``t`` takes entry ``t`` (plus
-  the offset of a BOS the server adds). Keys are token texts: they are mapped to ids through the
+  (a mismatch is an error naming the row). For a model without BOS its ``top_logprobs[i]`` is the
+  distribution *after* token ``i`` (seen here: after "To" it lists " a", " used"), so label position ``t``
+  takes entry ``t``, and position 0 has none (see :func:`llamacpp_rows`). Keys are token texts: they are mapped to ids through the
   teacher's tokenizer (``api.targets.token_id_map``); an alternative with no id (bytes lost splitting a
   character) is left out, its mass falling into the tail bucket.
 
@@ -94,29 +94,45 @@ def llamacpp_request(text: str, k: int) -> dict:
     return {"prompt": text, "max_tokens": 1, "temperature": 0.0, "echo": True, "logprobs": k}
 
 
-def llamacpp_rows(choice: dict, seq: list[int], tokenizer, id_map: dict[bytes, int],
-                  k: int) -> list[list[tuple[float, int]]]:
-    """``logprobs`` of one llama.cpp echo choice -> rows as :func:`vllm_rows` returns them.
+def llamacpp_rows(choice: dict, seq: list[int], tokenizer, id_map: dict[bytes, int], k: int,
+                  bos: bool = False) -> list[list[tuple[float, int]]]:
+    """``logprobs`` of one llama-cpp-python echo choice -> rows as :func:`vllm_rows` returns them.
 
-    ``tokens`` echoes the server's tokenization of the prompt (a BOS it adds first, the one generated
-    token last); it must spell ``seq``. ``top_logprobs[i]`` is the distribution after echoed token ``i``.
+    What llama-cpp-python 0.3 returns (read from its ``_create_completion``): ``tokens`` echoes its own
+    tokenization of the prompt text (a BOS it added is dropped); ``top_logprobs[i]`` is the top-k of logits row
+    ``i`` of the evaluated sequence, plus an entry for ``tokens[i]`` read from that same row. For a model that
+    adds no BOS (``bos`` False), row ``i`` is the distribution *after* token ``i``: the row of label position
+    ``i``; the extra entry is not a probability of anything and is dropped; the row after token 0 is reported as
+    ``None`` (position 0 gets no target). With a BOS, row ``i`` is the distribution *of* token ``i``, so label
+    position ``t`` takes ``top_logprobs[t + 1]``.
+
+    The text is re-tokenized by the server, which can split it otherwise than ``seq`` (a block cut from a token
+    stream ends in " " + "\n" where the server reads " \n"). A row is used only while the server's tokens
+    equal ``seq`` up to that position (its context is then exactly ours); later positions get no row (no KD
+    term; CE still applies). Fewer than half of the positions usable means another tokenizer: an error.
     """
     lp = choice.get("logprobs") or {}
     tokens, tops = lp.get("tokens") or [], lp.get("top_logprobs") or []
-    extra = len(tokens) - len(seq) - 1  # tokens the server added before the prompt (BOS)
     id_bytes = {i: b for b, i in id_map.items()}
-    # a token that splits a character comes back as "" or with U+FFFD (its bytes lost): not comparable
-    differ = [i for i, (text, tid) in enumerate(zip(tokens[max(extra, 0):], seq))
-              if text and "\ufffd" not in text and text.encode("utf-8") != id_bytes.get(tid)]
-    if extra < 0 or len(tops) != len(tokens) or differ:
-        where = f" (first at token {differ[0]}: {tokens[extra + differ[0]]!r})" if extra >= 0 and differ else ""
+    same = 0  # tokens[:same] == seq[:same] (a token whose bytes the server lost, "" or U+FFFD, counts as equal)
+    for text, tid in zip(tokens, seq):
+        if text and "\ufffd" not in text and text.encode("utf-8") != id_bytes.get(tid):
+            break
+        same += 1
+    if len(tops) != len(tokens) or (len(seq) > 2 and same < (len(seq) - 1) / 2):
         raise DistilleryError(
-            f"the llama.cpp server tokenized a {len(seq)}-token prompt into {max(len(tokens) - 1, 0)} tokens that "
-            f"do not match it{where}: its tokenizer is not the teacher's (teacher.source), or it splits this text "
-            "otherwise; use a server that takes token ids (vLLM)")
+            f"the llama.cpp server tokenized a {len(seq)}-token prompt otherwise from token {same} on "
+            f"({tokens[same] if same < len(tokens) else 'end'!r}): its tokenizer is not the teacher's (teacher.source); "
+            "use the served model's tokenizer, or a server that takes token ids (vLLM)")
     rows = []
-    for i in range(len(seq) - 1):
-        alts = tops[extra + i] or {}
+    for t in range(len(seq) - 1):
+        i = t + (1 if bos else 0)
+        if t >= same or i >= len(tops):
+            rows.append([])
+            continue
+        alts = dict(tops[i] or {})
+        if len(alts) > k:  # the entry llama-cpp-python adds for the echoed token itself
+            alts.pop(tokens[i], None)
         pairs = []
         for text, value in alts.items():
             tid = None if (not text or "\ufffd" in text) else id_map.get(text.encode("utf-8"))
@@ -190,6 +206,8 @@ class ServedTeacher:
             from ..api.targets import token_id_map
 
             self._id_map = token_id_map(tokenizer)
+            bos_id = tokenizer.bos_token_id  # does the served model put a BOS before a text prompt?
+            self._adds_bos = bos_id is not None and tokenizer("a").input_ids[:1] == [bos_id]
 
     @classmethod
     def from_config(cls, tcfg) -> "ServedTeacher":
@@ -290,7 +308,7 @@ class ServedTeacher:
         choice = resp.choices[0].model_dump()
         if self.engine == "vllm":
             return vllm_rows(choice, seq, self.k)
-        return llamacpp_rows(choice, seq, self.tokenizer, self._id_map, self.k)
+        return llamacpp_rows(choice, seq, self.tokenizer, self._id_map, self.k, bos=self._adds_bos)
 
     def _url(self, i: int) -> str:
         return self.base_urls[i] if i < len(self.base_urls) else f"client {i}"
