@@ -97,7 +97,11 @@ def _yaml_task_names(path: Path) -> list[str]:
 
     Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
     try:
-        cfg = yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)
+        loader = Loader(path.read_text(encoding="utf-8"))  # a SafeLoader that ignores lm-eval's !function tags
+        try:
+            cfg = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
