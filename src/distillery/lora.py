@@ -85,8 +85,8 @@ def plain_model(model: torch.nn.Module) -> torch.nn.Module:
         parent_name, _, child = name.rpartition(".")
         parent = merged.get_submodule(parent_name) if parent_name else merged
         setattr(parent, child, layer.get_base_layer())
-    for attr in ("peft_config", "_hf_peft_config_loaded"):
-        if hasattr(merged, attr):
+    for attr in ("peft_config", "_hf_peft_config_loaded"):  # peft's marks on the instance: a plain model now
+        if attr in merged.__dict__:
             delattr(merged, attr)
     merged.requires_grad_(True)
     return merged

@@ -129,6 +129,7 @@ def build_student(cfg: StudentConfig, teacher_model: PreTrainedModel | None = No
     if cfg.lora is not None:  # only the adapter trains; saved merged (lora.plain_model)
         from .lora import add_lora
 
+        torch.manual_seed(seed)  # A's random init: the same adapter in every run of the recipe (and on resume)
         add_lora(model, cfg.lora)
     return model.train()
 
