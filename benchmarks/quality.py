@@ -21,7 +21,10 @@ Validation (KL to the teacher, top-1 agreement, perplexity) every ``eval_every``
 curves; step 0 (the initial student) is evaluated here with the loop's own batches. At the end every
 student is evaluated on the whole held-out split and on Milton's *Paradise Lost* (never trained on),
 on their own continuations of the held-out prompts (``evaluate_own_samples``: 64 sampled tokens, 3 seeds, the
-measure on-policy training targets), and teacher and students continue one prompt greedily. Goals (reported, met or not): (2) beats (1)
+measure on-policy training targets), and teacher and students continue one prompt greedily. BLiMP (``--blimp-per-paradigm``
+pairs per paradigm, after ``<|endoftext|>``) and answer fidelity (``tasks.fidelity``'s 12 general chat prompts, greedy and
+sampled, the teacher's answers generated once) for the teacher and every arm, unless ``--tasks none``; with ``--eval-only``
+they score the recorded students without retraining. Goals (reported, met or not): (2) beats (1)
 on held-out KL by >= 30%; (3) reaches (2)'s final validation KL in <= 1/2 of (2)'s tokens.
 
 Writes ``benchmarks/results/quality.json`` (``quality_quick.json`` with ``--quick``) and, in the work
@@ -153,6 +156,50 @@ def evaluate_all(args, names: list[str]) -> dict:
                              "decode_tok_s": s_speed}
         out["samples"].append({"prompt": PROMPT, "teacher": t_text, "student": s_text, "student_run": name,
                                "teacher_decode_tok_s": t_speed, "student_decode_tok_s": s_speed})
+    if args.tasks != "none":
+        from distillery.tasks.fidelity import DEFAULT_PROMPTS
+
+        students = {n: AutoModelForCausalLM.from_pretrained(r["student_dir"], dtype=torch.float32).eval()
+                    for n, r in out["runs"].items()}
+        out["tasks"] = task_scores(teacher.model, tokenizer, students, per_paradigm=1 if args.quick else args.blimp_per_paradigm,
+                                   prompts=list(DEFAULT_PROMPTS[:3] if args.quick else DEFAULT_PROMPTS),
+                                   max_new_tokens=16 if args.quick else 64)
+    return out
+
+
+BLIMP_PREFIX = "<|endoftext|>"  # the demo's choice (distillery.demo_eval): the same prefix for every model
+
+
+def task_scores(teacher_model, tokenizer, students: dict, *, per_paradigm: int, prompts: list[str] | None = None,
+                max_new_tokens: int = 64, seed: int = 0) -> dict:
+    """BLiMP and answer fidelity of the teacher and each of ``students`` (``{name: model}``, the teacher's tokenizer).
+
+    Returns ``{"blimp": settings, "teacher": {"blimp", "fidelity"}, "runs": {name: {"blimp",
+    "blimp_retained_above_chance", "fidelity", "answers"}}}``: BLiMP tables without the per-paradigm rows,
+    fidelity means of the greedy and sampled answers; the teacher answers once, its answers reused for every student.
+    """
+    from distillery.tasks.blimp import CREDIT, load_pairs, retained_above_chance, score_blimp
+    from distillery.tasks.fidelity import score_fidelity
+
+    def lite(table):
+        return {k: table[k] for k in ("overall", "per_field", "n_pairs", "prefix_token", "seconds")}
+
+    pairs = load_pairs(per_paradigm=per_paradigm, seed=seed)
+    tb = score_blimp(teacher_model, tokenizer, pairs, prefix=BLIMP_PREFIX, name="teacher")
+    out = {"blimp": {"per_paradigm": per_paradigm, "n_pairs": len(pairs), "prefix": BLIMP_PREFIX, "chance": 0.5,
+                     "credit": CREDIT}, "teacher": {"blimp": lite(tb)}, "runs": {}}
+    given = None
+    for name, model in students.items():
+        sb = score_blimp(model, tokenizer, pairs, prefix=BLIMP_PREFIX, name=name)
+        fid = score_fidelity(teacher_model, tokenizer, model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                             seed=seed, teacher_answers=given)
+        if given is None:
+            given = {k: [r["answers"][k] for r in fid["records"]] for k in ("teacher_greedy", "teacher_sampled")}
+            out["teacher"]["fidelity"] = {k: fid["means"][k] for k in given}
+            out["fidelity_settings"] = fid["settings"]
+        out["runs"][name] = {"blimp": lite(sb), "blimp_retained_above_chance": retained_above_chance(sb["overall"], tb["overall"]),
+                             "fidelity": {k: fid["means"][k] for k in ("student_greedy", "student_sampled")},
+                             "answers": [{"prompt": r["prompt"], **r["answers"]} for r in fid["records"]]}
     return out
 
 
@@ -246,6 +293,9 @@ def main() -> None:
     ap.add_argument("--eval-only", action="store_true", help="re-evaluate finished runs, train nothing")
     ap.add_argument("--train-info", action="append", default=[], metavar="RESULT.json",
                     help="with --eval-only: keep each run's training record from the result file that trained it")
+    ap.add_argument("--tasks", choices=("blimp,fidelity", "none"), default="blimp,fidelity",
+                    help="BLiMP and answer fidelity for the teacher and every run (none: skip them)")
+    ap.add_argument("--blimp-per-paradigm", type=int, default=10, help="BLiMP pairs per paradigm (67 paradigms)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     names = args.runs.split(",")
@@ -258,8 +308,10 @@ def main() -> None:
     trained = train_info_from(args.train_info, names) if args.eval_only else train_all(args, names, work / "children.log")
     ev = evaluate_all(args, names)
     runs = {}
+    tasks = ev.get("tasks") or {}
     for name in names:
-        r = {**trained.get(name, {}), **ev["runs"].get(name, {}), "config": base_config(args, name)}
+        r = {**trained.get(name, {}), **ev["runs"].get(name, {}), **tasks.get("runs", {}).get(name, {}),
+             "config": base_config(args, name)}
         r["curves"] = curves(work, name, ev["step0"]["pruned" if "pruned" in name else "random"])
         r["tokens_seen"] = r["curves"]["tokens_seen"]
         runs[name] = r
@@ -270,7 +322,8 @@ def main() -> None:
     result = {"benchmark": "quality", "quick": args.quick, "size": "quick" if args.quick else args.size, "machine": machine, "teacher": ev["teacher"],
               "student_shape": {**PRUNE, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "tied_embeddings": True},
               "size_ratio": {n: (p / ev["teacher"]["parameters"] if p else None) for n, p in params.items()},
-              "step0": ev["step0"], "teacher_own_samples": ev["teacher_own_samples"], "runs": runs, "verdicts": verdicts(runs), "seconds": time.perf_counter() - t0,
+              "step0": ev["step0"], "teacher_own_samples": ev["teacher_own_samples"],
+              "teacher_tasks": tasks.get("teacher"), "blimp": tasks.get("blimp"), "fidelity_settings": tasks.get("fidelity_settings"), "runs": runs, "verdicts": verdicts(runs), "seconds": time.perf_counter() - t0,
               "limits": "one seed; CPU; validation KL on the loop's first eval_batches val batches, final metrics on the "
                         "whole held-out split; on-policy run trains on fewer target tokens per step"
                         + ("; --quick: far too few steps for the goals to mean anything" if args.quick else "")
@@ -279,8 +332,9 @@ def main() -> None:
                         + ("; runs trained by separate invocations (each run's trained_by): their seconds are not "
                            "comparable across thread counts or machine load" if args.train_info else "")}
     common.write_json(result, Path(args.out or common.RESULTS / ("quality_quick.json" if args.quick else f"quality{'_medium' if args.size == 'medium' else ''}.json")))
-    demo_schema = {"teacher": ev["teacher"], "quick": args.quick, "samples": ev["samples"],
-                   "runs": {n: {k: r.get(k) for k in ("heldout", "milton", "parameters", "student_dir")}
+    demo_schema = {"teacher": {**ev["teacher"], **(tasks.get("teacher") or {})}, "quick": args.quick, "samples": ev["samples"],
+                   "blimp": tasks.get("blimp"), "fidelity_settings": tasks.get("fidelity_settings"),
+                   "runs": {n: {k: r.get(k) for k in ("heldout", "milton", "parameters", "student_dir", "blimp", "fidelity")}
                             | {"train_tok_s": r["curves"]["train_tok_s"]} for n, r in runs.items()}}
     common.write_json(demo_schema, work / "results.json")
     from distillery.report import write_report

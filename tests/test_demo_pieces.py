@@ -123,3 +123,35 @@ def test_report_task_section():
                  "teacher (greedy)", "repeat share", "<b>met</b>"):
         assert text in html, text
     assert render_tasks({"runs": {"kd": {"heldout": {}}}}) == ""  # an older results.json: no section
+
+
+def test_quality_task_scores_on_tiny_models():
+    """benchmarks/quality.py's BLiMP + fidelity for every arm: a student equal to the teacher keeps all of it."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import quality
+
+    tok, teacher, other = tiny_tokenizer(), tiny_llama(seed=1), tiny_llama(seed=2)
+    res = quality.task_scores(teacher, tok, {"same": teacher, "other": other}, per_paradigm=1,
+                              prompts=["Who is there?", "Speak!"], max_new_tokens=6)
+    assert res["blimp"]["n_pairs"] == 67 and res["blimp"]["prefix"] == "<|endoftext|>"
+    same, t = res["runs"]["same"], res["teacher"]
+    assert same["blimp"]["overall"] == t["blimp"]["overall"] and same["blimp_retained_above_chance"] in (None, 1.0)
+    # the same model answers greedily what the teacher did: ROUGE-L 1 (or both empty), same log-likelihood
+    assert [a["student_greedy"] for a in same["answers"]] == [a["teacher_greedy"] for a in same["answers"]]
+    assert same["fidelity"]["student_greedy"]["teacher_logprob_per_byte"] == \
+        pytest.approx(t["fidelity"]["teacher_greedy"]["teacher_logprob_per_byte"], abs=1e-5, nan_ok=True)
+    assert set(res["runs"]["other"]["fidelity"]) == {"student_greedy", "student_sampled"}
+    assert res["runs"]["other"]["answers"][0]["teacher_greedy"] == same["answers"][0]["teacher_greedy"]  # reused
+
+
+def test_blimp_prefix_may_be_the_unk_token():
+    """SmolLM2's unk token is <|endoftext|>, the demo's BLiMP prefix: it must be accepted, a made-up one refused."""
+    from distillery.tasks.blimp import _token_id
+
+    tok = tiny_tokenizer()
+    tok.unk_token = "<|endoftext|>"
+    assert _token_id(tok, "<|endoftext|>") == tok.convert_tokens_to_ids("<|endoftext|>") == tok.unk_token_id
+    with pytest.raises(DistilleryError, match="not in the tokenizer"):
+        _token_id(tok, "<|made_up|>")

@@ -96,7 +96,9 @@ def prefix_token_id(tokenizer) -> int | None:
 
 def _token_id(tokenizer, token: str) -> int:
     tid = tokenizer.convert_tokens_to_ids(token)
-    if tid is None or tid == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(tid) != token:
+    # an unknown token maps to the unk id, whose own spelling differs; SmolLM2's unk *is* <|endoftext|>, so the
+    # spelling check alone decides (comparing with unk_token_id would refuse it)
+    if tid is None or tokenizer.convert_ids_to_tokens(tid) != token:
         raise DistilleryError(f"BLiMP prefix token {token!r} is not in the tokenizer's vocabulary")
     return int(tid)
 
