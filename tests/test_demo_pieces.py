@@ -155,3 +155,17 @@ def test_blimp_prefix_may_be_the_unk_token():
     assert _token_id(tok, "<|endoftext|>") == tok.convert_tokens_to_ids("<|endoftext|>") == tok.unk_token_id
     with pytest.raises(DistilleryError, match="not in the tokenizer"):
         _token_id(tok, "<|made_up|>")
+
+
+def test_report_page_carries_the_task_section_and_answers(tmp_path: Path):
+    from distillery.report import write_report
+
+    for name in ("kd", "ce"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0, "tok_s": 10.0}) + "\n")
+    samples = [{"prompt": "Explain <this>", "teacher": "It means", "student": "\n\n", "student_run": "kd",
+                "decoding": "greedy, chat template"}]
+    (tmp_path / "results.json").write_text(json.dumps({**RESULTS, "samples": samples}))
+    page = write_report(tmp_path).read_text()
+    assert "<h2>Task scores</h2>" in page and "69.0%" in page and "Explain &lt;this&gt;" in page
+    assert "(greedy, chat template)" in page and "<i>(only whitespace)</i>" in page

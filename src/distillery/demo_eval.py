@@ -165,25 +165,28 @@ def _f(v, fmt="{:.3f}"):
 def print_results(results: dict, console: Console) -> None:
     """The console's view of ``results``: one table of scores, three answers side by side, the goals."""
     t, runs = results["teacher"], results["runs"]
-    table = Table(title=f"{t['name']} -> pruned student; {runs['kd'].get('tokens') or 0:,} training tokens each; "
-                        f"BLiMP {results['blimp']['n_pairs']} pairs, after {results['blimp']['prefix']}")
-    for col in ("model", "params", "held-out ppl", "KL held-out", "Milton ppl", "KL Milton", "BLiMP",
-                "teacher LL/byte (greedy)", "ROUGE-L", "distinct-2", "char 4-gram distinct", "repeat share", "empty"):
+    table = Table(title=f"{t['name']} -> pruned student; {runs['kd'].get('tokens') or 0:,} training tokens each")
+    for col in ("model", "params", "held-out ppl", "KL held-out", "Milton ppl", "KL Milton", "BLiMP"):
         table.add_column(col, justify="right")
+    answers = Table(title=f"Answers to {results['fidelity_settings']['n_prompts']} held-out prompts (greedy; means)")
+    for col in ("model", "teacher LL/byte", "ROUGE-L", "distinct-2", "char 4-grams", "repeat share", "empty"):
+        answers.add_column(col, justify="right")
     tg = t["fidelity"]["teacher_greedy"]
-    table.add_row(f"teacher {t['name']}", f"{t['parameters'] / 1e6:.1f}M", _f(t["heldout_perplexity"], "{:.2f}"), "0",
-                  _f(t["milton_perplexity"], "{:.2f}"), "0", _f(t["blimp"]["overall"], "{:.1%}"),
-                  _f(tg["teacher_logprob_per_byte"]), "1", _f(tg["distinct_2"]), _f(tg["distinct_char_4"]),
-                  _f(tg["repeat_share"]), str(tg["empty_or_whitespace"]))
-    for name, label in (("kd", "student, KD (forward KL)"), ("ce", "student, CE (baseline)")):
+    table.add_row("teacher", f"{t['parameters'] / 1e6:.1f}M", _f(t["heldout_perplexity"], "{:.2f}"), "0",
+                  _f(t["milton_perplexity"], "{:.2f}"), "0", _f(t["blimp"]["overall"], "{:.1%}"))
+    answers.add_row("teacher", _f(tg["teacher_logprob_per_byte"]), "1", _f(tg["distinct_2"]), _f(tg["distinct_char_4"]),
+                    _f(tg["repeat_share"]), str(tg["empty_or_whitespace"]))
+    for name, label in (("kd", "KD student"), ("ce", "CE student")):
         r = runs[name]
         g = r["fidelity"]["student_greedy"]
         table.add_row(label, f"{r['parameters'] / 1e6:.1f}M", _f(r["heldout"]["student_perplexity"], "{:.2f}"),
                       _f(r["heldout"]["kl_teacher_student"]), _f(r["milton"]["student_perplexity"], "{:.2f}"),
-                      _f(r["milton"]["kl_teacher_student"]), _f(r["blimp"]["overall"], "{:.1%}"),
-                      _f(g["teacher_logprob_per_byte"]), _f(g["rouge_l"]), _f(g["distinct_2"]),
-                      _f(g["distinct_char_4"]), _f(g["repeat_share"]), str(g["empty_or_whitespace"]))
+                      _f(r["milton"]["kl_teacher_student"]), _f(r["blimp"]["overall"], "{:.1%}"))
+        answers.add_row(label, _f(g["teacher_logprob_per_byte"]), _f(g["rouge_l"]), _f(g["distinct_2"]),
+                        _f(g["distinct_char_4"]), _f(g["repeat_share"]), str(g["empty_or_whitespace"]))
     console.print(table)
+    console.print(f"[dim]BLiMP: {results['blimp']['n_pairs']} pairs after {results['blimp']['prefix']}, chance 50%[/]")
+    console.print(answers)
     console.print(f"[dim]{results['blimp']['credit']}[/]")
     console.rule("[bold]Held-out prompts, greedy answers[/]")
     for rec in results["answers"][:SIDE_BY_SIDE]:
