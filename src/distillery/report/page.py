@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import html
 import re
 import time
 
 import yaml
 
 from . import plots
+from .cells import esc, num, table
 from .collect import SAMPLE_RUNTIME, sample_list
+from .tasks import render_tasks
 
 CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2rem auto;max-width:1180px;color:#222;padding:0 1rem}
@@ -22,14 +23,6 @@ td:first-child,th:first-child,td:nth-child(2),th:nth-child(2){text-align:left} i
 """
 
 
-def esc(x) -> str:
-    return html.escape(str(x))
-
-
-def num(x, fmt: str = "{:.3f}") -> str:
-    return "–" if x is None else fmt.format(x)
-
-
 def human(n, unit: str = "") -> str:
     if n is None:
         return "–"
@@ -37,12 +30,6 @@ def human(n, unit: str = "") -> str:
         if abs(n) >= div:
             return f"{n / div:.1f}{suffix}{unit}"
     return f"{n:.0f}{unit}"
-
-
-def table(head: list[str], rows: list[list[str]]) -> str:
-    th = "".join(f"<th>{esc(h)}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{th}</tr>{body}</table>"
 
 
 def comparison(data: dict) -> tuple[str, list[dict]]:
@@ -109,8 +96,6 @@ def samples(results: dict | None) -> str:
 
 def render(data: dict) -> str:
     """The whole page as one HTML string."""
-    from .tasks import render_tasks  # imports this module's helpers
-
     runs, results = data["runs"], data["results"] or {}
     compare, points = comparison(data)
     curves = plots.curves(runs)

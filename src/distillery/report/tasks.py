@@ -8,7 +8,7 @@ Read from ``results.json`` (``distillery demo``, ``benchmarks/quality.py``): ``t
 
 from __future__ import annotations
 
-from .page import esc, num, table
+from .cells import esc, num, table
 
 FID_COLS = (("teacher_logprob_per_byte", "teacher LL / byte", "{:.3f}"), ("rouge_l", "ROUGE-L vs teacher", "{:.3f}"),
             ("distinct_2", "distinct-2", "{:.3f}"), ("longest_repeated_ngram", "longest repeat (words)", "{:.1f}"),
