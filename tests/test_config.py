@@ -72,3 +72,32 @@ def test_loss_chunk_size_auto_picks_rows_per_device():
     assert LossConfig(chunk_size=40).chunk_rows("cuda", 49152) == 40
     with pytest.raises(ValueError):
         LossConfig(chunk_size=0)
+
+
+def test_every_setting_has_a_description():
+    from pydantic import BaseModel
+
+    from distillery.config import RunConfig
+
+    missing = []
+
+    def walk(model, prefix):
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+            elif not field.description:
+                missing.append(prefix + name)
+
+    walk(RunConfig, "")
+    assert missing == []
+
+
+def test_cache_and_eval_sections_do_not_change_a_runs_identity():
+    from distillery.checkpoint import run_fingerprint
+    from distillery.config import RunConfig
+
+    a = RunConfig()
+    b = RunConfig.model_validate({"cache": {"k": 64, "batch_size": 2}, "eval": {"seq_len": 128}})
+    assert run_fingerprint(a) == run_fingerprint(b)
+    assert run_fingerprint(a) != run_fingerprint(RunConfig.model_validate({"loss": {"kd": "jsd"}}))

@@ -26,12 +26,13 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_model, save_model
+
+from .locks import mkdtemp_plain
 
 
 def ensure_writable_dir(folder: Path, what: str = "output folder") -> None:
@@ -97,7 +98,7 @@ def atomic_folder(final: Path, what: str, *, keep_existing: bool = False) -> Ite
     final.parent.mkdir(parents=True, exist_ok=True)
     if not keep_existing:
         remove_stale(final.parent, final.name + ".tmp-*")
-    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+    tmp = mkdtemp_plain(final.name + ".tmp-", final.parent)  # umask decides its mode, as for mkdir
     try:
         yield tmp
     except BaseException as exc:
@@ -126,7 +127,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer,
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     remove_stale(root, ".step-*")
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:08d}.", dir=root))
+    tmp = mkdtemp_plain(f".step-{step:08d}.", root)
     try:
         return _write_checkpoint(root, tmp, step, model, optimizer, scheduler, state, generator, keep, gathered)
     except Exception as exc:
@@ -253,7 +254,7 @@ def run_identity(cfg) -> dict:
         if isinstance(value, dict) and not (prefix == "student.model"):
             for k, v in value.items():
                 walk(f"{prefix}.{k}" if prefix else str(k), v)
-        elif prefix not in RESUMABLE_CHANGES:
+        elif prefix not in RESUMABLE_CHANGES and prefix.split(".")[0] not in ("cache", "eval"):  # other verbs' settings
             flat[prefix] = value
 
     walk("", cfg.model_dump(mode="json"))

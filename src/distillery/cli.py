@@ -32,12 +32,20 @@ def _cmd_eval(args) -> int:
     if (args.teacher is None) == (args.teacher_recipe is None):
         raise DistilleryError("eval needs exactly one of --teacher SOURCE and --teacher-recipe RECIPE")
     teacher = args.teacher
+    from .config import EvalConfig
+
+    ec = EvalConfig()
     if args.teacher_recipe:
         from .config import load_config
 
-        teacher = load_config(args.teacher_recipe).teacher
+        recipe = load_config(args.teacher_recipe)
+        teacher, ec = recipe.teacher, recipe.eval  # the recipe's eval: section; flags given here win
         if args.tasks:
             raise DistilleryError("--tasks scores the teacher's own model: give it with --teacher SOURCE")
+        args.data = args.data or (list(ec.data) if not args.tasks else None)
+    for flag in ("seq_len", "batch_size", "max_blocks", "own_samples", "prompt_tokens", "sample_temperature"):
+        if getattr(args, flag) is None:
+            setattr(args, flag, getattr(ec, flag) if flag != "max_blocks" or args.teacher_recipe else None)
     if not args.data and not args.tasks:
         raise DistilleryError("eval needs --data (held-out text), --tasks (blimp, fidelity, lmeval:...), or both")
     if args.tasks:
@@ -91,15 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--student", required=True, help="student folder (HF format)")
     e.add_argument("--data", nargs="+", default=None,
                    help="held-out text/JSONL files or demo:milton (optional when --tasks is given)")
-    e.add_argument("--seq-len", type=int_at_least(2), default=256)
-    e.add_argument("--batch-size", type=int_at_least(1), default=4)
+    e.add_argument("--seq-len", type=int_at_least(2), default=None, help="tokens per block (default 256)")
+    e.add_argument("--batch-size", type=int_at_least(1), default=None, help="blocks per forward (default 4)")
     e.add_argument("--max-blocks", type=int_at_least(1), default=None, help="evaluate at most this many blocks")
     e.add_argument("--json", default=None, help="write the metrics to this JSON file")
-    e.add_argument("--own-samples", type=int_at_least(0), default=0, metavar="N",
+    e.add_argument("--own-samples", type=int_at_least(0), default=None, metavar="N",
                    help="also score the student's own continuations of each block's prompt: N new tokens, "
                         "teacher perplexity of them and KL(T||S) on them (the on-policy measure)")
-    e.add_argument("--prompt-tokens", type=int_at_least(1), default=64, help="prompt length for --own-samples")
-    e.add_argument("--sample-temperature", type=float, default=1.0, help="sampling temperature for --own-samples")
+    e.add_argument("--prompt-tokens", type=int_at_least(1), default=None, help="prompt length for --own-samples (default 64)")
+    e.add_argument("--sample-temperature", type=float, default=None, help="sampling temperature for --own-samples (default 1)")
     e.add_argument("--tasks", default=None, metavar="LIST",
                    help="task scores for teacher and student, comma-separated: blimp, fidelity, "
                         "lmeval:<distillery_blimp | distillery_milton | task.yaml | lm-eval registry task> (see docs/eval.md)")

@@ -47,12 +47,12 @@ class TeacherConfig(_Section):
 class PruneConfig(_Section):
     """Target shape when the student is pruned from the teacher (None = keep the teacher's)."""
 
-    layers: int | None = None
-    hidden: int | None = None
-    ffn: int | None = None
-    heads: int | None = None
-    method: Literal["block_importance", "loss"] = "block_importance"
-    calibration_batches: int = 8
+    layers: int | None = Field(None, gt=0, description="Decoder layers to keep (None: all of the teacher's).")
+    hidden: int | None = Field(None, gt=0, description="Hidden size (embedding channels) to keep (None: the teacher's).")
+    ffn: int | None = Field(None, gt=0, description="MLP intermediate size to keep (None: the teacher's).")
+    heads: int | None = Field(None, gt=0, description="Attention (query) heads to keep, by whole KV groups (None: the teacher's).")
+    method: Literal["block_importance", "loss"] = Field("block_importance", description="Depth ranking: cosine block importance (one pass) or the calibration loss with each layer removed.")
+    calibration_batches: int = Field(8, gt=0, description="Training batches the importance scores are measured on.")
 
 
 # Student families (= students.SUPPORTED_FAMILIES): each is built, trained, saved, pruned and exported (GGUF, ONNX)
@@ -160,24 +160,24 @@ class DataConfig(_Section):
     train: list[str] = Field(default_factory=lambda: ["demo:shakespeare"], description="Files or folders (.txt, .jsonl, .gz) or 'demo:shakespeare' / 'demo:milton'.")
     validation: list[str] = Field(default_factory=list, description="Separate held-out files; empty = split `val_fraction` of `train` off deterministically.")
     format: Literal["auto", "text", "jsonl", "chat"] = Field("auto", description="'auto' decides per file: .jsonl with 'messages' = chat, with 'text' = jsonl, else text.")
-    text_field: str = "text"
+    text_field: str = Field("text", description="The field holding the text in plain (non-chat) JSONL records.")
     chat_template: str | None = Field(None, description="Chat data: None = the tokenizer's own template; 'chatml' = plain ChatML (no default system prompt, tool calls as <tool_call> blocks); or a Jinja template file. The student is saved with the template it was trained on.")
     seq_len: int = Field(256, gt=1, description="Tokens per training block.")
-    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
-    seed: int = 0
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Share of the training blocks split off for validation when data.validation is empty (deterministic, by data.seed).")
+    seed: int = Field(0, description="Seed of the validation split.")
     max_train_blocks: int | None = Field(None, gt=0, description="Cap on training blocks (for quick runs).")
-    max_val_blocks: int | None = Field(None, gt=0)
+    max_val_blocks: int | None = Field(None, gt=0, description="Cap on validation blocks.")
 
 
 class LossConfig(_Section):
     """The distillation objective: kd_weight * KD(teacher, student) + ce_weight * CE(labels)."""
 
-    kd: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"] = "forward_kl"
+    kd: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"] = Field("forward_kl", description="The divergence between teacher and student next-token distributions (formulas in losses/divergences.py).")
     beta: float = Field(0.5, ge=0.0, le=1.0, description="JSD mixture weight (0 = forward KL, 1 = reverse KL, TRL's convention).")
     alpha: float = Field(0.1, ge=0.0, le=1.0, description="Skew for skew KLs (DistiLLM).")
-    loss_temperature: float = Field(1.0, gt=0.0)
-    kd_weight: float = Field(1.0, ge=0.0)
-    ce_weight: float = Field(0.0, ge=0.0)
+    loss_temperature: float = Field(1.0, gt=0.0, description="Both distributions are softened by this temperature in the KD term, which is scaled by its square (Hinton).")
+    kd_weight: float = Field(1.0, ge=0.0, description="Weight of the KD term.")
+    ce_weight: float = Field(0.0, ge=0.0, description="Weight of the cross-entropy on the data's next tokens.")
     xtok_method: Literal["exact_kl", "uld", "gold"] = Field("exact_kl", description="Cross-tokenizer runs: the term at positions where one teacher token and one student token spell the same bytes. 'exact_kl': forward KL over the tokens both vocabularies spell identically plus one bucket for the rest; 'uld': Boizard et al. 2024's sorted-probability L1; 'gold': TRL GOLD's hybrid (JSD on matched tokens + ULD on the rest).")
     xtok_span_weight: float = Field(1.0, ge=0.0, description="Cross-tokenizer runs: weight of the span term (where a span holds several tokens on one side: KL between the two sides' probabilities of the span's bytes, by the chain rule).")
     chunk_size: int | Literal["auto"] = Field("auto", description="Target positions per chunk in the memory-bounded loss. 'auto': 256 on a CPU (~0.1x the naive peak at V=49k, and as fast); on a GPU as many as keep the chunk buffers (5 x rows x V fp32) near 1 GiB, at least 256 (fewer, larger kernels).")
@@ -203,9 +203,9 @@ class GenerationConfig(_Section):
     """On-policy (GKD) sampling from the student."""
 
     on_policy_fraction: float = Field(0.0, ge=0.0, le=1.0, description="GKD's lambda: fraction of steps trained on student samples.")
-    max_new_tokens: int = Field(64, gt=0)
-    sample_temperature: float = Field(1.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(64, gt=0, description="Tokens the student samples per prompt on an on-policy step.")
+    sample_temperature: float = Field(1.0, ge=0.0, description="Sampling temperature of on-policy samples (0 = greedy).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling of on-policy samples (1 = off).")
     prompt_tokens: int = Field(64, gt=0, description="Prompt length taken from each block when the data has no chat prompts.")
     on_policy_start: int = Field(0, ge=0, description="First step that may be on-policy; the steps before it are supervised KD. GKD assumes a student that already writes sensible text: from a random or pruned student, start later (docs/prune.md).")
     collapse_guard: Literal["error", "warn", "off"] = Field("error", description="When the student is certain of every token it samples (mean -log q < 0.01 nats) on 3 on-policy steps in a row, its samples have collapsed: stop with an error, warn once, or do nothing.")
@@ -215,7 +215,7 @@ class QATConfig(_Section):
     """Quantization-aware distillation for the last steps: the student trains through fake-quantized linear
     weights (straight-through gradient) with the teacher's distribution as the target (docs/export.md)."""
 
-    enabled: bool = False
+    enabled: bool = Field(False, description="Train the last qat.last_steps steps through fake-quantized weights (straight-through), the teacher as the target.")
     bits: Literal[2, 3, 4, 6, 8] = Field(4, description="Bits per weight. 8 and 4: GGUF Q8_0/Q4_0 grid by default; 2, 3 and 6: MLX's affine grid (mx.quantize).")
     scheme: Literal["auto", "symmetric", "affine"] = Field("auto", description="'symmetric': w = d*q per group, GGUF Q8_0/Q4_0 (8, 4 bits); 'affine': w = s*q + b per group, MLX mx.quantize (2, 3, 4, 6, 8 bits); 'auto': symmetric for 8/4, affine below. Quantize and export with the same bits, group size and scheme.")
     group_size: int = Field(32, gt=0, description="Input columns per scale, a power of two (32 = GGUF's block; the affine grid takes 32, 64 or 128).")
@@ -243,26 +243,26 @@ _Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 class TrainConfig(_Section):
     """The training loop."""
 
-    output_dir: str = "runs/default"
-    max_steps: int = Field(200, gt=0)
-    micro_batch_size: int = Field(8, gt=0)
-    grad_accum: int = Field(1, gt=0)
-    lr: float = Field(1e-3, gt=0.0)
-    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
-    warmup_steps: int = Field(20, ge=0)
-    weight_decay: float = Field(0.01, ge=0.0)
+    output_dir: str = Field("runs/default", description="Folder of the run: checkpoints, metrics.jsonl, config.yaml, summary.json, student/.")
+    max_steps: int = Field(200, gt=0, description="Optimizer steps of the run (may be raised on --resume).")
+    micro_batch_size: int = Field(8, gt=0, description="Blocks per forward pass on each process.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step (the loss is normalised by the whole window's target tokens).")
+    lr: float = Field(1e-3, gt=0.0, description="Peak AdamW learning rate.")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="The cosine schedule ends at lr x this.")
+    warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps before the cosine decay.")
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay (not on norms and biases).")
     adam_betas: tuple[_Beta, _Beta] = Field((0.9, 0.95), description="AdamW's (beta1, beta2), each in [0, 1).")
     max_grad_norm: float = Field(1.0, ge=0.0, description="0 disables clipping.")
     eval_every: int = Field(50, ge=0, description="Steps between validations (0 = only at the end).")
     eval_batches: int = Field(8, gt=0, description="Validation batches of micro_batch_size x processes blocks each.")
     save_every: int = Field(100, ge=0, description="Steps between checkpoints (0 = only at the end).")
-    keep_checkpoints: int = Field(2, gt=0)
-    log_every: int = Field(1, gt=0)
-    seed: int = 0
+    keep_checkpoints: int = Field(2, gt=0, description="Newest checkpoints kept on disk.")
+    log_every: int = Field(1, gt=0, description="Steps between metrics.jsonl records.")
+    seed: int = Field(0, description="Seed of the student's initialisation, the data order and on-policy sampling.")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description="'auto': bf16 autocast where the device runs it fast (GPUs that have it; CPUs with AMX, or AVX512-BF16 that passes a measured matmul probe: distillery.hardware), else fp32.")
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "aim", "clearml", "dvclive", "swanlab"]] = Field(default_factory=list, description="Experiment trackers (Accelerate's names) that receive every record metrics.jsonl gets, training keys under 'train/', validation under 'val/'. TensorBoard writes to <output_dir>/logs/distillery; the others use their own settings (WANDB_MODE, MLFLOW_TRACKING_URI, ...). Each needs its package installed.")
     tensorboard: bool = Field(False, description="Alias kept for old recipes: true adds 'tensorboard' to report_to.")
-    progress: bool = True
+    progress: bool = Field(True, description="Show a progress bar.")
 
     @model_validator(mode="before")
     @classmethod
@@ -283,6 +283,30 @@ class TrainConfig(_Section):
         return v
 
 
+class CacheConfig(_Section):
+    """``distillery cache``: how the teacher cache is written (the verb's flags override these)."""
+
+    k: int | None = Field(None, gt=0, description="Top-k entries per position. None: 16 with a sampled tail, else 32 (98 bytes/token either way at vocabularies up to 65,536); a served teacher: teacher.top_logprobs.")
+    tail_samples: int | None = Field(None, ge=0, description="Draws per position from the teacher's tail distribution. None: 16 when loss.kd is forward KL (they make it unbiased), else 0; a served teacher reports no tail: 0.")
+    tail_seed: int = Field(0, description="Seed of the tail draws (recorded in the manifest).")
+    batch_size: int = Field(8, gt=0, description="Blocks per teacher forward (or per group of server requests).")
+    shard_blocks: int = Field(256, gt=0, description="Blocks per shard: the unit of commit and resume.")
+    logprob_encoding: Literal["sqrt_u8", "sqrt_u16", "float16"] = Field("sqrt_u8", description="How log-probs are stored (docs/cache_format.md).")
+    logprob_range: float = Field(32.0, gt=0.0, description="Most negative log-prob the sqrt_* codes hold.")
+
+
+class EvalConfig(_Section):
+    """``distillery eval --teacher-recipe RECIPE``: what is scored (the verb's flags override these)."""
+
+    data: list[str] = Field(default_factory=lambda: ["demo:milton"], description="Held-out files or built-in corpora.")
+    seq_len: int = Field(256, gt=1, description="Tokens per evaluation block.")
+    batch_size: int = Field(4, gt=0, description="Blocks per forward pass.")
+    max_blocks: int | None = Field(64, gt=0, description="Evaluate at most this many blocks (None: all).")
+    own_samples: int = Field(0, ge=0, description="Also score the student's own continuations: N new tokens per block (0: off).")
+    prompt_tokens: int = Field(64, gt=0, description="Prompt length for own_samples.")
+    sample_temperature: float = Field(1.0, ge=0.0, description="Sampling temperature for own_samples.")
+
+
 class RunConfig(_Section):
     """A whole distillation run."""
 
@@ -293,6 +317,8 @@ class RunConfig(_Section):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     qat: QATConfig = Field(default_factory=QATConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
     def _lora_without_qat(self):

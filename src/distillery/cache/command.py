@@ -83,9 +83,16 @@ def _cmd_cache(args) -> int:
     out = args.out or cfg.teacher.cache_path
     if not out:
         raise DistilleryError("say where to write the cache: --out DIR or teacher.cache_path=DIR")
-    summary = run_cache(cfg, out, k=args.k, batch_size=args.batch_size, shard_blocks=args.shard_blocks,
-                        logprob_encoding=args.logprob_encoding, logprob_range=args.logprob_range,
-                        progress=not args.no_progress, tail_samples=args.tail_samples, tail_seed=args.tail_seed)
+    cc = cfg.cache  # the recipe's cache: section; a flag given on the command line wins
+
+    def pick(flag, setting):
+        return setting if flag is None else flag
+
+    summary = run_cache(cfg, out, k=pick(args.k, cc.k), batch_size=pick(args.batch_size, cc.batch_size),
+                        shard_blocks=pick(args.shard_blocks, cc.shard_blocks),
+                        logprob_encoding=pick(args.logprob_encoding, cc.logprob_encoding),
+                        logprob_range=pick(args.logprob_range, cc.logprob_range), progress=not args.no_progress,
+                        tail_samples=pick(args.tail_samples, cc.tail_samples), tail_seed=pick(args.tail_seed, cc.tail_seed))
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -101,11 +108,11 @@ def add_cache_parser(subparsers) -> None:
     c.add_argument("--tail-samples", type=int, default=None, metavar="M",
                    help="draws per position from the teacher's tail distribution (default 16 when loss.kd is forward "
                         "KL, which they make unbiased; 0 otherwise: other divergences use the tail bucket)")
-    c.add_argument("--tail-seed", type=int, default=0, help="seed of the tail draws (recorded in the manifest)")
-    c.add_argument("--batch-size", type=int, default=8, help="blocks per teacher forward")
-    c.add_argument("--shard-blocks", type=int, default=256, help="blocks per shard (the unit of commit and resume)")
-    c.add_argument("--logprob-encoding", choices=LOGPROB_KINDS, default="sqrt_u8")
-    c.add_argument("--logprob-range", type=float, default=32.0, help="most negative log-prob the sqrt_* codes hold")
+    c.add_argument("--tail-seed", type=int, default=None, help="seed of the tail draws (recorded in the manifest)")
+    c.add_argument("--batch-size", type=int, default=None, help="blocks per teacher forward")
+    c.add_argument("--shard-blocks", type=int, default=None, help="blocks per shard (the unit of commit and resume)")
+    c.add_argument("--logprob-encoding", choices=LOGPROB_KINDS, default=None, help="default: cache.logprob_encoding (sqrt_u8)")
+    c.add_argument("--logprob-range", type=float, default=None, help="most negative log-prob the sqrt_* codes hold")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.add_argument("--info", metavar="DIR", default=None, help="print what the cache at DIR holds and exit")
     c.add_argument("--verify", action="store_true", help="with --info: check every shard's sha256")
