@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
-from .locks import mkdtemp_plain
+from .locks import mkdtemp_plain, umask_modes
 
 
 def ensure_writable_dir(folder: Path, what: str = "output folder") -> None:
@@ -109,6 +109,7 @@ def atomic_folder(final: Path, what: str, *, keep_existing: bool = False) -> Ite
     if final.exists() and keep_existing:
         shutil.rmtree(tmp, ignore_errors=True)
         return
+    umask_modes(tmp)  # files some writers made private (safetensors: 0600) get the umask's mode
     if final.exists():
         shutil.rmtree(final)
     try:
@@ -158,6 +159,7 @@ def _write_checkpoint(root: Path, tmp: Path, step: int, model, optimizer, schedu
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     (tmp / "COMPLETE").write_text("ok\n")
+    umask_modes(tmp)
     if final.exists():  # a stale one from a run that crashed after the rename but before cleanup
         _discard(final)
     os.rename(tmp, final)

@@ -92,3 +92,39 @@ def refuse_overwrite(out: str | Path, inputs: dict[str, str | Path], verb: str) 
         if clash:
             raise DistilleryError(f"{verb}: the output '{out}' would write over {name} '{path}' (its own input): "
                                   "choose an output outside it")
+
+
+def current_umask() -> int:
+    """The process umask (read from /proc where it is, else set and restored at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def mkdtemp_plain(prefix: str, parent: str | Path) -> Path:
+    """``tempfile.mkdtemp`` with the mode a plain ``mkdir`` would get (0o777 minus the umask): a temporary
+    folder renamed into place as an output would otherwise keep mkdtemp's private 0700."""
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(tmp, 0o777 & ~current_umask())
+    return tmp
+
+
+def umask_modes(folder: str | Path) -> None:
+    """Give every file and folder under ``folder`` the mode the umask gives a new one (0o666 / 0o777 minus it).
+    Some writers create files private whatever the umask (safetensors writes 0600): called on an output folder
+    built under a temporary name, before it is renamed into place."""
+    mask = current_umask()
+    for dirpath, _, filenames in os.walk(folder):
+        os.chmod(dirpath, 0o777 & ~mask)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)

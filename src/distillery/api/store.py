@@ -72,7 +72,7 @@ class JsonlAppender:
         self.fsync = fsync
         path.parent.mkdir(parents=True, exist_ok=True)
         created = not path.exists()
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         if created and fsync:
             _fsync_dir(path.parent)  # the file's directory entry survives a crash too
 
@@ -97,7 +97,7 @@ class DatasetStore:
     def __init__(self, output: str | Path, failures: str | Path, fsync: bool = True) -> None:
         self.output, self.failures_path = Path(output), Path(failures)
         self.output.parent.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(f"{self.output}.lock", os.O_WRONLY | os.O_CREAT, 0o644)
+        self._lock_fd = os.open(f"{self.output}.lock", os.O_WRONLY | os.O_CREAT, 0o666)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import DistilleryError
+from ..locks import mkdtemp_plain
 from . import layout
 from .codec import Encoding, to_sparse
 from .sampling import tail_record, tail_uniforms
@@ -97,7 +97,7 @@ def _open_header(root: Path, header: dict) -> None:
 def _save_tokenizer(root: Path, tokenizer: Any) -> None:
     if (root / "tokenizer").is_dir():
         return
-    tmp = Path(tempfile.mkdtemp(prefix="tokenizer.tmp-", dir=root))
+    tmp = mkdtemp_plain("tokenizer.tmp-", root)
     tokenizer.save_pretrained(tmp)
     try:
         os.rename(tmp, root / "tokenizer")

@@ -12,10 +12,10 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from ..errors import DistilleryError
+from ..locks import mkdtemp_plain, umask_modes
 
 
 def check_out_dir(student: Path, out: Path, manifest: str, fmt: str) -> Path:
@@ -37,9 +37,10 @@ def check_out_dir(student: Path, out: Path, manifest: str, fmt: str) -> Path:
 def staged_folder(out: Path):
     """Yield an empty hidden folder beside ``out``; on success it replaces ``out``, on error it is deleted."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = mkdtemp_plain(f".{out.name}.partial-", out.parent)
     try:
         yield tmp
+        umask_modes(tmp)  # the umask's modes, whatever the runtime's writer chose
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
