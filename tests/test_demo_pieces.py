@@ -169,3 +169,17 @@ def test_report_page_carries_the_task_section_and_answers(tmp_path: Path):
     page = write_report(tmp_path).read_text()
     assert "<h2>Task scores</h2>" in page and "69.0%" in page and "Explain &lt;this&gt;" in page
     assert "(greedy, chat template)" in page and "<i>(only whitespace)</i>" in page
+
+
+def test_demo_folder_is_reused_only_for_the_same_settings(tmp_path: Path):
+    from distillery.demo import _claim
+
+    marker = {"demo": 2, "settings": {"steps": 60}, "overrides": []}
+    _claim(tmp_path / "d", marker)
+    (tmp_path / "d" / "kd").mkdir()
+    _claim(tmp_path / "d", dict(marker))  # the same demo again: its cached answers and runs are reused
+    with pytest.raises(DistilleryError, match="holds another run"):
+        _claim(tmp_path / "d", {**marker, "settings": {"steps": 12}})
+    (tmp_path / "old" / "kd").mkdir(parents=True)  # the previous demo's folder (no marker)
+    with pytest.raises(DistilleryError, match="give another --output-dir or delete it"):
+        _claim(tmp_path / "old", marker)

@@ -104,6 +104,20 @@ def make_student(teacher, data: dict, out: Path, s: dict, console: Console) -> P
     return folder
 
 
+def _claim(out: Path, marker: dict) -> None:
+    """Reuse ``out`` (cached answers, finished runs) only for the same demo settings; refuse anything else in it."""
+    from .errors import DistilleryError
+
+    path = out / "demo.json"
+    if path.is_file() and json.loads(path.read_text()) == marker:
+        return
+    if out.is_dir() and any(out.iterdir()):
+        raise DistilleryError(f"demo: '{out}' holds another run (another demo version, --quick or overrides); "
+                              "give another --output-dir or delete it")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(marker) + "\n")
+
+
 def run_demo(quick: bool = False, output_dir: str = "runs/demo", overrides: list[str] | None = None) -> dict:
     from .demo_eval import evaluate_demo, print_results
     from .evaluate import write_json
@@ -114,6 +128,7 @@ def run_demo(quick: bool = False, output_dir: str = "runs/demo", overrides: list
     out = Path(output_dir)
     s = SETTINGS["quick" if quick else "full"]
     started = time.perf_counter()
+    _claim(out, {"demo": 2, "settings": s, "overrides": list(overrides or [])})
     console.rule("[bold]1. Chat data the teacher writes[/] (cached in " + str(out / "data") + ")")
     teacher = load_teacher("smollm2", dtype="float32")
     data = make_data(teacher, out, s, console)
