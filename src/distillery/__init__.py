@@ -16,6 +16,10 @@ import types
 
 __version__ = "0.1.0"
 
+from .quiet import quiet_imports as _quiet_imports  # noqa: E402  (logging only: still no torch here)
+
+_quiet_imports()  # torchao / torchvision import-time noise (distillery.quiet)
+
 # public name -> module that defines it (relative to this package)
 _API = {
     "distill": "python_api", "evaluate": "python_api", "export": "python_api", "configure": "python_api",

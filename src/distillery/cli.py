@@ -178,6 +178,9 @@ def _optional_verbs(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from .errors import DistilleryError
+    from .quiet import quiet_cli
+
+    quiet_cli()  # no loading bars or import-time warnings from transformers/torchao in any verb
 
     parser = build_parser()
     # argparse cannot take positionals after an option (`distill r.yaml --resume train.max_steps=9`): key=value
