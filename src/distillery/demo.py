@@ -27,6 +27,7 @@ import torch
 from rich.console import Console
 
 from .config import load_config
+from .quiet import console as wide_console
 
 SETTINGS = {  # what runs; the full demo fits in ~15 min on an idle 2-core CPU (README, benchmarks/results/demo.json)
     "full": dict(train_prompts=160, heldout_prompts=12, answer_tokens=64, plain_chars=90_000, steps=60,
@@ -124,7 +125,7 @@ def run_demo(quick: bool = False, output_dir: str = "runs/demo", overrides: list
     from .teachers import load_teacher
     from .train import distill
 
-    console = Console()
+    console = wide_console()  # piped output keeps the whole table (no 80-column cut)
     out = Path(output_dir)
     s = SETTINGS["quick" if quick else "full"]
     started = time.perf_counter()

@@ -29,3 +29,15 @@ def quiet_cli() -> None:
     """For the command line: no transformers/huggingface_hub loading bars (unless the user set the variable)."""
     quiet_imports()
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def console():
+    """A rich ``Console`` for the verbs' tables: the terminal's width on a TTY; piped (``| tee log``, CI), Rich
+    would cut tables at 80 columns, so there it takes ``COLUMNS`` or 200."""
+    import sys
+
+    from rich.console import Console
+
+    if sys.stdout.isatty():
+        return Console()
+    return Console(width=int(os.environ.get("COLUMNS") or 200))

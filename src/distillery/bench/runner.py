@@ -89,6 +89,19 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
+def labels(paths: list[str]) -> list[str]:
+    """A short name per model: its file or folder name, with as many parent folders as it takes to tell
+    models apart (``runs/kd/student`` and ``runs/ce/student`` -> ``kd/student``, ``ce/student``)."""
+    parts = [Path(p).resolve().parts for p in paths]
+    depth = [1] * len(paths)
+    while True:
+        names = ["/".join(pp[-d:]) for pp, d in zip(parts, depth)]
+        clash = {n for n in names if names.count(n) > 1}
+        if not clash or all(depth[i] >= len(parts[i]) for i, n in enumerate(names) if n in clash):
+            return names
+        depth = [d + (names[i] in clash and d < len(parts[i])) for i, d in enumerate(depth)]
+
+
 def bench_models(paths: list[str], runtime: str = "torch", prompt_tokens: int = 512, new_tokens: int = 128,
                  repeats: int = 3, threads: int | None = None, text: str | None = None,
                  json_out: str | None = None, show: bool = True) -> dict:
@@ -105,14 +118,21 @@ def bench_models(paths: list[str], runtime: str = "torch", prompt_tokens: int = 
     paths = [check_model_path(p, runtime) for p in paths]
     threads = threads or os.cpu_count() or 1
     runs: dict[str, list[dict]] = {p: [] for p in paths}
-    for _ in range(repeats):
+    names = dict(zip(paths, labels(paths)))
+    total, done = repeats * len(paths), 0
+    for r in range(repeats):
         for p in paths:
             spec = {"runtime": runtime, "path": p, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
                     "threads": threads, "text": text}
+            if show:  # each run loads a model in a fresh process: say what is running (stderr, tables stay clean)
+                print(f"bench [{done + 1}/{total}] {names[p]} (run {r + 1}/{repeats}) ...", file=sys.stderr, flush=True)
             runs[p].append(run_once(spec))
+            done += 1
+            if show and "decode_tok_s" in runs[p][-1]:
+                print(f"  decode {runs[p][-1]['decode_tok_s']:.0f} tok/s", file=sys.stderr, flush=True)
     result = {"runtime": runtime, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats,
               "threads": threads, "machine": machine_info(),
-              "models": [{"path": p, "summary": summarize(r), "runs": r} for p, r in runs.items()]}
+              "models": [{"path": p, "label": names[p], "summary": summarize(r), "runs": r} for p, r in runs.items()]}
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(result, indent=2))
@@ -123,8 +143,9 @@ def bench_models(paths: list[str], runtime: str = "torch", prompt_tokens: int = 
 
 def print_table(result: dict) -> None:
     """A rich table: one row per model, median (min–max) per metric."""
-    from rich.console import Console
     from rich.table import Table
+
+    from ..quiet import console as wide_console
 
     table = Table(title=f"{result['runtime']}: prompt {result['prompt_tokens']}, decode {result['new_tokens']}, "
                         f"{result['repeats']} runs, {result['threads']} threads (median ±half-range)")
@@ -141,7 +162,7 @@ def print_table(result: dict) -> None:
 
     for model in result["models"]:
         s = model["summary"]
-        table.add_row(Path(model["path"]).name, f"{s['file_bytes']['median'] / 1e6:.1f}", cell(s, "load_s", fmt="{:.2f}"),
+        table.add_row(model.get("label") or Path(model["path"]).name, f"{s['file_bytes']['median'] / 1e6:.1f}", cell(s, "load_s", fmt="{:.2f}"),
                       cell(s, "prefill_tok_s", fmt="{:.0f}"), cell(s, "decode_tok_s", fmt="{:.0f}"),
                       cell(s, "peak_rss_bytes", 1e6, "{:.0f}"))
-    Console().print(table)
+    wide_console().print(table)  # piped: not cut at 80 columns
