@@ -28,20 +28,13 @@ import numpy as np
 import torch
 
 from ..errors import DistilleryError
-from .gguf_families import add_family_hparams, check_config, context_length, family, fix_tensor, rope
+from .gguf_families import add_family_hparams, check_config, context_length, family, fix_tensor, permute_qk, rope
 from .gguf_vocab import add_tokenizer, tokenizer_metadata
 
 QUANTS = ("f32", "f16", "q8_0", "q4_0")
 _FILE_TYPE = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
               "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
 Q = gguf.GGMLQuantizationType
-
-
-def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Reorder the rows of a q/k weight ``(n_head * hd, in)`` (or bias ``(n_head * hd,)``) of each head
-    from ``[x_0 .. x_{hd/2-1}, y_0 .. y_{hd/2-1}]`` (HF rotate-half) to ``[x_0, y_0, x_1, y_1, ...]``."""
-    hd = w.shape[0] // n_head
-    return w.reshape(n_head, 2, hd // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def _add_hparams(w: gguf.GGUFWriter, cfg, quant: str, name: str) -> None:

@@ -52,6 +52,13 @@ FAMILIES = {
 }
 
 
+def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Reorder the rows of a q/k weight ``(n_head * hd, in)`` (or bias ``(n_head * hd,)``) of each head
+    from ``[x_0 .. x_{hd/2-1}, y_0 .. y_{hd/2-1}]`` (HF rotate-half) to ``[x_0, y_0, x_1, y_1, ...]``."""
+    hd = w.shape[0] // n_head
+    return w.reshape(n_head, 2, hd // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
 def family(cfg) -> Family:
     """The row for ``cfg.model_type``, or one line saying the GGUF exporter does not write it."""
     fam = FAMILIES.get(getattr(cfg, "model_type", None))
@@ -117,8 +124,6 @@ def add_family_hparams(w: gguf.GGUFWriter, cfg, fam: Family) -> None:
 
 def fix_tensor(hf_name: str, t, cfg, fam: Family):
     """The tensor as llama.cpp reads it (fp32 torch tensor in, fp32 torch tensor out)."""
-    from .gguf_export import permute_qk
-
     if fam.norm_plus_one and hf_name.endswith("norm.weight"):
         return t + 1.0
     if fam.permute_qk and ".self_attn.q_proj." in hf_name:
