@@ -49,33 +49,38 @@ def test_vllm_rows_take_the_next_entry_and_drop_a_low_ranked_prompt_token():
         vllm_rows({"prompt_logprobs": None}, [3, 4, 4], k=2)
 
 
-def test_llamacpp_rows_read_the_distribution_after_each_token_and_check_the_tokenization():
+def test_llamacpp_rows_read_the_distribution_after_each_token_and_resync_by_text_offset():
     from distillery.api.targets import token_id_map
 
     tok = tiny_tokenizer(512)
-    seq = tok.encode("To be or not to be")
+    seq = tok.encode("To be or not to be, that is")
     pieces = [tok.decode([i]) for i in seq]
+    offs = [sum(len(p) for p in pieces[:i]) for i in range(len(seq))]
     ids = token_id_map(tok)
+    nxt = pieces[1:] + ["!"]
     # no BOS (as SmolLM2): top_logprobs[i] = top-k after token i, plus an entry llama-cpp-python adds for token i
     # itself read from that same row (dropped); the row after token 0 comes back as None
-    nxt = pieces[1:] + ["!"]
     tops = [None] + [{nxt[i]: -0.3, pieces[0]: -2.0, pieces[i]: -7.0} for i in range(1, len(seq))]
-    choice = {"logprobs": {"tokens": pieces, "top_logprobs": tops}}
+    choice = {"logprobs": {"tokens": pieces, "top_logprobs": tops, "text_offset": offs}}
     rows = llamacpp_rows(choice, seq, tok, ids, k=2)
     assert rows[0] == []  # lost: no row after token 0
     for t in range(1, len(seq) - 1):
         assert rows[t] == [(-0.3, seq[t + 1]), (-2.0, seq[0])]  # the label of position t is the token after it
     # with a BOS the rows are the distributions of each token, and the generated token is echoed last
     tops_bos = [None] + [{pieces[i]: -0.1, "x": -3.0} for i in range(1, len(seq))] + [{"x": -1.0, "y": -2.0}]
-    rows = llamacpp_rows({"logprobs": {"tokens": pieces + ["!"], "top_logprobs": tops_bos}}, seq, tok, ids, k=2,
-                         bos=True)
+    choice = {"logprobs": {"tokens": pieces + ["!"], "top_logprobs": tops_bos, "text_offset": offs + [offs[-1] + len(pieces[-1])]}}
+    rows = llamacpp_rows(choice, seq, tok, ids, k=2, bos=True)
     assert [r[0][1] for r in rows] == seq[1:]
-    # the server re-tokenized the end otherwise: rows only while its context equals ours
-    merged = {"logprobs": {"tokens": pieces[:-2] + [pieces[-2] + pieces[-1]], "top_logprobs": tops[:-1]}}
-    rows = llamacpp_rows(merged, seq, tok, ids, k=2)
-    assert all(rows[t] for t in range(1, len(seq) - 2)) and rows[len(seq) - 2] == []
-    bad = {"logprobs": {"tokens": ["Zq"] + pieces[1:], "top_logprobs": tops}}
-    with pytest.raises(DistilleryError, match="otherwise"):
+    # the server merged tokens 2 and 3: no server token ends where our token 2 ends (no row there), the rest resync
+    m_pieces = pieces[:2] + [pieces[2] + pieces[3]] + pieces[4:]
+    m_offs = offs[:3] + offs[4:]
+    m_tops = tops[:2] + [tops[3]] + tops[4:]
+    rows = llamacpp_rows({"logprobs": {"tokens": m_pieces, "top_logprobs": m_tops, "text_offset": m_offs}}, seq, tok,
+                         ids, k=2)
+    assert rows[2] == [] and rows[3][0] == (-0.3, seq[4]) and all(rows[t] for t in range(4, len(seq) - 1))
+    # another tokenizer: its tokens end elsewhere
+    bad = {"logprobs": {"tokens": ["x"] * len(seq), "top_logprobs": tops, "text_offset": [3 * i + 1 for i in range(len(seq))]}}
+    with pytest.raises(DistilleryError, match="end where ours do"):
         llamacpp_rows(bad, seq, tok, ids, k=2)
 
 

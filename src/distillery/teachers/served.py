@@ -98,44 +98,45 @@ def llamacpp_rows(choice: dict, seq: list[int], tokenizer, id_map: dict[bytes, i
                   bos: bool = False) -> list[list[tuple[float, int]]]:
     """``logprobs`` of one llama-cpp-python echo choice -> rows as :func:`vllm_rows` returns them.
 
-    What llama-cpp-python 0.3 returns (read from its ``_create_completion``): ``tokens`` echoes its own
-    tokenization of the prompt text (a BOS it added is dropped); ``top_logprobs[i]`` is the top-k of logits row
-    ``i`` of the evaluated sequence, plus an entry for ``tokens[i]`` read from that same row. For a model that
-    adds no BOS (``bos`` False), row ``i`` is the distribution *after* token ``i``: the row of label position
-    ``i``; the extra entry is not a probability of anything and is dropped; the row after token 0 is reported as
-    ``None`` (position 0 gets no target). With a BOS, row ``i`` is the distribution *of* token ``i``, so label
-    position ``t`` takes ``top_logprobs[t + 1]``.
+    What llama-cpp-python 0.3 returns (read from its ``_create_completion``): ``tokens`` are its own
+    tokenization of the prompt text (a BOS it added is dropped), ``text_offset[i]`` the character offset of
+    token ``i`` in the text, and ``top_logprobs[i]`` the top-k of logits row ``i`` of the evaluated sequence,
+    plus an entry for ``tokens[i]`` read from that same row. For a model that adds no BOS (``bos`` False), row
+    ``i`` is the distribution *after* token ``i``; its extra entry is not a probability of anything and is
+    dropped; the row after token 0 is reported as ``None``. With a BOS, row ``i`` is the distribution *of*
+    token ``i``, so the one after token ``i`` is row ``i + 1``.
 
-    The text is re-tokenized by the server, which can split it otherwise than ``seq`` (a block cut from a token
-    stream ends in " " + "\n" where the server reads " \n"). A row is used only while the server's tokens
-    equal ``seq`` up to that position (its context is then exactly ours); later positions get no row (no KD
-    term; CE still applies). Fewer than half of the positions usable means another tokenizer: an error.
+    The server re-tokenizes the text, and may split it otherwise than ``seq`` (a corpus tokenized line by line
+    holds "\n" + "\n" where the server reads "\n\n"). A row describes the next token given a text prefix, so it
+    serves our label position ``t`` wherever one of the server's tokens ends at the same character as our token
+    ``t``; where no server token ends there (inside a token the server merged), the position gets no row (no
+    KD term; CE still applies). Rows for fewer than half of the positions mean another tokenizer: an error.
     """
     lp = choice.get("logprobs") or {}
-    tokens, tops = lp.get("tokens") or [], lp.get("top_logprobs") or []
-    id_bytes = {i: b for b, i in id_map.items()}
-    same = 0  # tokens[:same] == seq[:same] (a token whose bytes the server lost, "" or U+FFFD, counts as equal)
-    for text, tid in zip(tokens, seq):
-        if text and "\ufffd" not in text and text.encode("utf-8") != id_bytes.get(tid):
-            break
-        same += 1
-    if len(tops) != len(tokens) or (len(seq) > 2 and same < (len(seq) - 1) / 2):
-        raise DistilleryError(
-            f"the llama.cpp server tokenized a {len(seq)}-token prompt otherwise from token {same} on "
-            f"({tokens[same] if same < len(tokens) else 'end'!r}): its tokenizer is not the teacher's (teacher.source); "
-            "use the served model's tokenizer, or a server that takes token ids (vLLM)")
-    rows = []
+    tokens, tops, offs = lp.get("tokens") or [], lp.get("top_logprobs") or [], lp.get("text_offset") or []
+    text = tokenizer.decode(seq, clean_up_tokenization_spaces=False)
+    if len(tops) != len(tokens) or len(offs) != len(tokens):
+        raise DistilleryError(f"the llama.cpp server returned {len(tokens)} tokens, {len(tops)} top_logprobs and "
+                              f"{len(offs)} text offsets: not the echo format of llama-cpp-python 0.3")
+    ends = [offs[i + 1] if i + 1 < len(offs) else len(text) for i in range(len(tokens))]
+    row_after: dict[int, int] = {}  # character offset -> index of the server's row describing what follows it
+    for i, e in enumerate(ends):
+        j = i + 1 if bos else i
+        if 0 < e <= len(text) and j < len(tops) and tops[j] is not None:
+            row_after.setdefault(e, j)
+    rows, found = [], 0
     for t in range(len(seq) - 1):
-        i = t + (1 if bos else 0)
-        if t >= same or i >= len(tops):
+        j = row_after.get(len(tokenizer.decode(seq[:t + 1], clean_up_tokenization_spaces=False)))
+        if j is None:
             rows.append([])
             continue
-        alts = dict(tops[i] or {})
-        if len(alts) > k:  # the entry llama-cpp-python adds for the echoed token itself
-            alts.pop(tokens[i], None)
+        found += 1
+        alts = dict(tops[j])
+        if len(alts) > k and not bos:  # the entry llama-cpp-python adds for the echoed token itself
+            alts.pop(tokens[j], None)
         pairs = []
-        for text, value in alts.items():
-            tid = None if (not text or "\ufffd" in text) else id_map.get(text.encode("utf-8"))
+        for txt, value in alts.items():
+            tid = None if (not txt or "\ufffd" in txt) else id_map.get(txt.encode("utf-8"))
             if tid is not None:
                 pairs.append((float(value), tid))
         pairs.sort(key=lambda p: -p[0])
@@ -145,6 +146,11 @@ def llamacpp_rows(choice: dict, seq: list[int], tokenizer, id_map: dict[bytes, i
                 seen.add(tid)
                 row.append((value, tid))
         rows.append(row[:k])
+    if len(seq) > 3 and found < (len(seq) - 1) / 2:
+        raise DistilleryError(
+            f"the llama.cpp server's tokens of a {len(seq)}-token prompt end where ours do at only {found} positions: "
+            "its tokenizer is not the teacher's (teacher.source); use the served model's tokenizer, or a server that "
+            "takes token ids (vLLM)")
     return rows
 
 
