@@ -101,3 +101,7 @@ def test_lora_refusals_in_one_line(tmp_path):
     with pytest.raises(DistilleryError, match=r"^student.lora: .*nope_proj") as exc:
         distill(load_config(bad))
     assert "\n" not in str(exc.value)
+    head = write_recipe(tmp_path, tmp_path / "h", student={"init": "pretrained", "pretrained": str(pretrained(tmp_path)),
+                                                           "model": {}, "lora": {"target_modules": ["lm_head"]}})
+    with pytest.raises(DistilleryError, match=r"an adapter on lm_head is not supported"):
+        distill(load_config(head))

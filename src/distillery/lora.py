@@ -49,6 +49,10 @@ def add_lora(model: torch.nn.Module, lcfg) -> torch.nn.Module:
         peft.inject_adapter_in_model(peft_config(lcfg), model, adapter_name=ADAPTER)
     except ValueError as exc:  # e.g. target modules not found in the model
         raise DistilleryError(f"student.lora: {exc}".splitlines()[0]) from None
+    head = [n for n, _ in _tuner_layers(model) if n.rsplit(".", 1)[-1] in ("lm_head", "embed_tokens")]
+    if head:  # the fused loss reads the head's weight as a plain tensor, and a tied table has one owner
+        raise DistilleryError(f"student.lora: an adapter on {head[0]} is not supported (the loss reads the LM head's "
+                              "weight directly); target the decoder layers' linears")
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_" in name)
     if not any(p.requires_grad for p in model.parameters()):
