@@ -48,7 +48,7 @@ def _run_export(args) -> int:
 def add_export_parser(subparsers) -> None:
     """Register ``distillery export STUDENT OUT --format gguf|onnx|mlx|executorch|coreml [--quant Q] [--no-verify]``."""
     p = subparsers.add_parser("export", help="export a student to GGUF, ONNX, MLX, ExecuTorch or Core ML, verified")
-    p.add_argument("student", help="student folder (HF format, Llama or Qwen2, with its tokenizer)")
+    p.add_argument("student", help="student folder (HF format, a student family: Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3; with its tokenizer)")
     p.add_argument("out", help="output: a .gguf file, or a folder for the other formats")
     p.add_argument("--format", choices=("gguf", "onnx", "mlx", "executorch", "coreml"), default="gguf")
     p.add_argument("--quant", choices=("f32", "f16", "q8_0", "q4_0", "q2", "q3", "q4", "q6", "q8", "8da4w", "p4"),

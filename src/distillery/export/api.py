@@ -17,7 +17,7 @@ APPLE_FORMATS = ("mlx", "executorch", "coreml")   # folder outputs, in ``apple_e
 def export_model(student_dir: str | Path, fmt: str, out: str | Path, quant: str = "f16", verify: bool = True,
                  verify_text: str | None = None, verify_tokens: int = 512, group_size: int | None = None,
                  max_seq_len: int = 1024) -> dict:
-    """Export a Llama/Qwen2 student to ``fmt`` ('gguf': file ``out``; 'onnx': folder ``out``); return a report.
+    """Export a student (any of ``inputs.SUPPORTED_ARCHS``) to ``fmt`` ('gguf': file ``out``; 'onnx': folder ``out``); return a report.
 
     ``quant``: f32|f16|q8_0|q4_0 for GGUF; ONNX graphs are fp32 (pass 'f32' or leave the default).
     With ``verify`` (default) the exported model is loaded in llama.cpp (llama-cpp-python) or ONNX

@@ -95,7 +95,7 @@ def plan_pruning(teacher, calib_batches: Iterable[dict], *, layers: int | None =
 def prune_model(teacher, calib_batches: Iterable[dict], *, layers: int | None = None, hidden: int | None = None,
                 ffn: int | None = None, heads: int | None = None, kv_heads: int | None = None,
                 method: Literal["block_importance", "loss"] = "block_importance", contiguous: bool = False):
-    """A student pruned from ``teacher`` (a Llama/Qwen2 ``PreTrainedModel``), weights inherited.
+    """A student pruned from ``teacher`` (a ``PreTrainedModel`` of a family in ``SUPPORTED``), weights inherited.
 
     Args:
         calib_batches: batches with ``input_ids (B, T)`` and ``attention_mask (B, T)`` (``labels``
