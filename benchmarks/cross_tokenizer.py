@@ -30,6 +30,7 @@ top-1 from the loop's final validation; BLiMP accuracy on ``--blimp-per-paradigm
 from __future__ import annotations
 
 import argparse
+import shutil
 import json
 import sys
 import time
@@ -179,6 +180,7 @@ def train_all(args, size, inits: dict, files: dict, seqkd, work: Path, precision
             if arm == "gold_trl" and tname not in args.gold_tokenizers.split(","):
                 continue
             out_dir = work / "runs" / f"{tname}_{arm}"
+            shutil.rmtree(out_dir, ignore_errors=True)  # an arm always starts afresh (an earlier, stopped run's folder)
             r = recipe(args, size, arm, init, files, seqkd, out_dir, precision)
             spec = {"system": "gold_trl" if arm == "gold_trl" else "ours", "recipe": r, "threads": args.threads,
                     "out_dir": str(out_dir), "student_init": init, "teacher_dir": teacher_dir, "ce_weight": args.ce_weight}
