@@ -75,8 +75,10 @@ def prepare_run(cfg: RunConfig, device: torch.device, is_main: bool = True) -> R
     """Teacher, data, student and vocabulary for ``distill`` (and the demo), in that order.
 
     The teacher comes from :func:`~distillery.teachers.open_teacher` whatever its kind; the data are
-    tokenized with its tokenizer; the student is built beside it and checked against it (one vocabulary
-    rule, :func:`~distillery.teachers.shared_vocab`; one device rule, :func:`~distillery.teachers.teacher_device`).
+    tokenized with its tokenizer, or with the student's own when it has another (``student.tokenizer``, or a
+    pretrained student's: then ``Run.xtok`` maps every batch to the teacher's tokens, docs/cross_tokenizer.md);
+    the student is built beside it and checked against it (one vocabulary rule,
+    :func:`~distillery.teachers.shared_vocab`; one device rule, :func:`~distillery.teachers.teacher_device`).
     """
     from .data import build_datasets  # imported here: data pulls in tokenizers machinery
 
