@@ -3,7 +3,7 @@
 1. Generate answers from SmolLM2-135M-Instruct Q4_1 served by the real llama.cpp server
    (llama-cpp-python) with ``top_logprobs`` per token (``distillery generate``, sampled at 0.7).
 2. Split the records by id: ~20% held out (``data.validation``), the rest trains.
-3. Distill the demo-sized student (``distillery/configs/demo.yaml``'s student: 4 layers, d=256,
+3. Distill the demo-sized student (``configs/smollm2_student.yaml``: 4 layers, d=256,
    ~15.8M parameters, SmolLM2's vocabulary) twice for the same steps and data order, both with
    ``teacher.kind: api_logprobs`` so the token sequences are identical:
    * ``sequence``: cross-entropy on the teacher's answers only (kd_weight 0, ce_weight 1);
@@ -67,7 +67,7 @@ def split_records(data: Path, train: Path, held: Path, every: int = 5) -> tuple[
 
 
 def recipe(train: Path, held: Path, out: Path, steps: int, kd_weight: float) -> dict:
-    demo = yaml.safe_load((ROOT / "src" / "distillery" / "configs" / "demo.yaml").read_text())
+    demo = yaml.safe_load((ROOT / "configs" / "smollm2_student.yaml").read_text())
     return {"teacher": {"kind": "api_logprobs", "source": "smollm2"},
             "student": demo["student"],
             "data": {"train": [str(train)], "validation": [str(held)], "format": "chat", "seq_len": 128},

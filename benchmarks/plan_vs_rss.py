@@ -71,11 +71,11 @@ SMOL = ["train.max_steps=4", "data.max_train_blocks=64", "data.max_val_blocks=16
 
 
 def _smollm2(work: Path) -> tuple[Path, list[str]]:
-    return ROOT / "src" / "distillery" / "configs" / "demo.yaml", SMOL + [f"train.output_dir={work / 'smollm2-run'}"]
+    return ROOT / "configs" / "smollm2_student.yaml", SMOL + [f"train.output_dir={work / 'smollm2-run'}"]
 
 
 def _smollm2_cache(work: Path) -> tuple[Path, list[str]]:
-    recipe = ROOT / "src" / "distillery" / "configs" / "demo.yaml"
+    recipe = ROOT / "configs" / "smollm2_student.yaml"
     cache = work / "smollm2-cache"
     if not (cache / "manifest.json").exists():
         subprocess.run([PY, "-m", "distillery.cli", "cache", str(recipe), *SMOL, "--out", str(cache), "--k", "32",

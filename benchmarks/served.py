@@ -39,7 +39,7 @@ def _recipe(root: Path, name: str, teacher: dict, args) -> Path:
 
     from distillery.config import load_config
 
-    base = load_config(str(Path(__file__).resolve().parents[1] / "src/distillery/configs/demo.yaml"))
+    base = load_config(str(Path(__file__).resolve().parents[1] / "configs/smollm2_student.yaml"))  # the 15.8M student
     rec = base.model_dump(mode="json")
     rec["teacher"] = {**rec["teacher"], **teacher}
     rec["data"].update(seq_len=args.seq_len, max_train_blocks=args.batch * args.steps, max_val_blocks=None,
@@ -109,7 +109,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="served-bench-"))
     out: dict = {"machine": machine_info(threads=1), "steps": args.steps, "micro_batch": args.batch,
                  "seq_len": args.seq_len, "server": "llama-cpp-python (SmolLM2-135M-Instruct Q4_1, --logits_all), core 1",
-                 "trainer": "demo student 15.8M, core 0, 1 thread"}
+                 "trainer": "the 15.8M student of configs/smollm2_student.yaml, core 0, 1 thread"}
     with llamacpp_server(smollm2_gguf(), n_ctx=2 * args.seq_len + 8, logits_all=True, cpus={1}) as url:
         served = {"kind": "served", "base_urls": [url], "engine": "llamacpp", "top_logprobs": 20, "concurrency": 2}
         # 1. the server alone
