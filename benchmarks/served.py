@@ -74,7 +74,7 @@ def _quality(root: Path, served: dict, args) -> dict:
             cfg = load_config(_recipe(root, run, teacher, args),
                               [f"train.max_steps={args.kl_steps}", f"generation.on_policy_fraction={frac}",
                                "generation.max_new_tokens=32", "generation.prompt_tokens=32",
-                               "generation.collapse_guard=off", "data.val_fraction=0.05", "data.max_val_blocks=8",
+                               "generation.collapse_guard=warn", "data.val_fraction=0.05", "data.max_val_blocks=8",
                                f"data.max_train_blocks={args.batch * args.kl_steps}"])
             distill(cfg)
             student = AutoModelForCausalLM.from_pretrained(str(root / run / "student")).eval()
