@@ -33,17 +33,7 @@ from ..errors import DistilleryError
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
-@functools.lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's ``bytes_to_unicode`` inverted: printable stand-in character -> byte value."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = keep[:], 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(keep, chars)}
+from ..api.targets import _byte_decoder  # GPT-2's byte table, one copy (the API teacher reads token bytes too)  # noqa: E402
 
 
 def _spec(tokenizer) -> dict:
