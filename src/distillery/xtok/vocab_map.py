@@ -20,7 +20,6 @@ WordPiece (``##`` continuations) has no byte spelling per token and is refused.
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from dataclasses import dataclass, field
