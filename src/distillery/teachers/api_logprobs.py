@@ -342,7 +342,7 @@ def load_api_tokenizer(tcfg, scfg):
 
     from transformers import AutoTokenizer
 
-    from .hf import resolve_source
+    from .hf import source_tokenizer
 
     own = None
     if scfg.init == "pretrained" and scfg.pretrained and (Path(scfg.pretrained) / "tokenizer_config.json").is_file():
@@ -350,12 +350,7 @@ def load_api_tokenizer(tcfg, scfg):
     if own is not None and "source" not in tcfg.model_fields_set:
         return own, None
 
-    folder, _ = resolve_source(tcfg.source)
-    try:
-        teacher_tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=tcfg.trust_remote_code)
-    except Exception as exc:  # OSError for a missing folder, tokenizers' own errors for damaged files
-        raise DistilleryError(f"teacher.source '{tcfg.source}': cannot load its tokenizer "
-                              f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    teacher_tok = source_tokenizer(tcfg)
     if own is None:
         return teacher_tok, None
     tv, sv = teacher_tok.get_vocab(), own.get_vocab()

@@ -114,6 +114,17 @@ def resolve_source(source: str) -> tuple[str, str]:
     return source, source  # hub id
 
 
+def source_tokenizer(tcfg) -> PreTrainedTokenizerBase:
+    """The tokenizer of ``teacher.source`` alone (no weights): what a teacher that lives elsewhere (a server, stored
+    answers) reads and returns ids in."""
+    folder, _ = resolve_source(tcfg.source)
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=tcfg.trust_remote_code)
+    except Exception as exc:  # OSError for a missing folder, tokenizers' own errors for damaged files
+        raise DistilleryError(f"teacher.source '{tcfg.source}': cannot load its tokenizer "
+                              f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+
+
 def pick_device(device: str) -> torch.device:
     """``'auto'`` = the first GPU if any, else the CPU; a named device must exist (one-line error if not)."""
     if device == "auto":

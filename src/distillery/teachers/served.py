@@ -218,22 +218,14 @@ class ServedTeacher:
     @classmethod
     def from_config(cls, tcfg) -> "ServedTeacher":
         """Open the servers a ``TeacherConfig`` names; the tokenizer comes from ``teacher.source``."""
-        from transformers import AutoTokenizer
-
-        from .hf import resolve_source
+        from .hf import source_tokenizer
 
         key = None
         if tcfg.api_key_env:
             key = os.environ.get(tcfg.api_key_env)
             if not key:
                 raise DistilleryError(f"teacher.api_key_env names {tcfg.api_key_env}, which is not set")
-        folder, _ = resolve_source(tcfg.source)
-        try:
-            tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=tcfg.trust_remote_code)
-        except Exception as exc:  # OSError for a missing folder, tokenizers' own errors for damaged files
-            raise DistilleryError(f"teacher.source '{tcfg.source}': cannot load the served model's tokenizer "
-                                  f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-        return cls(tcfg.base_urls, tok, served_model=tcfg.served_model, engine=tcfg.engine,
+        return cls(tcfg.base_urls, source_tokenizer(tcfg), served_model=tcfg.served_model, engine=tcfg.engine,
                    top_logprobs=tcfg.top_logprobs, api_key=key, timeout_s=tcfg.timeout_s,
                    max_retries=tcfg.max_retries, concurrency=tcfg.concurrency, prefetch=tcfg.prefetch)
 
