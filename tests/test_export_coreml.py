@@ -14,19 +14,12 @@ pytest.importorskip("coremltools")
 
 from distillery.export import export_model  # noqa: E402
 from distillery.export.coreml_export import StatefulLM, causal_mask, stateful_logits  # noqa: E402
-from tiny import tiny_llama, tiny_tokenizer  # noqa: E402
+from tiny import sharp_student_folder  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
-    model = tiny_llama(tie=True)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(5)
-            layer.self_attn.k_proj.weight.mul_(5)
-    src = tmp_path_factory.mktemp("student")
-    model.save_pretrained(src)
-    tiny_tokenizer().save_pretrained(src)
+    model, src = sharp_student_folder(tmp_path_factory.mktemp("student"))
     reports = {q: export_model(src, "coreml", src.parent / f"cm-{q}", q, verify_tokens=128, max_seq_len=128)
                for q in ("f16", "q8", "q4")}
     return model, reports

@@ -13,20 +13,12 @@ pytest.importorskip("mlx_lm")
 
 from distillery.errors import DistilleryError  # noqa: E402
 from distillery.export import export_model  # noqa: E402
-from tiny import tiny_llama, tiny_tokenizer  # noqa: E402
+from tiny import sharp_student_folder, tiny_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def student(tmp_path_factory):
-    model = tiny_llama(tie=True)
-    with torch.no_grad():                          # non-uniform attention, so positions and the cache matter
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(5)
-            layer.self_attn.k_proj.weight.mul_(5)
-    src = tmp_path_factory.mktemp("student")
-    model.save_pretrained(src)
-    tiny_tokenizer().save_pretrained(src)
-    return model, src
+    return sharp_student_folder(tmp_path_factory.mktemp("student"))
 
 
 @pytest.fixture(scope="module")

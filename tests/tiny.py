@@ -73,3 +73,16 @@ def tiny_qwen2(vocab_size: int = 512, hidden: int = 64, layers: int = 2, heads: 
                       num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_pos,
                       tie_word_embeddings=True, eos_token_id=0, pad_token_id=3)
     return Qwen2ForCausalLM(cfg).eval()
+
+
+def sharp_student_folder(root):
+    """A tied tiny Llama whose attention is far from uniform (q/k scaled by 5, so positions and a KV cache matter),
+    saved with its tokenizer under the folder ``root``; returns ``(model, root)``. The exporters' parity tests use it."""
+    model = tiny_llama(tie=True)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(5)
+            layer.self_attn.k_proj.weight.mul_(5)
+    model.save_pretrained(root)
+    tiny_tokenizer().save_pretrained(root)
+    return model, root
