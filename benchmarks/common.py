@@ -245,3 +245,33 @@ def chat_records(tokenizer, n: int, seq_len: int, prompt_tokens: int = 64, text:
     if len(out) < n:
         raise RuntimeError(f"only {len(out)} of {n} conversations of exactly {seq_len} tokens could be built")
     return out
+
+
+# ----------------------------------------------------------------------------- timing a transformers Trainer
+def trainer_clock(cuda: bool = False):
+    """A ``TrainerCallback`` recording ``ticks`` (start, then the end of every step; the GPU synchronised first when
+    ``cuda``) and the logged ``losses``: how the peers' step times are read, one definition for every benchmark."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.ticks: list[float] = []
+            self.losses: list[float] = []
+
+        def on_train_begin(self, *a, **k):
+            self.ticks.append(time.perf_counter())
+
+        def on_step_end(self, *a, **k):
+            if cuda:
+                import torch
+
+                torch.cuda.synchronize()
+            self.ticks.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **k):
+            if logs and "loss" in logs:
+                self.losses.append(float(logs["loss"]))
+
+    return Clock()

@@ -55,7 +55,7 @@ def child_trl(spec: dict) -> dict:
 
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl.experimental.gkd import GKDConfig, GKDTrainer
     from trl.experimental.utils import DataCollatorForChatML
 
@@ -77,30 +77,13 @@ def child_trl(spec: dict) -> dict:
         counted.append(int(batch["attention_mask"].sum()))
         return batch
 
-    class Clock(TrainerCallback):
-        def __init__(self):
-            self.ticks: list[float] = []
-            self.losses: list[float] = []
-
-        def on_train_begin(self, *a, **k):
-            self.ticks.append(time.perf_counter())
-
-        def on_step_end(self, *a, **k):
-            if cuda:
-                torch.cuda.synchronize()
-            self.ticks.append(time.perf_counter())
-
-        def on_log(self, args, state, control, logs=None, **k):
-            if logs and "loss" in logs:
-                self.losses.append(float(logs["loss"]))
-
     # fair: no activation checkpointing (memory is not short here), bf16 autocast only where it is fast (GPU)
     extra = {"bf16": bf16, "gradient_checkpointing": False} if spec["config"] == "fair" else {}
     args = GKDConfig(output_dir=tempfile.mkdtemp(prefix="gkd-"), use_cpu=not cuda, lmbda=0.0, beta=0.5,
                      per_device_train_batch_size=spec["batch"], max_steps=spec["steps"], max_length=spec["seq_len"],
                      learning_rate=LR, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
                      seed=0, **extra)
-    clock = Clock()
+    clock = common.trainer_clock(cuda)
     trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(records),
                          processing_class=tok, data_collator=collate, callbacks=[clock])
     trainer.train()

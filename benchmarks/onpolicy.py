@@ -155,23 +155,7 @@ def trl_trainer(spec: dict, steps: int, callbacks=()):
 
 
 def child_trl(spec: dict) -> dict:
-    from transformers import TrainerCallback
-
-    class Clock(TrainerCallback):
-        def __init__(self):
-            self.ticks, self.losses = [], []
-
-        def on_train_begin(self, *a, **k):
-            self.ticks.append(time.perf_counter())
-
-        def on_step_end(self, *a, **k):
-            self.ticks.append(time.perf_counter())
-
-        def on_log(self, args, state, control, logs=None, **k):
-            if logs and "loss" in logs:
-                self.losses.append(float(logs["loss"]))
-
-    clock = Clock()
+    clock = common.trainer_clock()
     trainer, teacher, args = trl_trainer(spec, spec["steps"], [clock])
     sampling, teacher_s, tokens, generated = [], [], [], []
     real_generate = trainer._generate_single_turn

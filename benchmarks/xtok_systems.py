@@ -15,7 +15,6 @@ import json
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -60,7 +59,7 @@ def gold_records(spec: dict, tok) -> list[dict]:
 def child_gold(spec: dict) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl.experimental.gold import GOLDConfig, GOLDTrainer
     from trl.experimental.utils import DataCollatorForChatML
 
@@ -83,21 +82,6 @@ def child_gold(spec: dict) -> dict:
         counted.append(int(batch["attention_mask"].sum()))
         return batch
 
-    class Clock(TrainerCallback):
-        def __init__(self):
-            self.ticks: list[float] = []
-            self.losses: list[float] = []
-
-        def on_train_begin(self, *a, **k):
-            self.ticks.append(time.perf_counter())
-
-        def on_step_end(self, *a, **k):
-            self.ticks.append(time.perf_counter())
-
-        def on_log(self, args, state, control, logs=None, **k):
-            if logs and "loss" in logs:
-                self.losses.append(float(logs["loss"]))
-
     args = GOLDConfig(
         output_dir=tempfile.mkdtemp(prefix="gold-"), use_cpu=True, bf16=bf16, gradient_checkpointing=False,
         lmbda=0.0,  # off-policy, like ours: the data's text, no student samples
@@ -110,7 +94,7 @@ def child_gold(spec: dict) -> dict:
     # the same AdamW (betas, decay groups) and warm-up + cosine schedule as distillery's loop
     opt = make_optimizer(student, tc)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc.warmup_steps, tc.max_steps, tc.min_lr_ratio))
-    clock = Clock()
+    clock = common.trainer_clock()
     trainer = GOLDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(records),
                           processing_class=tok, data_collator=collate, callbacks=[clock], optimizers=(opt, sched))
     trainer.train()
