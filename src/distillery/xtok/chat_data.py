@@ -1,0 +1,118 @@
+"""Chat data across tokenizers in a run: each side reads the conversation in its *own* chat template.
+
+The student trains on its own rendering of every conversation (its template, its tokens, its assistant mask); the
+teacher scores *its* rendering of the same messages; only the assistant text (plus the end-of-turn token pair) is
+aligned, by :func:`~distillery.xtok.chat.align_chat`. Two pieces wire this into the data pipeline and the loop:
+
+* :class:`CrossChatRenderer` — the ``chat_renderer`` hook of :func:`distillery.data.build.build_blocks`: for every
+  conversation it returns the student's ids and assistant mask and, per student token, a row of its own side table
+  (``row = first_row[c] + k`` for token ``k`` of conversation ``c``). The packed dataset then carries
+  ``teacher_row (B, T)`` (the row of each *label*, i.e. of token ``t + 1``), which says which conversation, and which
+  token of it, every block position holds. The renderer keeps each conversation's :class:`~.chat.ChatAlignment`.
+* :meth:`CrossChatRenderer.view` — a student batch of packed conversations -> the teacher's batch and the
+  :class:`~.align.Alignment` ``(B, T_s)``: per block row, the teacher's renderings of the row's conversations
+  concatenated in the same order (``input_ids = ids[:-1]``, ``labels = ids[1:]`` where the teacher's token is an
+  assistant token, else ``-100``; ``position_ids`` restart at 0 with every conversation, as the student's do), and the
+  conversations' spans shifted to where each starts on either side. A conversation the student side cut at
+  ``seq_len + 1`` tokens keeps its whole teacher rendering; spans past the cut are dropped by
+  :func:`~.align.block_alignment`.
+
+Why not the plain byte view (:class:`~.batch.CrossTokenizer`): it would show the teacher the *student's* template as
+text (``<|user|>`` spelled out in the teacher's tokens), a prompt format the teacher was never trained on, and would
+align template text as if it were content.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .align import block_alignment, stack_alignments
+from .chat import ChatAlignment, align_chat
+
+
+class CrossChatRenderer:
+    """Renders conversations for the student and remembers both sides' renderings (module docstring).
+
+    ``name`` goes into the data fingerprint: the student's token ids of chat data come from this renderer.
+    """
+
+    def __init__(self, teacher_tokenizer, student_tokenizer):
+        from ..data.build import tokenizer_hash
+
+        self.teacher_tokenizer, self.student_tokenizer = teacher_tokenizer, student_tokenizer
+        self.name = f"xtok-chat:{tokenizer_hash(teacher_tokenizer)[:16]}"
+        self.conversations: list[ChatAlignment] = []
+        self._first = [0]  # first side-table row of each conversation, and one past the last
+        pad = teacher_tokenizer.pad_token_id
+        self._pad = pad if pad is not None else (teacher_tokenizer.eos_token_id or 0)
+
+    def __call__(self, record) -> tuple[list[int], list[int], list[int]]:
+        """``(student ids, student assistant mask, side-table rows)`` of one conversation record."""
+        from ..data.chat import prepare_messages
+
+        messages = prepare_messages(record.messages, self.student_tokenizer, record.where)
+        chat = align_chat(messages, self.teacher_tokenizer, self.student_tokenizer, where=record.where)
+        first = self._first[-1]
+        self.conversations.append(chat)
+        self._first.append(first + len(chat.student_ids))
+        return list(chat.student_ids), list(chat.student_mask), list(range(first, first + len(chat.student_ids)))
+
+    @property
+    def end_pairs(self) -> tuple[tuple[int, int], ...]:
+        """Every ``(teacher_id, student_id)`` end-of-turn pair seen (for ``build_vocab_map(pairs=...)``)."""
+        return tuple(sorted({p for c in self.conversations for p in c.end_pairs}))
+
+    def _members(self, rows: np.ndarray) -> list[tuple[int, int]]:
+        """``(conversation, start token in the block)`` of each conversation in one block row, in order.
+
+        ``rows (T,)`` are the side-table rows of tokens ``1..T`` (``-1``: padding). A block starts with a whole
+        conversation, so token 0 belongs to the conversation of token 1 (or is padding)."""
+        members: list[tuple[int, int]] = []
+        first = np.asarray(self._first)
+        for t in np.flatnonzero(rows >= 0):
+            c = int(np.searchsorted(first, rows[t], side="right")) - 1
+            if not members or members[-1][0] != c:
+                members.append((c, int(t) + 1 - int(rows[t] - first[c])))
+        return members
+
+    def view(self, batch: dict):
+        """The teacher's :class:`~.batch.TeacherView` of a student batch of packed conversations."""
+        from .batch import TeacherView
+
+        ids, labels, rows = batch["input_ids"], batch["labels"].cpu(), batch["teacher_row"].cpu().numpy()
+        B, T = ids.shape
+        t_rows, t_pos, t_tgt, aligns = [], [], [], []
+        for b in range(B):
+            seq, pos, tgt, spans = [], [], [], []
+            for c, s_start in self._members(rows[b]):
+                chat = self.conversations[c]
+                u = len(seq)
+                seq += chat.teacher_ids
+                pos += range(len(chat.teacher_ids))
+                tgt += chat.teacher_mask
+                spans += [(t0 + u, t1 + u, s0 + s_start, s1 + s_start) for t0, t1, s0, s1 in chat.spans]
+            t_rows.append(seq)
+            t_pos.append(pos)
+            t_tgt.append(tgt)
+            t_len = max(len(seq) - 1, 0)
+            aligns.append(block_alignment(spans, T, t_len, student_targets=(labels[b] != -100).numpy(),
+                                          teacher_targets=np.asarray(tgt[1:], dtype=bool)))
+        T_t = max(max((len(r) - 1 for r in t_rows), default=1), 1)
+        t_input = torch.full((B, T_t), self._pad, dtype=torch.long)
+        t_labels = torch.full((B, T_t), -100, dtype=torch.long)
+        t_att = torch.zeros(B, T_t, dtype=torch.long)
+        t_position = torch.zeros(B, T_t, dtype=torch.long)
+        for b, (seq, pos, tgt) in enumerate(zip(t_rows, t_pos, t_tgt)):
+            n = len(seq) - 1
+            if n < 1:
+                continue
+            nxt = torch.tensor(seq[1:])
+            t_input[b, :n] = torch.tensor(seq[:-1])
+            t_labels[b, :n] = nxt.masked_fill(~torch.tensor(tgt[1:], dtype=torch.bool), -100)
+            t_att[b, :n] = 1
+            t_position[b, :n] = torch.tensor(pos[:-1])
+        alignment = stack_alignments(aligns)
+        alignment.teacher_len = T_t  # the padded width (at least 1, as the byte view's)
+        return TeacherView({"input_ids": t_input, "labels": t_labels, "attention_mask": t_att,
+                            "position_ids": t_position}, alignment)

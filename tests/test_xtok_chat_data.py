@@ -1,0 +1,94 @@
+"""Chat data across tokenizers in the pipeline (xtok.chat_data): the student packs its own rendering of every
+conversation, the teacher's view of a block holds the teacher's rendering of the same conversations, and the
+alignment of a packed block is each conversation's own alignment, shifted to where it starts on either side."""
+
+from __future__ import annotations
+
+import torch
+
+from distillery.data.pack import BlockDataset, pack_chat
+from distillery.data.readers import Record
+from distillery.xtok import NONE, align_chat
+from distillery.xtok.chat_data import CrossChatRenderer
+from xtok_tokenizers import hand_byte_level, hand_metaspace
+
+CONVS = [
+    [{"role": "user", "content": "Say"}, {"role": "assistant", "content": "hello world"}],
+    [{"role": "user", "content": "Say"}, {"role": "assistant", "content": "Say hello"},
+     {"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}],
+]
+
+
+def _packed(seq_len=80):
+    t_tok, s_tok = hand_byte_level(), hand_metaspace()  # ChatML teacher, Zephyr-style student
+    r = CrossChatRenderer(t_tok, s_tok)
+    triples = [r(Record("chat.jsonl", i + 1, messages=m)) for i, m in enumerate(CONVS)]
+    packed = pack_chat([(ids, mask) for ids, mask, _ in triples], seq_len, s_tok.pad_token_id or 0,
+                       rows=[rows for _, _, rows in triples])
+    ds = BlockDataset(torch.from_numpy(packed["tokens"]), torch.from_numpy(packed["starts"]), seq_len,
+                      targets=torch.from_numpy(packed["targets"]), real=torch.from_numpy(packed["real"]),
+                      teacher_rows=torch.from_numpy(packed["rows"]), positions=torch.from_numpy(packed["positions"]))
+    return t_tok, s_tok, r, ds
+
+
+def test_the_student_side_is_the_students_own_rendering():
+    t_tok, s_tok, r, ds = _packed()
+    assert len(ds) == 1  # both conversations fit one block
+    batch = ds.batch([0])
+    ref = [align_chat(m, t_tok, s_tok) for m in CONVS]
+    n1, n2 = len(ref[0].student_ids), len(ref[1].student_ids)
+    assert batch["input_ids"][0, :n1 + n2 - 1].tolist() == (ref[0].student_ids + ref[1].student_ids)[:-1]
+    assert "<|user|>" in s_tok.decode(ref[0].student_ids)  # the student's template, not the teacher's
+    assert r.end_pairs == ((t_tok.convert_tokens_to_ids("<|im_end|>"), s_tok.convert_tokens_to_ids("</s>")),)
+
+
+def test_the_teacher_view_of_a_packed_block_is_each_conversation_in_its_own_template():
+    t_tok, s_tok, r, ds = _packed()
+    batch = ds.batch([0])
+    view = r.view(batch)
+    ref = [align_chat(m, t_tok, s_tok) for m in CONVS]
+    t1, t2 = len(ref[0].teacher_ids), len(ref[1].teacher_ids)
+    s1, s2 = len(ref[0].student_ids), len(ref[1].student_ids)
+    tb = view.batch
+    assert tb["input_ids"][0].tolist() == (ref[0].teacher_ids + ref[1].teacher_ids)[:-1]
+    assert "<|im_start|>" in t_tok.decode(tb["input_ids"][0].tolist())
+    # positions restart where the second conversation starts (each conversation sees only itself)
+    assert tb["position_ids"][0].tolist() == list(range(t1)) + list(range(t2 - 1))
+    # the teacher's labels are its assistant tokens only
+    want = torch.tensor((ref[0].teacher_ids + ref[1].teacher_ids)[1:])
+    mask = torch.tensor((ref[0].teacher_mask + ref[1].teacher_mask)[1:], dtype=torch.bool)
+    assert torch.equal(tb["labels"][0], want.masked_fill(~mask, -100))
+    # the block's alignment: conversation 1's own, then NONE at the label of conversation 2's first token,
+    # then conversation 2's own with teacher positions shifted by conversation 1's teacher length
+    al, a1, a2 = view.alignment, ref[0].alignment(), ref[1].alignment()
+    T = batch["input_ids"].shape[1]
+    assert torch.equal(al.kind[0, :s1 - 1], a1.kind[0])
+    assert int(al.kind[0, s1 - 1]) == NONE
+    assert torch.equal(al.kind[0, s1:s1 + s2 - 1], a2.kind[0])
+    assert (al.kind[0, s1 + s2 - 1:] == NONE).all() and al.kind.shape == (1, T)
+    on2 = a2.kind[0] != NONE
+    assert torch.equal(al.teacher_first[0, s1:s1 + s2 - 1][on2], a2.teacher_first[0][on2] + t1)
+    assert torch.equal(al.student_first[0, s1:s1 + s2 - 1][on2], a2.student_first[0][on2] + s1)
+    assert al.teacher_len == t1 + t2 - 1 and int((al.kind != NONE).sum()) == int((a1.kind != NONE).sum() +
+                                                                                 (a2.kind != NONE).sum())
+
+
+def test_a_conversation_cut_at_the_block_keeps_only_spans_inside_it():
+    t_tok, s_tok, r, _ = _packed()
+    long = [{"role": "user", "content": "Say"}, {"role": "assistant", "content": " ".join(["hello world"] * 12)}]
+    ids, mask, rows = r(Record("chat.jsonl", 9, messages=long))
+    seq_len = len(ids) // 2
+    packed = pack_chat([(ids, mask)], seq_len, 0, rows=[rows])
+    assert packed["truncated"] == 1
+    ds = BlockDataset(torch.from_numpy(packed["tokens"]), torch.from_numpy(packed["starts"]), seq_len,
+                      targets=torch.from_numpy(packed["targets"]), real=torch.from_numpy(packed["real"]),
+                      teacher_rows=torch.from_numpy(packed["rows"]), positions=torch.from_numpy(packed["positions"]))
+    view = r.view(ds.batch([0]))
+    full = align_chat(long, t_tok, s_tok).alignment()
+    assert view.alignment.kind.shape == (1, seq_len)
+    kept = view.alignment.kind[0] != NONE
+    assert kept.sum() > 0
+    # inside the cut the alignment is the whole conversation's, except a span the cut splits (dropped)
+    same = view.alignment.kind[0] == full.kind[0, :seq_len]
+    assert same[kept].all()
+    assert int((~same).sum()) <= 2
