@@ -25,7 +25,7 @@ class Run:
     teacher: Teacher
     eval_teacher: Teacher | None  # the teacher for validation metrics (live, or the cache's validation split)
     tokenizer: object
-    train: object  # data.BlockDataset
+    train: object  # data.BlockDataset (xtok.cached.StudentBlocks: a cache serving another student tokenizer)
     val: object | None
     fingerprint: dict
     student: torch.nn.Module
@@ -76,7 +76,8 @@ def prepare_run(cfg: RunConfig, device: torch.device, is_main: bool = True) -> R
 
     The teacher comes from :func:`~distillery.teachers.open_teacher` whatever its kind; the data are
     tokenized with its tokenizer, or with the student's own when it has another (``student.tokenizer``, or a
-    pretrained student's: then ``Run.xtok`` maps every batch to the teacher's tokens, docs/cross_tokenizer.md);
+    pretrained student's: then ``Run.xtok`` maps every batch to the teacher's tokens, docs/cross_tokenizer.md;
+    a teacher cache keeps the teacher's blocks and the student re-tokenizes them, :mod:`distillery.xtok.cached`);
     the student is built beside it and checked against it (one vocabulary rule,
     :func:`~distillery.teachers.shared_vocab`; one device rule, :func:`~distillery.teachers.teacher_device`).
     """
@@ -102,7 +103,11 @@ def prepare_run(cfg: RunConfig, device: torch.device, is_main: bool = True) -> R
         cfg, renderer, teacher_stats = _api_logprobs_setup(cfg, teacher, is_main)
 
     data_tok = student_tok if xtok is not None else tokenizer  # the student trains on its own tokens
-    splits = build_datasets(cfg.data, data_tok, max_positions=_max_positions(teacher.model), chat_renderer=renderer)
+    # A cache is keyed by the teacher's blocks: the data are built with its tokenizer, and with another student
+    # tokenizer each block is re-tokenized by the student on the fly (xtok.cached.StudentBlocks, below).
+    cached_xtok = xtok is not None and tcfg.kind == "cache"
+    splits = build_datasets(cfg.data, tokenizer if cached_xtok else data_tok,
+                            max_positions=_max_positions(teacher.model), chat_renderer=renderer)
     if tcfg.kind == "cache":
         teacher.check(splits.fingerprint, cfg)
 
@@ -126,8 +131,14 @@ def prepare_run(cfg: RunConfig, device: torch.device, is_main: bool = True) -> R
         vocab = shared_vocab(student_tok, None, s_width)
         teacher_vocab = shared_vocab(tokenizer, teacher.vocab_width)
     student.to(device)
+    train, val = splits.train, splits.val
+    if cached_xtok:  # student batches of the teacher's blocks, each carrying its teacher view (xtok/cached.py)
+        from .xtok.cached import StudentBlocks
+
+        train = StudentBlocks(train, xtok, max_len=limit)
+        val = StudentBlocks(val, xtok, max_len=limit) if val is not None else None
     return Run(cfg=cfg, teacher=teacher, eval_teacher=teacher.eval_teacher(), tokenizer=data_tok,
-               train=splits.train, val=splits.val, fingerprint=splits.fingerprint, student=student,
+               train=train, val=val, fingerprint=splits.fingerprint, student=student,
                vocab_size=vocab, save_student=_student_saver(data_tok, cfg.student), teacher_stats=teacher_stats,
                xtok=xtok, teacher_vocab=teacher_vocab)
 
@@ -140,9 +151,9 @@ def _cross_tokenizer_setup(cfg: RunConfig, teacher, student_tok):
     if cfg.student.init == "pruned":
         raise DistilleryError("student.init 'pruned' keeps the teacher's embedding, so the student keeps the teacher's "
                               "tokenizer: drop student.tokenizer, or build the student from student.model")
-    if cfg.teacher.kind in ("cache", "api_logprobs"):
+    if cfg.teacher.kind == "api_logprobs":
         raise DistilleryError(f"a student with its own tokenizer needs a teacher that scores text in its own tokens: "
-                              f"teacher.kind 'hf' or 'served', not '{cfg.teacher.kind}' (docs/cross_tokenizer.md)")
+                              f"teacher.kind 'hf', 'served' or 'cache', not '{cfg.teacher.kind}' (docs/cross_tokenizer.md)")
     if cfg.generation.on_policy_fraction > 0:
         raise DistilleryError("on-policy steps with a student of another tokenizer are not supported yet: set "
                               "generation.on_policy_fraction to 0")

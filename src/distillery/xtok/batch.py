@@ -15,6 +15,10 @@ Chat data: the teacher reads the conversation as the student's template renders 
 text), not through its own template; only the student's target (assistant) positions are aligned. Aligning
 each side's own rendering (:func:`~.chat.align_chat`) is left for the data pipeline.
 
+A batch that already carries its teacher view (a teacher cache serving a student of another tokenizer,
+:mod:`.cached`: the teacher's block under ``teacher_*`` keys, the alignment under ``align_*`` keys) is returned
+as it is: the train loop and :func:`~.evaluate.evaluate_xtok` call :meth:`CrossTokenizer.view` either way.
+
 Cost: Python loops over the tokens, about 50-100 µs per student token (docs/cross_tokenizer.md).
 """
 
@@ -27,6 +31,8 @@ import torch
 
 from .align import Alignment, align_spans, block_alignment, encode_with_offsets, spelling, stack_alignments
 from .vocab_map import build_vocab_map
+
+TEACHER_PREFIX, ALIGN_PREFIX = "teacher_", "align_"  # a precomputed view's keys in a student batch (.cached)
 
 
 def _utf8_window(raw: bytes) -> tuple[int, int]:
@@ -54,6 +60,16 @@ class TeacherView:
     alignment: Alignment
 
 
+def precomputed_view(batch: dict) -> TeacherView:
+    """The :class:`TeacherView` a student batch carries: ``teacher_*`` keys -> the teacher's batch ``(B, T_t)``,
+    ``align_kind`` / ``align_teacher_first`` / ``align_teacher_last`` / ``align_student_first`` ``(B, T_s)``."""
+    t_batch = {k[len(TEACHER_PREFIX):]: v for k, v in batch.items() if k.startswith(TEACHER_PREFIX)}
+    a = {k[len(ALIGN_PREFIX):]: v for k, v in batch.items() if k.startswith(ALIGN_PREFIX)}
+    alignment = Alignment(a["kind"], a["teacher_first"], a["teacher_last"], a["student_first"],
+                          int(t_batch["input_ids"].shape[1]))
+    return TeacherView(t_batch, alignment)
+
+
 class CrossTokenizer:
     """Teacher views of student batches, and the vocabulary map between the two tokenizers."""
 
@@ -78,6 +94,8 @@ class CrossTokenizer:
         return b"".join(parts), offsets
 
     def view(self, batch: dict) -> TeacherView:
+        if TEACHER_PREFIX + "input_ids" in batch:  # mapped ahead from a teacher cache's blocks (.cached)
+            return precomputed_view(batch)
         ids, labels = batch["input_ids"].cpu(), batch["labels"].cpu()
         att = batch.get("attention_mask")
         B, T = ids.shape
