@@ -179,7 +179,8 @@ def test_blocks_cut_inside_a_character_keep_whole_characters(world):
 
 
 def test_special_tokens_become_the_students_and_are_never_crossed(world):
-    from distillery.xtok.align import NONE
+    from distillery.xtok.align import END, MERGED, NONE, ONE, START
+    from distillery.xtok.cached import StudentBlocks
     from tiny import tiny_tokenizer
 
     _, _, s_tok = world
@@ -208,6 +209,15 @@ def test_special_tokens_become_the_students_and_are_never_crossed(world):
     batch = sb.batch(torch.arange(len(sb)))
     assert batch["teacher_input_ids"].shape == (len(sb), 16)
     assert (batch["labels"] == eos_s).sum() == (batch["teacher_labels"] == eos_t).sum()
+    short = StudentBlocks(ds, x, max_len=6)  # the student's position limit cuts rows; cut spans are not aligned
+    for i in range(len(sb)):
+        full, cut = sb.mapped(i), short.mapped(i)
+        assert cut.n_labels == min(full.n_labels, 6) and np.array_equal(cut.ids, full.ids[:7])
+        assert (cut.kind == START).sum() == (cut.kind == END).sum()
+        kept = cut.kind != NONE
+        assert np.array_equal(cut.kind[kept], full.kind[:6][kept])  # a kept span is the same span
+        single = np.isin(full.kind[:6], (ONE, MERGED))
+        assert np.array_equal(cut.kind[single], full.kind[:6][single])  # one-student-token spans are all kept
 
 
 def _split(ids: list[int], sep: int) -> list[list[int]]:

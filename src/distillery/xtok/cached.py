@@ -191,7 +191,7 @@ class StudentBlocks:
         L = max(M - 1, 0) if self.max_len is None else min(max(M - 1, 0), int(self.max_len))
         spans = align_spans(t_off, off) if M > 1 and n > 1 else []
         t_targets = np.zeros(T, bool)
-        t_targets[:n - 1] = t_tgt[1:n]
+        t_targets[:max(n - 1, 0)] = t_tgt[1:n]
         al = block_alignment(spans, L, T, student_targets=tgt[1:L + 1], teacher_targets=t_targets)
         ids = np.asarray(s_ids[:L + 1], dtype=np.int32)
         labels = np.where(tgt[1:L + 1], ids[1:L + 1], -100).astype(np.int32)
