@@ -9,6 +9,7 @@ import torch
 from distillery.data.pack import BlockDataset, pack_chat
 from distillery.data.readers import Record
 from distillery.xtok import NONE, align_chat
+from distillery.xtok.batch import CrossTokenizer
 from distillery.xtok.chat_data import CrossChatRenderer
 from xtok_tokenizers import hand_byte_level, hand_metaspace
 
@@ -31,6 +32,12 @@ def _packed(seq_len=80):
     return t_tok, s_tok, r, ds
 
 
+def _view(r, batch):
+    x = CrossTokenizer(r.teacher_tokenizer, r.student_tokenizer)
+    x.use_chat(r)
+    return x.view(batch)
+
+
 def test_the_student_side_is_the_students_own_rendering():
     t_tok, s_tok, r, ds = _packed()
     assert len(ds) == 1  # both conversations fit one block
@@ -45,7 +52,7 @@ def test_the_student_side_is_the_students_own_rendering():
 def test_the_teacher_view_of_a_packed_block_is_each_conversation_in_its_own_template():
     t_tok, s_tok, r, ds = _packed()
     batch = ds.batch([0])
-    view = r.view(batch)
+    view = _view(r, batch)
     ref = [align_chat(m, t_tok, s_tok) for m in CONVS]
     t1, t2 = len(ref[0].teacher_ids), len(ref[1].teacher_ids)
     s1, s2 = len(ref[0].student_ids), len(ref[1].student_ids)
@@ -83,7 +90,7 @@ def test_a_conversation_cut_at_the_block_keeps_only_spans_inside_it():
     ds = BlockDataset(torch.from_numpy(packed["tokens"]), torch.from_numpy(packed["starts"]), seq_len,
                       targets=torch.from_numpy(packed["targets"]), real=torch.from_numpy(packed["real"]),
                       teacher_rows=torch.from_numpy(packed["rows"]), positions=torch.from_numpy(packed["positions"]))
-    view = r.view(ds.batch([0]))
+    view = _view(r, ds.batch([0]))
     full = align_chat(long, t_tok, s_tok).alignment()
     assert view.alignment.kind.shape == (1, seq_len)
     kept = view.alignment.kind[0] != NONE
@@ -92,3 +99,59 @@ def test_a_conversation_cut_at_the_block_keeps_only_spans_inside_it():
     same = view.alignment.kind[0] == full.kind[0, :seq_len]
     assert same[kept].all()
     assert int((~same).sum()) <= 2
+
+
+def test_text_rows_beside_chat_rows_take_the_byte_view():
+    t_tok, s_tok, r, ds = _packed()
+    chat = ds.batch([0])
+    ids = s_tok.encode("Say hello world, say hello", add_special_tokens=False)
+    T = chat["input_ids"].shape[1]
+    text = {"input_ids": torch.tensor([ids[:-1] + [0] * (T - len(ids) + 1)]),
+            "labels": torch.tensor([ids[1:] + [-100] * (T - len(ids) + 1)]),
+            "attention_mask": torch.tensor([[1] * (len(ids) - 1) + [0] * (T - len(ids) + 1)]),
+            "teacher_row": torch.full((1, T), -1)}
+    both = {k: torch.cat([chat[k], text[k]]) for k in text}
+    view = _view(r, both)
+    alone = CrossTokenizer(t_tok, s_tok).view({k: text[k] for k in ("input_ids", "labels", "attention_mask")})
+    n = int(alone.batch["attention_mask"].sum())
+    assert view.batch["input_ids"][1, :n].tolist() == alone.batch["input_ids"][0, :n].tolist()
+    assert view.batch["position_ids"][1, :n].tolist() == list(range(n))  # a text row counts from 0
+    assert torch.equal(view.alignment.kind[1], alone.alignment.kind[0])
+    assert t_tok.decode(alone.batch["input_ids"][0, :n].tolist() + [int(alone.batch["labels"][0, n - 1])]).strip() \
+        == "Say hello world, say hello"
+
+
+def test_a_run_on_chat_data_shows_the_teacher_its_own_template(tmp_path):
+    import json
+
+    from distillery.config import load_config
+    from distillery.run_setup import prepare_run
+    from distillery.train import distill
+    from helpers_run import make_corpus, run_metrics, write_recipe
+
+    lines = [x.strip() for x in make_corpus(tmp_path).read_text().splitlines() if len(x.strip()) > 20][:60]
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [
+        {"role": "system", "content": "Answer in verse."}, {"role": "user", "content": lines[i]},
+        {"role": "assistant", "content": lines[i + 1]}]}) + "\n" for i in range(0, len(lines) - 1, 2)))
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path, out, data={"train": [str(chat)], "seq_len": 96, "val_fraction": 0.1},
+                          student={"tokenizer": "bpe:600"},
+                          train={"max_steps": 3, "save_every": 0, "eval_every": 0, "eval_batches": 1,
+                                 "mixed_precision": "no"})
+    cfg = load_config(recipe)
+    run = prepare_run(cfg, torch.device("cpu"))
+    assert run.xtok.chat is not None and len(run.xtok.chat.conversations) == 30
+    batch = run.train.batch([0, 1])
+    view = run.xtok.view(batch)
+    t_tok = run.xtok.teacher_tokenizer
+    text = t_tok.decode(view.batch["input_ids"][0].tolist())
+    assert text.startswith("<|im_start|>system\nAnswer in verse.<|im_end|>")  # the teacher's own rendering
+    aligned = view.alignment.kind != NONE
+    assert aligned.sum() > 20
+    assert (batch["labels"][aligned] != -100).all()  # only assistant positions are aligned
+    t_labels = view.batch["labels"]
+    assert (t_labels != -100).sum() < t_labels.numel() / 2  # the teacher's targets are its assistant tokens only
+    distill(cfg)
+    steps = [m for m in run_metrics(out) if "loss" in m]
+    assert len(steps) == 3 and all(0 < m["kd"] < 50 for m in steps)

@@ -106,8 +106,14 @@ def prepare_run(cfg: RunConfig, device: torch.device, is_main: bool = True) -> R
     # A cache is keyed by the teacher's blocks: the data are built with its tokenizer, and with another student
     # tokenizer each block is re-tokenized by the student on the fly (xtok.cached.StudentBlocks, below).
     cached_xtok = xtok is not None and tcfg.kind == "cache"
+    if xtok is not None and not cached_xtok:  # conversations: each side in its own chat template (xtok.chat_data)
+        from .xtok.chat_data import CrossChatRenderer
+
+        renderer = CrossChatRenderer(tokenizer, student_tok)
     splits = build_datasets(cfg.data, tokenizer if cached_xtok else data_tok,
                             max_positions=_max_positions(teacher.model), chat_renderer=renderer)
+    if xtok is not None and not cached_xtok and renderer.conversations:
+        xtok.use_chat(renderer)
     if tcfg.kind == "cache":
         teacher.check(splits.fingerprint, cfg)
 

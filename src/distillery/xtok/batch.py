@@ -11,9 +11,9 @@ positions describe it (``(B, T_s)``). The teacher batch is the teacher's ids of 
 ``attention_mask``. Any backend scores it (in-process, served); its targets stay in the teacher's vocabulary
 and :func:`~.losses.xtok_loss` maps them onto the student's.
 
-Chat data: the teacher reads the conversation as the student's template renders it (its tokens spelled as
-text), not through its own template; only the student's target (assistant) positions are aligned. Aligning
-each side's own rendering (:func:`~.chat.align_chat`) is left for the data pipeline.
+Chat data: rows of conversations rendered by a :class:`~.chat_data.CrossChatRenderer` (``use_chat``; the batch's
+``teacher_row`` says which conversations a row holds) are read by the teacher in its *own* chat template, and only
+the assistant text is aligned (:mod:`.chat_data`). Other rows (plain text) take the byte view above.
 
 A batch that already carries its teacher view (a teacher cache serving a student of another tokenizer,
 :mod:`.cached`: the teacher's block under ``teacher_*`` keys, the alignment under ``align_*`` keys) is returned
@@ -70,6 +70,47 @@ def precomputed_view(batch: dict) -> TeacherView:
     return TeacherView(t_batch, alignment)
 
 
+@dataclass
+class TeacherRow:
+    """One block row as the teacher reads it: its tokens (``input_ids = ids[:-1]``, ``labels = ids[1:]``), the spans
+    (:func:`~.align.align_spans`, token indices of ``ids`` and of the student's row), and optionally, per token,
+    whether it is a target (``None``: all) and its position id (``None``: ``0, 1, ...``)."""
+
+    ids: list[int]
+    spans: list[tuple[int, int, int, int]]
+    targets: list[int] | None = None
+    positions: list[int] | None = None
+
+
+def assemble_view(rows: list[TeacherRow], labels: torch.Tensor, pad: int) -> TeacherView:
+    """Right-padded teacher batch ``(B, T_t)`` (``position_ids`` too when a row has its own) and the alignment
+    ``(B, T_s)`` of student label positions whose ``labels`` are targets."""
+    B, T = labels.shape
+    T_t = max(max((len(r.ids) - 1 for r in rows), default=1), 1)
+    t_input = torch.full((B, T_t), pad, dtype=torch.long)
+    t_labels = torch.full((B, T_t), -100, dtype=torch.long)
+    t_att = torch.zeros(B, T_t, dtype=torch.long)
+    with_pos = any(r.positions is not None for r in rows)
+    t_pos = torch.zeros(B, T_t, dtype=torch.long) if with_pos else None
+    aligns = []
+    for b, r in enumerate(rows):
+        n = len(r.ids) - 1
+        tgt = None if r.targets is None else np.asarray(r.targets[1:], dtype=bool)
+        aligns.append(block_alignment(r.spans, T, T_t, student_targets=(labels[b] != -100).numpy(), teacher_targets=tgt))
+        if n < 1:
+            continue
+        t_input[b, :n] = torch.tensor(r.ids[:-1])
+        nxt = torch.tensor(r.ids[1:])
+        t_labels[b, :n] = nxt if tgt is None else nxt.masked_fill(~torch.from_numpy(tgt), -100)
+        t_att[b, :n] = 1
+        if with_pos:
+            t_pos[b, :n] = torch.tensor(r.positions[:-1]) if r.positions is not None else torch.arange(n)
+    out = {"input_ids": t_input, "labels": t_labels, "attention_mask": t_att}
+    if with_pos:
+        out["position_ids"] = t_pos
+    return TeacherView(out, stack_alignments(aligns))
+
+
 class CrossTokenizer:
     """Teacher views of student batches, and the vocabulary map between the two tokenizers."""
 
@@ -79,6 +120,7 @@ class CrossTokenizer:
         self._spelled = spelling(student_tokenizer).spelling
         pad = teacher_tokenizer.pad_token_id
         self._pad = pad if pad is not None else (teacher_tokenizer.eos_token_id or 0)
+        self.chat = None  # a CrossChatRenderer, when the data have conversations (use_chat)
 
     def row_bytes(self, ids: list[int]) -> tuple[bytes, np.ndarray]:
         """The bytes a student token row spells, and each token's ``[start, end)`` in them (``-1``: special)."""
@@ -93,42 +135,46 @@ class CrossTokenizer:
             at += len(b)
         return b"".join(parts), offsets
 
+    def use_chat(self, chat) -> None:
+        """Chat data rendered by a :class:`~.chat_data.CrossChatRenderer`: rows of packed conversations get the
+        teacher's own rendering (``batch["teacher_row"]`` says which conversations a row holds), and the
+        end-of-turn pairs it found join the vocabulary map."""
+        self.chat = chat
+        if chat.end_pairs:
+            self.vmap = build_vocab_map(self.teacher_tokenizer, self.student_tokenizer, pairs=chat.end_pairs)
+
+    def byte_row(self, ids: torch.Tensor, labels: torch.Tensor, n: int) -> TeacherRow:
+        """One row's bytes (its first ``n`` tokens and the last label), re-tokenized by the teacher, and the spans."""
+        block = ids[:n].tolist()
+        if n and int(labels[n - 1]) != -100:
+            block.append(int(labels[n - 1]))
+        raw, s_off = self.row_bytes(block)
+        lo, hi = _utf8_window(raw)
+        try:
+            text = raw[lo:hi].decode("utf-8")
+        except UnicodeDecodeError:  # bytes that spell no text (arbitrary byte-fallback runs): row unaligned
+            text = ""
+        t_ids, t_off = encode_with_offsets(self.teacher_tokenizer, text) if text else ([], np.zeros((0, 2), np.int64))
+        t_off = np.where(t_off >= 0, t_off + lo, -1)
+        s_off = np.where((s_off[:, :1] >= lo) & (s_off[:, 1:] <= hi), s_off, -1)  # tokens cut at the edges: out
+        return TeacherRow(list(t_ids), align_spans(t_off, s_off) if len(t_ids) > 1 else [])
+
     def view(self, batch: dict) -> TeacherView:
+        """The teacher's batch of the same text and the alignment ``(B, T_s)`` (module docstring)."""
         if TEACHER_PREFIX + "input_ids" in batch:  # mapped ahead from a teacher cache's blocks (.cached)
             return precomputed_view(batch)
         ids, labels = batch["input_ids"].cpu(), batch["labels"].cpu()
         att = batch.get("attention_mask")
+        conv = batch.get("teacher_row") if self.chat is not None else None
+        conv = None if conv is None else conv.cpu().numpy()
         B, T = ids.shape
-        rows, aligns = [], []
+        rows = []
         for b in range(B):
-            n = int(att[b].sum()) if att is not None else T
-            block = ids[b, :n].tolist()
-            if n and int(labels[b, n - 1]) != -100:
-                block.append(int(labels[b, n - 1]))
-            raw, s_off = self.row_bytes(block)
-            lo, hi = _utf8_window(raw)
-            try:
-                text = raw[lo:hi].decode("utf-8")
-            except UnicodeDecodeError:  # bytes that spell no text (arbitrary byte-fallback runs): row unaligned
-                text = ""
-            t_ids, t_off = encode_with_offsets(self.teacher_tokenizer, text) if text else ([], np.zeros((0, 2), np.int64))
-            t_off = np.where(t_off >= 0, t_off + lo, -1)
-            s_off = np.where((s_off[:, :1] >= lo) & (s_off[:, 1:] <= hi), s_off, -1)  # tokens cut at the edges: out
-            spans = align_spans(t_off, s_off) if len(t_ids) > 1 else []
-            t_len = max(len(t_ids) - 1, 0)
-            rows.append(t_ids)
-            aligns.append((spans, t_len, (labels[b] != -100).numpy()))
-        T_t = max(max((len(r) - 1 for r in rows), default=1), 1)
-        t_input = torch.full((B, T_t), self._pad, dtype=torch.long)
-        t_labels = torch.full((B, T_t), -100, dtype=torch.long)
-        t_att = torch.zeros(B, T_t, dtype=torch.long)
-        for b, r in enumerate(rows):
-            if len(r) > 1:
-                t_input[b, :len(r) - 1] = torch.tensor(r[:-1])
-                t_labels[b, :len(r) - 1] = torch.tensor(r[1:])
-                t_att[b, :len(r) - 1] = 1
-        alignment = stack_alignments([block_alignment(sp, T, T_t, student_targets=tg) for sp, _, tg in aligns])
-        return TeacherView({"input_ids": t_input, "labels": t_labels, "attention_mask": t_att}, alignment)
+            if conv is not None and (conv[b] >= 0).any():  # packed conversations: each in the teacher's template
+                rows.append(self.chat.row(conv[b]))
+            else:
+                rows.append(self.byte_row(ids[b], labels[b], int(att[b].sum()) if att is not None else T))
+        return assemble_view(rows, labels, self._pad)
 
     def loss(self, hidden: torch.Tensor, head, targets, view: TeacherView, labels: torch.Tensor, loss_cfg,
              chunk_rows: int) -> torch.Tensor:

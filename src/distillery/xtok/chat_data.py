@@ -9,8 +9,9 @@ aligned, by :func:`~distillery.xtok.chat.align_chat`. Two pieces wire this into 
   (``row = first_row[c] + k`` for token ``k`` of conversation ``c``). The packed dataset then carries
   ``teacher_row (B, T)`` (the row of each *label*, i.e. of token ``t + 1``), which says which conversation, and which
   token of it, every block position holds. The renderer keeps each conversation's :class:`~.chat.ChatAlignment`.
-* :meth:`CrossChatRenderer.view` — a student batch of packed conversations -> the teacher's batch and the
-  :class:`~.align.Alignment` ``(B, T_s)``: per block row, the teacher's renderings of the row's conversations
+* :meth:`CrossChatRenderer.row` — a block row of packed conversations -> the teacher's row
+  (:class:`~.batch.TeacherRow`; :meth:`~.batch.CrossTokenizer.view` assembles the batch and the
+  :class:`~.align.Alignment` ``(B, T_s)``): the teacher's renderings of the row's conversations
   concatenated in the same order (``input_ids = ids[:-1]``, ``labels = ids[1:]`` where the teacher's token is an
   assistant token, else ``-100``; ``position_ids`` restart at 0 with every conversation, as the student's do), and the
   conversations' spans shifted to where each starts on either side. A conversation the student side cut at
@@ -25,9 +26,7 @@ align template text as if it were content.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from .align import block_alignment, stack_alignments
 from .chat import ChatAlignment, align_chat
 
 
@@ -44,8 +43,6 @@ class CrossChatRenderer:
         self.name = f"xtok-chat:{tokenizer_hash(teacher_tokenizer)[:16]}"
         self.conversations: list[ChatAlignment] = []
         self._first = [0]  # first side-table row of each conversation, and one past the last
-        pad = teacher_tokenizer.pad_token_id
-        self._pad = pad if pad is not None else (teacher_tokenizer.eos_token_id or 0)
 
     def __call__(self, record) -> tuple[list[int], list[int], list[int]]:
         """``(student ids, student assistant mask, side-table rows)`` of one conversation record."""
@@ -76,43 +73,18 @@ class CrossChatRenderer:
                 members.append((c, int(t) + 1 - int(rows[t] - first[c])))
         return members
 
-    def view(self, batch: dict):
-        """The teacher's :class:`~.batch.TeacherView` of a student batch of packed conversations."""
-        from .batch import TeacherView
+    def row(self, rows: np.ndarray):
+        """One block row of packed conversations as the teacher reads it: a :class:`~.batch.TeacherRow` of the
+        teacher's renderings of the row's conversations, their assistant masks, positions restarting at 0 with each
+        conversation, and the conversations' spans shifted to where each starts on either side."""
+        from .batch import TeacherRow
 
-        ids, labels, rows = batch["input_ids"], batch["labels"].cpu(), batch["teacher_row"].cpu().numpy()
-        B, T = ids.shape
-        t_rows, t_pos, t_tgt, aligns = [], [], [], []
-        for b in range(B):
-            seq, pos, tgt, spans = [], [], [], []
-            for c, s_start in self._members(rows[b]):
-                chat = self.conversations[c]
-                u = len(seq)
-                seq += chat.teacher_ids
-                pos += range(len(chat.teacher_ids))
-                tgt += chat.teacher_mask
-                spans += [(t0 + u, t1 + u, s0 + s_start, s1 + s_start) for t0, t1, s0, s1 in chat.spans]
-            t_rows.append(seq)
-            t_pos.append(pos)
-            t_tgt.append(tgt)
-            t_len = max(len(seq) - 1, 0)
-            aligns.append(block_alignment(spans, T, t_len, student_targets=(labels[b] != -100).numpy(),
-                                          teacher_targets=np.asarray(tgt[1:], dtype=bool)))
-        T_t = max(max((len(r) - 1 for r in t_rows), default=1), 1)
-        t_input = torch.full((B, T_t), self._pad, dtype=torch.long)
-        t_labels = torch.full((B, T_t), -100, dtype=torch.long)
-        t_att = torch.zeros(B, T_t, dtype=torch.long)
-        t_position = torch.zeros(B, T_t, dtype=torch.long)
-        for b, (seq, pos, tgt) in enumerate(zip(t_rows, t_pos, t_tgt)):
-            n = len(seq) - 1
-            if n < 1:
-                continue
-            nxt = torch.tensor(seq[1:])
-            t_input[b, :n] = torch.tensor(seq[:-1])
-            t_labels[b, :n] = nxt.masked_fill(~torch.tensor(tgt[1:], dtype=torch.bool), -100)
-            t_att[b, :n] = 1
-            t_position[b, :n] = torch.tensor(pos[:-1])
-        alignment = stack_alignments(aligns)
-        alignment.teacher_len = T_t  # the padded width (at least 1, as the byte view's)
-        return TeacherView({"input_ids": t_input, "labels": t_labels, "attention_mask": t_att,
-                            "position_ids": t_position}, alignment)
+        seq, pos, tgt, spans = [], [], [], []
+        for c, s_start in self._members(rows):
+            chat = self.conversations[c]
+            u = len(seq)
+            seq += chat.teacher_ids
+            pos += range(len(chat.teacher_ids))
+            tgt += chat.teacher_mask
+            spans += [(t0 + u, t1 + u, s0 + s_start, s1 + s_start) for t0, t1, s0, s1 in chat.spans]
+        return TeacherRow(seq, spans, tgt, pos)
