@@ -12,6 +12,7 @@ from transformers import MistralConfig, MistralForCausalLM, Qwen3Config, Qwen3Fo
 
 from distillery.errors import DistilleryError
 from distillery.generate import sample, static_decode_supported
+from distillery.static_decode import StaticDecoder
 from tiny import tiny_llama, tiny_qwen2
 from test_generate import PAD, hf_greedy, left_padded_prompts
 
@@ -30,10 +31,18 @@ def tiny_mistral(window):
     return MistralForCausalLM(cfg).eval()
 
 
-def head_rows(model):
-    """Rows the LM head runs on, per call (a forward hook)."""
+def head_rows(model, monkeypatch):
+    """Rows the LM head runs on, per call: a forward hook on ``lm_head`` (the HF decoder) and a wrapper around
+    ``StaticDecoder.logits`` (the static decoder runs the head's weight packed, not the module)."""
     rows = []
     model.lm_head.register_forward_hook(lambda m, i, o: rows.append(i[0].reshape(-1, i[0].shape[-1]).shape[0]))
+    real = StaticDecoder.logits
+
+    def logits(self, normed):
+        rows.append(normed.shape[0])
+        return real(self, normed)
+
+    monkeypatch.setattr(StaticDecoder, "logits", logits)
     return rows
 
 
@@ -50,13 +59,13 @@ def test_greedy_equals_generate(build, decoder):
 
 
 @pytest.mark.parametrize("decoder", ["static", "hf"])
-def test_finished_rows_leave_the_batch_and_tokens_still_equal_generate(decoder):
+def test_finished_rows_leave_the_batch_and_tokens_still_equal_generate(decoder, monkeypatch):
     model = tiny_llama(layers=2)
     ids, mask = left_padded_prompts(lengths=(7, 3, 5, 6), seed=1)
     free, _ = sample(model, ids, mask, max_new_tokens=12, sample_temperature=0.0, eos_token_id=None, pad_token_id=PAD)
     row0 = free[0, 7:].tolist()
     eos = row0[next(k for k in range(1, 6) if row0[k] not in row0[:k])]  # row 0 ends early on this token
-    rows = head_rows(model)
+    rows = head_rows(model, monkeypatch)
     seqs, completion = sample(model, ids, mask, max_new_tokens=12, sample_temperature=0.0, eos_token_id=eos,
                               pad_token_id=PAD, decoder=decoder)
     rows = list(rows)  # ours only (generate below runs the same head)
@@ -75,17 +84,28 @@ def test_static_and_hf_decoders_draw_the_same_samples():
     assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
 
 
-def test_under_bf16_autocast_the_decode_layers_stay_fp32_and_the_head_runs_bf16():
+def test_under_bf16_autocast_the_decode_layers_stay_fp32_and_the_head_runs_bf16(monkeypatch):
     model = tiny_llama(layers=2)
     ids, mask = left_padded_prompts()
-    seen = {"o_proj": [], "lm_head": []}
-    model.model.layers[0].self_attn.o_proj.register_forward_hook(lambda m, i, o: seen["o_proj"].append(o.dtype))
-    model.lm_head.register_forward_hook(lambda m, i, o: seen["lm_head"].append(o.dtype))
+    prefill_o = []
+    model.model.layers[0].self_attn.o_proj.register_forward_hook(lambda m, i, o: prefill_o.append(o.dtype))
+    seen = []  # (decoder, dtype of the normed hidden state, dtype of the logits) per head call
+    real = StaticDecoder.logits
+
+    def logits(self, normed):
+        out = real(self, normed)
+        seen.append((self, normed.dtype, out.dtype))
+        return out
+
+    monkeypatch.setattr(StaticDecoder, "logits", logits)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         seqs, _ = sample(model, ids, mask, max_new_tokens=5, sample_temperature=0.0, pad_token_id=PAD, decoder="static")
     assert seqs.shape == (3, 12)
-    assert seen["o_proj"] == [torch.bfloat16] + [torch.float32] * 4  # prefill in bf16, then 4 decode steps in fp32
-    assert seen["lm_head"] == [torch.bfloat16] * 5
+    assert prefill_o == [torch.bfloat16]  # the prefill (the model's forward) under the autocast; decode steps use packed weights
+    dec = seen[0][0]
+    assert dec.qkv[0].weight.dtype == dec.o[0].weight.dtype == dec.down[0].weight.dtype == torch.float32
+    assert [s[1] for s in seen[1:]] == [torch.float32] * 4  # 4 decode steps: the layers ran in fp32
+    assert [s[2] for s in seen] == [torch.bfloat16] * 5 and dec.head.weight.dtype == torch.bfloat16
 
 
 def test_short_sliding_window_falls_back_and_static_is_refused():

@@ -3,19 +3,18 @@
 ``sample`` runs one prefill over the left-padded prompts (the model's own forward), then one decode
 step per new token for the rows still running. Two decoders do the steps:
 
-* ``StaticDecoder`` (Llama, Qwen2, Qwen3, Mistral: the student architectures): keys and values live in
-  buffers allocated once, ``(b, kv_heads, P + N, head_dim)`` per layer, written in place one column per
-  step; a step calls the model's own submodules (embedding, norms, q/k/v/o projections, rotary
-  embedding, MLP, LM head) with nothing else around them. The generic forward rebuilds a 4-D mask,
-  concatenates the cache and dispatches through several wrappers at every token; on a small student
-  that overhead is most of a decode step.
+* ``StaticDecoder`` (``static_decode``; Llama, Qwen2, Qwen3, Mistral: the student architectures): keys and
+  values live in buffers allocated once and written in place; a step is a straight line of the model's own
+  norms, RoPE and activation with its projection weights packed once per call for oneDNN (on CPU the
+  8-row LM head GEMM ran ~2x faster packed). The generic forward rebuilds a 4-D mask, concatenates the
+  cache and dispatches through several wrappers at every token.
 * ``HFDecoder`` (any other causal LM): the model's forward with its ``DynamicCache``.
 
 A row that has produced an EOS leaves the batch at once (``keep``): its cache rows are dropped and
 the next steps run on the remaining rows only, so no work is spent on finished rows. Positions follow
 the left padding (``position = cumsum(mask) - 1``), as ``model.generate`` does, so greedy ``sample``
-matches greedy ``generate`` token for token (the same submodules on the same numbers; attention over
-the cached columns differs from the generic path only by float rounding order).
+matches greedy ``generate`` token for token (the same maths on the same numbers; the packed products and
+attention over the cached columns differ from the generic path only by float rounding order).
 
 ``sample_temperature == 0`` is greedy (argmax) and ignores ``top_p`` and the generator.
 """
@@ -27,9 +26,10 @@ import inspect
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from .errors import DistilleryError
+from .hardware import cpu_bf16_fast
+from .static_decode import StaticDecoder
 
 STATIC_TYPES = ("llama", "qwen2", "qwen3", "mistral")  # decoder layers of the Llama shape (pre-norm, RoPE, GQA)
 
@@ -134,6 +134,11 @@ class HFDecoder:
         self.cache.reorder_cache(rows)
         self.mask = self.mask[rows]
 
+    @staticmethod
+    def choose(logits: torch.Tensor, sample_temperature: float, top_p: float,
+               generator: torch.Generator | None) -> torch.Tensor:
+        return next_tokens(logits, sample_temperature, top_p, generator)
+
     def step(self, tok: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """``tok (b,)`` at ``position (b, 1)`` → next-token logits ``(b, V)``."""
         self.length += 1
@@ -143,88 +148,11 @@ class HFDecoder:
         return out.logits[:, -1, :self.vocab_size] if self.vocab_size else out.logits[:, -1]
 
 
-class StaticDecoder:
-    """Decode steps of a Llama-shaped model against preallocated key/value buffers.
-
-    One step for ``b`` rows, per layer (``h`` the residual stream ``(b, 1, H)``, ``L`` the cached length)::
-
-        q, k, v = rope(q_proj(norm1(h))), rope(k_proj(norm1(h))), v_proj(norm1(h))   # (b, heads, 1, d)
-        K[:, :, L], V[:, :, L] = k, v                                                 # in place
-        h = h + o_proj(softmax(q K[:, :, :L+1]ᵀ · scaling + mask) V[:, :, :L+1])     # SDPA, GQA
-        h = h + mlp(norm2(h))
-
-    then ``logits = lm_head(norm(h))``. The mask hides the prompts' left padding. Every submodule is the
-    model's own, so weights, biases, q/k norms (Qwen3), RoPE scaling and the dtype are the model's.
-
-    Under a bf16 autocast (training in bf16) only the prefill and the LM head run in bf16: the layers of a
-    decode step run in the weights' dtype. Their matmuls have ``b`` rows and their attention one query, where
-    the cast costs more than bf16 saves: on a Zen 4 EPYC with AVX512-BF16, bf16 SDPA for one query took 6x
-    and an 8x192 @ 192x512 matmul 1.6x the fp32 time, while the 8x256 @ 256x49,152 head ran 2.5x faster.
-    """
-
-    def __init__(self, model, cache, mask: torch.Tensor, vocab_size: int | None):
-        base = model.model
-        self.model, self.base, self.vocab_size = model, base, vocab_size
-        self.layers = list(base.layers[:model.config.num_hidden_layers])
-        self.rope = sys.modules[type(model).__module__].apply_rotary_pos_emb
-        self.length = cache.get_seq_length()
-        B, total = mask.shape
-        self.keys, self.values = [], []
-        dtype = self.layers[0].self_attn.o_proj.weight.dtype  # the decode layers' dtype (see above)
-        for layer in cache.layers[:len(self.layers)]:  # copy the prefill's (b, kv_heads, P, d) into (b, kv_heads, P + N, d)
-            k = layer.keys.new_empty(B, layer.keys.shape[1], total, layer.keys.shape[3], dtype=dtype)
-            v = layer.values.new_empty(B, layer.values.shape[1], total, layer.values.shape[3], dtype=dtype)
-            k[:, :, :self.length] = layer.keys
-            v[:, :, :self.length] = layer.values
-            self.keys.append(k)
-            self.values.append(v)
-        self.mask = mask.bool()[:, None, None, :]  # (b, 1, 1, P + N): True = attend
-        a = self.layers[0].self_attn
-        self.head_dim, self.scaling = a.head_dim, a.scaling
-        self.gqa = model.config.num_attention_heads != getattr(model.config, "num_key_value_heads", None)
-
-    def keep(self, rows: torch.Tensor) -> None:
-        """Drop every batch row not in ``rows``: later steps run on the kept rows only."""
-        self.keys = [k[rows] for k in self.keys]
-        self.values = [v[rows] for v in self.values]
-        self.mask = self.mask[rows]
-
-    def step(self, tok: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        """``tok (b,)`` at ``position (b, 1)`` → next-token logits ``(b, V)``."""
-        L = self.length
-        b = tok.shape[0]
-        with torch.autocast(tok.device.type, enabled=False):     # the layers: in the weights' dtype (see above)
-            h = self._layers(tok, position, L, b)
-        self.length = L + 1
-        logits = self.model.lm_head(self.base.norm(h[:, 0]))       # (b, V), under the caller's autocast
-        return logits[:, :self.vocab_size] if self.vocab_size else logits
-
-    def _layers(self, tok: torch.Tensor, position: torch.Tensor, L: int, b: int) -> torch.Tensor:
-        h = self.base.embed_tokens(tok[:, None])                  # (b, 1, H)
-        cos, sin = self.base.rotary_emb(h, position_ids=position)
-        mask = self.mask[..., :L + 1]
-        for layer, K, V in zip(self.layers, self.keys, self.values):
-            a = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = a.q_proj(x).view(b, 1, -1, self.head_dim)
-            k = a.k_proj(x).view(b, 1, -1, self.head_dim)
-            if hasattr(a, "q_norm"):  # Qwen3: RMSNorm per head before RoPE
-                q, k = a.q_norm(q), a.k_norm(k)
-            q, k = self.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (b, heads, 1, d)
-            K[:, :, L] = k[:, :, 0]
-            V[:, :, L] = a.v_proj(x).view(b, -1, self.head_dim)
-            o = F.scaled_dot_product_attention(q, K[:, :, :L + 1], V[:, :, :L + 1], attn_mask=mask,
-                                               scale=self.scaling, enable_gqa=self.gqa)  # (b, heads, 1, d)
-            h = h + a.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return h
-
-
 @torch.no_grad()
 def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
            sample_temperature: float = 1.0, top_p: float = 1.0, eos_token_id: int | list[int] | None = None,
            pad_token_id: int = 0, generator: torch.Generator | None = None,
-           vocab_size: int | None = None, decoder: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+           vocab_size: int | None = None, decoder: str = "auto", head: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Continue left-padded prompts with ``model``; returns ``(sequences, completion_mask)``.
 
     Args:
@@ -240,6 +168,10 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
         vocab_size: sample only among the first ``vocab_size`` logits (padded embedding tables).
         decoder: ``"auto"`` (``StaticDecoder`` where ``static_decode_supported``, else ``HFDecoder``),
             ``"static"`` or ``"hf"``.
+        head: how the static decoder picks tokens from an fp32 LM head: ``"screened"`` screens in bf16 and
+            rescores the best few in fp32 with an error certificate (``screened_head``: the same tokens as
+            the fp32 head, sampling exact, at bf16 speed; ``top_p == 1`` only), ``"plain"`` runs the fp32
+            head, ``"auto"`` screens on a CPU where bf16 is fast (``hardware.cpu_bf16_fast``).
 
     Returns:
         sequences ``(B, P + N')`` int64 (``N' ≤ N`` steps run): prompt, then the generated tokens,
@@ -260,12 +192,15 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
         raise DistilleryError("sample: prompts must be left-padded (attention_mask[:, -1] must be 1 in every row)")
     if decoder not in ("auto", "static", "hf"):
         raise DistilleryError(f"sample: decoder must be 'auto', 'static' or 'hf' (got {decoder!r})")
+    if head not in ("auto", "screened", "plain"):
+        raise DistilleryError(f"sample: head must be 'auto', 'screened' or 'plain' (got {head!r})")
     device = input_ids.device
     B, P = input_ids.shape
     static = decoder == "static" or (decoder == "auto" and static_decode_supported(model, P + max_new_tokens))
     if decoder == "static" and not static_decode_supported(model, P + max_new_tokens):
         raise DistilleryError(f"sample: decoder='static' does not support {type(model).__name__} "
                               f"(Llama-shaped full-attention models only: {', '.join(STATIC_TYPES)})")
+    screen = head == "screened" or (head == "auto" and device.type == "cpu" and cpu_bf16_fast())
     eos = _eos_tensor(eos_token_id, device)
     gen = _device_generator(generator, device)
     keep_arg = _forward_args(type(model))[1]
@@ -282,13 +217,18 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
 
     extra = {"logits_to_keep": 1} if keep_arg else {}  # prefill: only the last position's logits
     try:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position, use_cache=True, **extra)
-        logits = out.logits[:, -1, :vocab_size] if vocab_size else out.logits[:, -1]
-        dec = (StaticDecoder if static else HFDecoder)(model, _returned_cache(out), mask, vocab_size)
+        if static:  # the backbone's forward; the decoder's head then runs on the last position only
+            out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position, use_cache=True)
+            dec = StaticDecoder(model, _returned_cache(out), mask, vocab_size, screen_head=screen)
+            head_in = out.last_hidden_state[:, -1]  # (B, H), after the final norm
+        else:
+            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position, use_cache=True, **extra)
+            head_in = out.logits[:, -1, :vocab_size] if vocab_size else out.logits[:, -1]  # (B, V)
+            dec = HFDecoder(model, _returned_cache(out), mask, vocab_size)
         del out
         steps = 0
         for t in range(max_new_tokens):
-            tok = next_tokens(logits, sample_temperature, top_p, gen)  # (b,)
+            tok = dec.choose(head_in, sample_temperature, top_p, gen)  # (b,)
             generated[rows, t] = tok
             steps = t + 1
             if t + 1 == max_new_tokens:
@@ -301,7 +241,7 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
                     keep = running.nonzero().squeeze(1)
                     rows, tok, next_pos = rows[keep], tok[keep], next_pos[keep]
                     dec.keep(keep)
-            logits = dec.step(tok, next_pos)
+            head_in = dec.step(tok, next_pos)
             next_pos = next_pos + 1
     finally:
         model.train(was_training)
