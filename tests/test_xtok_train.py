@@ -137,3 +137,47 @@ def test_through_the_batch_view_identical_tokenizers_give_the_same_vocabulary_lo
     assert one.sum() >= 60  # all but the edges
     want = forward_kl(head(hidden), TeacherTargets(logits=t_logits))[0][one].sum()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_on_policy_steps_with_another_tokenizer_score_the_students_samples(tmp_path, bpe_dir):
+    from distillery.onpolicy import on_policy_batch
+    from distillery.run_setup import prepare_run
+
+    gen = {"on_policy_fraction": 1.0, "max_new_tokens": 12, "prompt_tokens": 8, "sample_temperature": 1.0}
+    cfg = load_config(write_recipe(tmp_path, tmp_path / "op", data=DATA, train=TRAIN, generation=gen,
+                                   student={"tokenizer": str(bpe_dir)}))
+    run = prepare_run(cfg, torch.device("cpu"))
+    sampled = on_policy_batch(run.student, run.train.batch([0, 1]), run.tokenizer, cfg.generation,
+                              generator=torch.Generator().manual_seed(0), vocab_size=run.vocab_size)
+    view = run.xtok.view(sampled)
+    s_tok, t_tok = run.xtok.student_tokenizer, run.xtok.teacher_tokenizer
+    for b in range(2):  # the teacher reads the student's sample, prompt and continuation, as the same text
+        n = int(sampled["attention_mask"][b].sum())
+        m = int(view.batch["attention_mask"][b].sum())
+        s_text = s_tok.decode(sampled["input_ids"][b, :n].tolist(), skip_special_tokens=True)
+        t_text = t_tok.decode(view.batch["input_ids"][b, :m].tolist(), skip_special_tokens=True)
+        assert s_text.startswith(t_text[:max(len(t_text) - 8, 1)].strip()[:20])
+    aligned = view.alignment.kind != 0
+    assert (sampled["labels"][aligned] != -100).all() and aligned.sum() > 4  # the samples' tokens, not the prompt
+    distill(cfg)
+    steps = _train(tmp_path / "op")
+    assert len(steps) == TRAIN["max_steps"] and all(0 < m["kd"] < 50 for m in steps)
+
+
+def test_a_stray_byte_in_a_row_leaves_the_rest_of_the_row_aligned():
+    from distillery.xtok.batch import CrossTokenizer, _utf8_runs
+    from tiny import tiny_tokenizer
+
+    assert _utf8_runs(b"ab\x94cd\xe2\x82\xacx\xff", 0, 10) == [(0, 2), (3, 9)]
+    tok = tiny_tokenizer(512)  # byte-level: every byte is a token of its own
+    x = CrossTokenizer(tok, tok)
+    good = tok.encode("Friends, Romans, countrymen", add_special_tokens=False)
+    stray = tok.convert_tokens_to_ids(tok.convert_ids_to_tokens(tok.encode("\u201d", add_special_tokens=False))[:1])
+    ids = good + stray + good  # the first byte of a 3-byte character, alone: not UTF-8
+    T = len(ids) - 1
+    view = x.view({"input_ids": torch.tensor([ids[:-1]]), "labels": torch.tensor([ids[1:]]),
+                   "attention_mask": torch.ones(1, T, dtype=torch.long)})
+    kinds = view.alignment.kind[0]
+    n = len(good)
+    assert (kinds[:n - 1] == 1).all() and (kinds[n + 1:] == 1).sum() >= n - 2  # both sides of the stray byte
+    assert int(kinds[n - 1]) == 0  # the stray byte itself has no teacher counterpart

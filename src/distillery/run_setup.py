@@ -113,6 +113,10 @@ def prepare_run(cfg: RunConfig, device: torch.device, is_main: bool = True) -> R
     splits = build_datasets(cfg.data, tokenizer if cached_xtok else data_tok,
                             max_positions=_max_positions(teacher.model), chat_renderer=renderer)
     if xtok is not None and not cached_xtok and renderer.conversations:
+        if cfg.generation.on_policy_fraction > 0:  # a sample has no conversation to render in the teacher's template
+            raise DistilleryError("on-policy steps with a student of another tokenizer work on text data only: the "
+                                  "teacher would read the student's chat template as text; set "
+                                  "generation.on_policy_fraction to 0 for chat data")
         xtok.use_chat(renderer)
     if tcfg.kind == "cache":
         teacher.check(splits.fingerprint, cfg)
@@ -160,9 +164,6 @@ def _cross_tokenizer_setup(cfg: RunConfig, teacher, student_tok):
     if cfg.teacher.kind == "api_logprobs":
         raise DistilleryError(f"a student with its own tokenizer needs a teacher that scores text in its own tokens: "
                               f"teacher.kind 'hf', 'served' or 'cache', not '{cfg.teacher.kind}' (docs/cross_tokenizer.md)")
-    if cfg.generation.on_policy_fraction > 0:
-        raise DistilleryError("on-policy steps with a student of another tokenizer are not supported yet: set "
-                              "generation.on_policy_fraction to 0")
     if cfg.student.init == "config":
         cfg = cfg.model_copy(deep=True)
         cfg.student.model = {**cfg.student.model, "vocab_size": len(student_tok),

@@ -52,6 +52,23 @@ def _utf8_window(raw: bytes) -> tuple[int, int]:
     return lo, hi
 
 
+def _utf8_runs(raw: bytes, lo: int, hi: int) -> list[tuple[int, int]]:
+    """The ``[a, z)`` runs of ``raw[lo:hi]`` that are valid UTF-8, in order: the teacher reads each run as text, and
+    the invalid bytes between them (byte tokens sampled out of order, say) are left unaligned."""
+    runs, at = [], lo
+    while at < hi:
+        try:
+            raw[at:hi].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if exc.start:
+                runs.append((at, at + exc.start))
+            at += exc.start + max(exc.end - exc.start, 1)
+            continue
+        runs.append((at, hi))
+        break
+    return runs
+
+
 @dataclass
 class TeacherView:
     """The teacher's batch of the same bytes (``batch``), and the student positions' alignment to it."""
@@ -150,14 +167,14 @@ class CrossTokenizer:
             block.append(int(labels[n - 1]))
         raw, s_off = self.row_bytes(block)
         lo, hi = _utf8_window(raw)
-        try:
-            text = raw[lo:hi].decode("utf-8")
-        except UnicodeDecodeError:  # bytes that spell no text (arbitrary byte-fallback runs): row unaligned
-            text = ""
-        t_ids, t_off = encode_with_offsets(self.teacher_tokenizer, text) if text else ([], np.zeros((0, 2), np.int64))
-        t_off = np.where(t_off >= 0, t_off + lo, -1)
+        t_ids, t_offs = [], []
+        for a, z in _utf8_runs(raw, lo, hi):  # bytes that spell no text (a sample's stray byte tokens) are skipped
+            ids_, off_ = encode_with_offsets(self.teacher_tokenizer, raw[a:z].decode("utf-8"))
+            t_ids += ids_
+            t_offs.append(np.where(off_ >= 0, off_ + a, -1))
+        t_off = np.concatenate(t_offs) if t_offs else np.zeros((0, 2), np.int64)
         s_off = np.where((s_off[:, :1] >= lo) & (s_off[:, 1:] <= hi), s_off, -1)  # tokens cut at the edges: out
-        return TeacherRow(list(t_ids), align_spans(t_off, s_off) if len(t_ids) > 1 else [])
+        return TeacherRow(t_ids, align_spans(t_off, s_off) if len(t_ids) > 1 else [])
 
     def view(self, batch: dict) -> TeacherView:
         """The teacher's batch of the same text and the alignment ``(B, T_s)`` (module docstring)."""
