@@ -96,15 +96,21 @@ def test_screened_sampling_is_reproducible_and_static_and_plain_agree_on_greedy(
     assert torch.equal(greedy[0], greedy[1])
 
 
-def test_auto_screens_only_where_bf16_is_fast_and_not_for_top_p(monkeypatch):
+def test_auto_screens_only_where_bf16_is_fast_the_head_is_big_and_not_for_top_p(monkeypatch):
     model = tiny_llama(layers=2)
     ids, mask = left_padded_prompts()
     seen = decoders_seen(monkeypatch)
+    run = lambda **k: sample(model, ids, mask, max_new_tokens=3, sample_temperature=1.0, pad_token_id=PAD, **k)  # noqa: E731
+    monkeypatch.setattr(generate, "SCREEN_MIN_HEAD", model.lm_head.weight.numel())  # this head is just big enough
     for fast in (True, False):
         monkeypatch.setattr(generate, "cpu_bf16_fast", lambda: fast)
-        sample(model, ids, mask, max_new_tokens=3, sample_temperature=1.0, pad_token_id=PAD)
+        run()
     assert seen[0].screen is not None and seen[1].screen is None
-    sample(model, ids, mask, max_new_tokens=3, sample_temperature=1.0, top_p=0.9, pad_token_id=PAD, head="screened")
-    assert seen[2].screen.rows_screened == 0 and seen[2].head is not None  # nucleus sampling: the full fp32 head
+    monkeypatch.setattr(generate, "cpu_bf16_fast", lambda: True)
+    monkeypatch.setattr(generate, "SCREEN_MIN_HEAD", model.lm_head.weight.numel() + 1)  # a head too small to pay
+    run()
+    assert seen[2].screen is None
+    run(top_p=0.9, head="screened")
+    assert seen[3].screen.rows_screened == 0 and seen[3].head is not None  # nucleus sampling: the full fp32 head
     with pytest.raises(DistilleryError, match="head must be"):
-        sample(model, ids, mask, max_new_tokens=3, head="bf16")
+        run(head="bf16")

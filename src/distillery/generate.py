@@ -31,6 +31,7 @@ from .errors import DistilleryError
 from .hardware import cpu_bf16_fast
 from .static_decode import StaticDecoder
 
+SCREEN_MIN_HEAD = 4_000_000  # head weights below this: the screen's fixed costs exceed what bf16 saves (vocab 512: slower)
 STATIC_TYPES = ("llama", "qwen2", "qwen3", "mistral")  # decoder layers of the Llama shape (pre-norm, RoPE, GQA)
 
 
@@ -171,7 +172,8 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
         head: how the static decoder picks tokens from an fp32 LM head: ``"screened"`` screens in bf16 and
             rescores the best few in fp32 with an error certificate (``screened_head``: the same tokens as
             the fp32 head, sampling exact, at bf16 speed; ``top_p == 1`` only), ``"plain"`` runs the fp32
-            head, ``"auto"`` screens on a CPU where bf16 is fast (``hardware.cpu_bf16_fast``).
+            head, ``"auto"`` screens on a CPU where bf16 is fast (``hardware.cpu_bf16_fast``)
+            and the head has at least ``SCREEN_MIN_HEAD`` weights.
 
     Returns:
         sequences ``(B, P + N')`` int64 (``N' ≤ N`` steps run): prompt, then the generated tokens,
@@ -200,7 +202,9 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
     if decoder == "static" and not static_decode_supported(model, P + max_new_tokens):
         raise DistilleryError(f"sample: decoder='static' does not support {type(model).__name__} "
                               f"(Llama-shaped full-attention models only: {', '.join(STATIC_TYPES)})")
-    screen = head == "screened" or (head == "auto" and device.type == "cpu" and cpu_bf16_fast())
+    head_w = getattr(model.get_output_embeddings(), "weight", None)
+    screen = head == "screened" or (head == "auto" and device.type == "cpu" and head_w is not None
+                                    and head_w.numel() >= SCREEN_MIN_HEAD and cpu_bf16_fast())
     eos = _eos_tensor(eos_token_id, device)
     gen = _device_generator(generator, device)
     keep_arg = _forward_args(type(model))[1]
