@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from .errors import DistilleryError
+from .recipe_yaml import _show, apply_overrides, parse_override, read_recipe as _read_recipe  # noqa: F401 (re-exported)
 
 
 class _Section(BaseModel):
@@ -106,14 +107,6 @@ def check_student_model(fields: dict) -> None:
                 isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             raise PydanticCustomError("student_model", "{message}", {"message": (
                 f"config key 'student.model.{key}': must be a positive whole number (got {_show(repr(value))})")})
-
-
-def _show(text) -> str:
-    """``text`` as it can stand in a one-line message (control characters escaped, long values cut)."""
-    text = str(text)
-    if not text.isprintable():
-        text = text.encode("unicode_escape").decode("ascii")
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class LoraConfig(_Section):
@@ -356,94 +349,6 @@ def _did_you_mean(loc: tuple) -> str:
         model = field.annotation
     close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.7)
     return f" (did you mean '{_show('.'.join([*map(str, loc[:-1]), close[0]]))}'?)" if close else ""
-
-
-class _DuplicateKey(Exception):
-    """A mapping key given twice in one recipe (raised by :class:`_RecipeLoader`)."""
-
-
-class _RecipeLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping. YAML requires unique keys, but
-    PyYAML keeps the last one silently: a second ``teacher:`` section would replace the first."""
-
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            seen: dict = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *base' may be overridden key by key
-                    continue
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    first = seen.setdefault(key, key_node.start_mark.line + 1)
-                except TypeError:  # an unhashable key: the base class reports it
-                    continue
-                if first != key_node.start_mark.line + 1:
-                    raise _DuplicateKey(f"key '{_show(key)}' is given twice in one section (first at line {first}); "
-                                        "YAML keeps only the last: remove one", key_node.start_mark.line + 1)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _read_recipe(p: Path) -> Any:
-    """The recipe's YAML, decoded strictly as UTF-8; every problem a one-line error with file and line."""
-    if p.is_dir():
-        raise DistilleryError(f"recipe '{p}' is a folder, not a YAML file")
-    if not p.is_file():
-        raise DistilleryError(f"recipe '{p}' does not exist")
-    try:
-        raw = p.read_bytes()
-    except OSError as exc:
-        raise DistilleryError(f"recipe '{p}': cannot read it ({exc.strerror or exc})") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        raise DistilleryError(f"{p}:{line}: not UTF-8 text (byte offset {exc.start}: 0x{raw[exc.start]:02x}); "
-                              "save the recipe as UTF-8") from None
-    try:
-        loader = _RecipeLoader(text)  # a SafeLoader: plain data only
-        try:
-            return loader.get_single_data()
-        finally:
-            loader.dispose()
-    except _DuplicateKey as exc:
-        raise DistilleryError(f"{p}:{exc.args[1]}: {exc.args[0]}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        problem = " ".join(str(getattr(exc, "problem", None) or getattr(exc, "reason", None) or exc).split())
-        raise DistilleryError(f"{p}{where}: not valid YAML ({_show(problem)})") from None
-    except RecursionError:
-        raise DistilleryError(f"{p}: nested too deeply to be a recipe") from None
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """``'train.max_steps=200'`` -> (['train', 'max_steps'], 200). Values are parsed as YAML scalars."""
-    if "=" not in item:
-        raise DistilleryError(f"override {item!r} is not of the form key=value (e.g. train.max_steps=200)")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise DistilleryError(f"override {item!r} has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except (yaml.YAMLError, RecursionError):
-        value = raw
-    return key.split("."), value
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    for item in overrides:
-        path, value = parse_override(item)
-        node = data
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise DistilleryError(f"override {item!r}: {part!r} is not a section")
-            node = child
-        node[path[-1]] = value
-    return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
