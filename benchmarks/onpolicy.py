@@ -18,7 +18,12 @@ backward, both LM heads and the JSD, optimizer), peak RSS (``VmHWM``), the first
 first-step losses come from different samples; ``parity`` scores one identical sampled batch with both tools'
 loss code in fp32, where they must agree to float rounding.
 
-Writes ``benchmarks/results/onpolicy.json`` (``onpolicy_quick.json`` with ``--quick``).
+Pairs: ``tiny`` (throughput.py's: teacher 6 layers d=384, student 3 layers d=192, vocabulary 4,096, random init) and
+``real``: SmolLM2-135M-Instruct teacher and the demo's trained student (``--real-student``, 8 layers d=384, 31.9M,
+tied; it writes real text and ends its answers).
+
+Writes ``benchmarks/results/onpolicy.json`` (``onpolicy_quick.json`` with ``--quick``); ``--merge`` keeps the other
+pair already there, so each pair can run in its own lock-held run.
 """
 
 from __future__ import annotations
@@ -41,14 +46,25 @@ GOALS = {"tiny": (1.5, None), "real": (2.0, 0.5)}  # ours vs fastest TRL: >= x t
 
 
 # ----------------------------------------------------------------------------- setup (parent, untimed)
-def setup(name: str, work: Path, n_records: int, seq_len: int, prompt_tokens: int) -> dict:
-    """Teacher, student and chat data (throughput.setup_pair), then one stop-token list for both tools."""
+def setup(name: str, work: Path, n_records: int, seq_len: int, prompt_tokens: int, student: str | None = None) -> dict:
+    """Teacher, student and chat data (throughput.setup_pair), then one stop-token list for both tools. For the
+    real pair, ``student`` (an HF folder with the teacher's vocabulary) replaces throughput's random 4x256 student."""
     from transformers import AutoTokenizer, GenerationConfig
 
     import throughput
     from distillery.onpolicy import stop_token_ids
 
     pair = throughput.setup_pair(name, work, n_records=n_records, seq_len=seq_len, prompt_tokens=prompt_tokens)
+    if name == "real" and student is not None:  # the demo's student (its shape, and weights that write real text)
+        from distillery.students import count_parameters
+        from transformers import AutoModelForCausalLM
+
+        for f in ("config.json", "model.safetensors"):
+            shutil.copy(Path(student) / f, Path(pair["student_dir"]) / f)
+        model = AutoModelForCausalLM.from_pretrained(pair["student_dir"])
+        pair["models"]["student"] = {"dir": pair["student_dir"], "from": str(student), "parameters": count_parameters(model),
+                                     "matmul_parameters": common.matmul_params(model)}
+        del model
     tok = AutoTokenizer.from_pretrained(pair["student_dir"])
     # An answer that starts with a newline merges it with the template's "assistant\n" into one token: our prompt
     # (cut where the answer's loss begins) would then end a token early. Only prompts matter here: strip it.
@@ -274,7 +290,9 @@ def run_pair(name: str, args, work: Path, log: Path, bf16_fast: bool, bf16_flag:
     steps, warm = SIZES[name]["quick" if args.quick else "full"]
     steps, warm = args.steps or steps, args.warmup if args.warmup is not None else warm
     print(f"[{name}] setting up models and data", flush=True)
-    pair = setup(name, work, n_records=args.batch * (steps + 1), seq_len=args.seq_len, prompt_tokens=args.prompt_tokens)
+    real_student = args.real_student if args.real_student and (Path(args.real_student) / "model.safetensors").is_file() else None
+    pair = setup(name, work, n_records=args.batch * (steps + 1), seq_len=args.seq_len, prompt_tokens=args.prompt_tokens,
+                 student=real_student)
     print(f"[{name}] prompt check: {pair['prompt_check']}", flush=True)
     base = {k: pair[k] for k in ("teacher_source", "teacher_dir", "student_dir", "data")}
     base.update(seq_len=args.seq_len, batch=args.batch, threads=args.threads, max_new_tokens=args.max_new_tokens)
@@ -327,8 +345,12 @@ def main() -> None:
     ap.add_argument("--thp", action="store_true", help="THP_MEM_ALLOC_ENABLE=1 for every system")
     ap.add_argument("--systems", default=None, help="comma-separated, e.g. ours_fp32,trl_fp32,trl_bf16 (default: the "
                     "probe's precision for both; on a CPU with a bf16 flag also the other, unless --quick)")
+    ap.add_argument("--real-student", default=str(common.ROOT / "runs" / "bench" / "demo" / "kd" / "student"),
+                    help="student of the real pair (default: the demo's trained student, 8 layers d=384; when that "
+                         "folder is missing, throughput's random 4-layer d=256 student)")
     ap.add_argument("--work-dir", default=str(common.ROOT / "runs" / "bench" / "onpolicy"))
     ap.add_argument("--out", default=None)
+    ap.add_argument("--merge", action="store_true", help="keep the other pairs already in --out (one run per pair)")
     args = ap.parse_args()
     args.rounds = args.rounds or (1 if args.quick else 3)
     pairs = {"tiny": ["tiny"], "real": ["real"], "both": ["tiny", "real"]}[args.pair or ("tiny" if args.quick else "both")]
@@ -341,6 +363,10 @@ def main() -> None:
     probe = cpu_bf16_report()  # measured on the benchmark's thread count
     results = {name: run_pair(name, args, work, work / "children.log", probe["fast"], bool(probe["flags"])) for name in pairs}
     machine["load_average_end"] = common.loadavg()
+    for pair in results.values():
+        pair["machine"] = machine  # with --merge the pairs come from different runs
+    if args.merge and out.is_file():  # keep the other pairs of an earlier run (one lock-held run per pair)
+        results = {**json.loads(out.read_text()).get("pairs", {}), **results}
     report = {"benchmark": "onpolicy", "quick": args.quick, "machine": machine, "cpu_bf16_probe": probe,
               "settings": {"batch": args.batch, "prompt_tokens": args.prompt_tokens, "max_new_tokens": args.max_new_tokens,
                            "sample_temperature": 1.0, "top_p": 1.0, "loss": "generalized JSD beta=0.5, temperature 1",
@@ -351,8 +377,8 @@ def main() -> None:
                         + ("; --quick: few steps, one round, noisy" if args.quick else ""),
               "pairs": results}
     common.write_json(report, out)
-    for name, pair in results.items():
-        print(f"\n{name}: {json.dumps(pair['ratios'])}\n  goals: {pair['goals']}")
+    for name in pairs:
+        print(f"\n{name}: {json.dumps(results[name]['ratios'])}\n  goals: {results[name]['goals']}")
     print(f"wrote {out}")
 
 
