@@ -16,6 +16,11 @@ student trains between calls (the head's pack takes ~47 ms, a few steps' saving)
 weight and gate/up as one, so a layer runs four GEMMs. The results equal ``F.linear`` up to float rounding
 order (max abs difference ~1e-6 on logits of size ~1).
 
+``torch.compile`` does not pay here: the same step with static shapes (attention over the whole buffer,
+masked) compiled in 57 s and then ran no faster than eager (40.7 vs 38.6 ms CPU time, unpacked weights,
+loaded machine): the step is GEMM-bound and inductor calls the same GEMMs. Its weight prepacking comes with
+``freezing``, which bakes the weights in as constants: wrong once the student trains (a recompile per step).
+
 Under a bf16 autocast (training in bf16) only the prefill and the LM head run in bf16: the layers of a
 decode step run in the weights' dtype. Their matmuls have ``b`` rows and their attention one query, where
 the cast costs more than bf16 saves: on the Zen 4 EPYC with AVX512-BF16, bf16 SDPA for one query took 6x
