@@ -121,6 +121,7 @@ def test_distill_from_a_cache_with_another_student_tokenizer(world, tmp_path):
     val = summary["validation"]
     assert 0 < val["student_bits_per_byte"] < 20 and 0 < val["teacher_bits_per_byte"] < 20
     assert val["aligned_share"] > 0.5 and val["kl_teacher_student"] > 0
+    assert val["teacher_label_in_topk"] == 1.0  # k = V: the teacher's bits per byte are exact, not a bound
     from transformers import AutoConfig, AutoTokenizer
 
     assert len(AutoTokenizer.from_pretrained(str(out / "student"))) == 600  # the student ships its own tokenizer

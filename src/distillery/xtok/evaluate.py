@@ -10,7 +10,10 @@ Per batch of the student's held-out blocks and the teacher's view of the same by
   same bytes) of the exact-string KL with a tail bucket (:func:`~.terms.matched_kl`), nats;
 * ``top1_agreement`` = share of those positions where the teacher's argmax token, mapped to the student's id with
   the same bytes, is the student's argmax (an argmax with no student counterpart counts as a disagreement);
-* ``aligned_share`` = 1↔1 positions / student target positions.
+* ``aligned_share`` = 1↔1 positions / student target positions;
+* ``teacher_label_in_topk`` = share of the teacher's label positions whose label is in its top-k (1 for a dense
+  teacher). Below 1 (a top-k cache or server), ``teacher_bits_per_byte`` is a **lower bound**: a label outside
+  the top-k is scored ``min(tail, smallest top-k log-prob)``, an upper bound of its log-prob.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ def evaluate_xtok(teacher, student, batches, xtok, *, teacher_vocab: int, studen
     head = student.get_output_embeddings()
     s_spell = xtok._spelled
     t_spell = _spelling(xtok.teacher_tokenizer)
-    sums = dict(s_bits=0.0, s_bytes=0, s_chars=0, t_bits=0.0, t_bytes=0, t_chars=0, kl=0.0, agree=0, one=0, tokens=0)
+    sums = dict(s_bits=0.0, s_bytes=0, s_chars=0, t_bits=0.0, t_bytes=0, t_chars=0, kl=0.0, agree=0, one=0, tokens=0,
+                t_known=0, t_tokens=0)
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
@@ -60,8 +64,10 @@ def evaluate_xtok(teacher, student, batches, xtok, *, teacher_vocab: int, studen
         for lo in range(0, t_rows.numel(), chunk_rows):
             r = t_rows[lo:lo + chunk_rows]
             y = t_labels.reshape(-1)[r]
-            lp = _teacher_logprobs(targets, r, y, teacher_vocab)
+            lp, known = _teacher_logprobs(targets, r, y, teacher_vocab)
             sums["t_bits"] += -lp.sum().item() / math.log(2)
+            sums["t_known"] += int(known.sum())
+            sums["t_tokens"] += r.numel()
             text = b"".join(t_spell[j] or b"" for j in y.tolist())
             sums["t_bytes"] += len(text)
             sums["t_chars"] += len(text.decode("utf-8", errors="replace"))
@@ -85,7 +91,8 @@ def evaluate_xtok(teacher, student, batches, xtok, *, teacher_vocab: int, studen
             "teacher_bits_per_char": sums["t_bits"] / max(sums["t_chars"], 1),
             "kl_teacher_student": sums["kl"] / max(sums["one"], 1) if sums["one"] else None,
             "top1_agreement": sums["agree"] / max(sums["one"], 1) if sums["one"] else None,
-            "aligned_share": sums["one"] / max(sums["tokens"], 1), "tokens": sums["tokens"]}
+            "aligned_share": sums["one"] / max(sums["tokens"], 1), "tokens": sums["tokens"],
+            "teacher_label_in_topk": sums["t_known"] / max(sums["t_tokens"], 1)}
 
 
 def _spelling(tokenizer):
@@ -94,13 +101,16 @@ def _spelling(tokenizer):
     return spelling(tokenizer).spelling
 
 
-def _teacher_logprobs(targets, rows: torch.Tensor, labels: torch.Tensor, vocab: int) -> torch.Tensor:
-    """The teacher's log-prob of its own label at flattened ``rows`` (sparse: from the top-k, else the tail bound)."""
+def _teacher_logprobs(targets, rows: torch.Tensor, labels: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's log-prob of its own label at flattened ``rows`` (sparse: from the top-k, else the tail bound),
+    and whether it is exact ``(n,)`` bool (the label is in the top-k; always for dense targets)."""
     if targets.is_sparse:
         ids, lp, tail = targets.sparse_rows(rows)
         hit = ids == labels[:, None]
-        return torch.where(hit.any(-1), (lp * hit).sum(-1), torch.minimum(tail, lp.min(-1).values))
-    return torch.log_softmax(targets.dense_logits(rows).float()[:, :vocab], -1).gather(1, labels[:, None]).squeeze(1)
+        known = hit.any(-1)
+        return torch.where(known, (lp * hit).sum(-1), torch.minimum(tail, lp.min(-1).values)), known
+    lp = torch.log_softmax(targets.dense_logits(rows).float()[:, :vocab], -1).gather(1, labels[:, None]).squeeze(1)
+    return lp, torch.ones_like(lp, dtype=torch.bool)
 
 
 def _teacher_argmax(targets, rows: torch.Tensor, vocab: int) -> torch.Tensor:
