@@ -101,24 +101,6 @@ def _checkpointed(ctx: Ctx) -> list[str]:
     return ["distill", str(recipe), "train.max_steps=1"]
 
 
-def _other_tokenizer_student(ctx: Ctx) -> list[str]:
-    from tiny import tiny_llama, tiny_tokenizer
-
-    folder = ctx.tmp / "student-other-tok"
-    tiny_llama(vocab_size=300, hidden=32, layers=1, heads=2, kv_heads=1, ffn=64).save_pretrained(folder)
-    tiny_tokenizer(300).save_pretrained(folder)
-    # another tokenizer makes the run cross-tokenizer (docs/cross_tokenizer.md); on chat data on-policy steps are refused
-    import json
-
-    chat = ctx.tmp / "chat-other-tok.jsonl"
-    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {i} words."},
-                                                     {"role": "assistant", "content": "Words, words, words " * 3}]})
-                            + "\n" for i in range(40)))
-    return ["distill", str(ctx.recipe(student={"init": "pretrained", "pretrained": str(folder), "model": {}},
-                                      data={"train": [str(chat)], "seq_len": 64},
-                                      generation={"on_policy_fraction": 0.5}))]
-
-
 def _corrupt_tokenizer_teacher(ctx: Ctx) -> list[str]:
     import shutil
 
@@ -266,7 +248,6 @@ CASES: list[Case] = [
     Case("model-pretrained-unset", "model", "student.init pretrained without a folder", lambda c: ["distill", str(c.recipe(student={"init": "pretrained"}))], r"student.pretrained \(a folder\) is not set"),
     Case("model-pretrained-not-model", "model", "student.pretrained folder without a model", lambda c: ["distill", str(c.recipe(student={"init": "pretrained", "pretrained": str(c.tmp)}))], r"is not a model folder \(no config.json\)"),
     # ---------------------------------------------------------------- tokenizers
-    Case("tok-other-onpolicy", "tokenizer", "a pretrained student with another tokenizer, on-policy on chat data", _other_tokenizer_student, r"on-policy steps with a student of another tokenizer work on text data only"),
     Case("tok-student-vocab-small", "tokenizer", "a student vocabulary smaller than the tokenizer", lambda c: ["distill", str(c.recipe(student={"model": {**SMALL, "vocab_size": 100}}))], r"student output layer has 100 logits but the tokenizer has 512 tokens"),
     Case("tok-corrupt", "tokenizer", "a teacher folder whose tokenizer.json is corrupt", _corrupt_tokenizer_teacher, r"cannot load teacher .*tokenizer"),
     # ---------------------------------------------------------------- teacher caches

@@ -155,3 +155,67 @@ def test_a_run_on_chat_data_shows_the_teacher_its_own_template(tmp_path):
     distill(cfg)
     steps = [m for m in run_metrics(out) if "loss" in m]
     assert len(steps) == 3 and all(0 < m["kd"] < 50 for m in steps)
+
+
+def test_on_policy_samples_of_chat_prompts_follow_the_teachers_rendering_of_the_prompt(tmp_path):
+    import json
+
+    from distillery.config import load_config
+    from distillery.onpolicy import on_policy_batch
+    from distillery.run_setup import prepare_run
+    from distillery.train import distill
+    from helpers_run import make_corpus, run_metrics, write_recipe
+
+    lines = [x.strip() for x in make_corpus(tmp_path).read_text().splitlines() if len(x.strip()) > 20][:40]
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [
+        {"role": "system", "content": "Answer in verse."}, {"role": "user", "content": lines[i]},
+        {"role": "assistant", "content": lines[i + 1]}]}) + "\n" for i in range(0, len(lines) - 1, 2)))
+    out = tmp_path / "run"
+    gen = {"on_policy_fraction": 1.0, "max_new_tokens": 10, "sample_temperature": 1.0}
+    cfg = load_config(write_recipe(tmp_path, out, data={"train": [str(chat)], "seq_len": 96, "val_fraction": 0.1},
+                                   student={"tokenizer": "bpe:600"}, generation=gen,
+                                   train={"max_steps": 2, "save_every": 0, "eval_every": 0, "eval_batches": 1,
+                                          "mixed_precision": "no"}))
+    run = prepare_run(cfg, torch.device("cpu"))
+    batch = run.train.batch([0, 1])
+    sampled = on_policy_batch(run.student, batch, run.tokenizer, cfg.generation,
+                              generator=torch.Generator().manual_seed(0), vocab_size=run.vocab_size)
+    view = run.xtok.view(sampled)
+    t_tok, s_tok = run.xtok.teacher_tokenizer, run.xtok.student_tokenizer
+    for b in range(2):
+        p, n = int(sampled["prompt_len"][b]), int(sampled["attention_mask"][b].sum())
+        m = int(view.batch["attention_mask"][b].sum()) + 1
+        t_row = view.batch["input_ids"][b, :m - 1].tolist() + [int(view.batch["labels"][b, m - 2])]
+        text = t_tok.decode(t_row)
+        # the teacher's own rendering of the prompt, up to its assistant header, then the student's sample as text
+        assert text.startswith("<|im_start|>system\nAnswer in verse.<|im_end|>\n<|im_start|>user\n")
+        head = text.index("<|im_start|>assistant\n") + len("<|im_start|>assistant\n")
+        sample = s_tok.decode(sampled["input_ids"][b, p:n].tolist(), skip_special_tokens=True).replace("\ufffd", "")
+        assert t_tok.decode(t_row, skip_special_tokens=True).endswith(sample.rstrip()[-10:])
+        assert head <= len(text)
+        aligned = (view.alignment.kind[b] != NONE).nonzero().squeeze(-1)
+        assert aligned.numel() > 0 and int(aligned.min()) >= p - 1  # only the sample's tokens are aligned
+    distill(cfg)
+    steps = [m for m in run_metrics(out) if "loss" in m]
+    assert len(steps) == 2 and all(0 < m["kd"] < 50 for m in steps)
+
+
+def test_a_sample_that_repeats_the_conversation_gets_the_conversations_own_alignment():
+    t_tok, s_tok, r, ds = _packed()
+    ref = align_chat(CONVS[0], t_tok, s_tok)
+    p = ref.student_mask.index(1)  # the prompt: up to the first assistant token
+    s_ids = ref.student_ids[:ref.student_mask.index(1) + sum(ref.student_mask)]  # content + "</s>"
+    assert s_tok.convert_ids_to_tokens(s_ids[-1]) == "</s>"
+    T = len(s_ids) - 1
+    rows = ds.batch([0])["teacher_row"][:, :T].masked_fill(torch.arange(T)[None] >= p - 1, -1)
+    sampled = {"input_ids": torch.tensor([s_ids]), "labels": torch.tensor([[-100] * (p - 1) + s_ids[p:] + [-100]]),
+               "attention_mask": torch.ones(1, len(s_ids), dtype=torch.long), "teacher_row":
+               torch.cat([rows, torch.full((1, 1), -1)], 1), "prompt_len": torch.tensor([p])}
+    view = _view(r, sampled)
+    t_end = ref.teacher_mask.index(1) + sum(ref.teacher_mask)  # the teacher's rendering through its <|im_end|>
+    got = view.batch["input_ids"][0].tolist() + [int(view.batch["labels"][0, -1])]
+    assert got == ref.teacher_ids[:t_end]
+    want = ref.alignment()
+    assert torch.equal(view.alignment.kind[0, :T], want.kind[0, :T])
+    assert torch.equal(view.alignment.teacher_first[0, :T], want.teacher_first[0, :T])

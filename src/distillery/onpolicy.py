@@ -143,7 +143,8 @@ def on_policy_batch(student, batch: dict, tokenizer, gen_cfg, *, generator: torc
     ``attention_mask (B, L)`` 1 on those real tokens; ``labels (B, L)`` already shifted: the next
     token where that token was generated (so the EOS is a target), -100 on prompt, pad and after EOS.
     ``L = max_b(prompt_b + generated_b)``. The batch's ``index`` is dropped: the sequences are new,
-    so a teacher cache cannot score them (a live teacher must).
+    so a teacher cache cannot score them (a live teacher must). A batch with ``teacher_row`` (chat data across
+    tokenizers) keeps it on the prompt's label positions (-1 elsewhere) and gains ``prompt_len (B,)``.
     """
     device = next(student.parameters()).device
     input_ids = batch["input_ids"].to(device)
@@ -174,7 +175,14 @@ def on_policy_batch(student, batch: dict, tokenizer, gen_cfg, *, generator: torc
     nxt = torch.cat([new_ids[:, 1:], torch.full_like(new_ids[:, :1], pad_token_id)], dim=1)
     is_target = (col >= (n - 1)[:, None]) & (col < (real - 1)[:, None])
     new_labels = nxt.masked_fill(~is_target, -100)
-    return {"input_ids": new_ids, "attention_mask": new_mask, "labels": new_labels}
+    out = {"input_ids": new_ids, "attention_mask": new_mask, "labels": new_labels}
+    if "teacher_row" in batch:  # chat data across tokenizers (xtok.chat_data): which conversation each prompt is
+        rows = batch["teacher_row"].to(device)
+        keep = min(L, rows.shape[1])
+        prompt_rows = torch.full_like(new_ids, -1)  # (B, L): the row of token t + 1 while it is a prompt token
+        prompt_rows[:, :keep] = rows[:, :keep].masked_fill(col[:, :keep] >= (n - 1)[:, None], -1)
+        out.update(teacher_row=prompt_rows, prompt_len=n)
+    return out
 
 
 def _batches(items: Sequence, size: int) -> Iterable[Sequence]:

@@ -113,10 +113,6 @@ def prepare_run(cfg: RunConfig, device: torch.device, is_main: bool = True) -> R
     splits = build_datasets(cfg.data, tokenizer if cached_xtok else data_tok,
                             max_positions=_max_positions(teacher.model), chat_renderer=renderer)
     if xtok is not None and not cached_xtok and renderer.conversations:
-        if cfg.generation.on_policy_fraction > 0:  # a sample has no conversation to render in the teacher's template
-            raise DistilleryError("on-policy steps with a student of another tokenizer work on text data only: the "
-                                  "teacher would read the student's chat template as text; set "
-                                  "generation.on_policy_fraction to 0 for chat data")
         xtok.use_chat(renderer)
     if tcfg.kind == "cache":
         teacher.check(splits.fingerprint, cfg)

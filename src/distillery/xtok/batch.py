@@ -165,6 +165,10 @@ class CrossTokenizer:
         block = ids[:n].tolist()
         if n and int(labels[n - 1]) != -100:
             block.append(int(labels[n - 1]))
+        return TeacherRow(*self.text_row(block))
+
+    def text_row(self, block: list[int]) -> tuple[list[int], list[tuple[int, int, int, int]]]:
+        """The teacher's tokens of the text that student tokens ``block`` spell, and the spans (token indices)."""
         raw, s_off = self.row_bytes(block)
         lo, hi = _utf8_window(raw)
         t_ids, t_offs = [], []
@@ -174,7 +178,7 @@ class CrossTokenizer:
             t_offs.append(np.where(off_ >= 0, off_ + a, -1))
         t_off = np.concatenate(t_offs) if t_offs else np.zeros((0, 2), np.int64)
         s_off = np.where((s_off[:, :1] >= lo) & (s_off[:, 1:] <= hi), s_off, -1)  # tokens cut at the edges: out
-        return TeacherRow(t_ids, align_spans(t_off, s_off) if len(t_ids) > 1 else [])
+        return t_ids, (align_spans(t_off, s_off) if len(t_ids) else [])
 
     def view(self, batch: dict) -> TeacherView:
         """The teacher's batch of the same text and the alignment ``(B, T_s)`` (module docstring)."""
@@ -186,8 +190,13 @@ class CrossTokenizer:
         conv = None if conv is None else conv.cpu().numpy()
         B, T = ids.shape
         rows = []
+        prompt = batch.get("prompt_len")
         for b in range(B):
-            if conv is not None and (conv[b] >= 0).any():  # packed conversations: each in the teacher's template
+            if conv is not None and prompt is not None:  # an on-policy sample of a chat prompt
+                n, p = int(att[b].sum()) if att is not None else T, int(prompt[b])
+                sample = ids[b, p:n].tolist() + ([int(labels[b, n - 1])] if n and int(labels[b, n - 1]) != -100 else [])
+                rows.append(self.chat.sampled_row(conv[b], p, sample, self))
+            elif conv is not None and (conv[b] >= 0).any():  # packed conversations: each in the teacher's template
                 rows.append(self.chat.row(conv[b]))
             else:
                 rows.append(self.byte_row(ids[b], labels[b], int(att[b].sum()) if att is not None else T))

@@ -88,3 +88,28 @@ class CrossChatRenderer:
             tgt += chat.teacher_mask
             spans += [(t0 + u, t1 + u, s0 + s_start, s1 + s_start) for t0, t1, s0, s1 in chat.spans]
         return TeacherRow(seq, spans, tgt, pos)
+
+    def sampled_row(self, rows: np.ndarray, prompt_len: int, sample: list[int], cross):
+        """An on-policy row: the prompt of the row's first conversation as the teacher renders it (up to its first
+        assistant token), then the student's ``sample`` (the tokens after its ``prompt_len``-token prompt) as text
+        in the teacher's tokens, then the teacher's end of turn where the sample ends with the student's. Spans cover
+        the sample alone (``cross`` spells and re-tokenizes it, :meth:`~.batch.CrossTokenizer.text_row`)."""
+        from .batch import TeacherRow
+
+        members = self._members(rows)
+        if not members:
+            return TeacherRow([], [])
+        chat = self.conversations[members[0][0]]
+        t_prompt = chat.teacher_ids[:chat.teacher_mask.index(1)] if 1 in chat.teacher_mask else list(chat.teacher_ids)
+        ends = dict((s, t) for t, s in self.end_pairs)
+        tail = [ends[sample[-1]]] if sample and sample[-1] in ends else []
+        body = sample[:-1] if tail else sample
+        t_ids, spans = cross.text_row(body) if body else ([], [])
+        u = len(t_prompt)
+        spans = [(a + u, b + u, c + prompt_len, d + prompt_len) for a, b, c, d in spans]
+        if tail:
+            at = u + len(t_ids)
+            spans.append((at, at + 1, prompt_len + len(body), prompt_len + len(body) + 1))
+        ids = list(t_prompt) + list(t_ids) + tail
+        return TeacherRow(ids, spans, [0] * u + [1] * (len(ids) - u), list(range(len(ids))))
+
