@@ -121,19 +121,27 @@ def test_text_rows_beside_chat_rows_take_the_byte_view():
         == "Say hello world, say hello"
 
 
-def test_a_run_on_chat_data_shows_the_teacher_its_own_template(tmp_path):
+def _chat_file(tmp_path, n_lines: int):
+    """Conversations made of corpus lines: a system prompt, a line as the question, the next as the answer."""
     import json
 
-    from distillery.config import load_config
-    from distillery.run_setup import prepare_run
-    from distillery.train import distill
-    from helpers_run import make_corpus, run_metrics, write_recipe
+    from helpers_run import make_corpus
 
-    lines = [x.strip() for x in make_corpus(tmp_path).read_text().splitlines() if len(x.strip()) > 20][:60]
+    lines = [x.strip() for x in make_corpus(tmp_path).read_text().splitlines() if len(x.strip()) > 20][:n_lines]
     chat = tmp_path / "chat.jsonl"
     chat.write_text("".join(json.dumps({"messages": [
         {"role": "system", "content": "Answer in verse."}, {"role": "user", "content": lines[i]},
         {"role": "assistant", "content": lines[i + 1]}]}) + "\n" for i in range(0, len(lines) - 1, 2)))
+    return chat
+
+
+def test_a_run_on_chat_data_shows_the_teacher_its_own_template(tmp_path):
+    from distillery.config import load_config
+    from distillery.run_setup import prepare_run
+    from distillery.train import distill
+    from helpers_run import run_metrics, write_recipe
+
+    chat = _chat_file(tmp_path, 60)
     out = tmp_path / "run"
     recipe = write_recipe(tmp_path, out, data={"train": [str(chat)], "seq_len": 96, "val_fraction": 0.1},
                           student={"tokenizer": "bpe:600"},
@@ -158,19 +166,13 @@ def test_a_run_on_chat_data_shows_the_teacher_its_own_template(tmp_path):
 
 
 def test_on_policy_samples_of_chat_prompts_follow_the_teachers_rendering_of_the_prompt(tmp_path):
-    import json
-
     from distillery.config import load_config
     from distillery.onpolicy import on_policy_batch
     from distillery.run_setup import prepare_run
     from distillery.train import distill
-    from helpers_run import make_corpus, run_metrics, write_recipe
+    from helpers_run import run_metrics, write_recipe
 
-    lines = [x.strip() for x in make_corpus(tmp_path).read_text().splitlines() if len(x.strip()) > 20][:40]
-    chat = tmp_path / "chat.jsonl"
-    chat.write_text("".join(json.dumps({"messages": [
-        {"role": "system", "content": "Answer in verse."}, {"role": "user", "content": lines[i]},
-        {"role": "assistant", "content": lines[i + 1]}]}) + "\n" for i in range(0, len(lines) - 1, 2)))
+    chat = _chat_file(tmp_path, 40)
     out = tmp_path / "run"
     gen = {"on_policy_fraction": 1.0, "max_new_tokens": 10, "sample_temperature": 1.0}
     cfg = load_config(write_recipe(tmp_path, out, data={"train": [str(chat)], "seq_len": 96, "val_fraction": 0.1},
