@@ -183,3 +183,34 @@ def test_demo_folder_is_reused_only_for_the_same_settings(tmp_path: Path):
     (tmp_path / "old" / "kd").mkdir(parents=True)  # the previous demo's folder (no marker)
     with pytest.raises(DistilleryError, match="give another --output-dir or delete it"):
         _claim(tmp_path / "old", marker)
+
+
+def test_teacher_cache_is_keyed_by_the_teacher_and_shared_by_demos(tmp_path: Path):
+    """Answers and the teacher's BLiMP table live under the teacher's weights hash: another output folder reads them,
+    another teacher (other weights) or other prompts/settings get their own files."""
+    from distillery.demo_chat import answers_path, teacher_cache
+    from distillery.demo_eval import teacher_blimp
+    from distillery.tasks.blimp import load_pairs
+    from distillery.teachers.hf import HFTeacher
+
+    tok = tiny_tokenizer()
+    t1 = HFTeacher(model=tiny_llama(seed=4), tokenizer=tok, name="tiny/x", source="t", device=torch.device("cpu"))
+    t2 = HFTeacher(model=tiny_llama(seed=5), tokenizer=tok, name="tiny/x", source="t", device=torch.device("cpu"))
+    c1, c2 = teacher_cache(t1, home=tmp_path), teacher_cache(t2, home=tmp_path)
+    assert c1.parent == tmp_path / "demo" and c1.name == f"tiny_x-{t1.weights_hash()[:16]}" and c1 != c2
+    prompts = ["Who is there?", "Speak!"]
+    p = answers_path(c1, "train", tok, prompts, max_new_tokens=6, batch_size=2)
+    assert p == answers_path(c1, "train", tok, list(prompts), max_new_tokens=6, batch_size=2)
+    assert p != answers_path(c1, "train", tok, prompts, max_new_tokens=7, batch_size=2)
+    assert p != answers_path(c1, "train", tok, prompts[:1], max_new_tokens=6, batch_size=2)
+    calls = []
+    first = teacher_answers(t1.model, tok, prompts, p, max_new_tokens=6, batch_size=2, log=calls.append)
+    assert len(calls) == 1 and teacher_answers(t1.model, tok, prompts, p, max_new_tokens=6, batch_size=2,
+                                               log=calls.append) == first and len(calls) == 1  # read, not generated
+    pairs = load_pairs(per_paradigm=1, seed=0)[:4]
+    path = c1 / "blimp-k.json"
+    table = teacher_blimp(t1.model, tok, pairs, path, {"k": 1})
+    assert json.loads(path.read_text())["table"]["overall"] == table["overall"]
+    assert teacher_blimp(None, tok, pairs, path, {"k": 1}) == table  # cached: the model is not even touched
+    with pytest.raises(AttributeError):
+        teacher_blimp(None, tok, pairs, path, {"k": 2})  # another key scores again (here: no model to score with)

@@ -59,23 +59,32 @@ def _sample(model, tokenizer, text: str, new_tokens: int) -> tuple[str, float]:
 
 
 def make_data(teacher, out: Path, s: dict, console: Console, seed: int = 0) -> dict:
-    """Prompts, the teacher's cached answers and the training/held-out files; returns their paths and texts."""
+    """Prompts, the teacher's answers and the training/held-out files; returns their paths and texts.
+
+    The answers are a pure function of the teacher, the prompts and the generation settings, so they live in the
+    teacher's cache folder (:func:`.demo_chat.teacher_cache`), not in ``out``: a second demo generates nothing.
+    """
     from .data.chat import default_system_prompt
-    from .demo_chat import demo_prompts, teacher_answers, write_chat, write_plain
+    from .demo_chat import answers_path, demo_prompts, teacher_answers, teacher_cache, write_chat, write_plain
 
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
     tok, model = teacher.tokenizer, teacher.model
+    cache = teacher_cache(teacher)
     log = lambda msg: console.print(msg, highlight=False)  # noqa: E731
     t0 = time.perf_counter()
     train_p = demo_prompts(s["train_prompts"], "shakespeare", seed)
     held_p = demo_prompts(s["heldout_prompts"], "milton", seed)
-    kw = dict(max_new_tokens=s["answer_tokens"], batch_size=s["gen_batch"], log=log)
-    train_a = teacher_answers(model, tok, train_p, data / "answers_train.jsonl", **kw)
-    held_greedy = teacher_answers(model, tok, held_p, data / "answers_heldout_greedy.jsonl", **kw)
+    kw = dict(max_new_tokens=s["answer_tokens"], batch_size=s["gen_batch"])
+    paths = {"train": answers_path(cache, "train", tok, train_p, **kw),
+             "heldout_greedy": answers_path(cache, "heldout_greedy", tok, held_p, **kw),
+             "heldout_sampled": answers_path(cache, "heldout_sampled", tok, held_p, sample_temperature=1.0, seed=seed, **kw)}
+    cached = all(p.is_file() for p in paths.values())
+    train_a = teacher_answers(model, tok, train_p, paths["train"], log=log, **kw)
+    held_greedy = teacher_answers(model, tok, held_p, paths["heldout_greedy"], log=log, **kw)
     # the sampled answers (T = 1) are answer fidelity's second reference
-    held_sampled = teacher_answers(model, tok, held_p, data / "answers_heldout_sampled.jsonl", sample_temperature=1.0,
-                                   seed=seed, **kw)
+    held_sampled = teacher_answers(model, tok, held_p, paths["heldout_sampled"], sample_temperature=1.0, seed=seed,
+                                   log=log, **kw)
     system = default_system_prompt(tok)
     n_train = write_chat(data / "train_chat.jsonl", train_p, train_a, system)
     n_held = write_chat(data / "heldout_chat.jsonl", held_p, held_greedy, system)
@@ -84,7 +93,7 @@ def make_data(teacher, out: Path, s: dict, console: Console, seed: int = 0) -> d
             "plain": str(data / "plain.txt"), "train_prompts": train_p, "train_answers": train_a,
             "heldout_prompts": held_p, "heldout_greedy": held_greedy, "heldout_sampled": held_sampled,
             "n_train_conversations": n_train, "n_heldout_conversations": n_held, "system_prompt": system,
-            "seconds": time.perf_counter() - t0}
+            "teacher_cache": str(cache), "answers_were_cached": cached, "seconds": time.perf_counter() - t0}
 
 
 def make_student(teacher, data: dict, out: Path, s: dict, console: Console) -> Path:

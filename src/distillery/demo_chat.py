@@ -16,9 +16,11 @@ second demo generates nothing. :func:`write_chat` turns answers into the chat JS
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import random
+import re
 import time
 from importlib import resources
 from pathlib import Path
@@ -78,6 +80,32 @@ def demo_prompts(n: int, corpus: str, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     picked = rng.sample(passages, n)
     return [TEMPLATES[i % len(TEMPLATES)].format(p=p) for i, p in enumerate(picked)]
+
+
+def teacher_cache(teacher, home: Path | None = None) -> Path:
+    """The folder of what is a pure function of the teacher (its answers, its BLiMP table), shared by every demo:
+    ``<DISTILLERY_HOME>/demo/<name>-<first 16 hex digits of teacher.identity()['weights_hash']>``.
+
+    The hash covers the weights as loaded (a bf16 teacher is another teacher), so a second ``make demo`` with the
+    same teacher reads its answers from here, whatever its output folder.
+    """
+    from .teachers.hf import distillery_home
+
+    ident = teacher.identity()
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", str(ident["name"]))
+    return (home or distillery_home()) / "demo" / f"{slug}-{str(ident['weights_hash'])[:16]}"
+
+
+def keyed_name(stem: str, key) -> str:
+    """``<stem>-<first 12 hex digits of sha256(key as sorted JSON)>``: one cache file per prompts and settings."""
+    return f"{stem}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}"
+
+
+def answers_path(cache: Path, tag: str, tokenizer, prompts: list[str], **settings) -> Path:
+    """Where :func:`teacher_answers` keeps the answers to ``prompts`` under ``settings`` (the chat template in the key:
+    it decides what the teacher saw)."""
+    key = {"prompts": prompts, "settings": settings, "chat_template": getattr(tokenizer, "chat_template", None)}
+    return cache / (keyed_name(f"answers_{tag}", key) + ".jsonl")
 
 
 def _read_cache(path: Path, prompts: list[str], settings: dict) -> dict[int, str]:

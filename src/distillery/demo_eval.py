@@ -17,6 +17,7 @@ baseline's is.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -36,7 +37,7 @@ def _blimp_lite(table: dict) -> dict:
 
 
 def teacher_blimp(model, tok, pairs, path: Path, key: dict) -> dict:
-    """The teacher's BLiMP table, computed once per run folder and settings (it never changes)."""
+    """The teacher's BLiMP table, computed once per teacher and ``key`` (pairs, prefix) and kept in ``path``."""
     from .tasks.blimp import score_blimp
 
     if path.is_file():
@@ -44,7 +45,10 @@ def teacher_blimp(model, tok, pairs, path: Path, key: dict) -> dict:
         if cached.get("key") == key:
             return cached["table"]
     table = score_blimp(model, tok, pairs, prefix=BLIMP_PREFIX, name="teacher")
-    path.write_text(json.dumps({"key": key, "table": table}) + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"key": key, "table": table}) + "\n")
+    tmp.replace(path)  # a demo killed mid-write leaves no half file for the next one
     return table
 
 
@@ -78,6 +82,7 @@ def evaluate_demo(out: Path, runs: dict, data: dict, s: dict, console: Console, 
 
     from .config import DataConfig
     from .data import build_datasets
+    from .demo_chat import keyed_name, teacher_cache
     from .evaluate import evaluate
     from .students import count_parameters
     from .tasks.blimp import CREDIT, load_pairs
@@ -100,9 +105,11 @@ def evaluate_demo(out: Path, runs: dict, data: dict, s: dict, console: Console, 
         return (collate(ds, torch.arange(i, min(i + bs, len(ds)))) for i in range(0, len(ds), bs))
 
     pairs = load_pairs(per_paradigm=s["blimp_per_paradigm"], seed=0)
-    key = {"per_paradigm": s["blimp_per_paradigm"], "seed": 0, "prefix": BLIMP_PREFIX}
+    key = {"per_paradigm": s["blimp_per_paradigm"], "seed": 0, "prefix": BLIMP_PREFIX,
+           "pairs": hashlib.sha256(json.dumps([[p["good"], p["bad"]] for p in pairs]).encode()).hexdigest()}
     console.print(f"BLiMP: {len(pairs)} pairs ({s['blimp_per_paradigm']} per paradigm), teacher ...", highlight=False)
-    t_blimp = teacher_blimp(teacher.model, tok, pairs, out / "blimp_teacher.json", key)
+    cache = teacher_cache(teacher)  # the teacher's table is a pure function of it: every demo shares it
+    t_blimp = teacher_blimp(teacher.model, tok, pairs, cache / (keyed_name("blimp", key) + ".json"), key)
     given = {"teacher_greedy": data["heldout_greedy"], "teacher_sampled": data["heldout_sampled"]}
     results = {"teacher": {"name": teacher.name, "parameters": count_parameters(teacher.model),
                            "blimp": _blimp_lite(t_blimp)},
