@@ -102,7 +102,7 @@ def bench(name: str, batch: int, new_tokens: int, repeats: int, device: str, wei
     fields = MODELS[name]
     model = build(fields, device, weights)
     ids, mask = prompts(batch, fields["vocab_size"], device)
-    ours = lambda head, T, gen=None: sample(model, ids, mask, max_new_tokens=new_tokens, sample_temperature=T,  # noqa: E731
+    ours = lambda head, T, gen=None: sample(model, ids, mask, max_new_tokens=new_tokens, sample_temperature=T,
                                             eos_token_id=None, pad_token_id=PAD, head=head, generator=gen)[0]
     DECODERS.clear()
     t, out = timed({"ours": lambda: ours("auto", 0.0), "ours_plain_head": lambda: ours("plain", 0.0),

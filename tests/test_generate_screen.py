@@ -87,7 +87,7 @@ def test_screened_sampling_draws_from_softmax_at_the_temperature(temperature):
 def test_screened_sampling_is_reproducible_and_static_and_plain_agree_on_greedy(monkeypatch):
     model = tiny_llama(layers=2)
     ids, mask = left_padded_prompts()
-    run = lambda seed: sample(model, ids, mask, max_new_tokens=8, sample_temperature=1.0, pad_token_id=PAD,  # noqa: E731
+    run = lambda seed: sample(model, ids, mask, max_new_tokens=8, sample_temperature=1.0, pad_token_id=PAD,
                               head="screened", generator=torch.Generator().manual_seed(seed))[0]
     a, b, c = run(3), run(3), run(4)
     assert torch.equal(a, b) and not torch.equal(a, c)
@@ -100,10 +100,10 @@ def test_auto_screens_only_where_bf16_is_fast_the_head_is_big_and_not_for_top_p(
     model = tiny_llama(layers=2)
     ids, mask = left_padded_prompts()
     seen = decoders_seen(monkeypatch)
-    run = lambda **k: sample(model, ids, mask, max_new_tokens=3, sample_temperature=1.0, pad_token_id=PAD, **k)  # noqa: E731
+    run = lambda **k: sample(model, ids, mask, max_new_tokens=3, sample_temperature=1.0, pad_token_id=PAD, **k)
     monkeypatch.setattr(generate, "SCREEN_MIN_HEAD", model.lm_head.weight.numel())  # this head is just big enough
     for fast in (True, False):
-        monkeypatch.setattr(generate, "cpu_bf16_fast", lambda: fast)
+        monkeypatch.setattr(generate, "cpu_bf16_fast", lambda fast=fast: fast)
         run()
     assert seen[0].screen is not None and seen[1].screen is None
     monkeypatch.setattr(generate, "cpu_bf16_fast", lambda: True)
