@@ -21,6 +21,7 @@ from ..losses.inputs import LossInputError
 from ..targets import TeacherTargets
 from . import terms
 from .align import END, MERGED, NONE, ONE, Alignment, align_spans, block_alignment
+from .fused import FusedPlan, fused_rows
 from .losses import (StudentHead, _chunked, _dtype, _rebuild, _span_sums, _student_logits_rows, _student_tensors,
                      _teacher_label_table, map_sparse_rows, student_label_logprobs)
 from .vocab_map import VocabMap
@@ -109,9 +110,10 @@ def cached_to_student(topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, tail_
 
 def student_side_loss(student: torch.Tensor | StudentHead, targets: StudentSideTargets, *, student_labels: torch.Tensor,
                       vocab_size: int, span_weight: float = 1.0, chunk_size: int = 256,
-                      checkpoint: bool = True) -> torch.Tensor:
+                      checkpoint: bool = True, fused: bool = True) -> torch.Tensor:
     """Per-token loss ``(B, T_s)`` on :class:`StudentSideTargets`: exact-string KL with a tail bucket at ``ONE``
-    positions, ``span_weight`` × the span Bernoulli KL at ``END``/``MERGED`` (as :func:`~.losses.xtok_loss`)."""
+    positions, ``span_weight`` × the span Bernoulli KL at ``END``/``MERGED`` (as :func:`~.losses.xtok_loss`).
+    A :class:`StudentHead` takes the fused path (:mod:`.fused`) unless ``fused=False``."""
     dev = student_labels.device
     kind = targets.alignment.kind.to(dev)
     b, t_s = kind.shape
@@ -121,7 +123,15 @@ def student_side_loss(student: torch.Tensor | StudentHead, targets: StudentSideT
     k = targets.ids.shape[-1]
     ids, lp = targets.ids.to(dev).reshape(-1, k), targets.logprobs.to(dev).reshape(-1, k)
     rest = targets.rest_logprob.to(dev).reshape(-1)
-    if one.numel():
+    if one.numel() and fused and isinstance(student, StudentHead):  # the LM head fused in (xtok.fused)
+        def rows(lo, hi):
+            r = one[lo:hi]
+            return ids[r], lp[r], rest[r]
+
+        h = student.hidden.reshape(-1, student.hidden.shape[-1]).index_select(0, one)
+        plan = FusedPlan("exact_kl", tau, vocab_size, 0, chunk_size, sparse_rows=rows)
+        per_token = per_token.index_put((one,), fused_rows(h, student.weight, student.bias, plan).to(dtype))
+    elif one.numel():
         def dist(lo, hi, *tensors):
             r = one[lo:hi]
             z = _student_logits_rows(_rebuild(student, tensors), r, vocab_size).to(dtype)

@@ -1,0 +1,291 @@
+"""The fused path of :func:`~distillery.xtok.losses.xtok_loss`: the student's LM head, the distribution term at the
+1↔1 rows and its gradient, ``chunk_size`` rows at a time, with no autograd graph over any ``(rows, V)`` tensor.
+
+Why: the reference path (autograd on each chunk under activation checkpointing) runs every chunk twice, gathers
+columns of ``(c, V)`` tensors through the vocabulary map (``index_select`` / boolean masks along the last axis) and
+leaves a dozen ``(c, V)`` temporaries per chunk to the allocator; on the real pair (SmolLM2 → GPT-2 vocabulary, 4×128
+tokens) the loss took ~6× the student's whole CE step. Here, as in :mod:`distillery.losses.chunked`:
+
+* **Matched-first layout.** Both heads are reordered once per call so that column ``i < M`` of the student logits is
+  student id ``S_i`` and column ``i`` of the teacher logits is its partner ``T_i``; the unmatched ids follow. The
+  matched part and the rest are then plain slices ``[:, :M]`` / ``[:, M:]`` (no gathers); the gradient of the
+  reordered student head is put back in vocabulary order once.
+* **Gradients in the forward pass.** For ``s = z / τ``, ``lq = log_softmax(s)``, ``q = exp(lq)`` and a row loss
+  ``L(lq)`` with ``G = ∂L/∂lq``: ``∂L/∂s = G − q·ΣG`` and ``∂L/∂z = ∂L/∂s / τ``; then ``∂/∂h = dz·W`` and
+  ``∂/∂W += dzᵀ·h`` (two matmuls per chunk). For ``exact_kl`` ``G`` is written by hand (below); ``uld`` and ``gold``
+  get ``G`` from autograd on the chunk's ``lq`` alone (sorts and masks are theirs, the head is still fused).
+* **Row weights.** Forward computes the gradient of ``Σ_r value_r`` (what ``per_token.sum()`` asks for); backward
+  scales it when the incoming gradient is the same for every row (always, in the train loop) and otherwise
+  recomputes the chunks with the incoming row weights (exact, twice the work).
+
+``exact_kl`` by hand (:func:`~.terms.matched_kl`, floors at ``TAIL_FLOOR``): with ``p`` the teacher's matched
+probabilities, ``P_r = exp(max(lp_rest, floor))`` and ``Q_r = Σ_{j ∉ S} q_j``, the row value is
+``Σ_i p_i (lp_i − lq_i) + P_r (lp_rest − max(log Q_r, floor))``, ``G_i = −p_i`` on the matched columns and
+``G_rest = −P_r`` on ``log Q_r`` (0 when the floor is active, as autograd of ``clamp`` gives), so
+
+    ∂L/∂s_j = q_j·S − p_j  (j matched),   q_j·(S − P_r / Q_r)  (j unmatched),   S = Σ_i p_i + P_r·[log Q_r ≥ floor].
+
+Sparse teachers (``exact_kl`` only; cached or served top-k, or :func:`~.student_targets.student_side_loss`) keep
+the vocabulary order: each row's matched ids ``(c, K)`` (``-1`` = none) are scattered into a scratch copy of the
+logits with one extra dummy column that absorbs the ``-1`` entries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..losses.sparse import TAIL_FLOOR
+from . import terms
+
+
+@dataclass
+class FusedPlan:
+    """What the fused rows need besides the differentiable ``h`` / ``weight`` / ``bias``.
+
+    ``perm``: the student's matched-first column order ``(V_s,)`` (None: vocabulary order, sparse teachers);
+    ``dense_rows(lo, hi)``: the teacher's logits of rows ``lo:hi`` in the matched-first order ``(k, V_t)``;
+    ``sparse_rows(lo, hi)``: ``(ids (k, K) student ids or -1, lp (k, K), rest (k,))`` at the loss temperature.
+    """
+
+    method: str
+    tau: float
+    width: int
+    m: int
+    chunk_size: int
+    perm: torch.Tensor | None = None
+    dense_rows: Callable | None = None
+    sparse_rows: Callable | None = None
+    beta: float = 0.5
+    gold_weights: tuple[float, float] | None = None
+
+
+def matched_first(matched: torch.Tensor, width: int) -> torch.Tensor:
+    """``(width,)`` int64: the ids of ``matched`` (in its order), then every other id ascending."""
+    rest = torch.ones(width, dtype=torch.bool, device=matched.device)
+    rest[matched] = False
+    return torch.cat([matched.long(), rest.nonzero().squeeze(-1)])
+
+
+def _lse(x: torch.Tensor) -> torch.Tensor:
+    """Row log-sum-exp ``(k, n) -> (k, 1)``; ``-inf`` for an empty row."""
+    if x.shape[1] == 0:
+        return x.new_full((x.shape[0], 1), float("-inf"))
+    return torch.logsumexp(x, dim=1, keepdim=True)
+
+
+def _exact_kl_dense_(z: torch.Tensor, t: torch.Tensor, m: int, p: torch.Tensor) -> torch.Tensor:
+    """Row values ``(k,)``; ``z (k, V_s)`` (student logits / τ, matched first) becomes ``∂L/∂s``. ``t (k, V_t)``
+    (teacher logits / τ, matched first) and ``p (k, M)`` are scratch."""
+    big_t = _lse(t)
+    lp_rest = (_lse(t[:, m:]) - big_t).clamp(min=TAIL_FLOOR)  # (k, 1)
+    lp = t[:, :m].sub_(big_t)  # teacher matched log-probs, in place
+    torch.exp(lp, out=p)
+    big = _lse(z)
+    lq_rest_raw = _lse(z[:, m:]) - big
+    lq_rest = lq_rest_raw.clamp(min=TAIL_FLOOR)
+    d = lp.sub_(z[:, :m]).add_(big).mul_(p)  # p (lp − lq), lq = z − lse(z)
+    d.masked_fill_(p == 0, 0.0)  # p = 0 (lp = −inf) contributes exactly 0, not 0·inf
+    p_rest = lp_rest.exp()
+    value = d.sum(1) + (p_rest * (lp_rest - lq_rest)).squeeze(1)
+    live = lq_rest_raw >= TAIL_FLOOR  # the floor passes no gradient
+    s_total = p.sum(1, keepdim=True) + torch.where(live, p_rest, torch.zeros_like(p_rest))
+    rest_coef = s_total - torch.where(live, p_rest * torch.exp(-lq_rest), torch.zeros_like(p_rest))
+    q = z.sub_(big).exp_()
+    q[:, :m].mul_(s_total).sub_(p)
+    q[:, m:].mul_(rest_coef)
+    return value
+
+
+def _exact_kl_sparse_(z: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor, rest: torch.Tensor,
+                      scratch: torch.Tensor) -> torch.Tensor:
+    """Row values ``(k,)``; ``z (k, V)`` becomes ``∂L/∂s`` in ``scratch[:, :V]`` (returned second). ``ids (k, K)``
+    student ids or ``-1``, ``lp (k, K)``, ``rest (k,)`` the teacher's log-mass elsewhere."""
+    v = z.shape[1]
+    valid = ids >= 0
+    col = torch.where(valid, ids.long(), torch.full_like(ids.long(), v))  # -1 -> the dummy column v
+    big = _lse(z)
+    scratch[:, :v].copy_(z)
+    scratch[:, v] = float("-inf")
+    scratch.scatter_(1, col, float("-inf"))
+    lq_rest_raw = _lse(scratch) - big  # Σ over the columns no matched id names
+    lq_rest = lq_rest_raw.clamp(min=TAIL_FLOOR)
+    lp = lp.to(z.dtype)
+    lq_ids = z.gather(1, col.clamp(max=v - 1)) - big
+    p = torch.where(valid, lp.exp(), torch.zeros_like(lp))
+    head = torch.where(p > 0, p * (lp - lq_ids), torch.zeros_like(lp)).sum(1)
+    lp_rest = rest.to(z.dtype).clamp(min=TAIL_FLOOR).unsqueeze(1)
+    p_rest = lp_rest.exp()
+    value = head + (p_rest * (lp_rest - lq_rest)).squeeze(1)
+    live = lq_rest_raw >= TAIL_FLOOR
+    s_total = p.sum(1, keepdim=True) + torch.where(live, p_rest, torch.zeros_like(p_rest))
+    rest_coef = s_total - torch.where(live, p_rest * torch.exp(-lq_rest), torch.zeros_like(p_rest))
+    out = scratch
+    torch.sub(z, big, out=out[:, :v]).exp_()  # q
+    q_ids = out[:, :v].gather(1, col.clamp(max=v - 1))
+    out[:, :v].mul_(rest_coef)
+    # matched columns: q·S − p instead of q·(S − P_r/Q_r); the dummy column takes the -1 entries' additions
+    out.scatter_add_(1, col, torch.where(valid, q_ids * (s_total - rest_coef) - p, torch.zeros_like(p)))
+    return value
+
+
+def _autograd_term_(method: str, z: torch.Tensor, t: torch.Tensor, m: int, plan: FusedPlan,
+                    row_weight: torch.Tensor | None) -> torch.Tensor:
+    """``uld`` / ``gold`` rows: ``G`` from autograd on this chunk's ``lq`` only; ``z`` becomes ``∂L/∂s``."""
+    lp = torch.log_softmax(t, dim=1)
+    torch.log_softmax(z, dim=1, out=z)
+    with torch.enable_grad():
+        lq = z.detach().requires_grad_(True)
+        if method == "uld":
+            value = terms.uld(lp, lq)
+        else:
+            ids = torch.arange(m, device=z.device)
+            value = terms.gold_hybrid(lp, lq, ids, ids, plan.beta, plan.gold_weights)
+        (g,) = torch.autograd.grad(value, lq, grad_outputs=row_weight if row_weight is not None
+                                   else torch.ones_like(value))
+    q = z.exp_()
+    q.mul_(-g.sum(1, keepdim=True)).add_(g)
+    return value.detach()
+
+
+def run(plan: FusedPlan, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+        row_weight: torch.Tensor | None, need: tuple[bool, bool, bool]):
+    """Values ``(n,)`` of rows ``h (n, H)`` and the gradients of ``Σ_r w_r·value_r`` w.r.t. ``h``, ``weight``,
+    ``bias`` (``None`` where not ``need``-ed; ``w = row_weight`` or 1)."""
+    dtype = torch.float64 if torch.float64 in (h.dtype, weight.dtype) else torch.float32
+    n, v = h.shape[0], plan.width
+    w = weight[:v] if plan.perm is None else weight[:v].index_select(0, plan.perm)
+    w, hc = w.to(dtype), h.to(dtype)
+    b = None if bias is None else (bias[:v] if plan.perm is None else bias[:v].index_select(0, plan.perm)).to(dtype)
+    grads = any(need)
+    grad_h = torch.empty_like(hc) if need[0] else None
+    grad_w = torch.zeros_like(w) if need[1] else None
+    grad_b = torch.zeros(v, dtype=dtype, device=h.device) if need[2] and b is not None else None
+    c = max(1, min(plan.chunk_size, n))
+    zbuf = torch.empty(c, v, dtype=dtype, device=h.device)
+    values = []
+    tbuf = pbuf = scratch = None
+    for lo in range(0, n, c):
+        hi = min(lo + c, n)
+        hk = hc[lo:hi]
+        z = zbuf[:hi - lo, :v]
+        torch.mm(hk, w.t(), out=z)  # student logits (k, V_s)
+        if b is not None:
+            z.add_(b)
+        if plan.tau != 1.0:
+            z.div_(plan.tau)
+        if plan.sparse_rows is not None:
+            ids, lp, rest = plan.sparse_rows(lo, hi)
+            if scratch is None:
+                scratch = torch.empty(c, v + 1, dtype=dtype, device=h.device)
+            val = _exact_kl_sparse_(z, ids, lp, rest, scratch[:hi - lo])
+            z = scratch[:hi - lo, :v]  # the gradient
+        else:
+            t_logits = plan.dense_rows(lo, hi)
+            if tbuf is None:
+                tbuf = torch.empty(c, t_logits.shape[1], dtype=dtype, device=h.device)
+            t = tbuf[:hi - lo]
+            t.copy_(t_logits)
+            if plan.tau != 1.0:
+                t.div_(plan.tau)
+            if plan.method == "exact_kl":
+                if pbuf is None:
+                    pbuf = torch.empty(c, plan.m, dtype=dtype, device=h.device)
+                val = _exact_kl_dense_(z, t, plan.m, pbuf[:hi - lo])
+            else:
+                rw = None if row_weight is None else row_weight[lo:hi].to(dtype)
+                val = _autograd_term_(plan.method, z, t, plan.m, plan, rw)
+        values.append(val)
+        if not grads:
+            continue
+        if row_weight is not None and plan.method == "exact_kl":
+            z.mul_(row_weight[lo:hi].to(dtype).unsqueeze(1))
+        if plan.tau != 1.0:
+            z.div_(plan.tau)  # ∂L/∂z = ∂L/∂s / τ
+        if grad_h is not None:
+            torch.mm(z, w, out=grad_h[lo:hi])
+        if grad_w is not None:
+            grad_w.addmm_(z.t(), hk)
+        if grad_b is not None:
+            grad_b.add_(z.sum(0))
+    value = torch.cat(values) if values else torch.zeros(0, dtype=dtype, device=h.device)
+    return value, (grad_h, _unpermute(grad_w, weight.shape, plan.perm), _unpermute(grad_b, None if bias is None
+                                                                                 else bias.shape, plan.perm))
+
+
+def _unpermute(grad: torch.Tensor | None, shape, perm: torch.Tensor | None) -> torch.Tensor | None:
+    """The gradient of the first ``V`` (reordered) rows back in vocabulary order, zero rows beyond ``V``."""
+    if grad is None:
+        return None
+    full = torch.zeros(shape, dtype=grad.dtype, device=grad.device)
+    if perm is None:
+        full[:grad.shape[0]] = grad
+        return full
+    return full.index_copy_(0, perm, grad)
+
+
+class FusedRows(torch.autograd.Function):
+    """``apply(h (n, H), weight (V+, H), bias, plan) -> values (n,)``; gradients computed in forward (module doc)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, plan):
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        with torch.autocast(h.device.type, enabled=False):
+            value, grads = run(plan, h.detach(), weight.detach(), None if bias is None else bias.detach(), None, need)
+        ctx.plan, ctx.need, ctx.grads = plan, need, grads
+        ctx.inputs = (h.detach(), weight.detach(), None if bias is None else bias.detach())
+        return value
+
+    @staticmethod
+    def backward(ctx, g):
+        h, weight, bias = ctx.inputs
+        if g.numel() and bool((g == g[0]).all()):  # the usual case: per_token.sum() -> the same weight everywhere
+            scale = g[0]
+            grads = ctx.grads
+        else:  # other row weights: recompute the chunks with them
+            scale = None
+            with torch.autocast(h.device.type, enabled=False):
+                _, grads = run(ctx.plan, h, weight, bias, g.detach(), ctx.need)
+        ctx.grads = ctx.inputs = None
+        out = []
+        for grad, like in zip(grads, (h, weight, bias)):
+            if grad is None:
+                out.append(None)
+                continue
+            grad = grad if scale is None else grad * scale.to(grad.dtype)
+            out.append(grad.to(like.dtype))
+        return out[0], out[1], out[2], None
+
+
+def fused_rows(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: FusedPlan) -> torch.Tensor:
+    """Row values ``(n,)`` with gradients to ``h``, ``weight`` and ``bias`` (no graph kept when none is needed)."""
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (h, weight, bias)):
+        return FusedRows.apply(h, weight, bias, plan)
+    with torch.autocast(h.device.type, enabled=False):
+        return run(plan, h.detach(), weight.detach(), None if bias is None else bias.detach(), None,
+                   (False, False, False))[0]
+
+
+def lazy_teacher_rows(teacher, rows: torch.Tensor, t_perm: torch.Tensor | None, width: int) -> Callable:
+    """``(lo, hi) -> (k, V_t)`` teacher logits of flattened teacher positions ``rows[lo:hi]``, matched first. The
+    lazy form reorders its LM head once (``(V_t, H)``, no gradient); dense logits gather their columns per chunk."""
+    if teacher.logits is not None:
+        flat = teacher.logits.reshape(-1, teacher.logits.shape[-1])
+
+        def dense(lo, hi):
+            x = flat.index_select(0, rows[lo:hi])[:, :width]
+            return x if t_perm is None else x.index_select(1, t_perm)
+        return dense
+    hid = teacher.hidden.reshape(-1, teacher.hidden.shape[-1])
+    w = teacher.lm_head_weight[:width]
+    b = None if teacher.lm_head_bias is None else teacher.lm_head_bias[:width]
+    if t_perm is not None:
+        w = w.index_select(0, t_perm)
+        b = None if b is None else b.index_select(0, t_perm)
+
+    def lazy(lo, hi):
+        return F.linear(hid.index_select(0, rows[lo:hi]), w, b)
+    return lazy
