@@ -172,28 +172,67 @@ def recipe(args, size, arm: str, init: str, files: dict, seqkd: dict | None, out
                       "log_every": 1, "progress": False, "seed": args.seed, "mixed_precision": precision}}
 
 
+def arms_for(args, tname: str) -> list[str]:
+    """The arms of one student tokenizer, in ``ARMS`` order: ``--tokenizer-arms NAME=a,b;…`` or ``--arms``."""
+    chosen = args.arms.split(",")
+    for part in filter(None, (args.tokenizer_arms or "").split(";")):
+        name, _, arms = part.partition("=")
+        if name.strip().replace(":", "") == tname:
+            chosen = arms.split(",")
+    return [a for a in ARMS if a in chosen and (a != "gold_trl" or tname in args.gold_tokenizers.split(","))]
+
+
+def train_arm(args, size, tname: str, arm: str, init: str, files: dict, seqkd, work: Path, precision: str,
+              teacher_dir: str, fused: bool = True, steps: int | None = None) -> dict:
+    """One arm in its own process (``xtok_systems.py``): its result with tok/s, load before/after and the recipe."""
+    out_dir = work / "runs" / f"{tname}_{arm}{'' if fused else '_reference'}"
+    shutil.rmtree(out_dir, ignore_errors=True)  # an arm always starts afresh (an earlier, stopped run's folder)
+    r = recipe(args, size, arm, init, files, seqkd, out_dir, precision)
+    if steps:
+        r["train"]["max_steps"] = steps
+    spec = {"system": "gold_trl" if arm == "gold_trl" else "ours", "recipe": r, "threads": args.threads,
+            "out_dir": str(out_dir), "student_init": init, "teacher_dir": teacher_dir, "ce_weight": args.ce_weight,
+            "xtok_fused": fused}
+    load0 = common.loadavg()
+    print(f"[xtok] {tname} {arm}{'' if fused else ' (reference loss path)'} ...", flush=True)
+    res = common.run_child(Path(__file__).with_name("xtok_systems.py"), spec, threads=args.threads,
+                           log=work / "children.log", timeout=args.timeout)
+    res.update(load_before=load0, load_after=common.loadavg(), recipe=r)
+    if "step_seconds" in res:
+        res["tok_s"] = common.steady_tok_s(res["step_seconds"], res["tokens_per_step"], skip=args.warmup_skip)
+    print(f"[xtok] {tname} {arm}: {res.get('error') or round(res.get('tok_s') or 0, 1)} tok/s", flush=True)
+    return res
+
+
 def train_all(args, size, inits: dict, files: dict, seqkd, work: Path, precision: str, teacher_dir: str) -> dict:
     runs: dict = {}
-    arms = args.arms.split(",")
     for tname, init in inits.items():
-        for arm in [a for a in ARMS if a in arms]:
-            if arm == "gold_trl" and tname not in args.gold_tokenizers.split(","):
-                continue
-            out_dir = work / "runs" / f"{tname}_{arm}"
-            shutil.rmtree(out_dir, ignore_errors=True)  # an arm always starts afresh (an earlier, stopped run's folder)
-            r = recipe(args, size, arm, init, files, seqkd, out_dir, precision)
-            spec = {"system": "gold_trl" if arm == "gold_trl" else "ours", "recipe": r, "threads": args.threads,
-                    "out_dir": str(out_dir), "student_init": init, "teacher_dir": teacher_dir, "ce_weight": args.ce_weight}
-            load0 = common.loadavg()
-            print(f"[xtok] {tname} {arm} ...", flush=True)
-            res = common.run_child(Path(__file__).with_name("xtok_systems.py"), spec, threads=args.threads,
-                                   log=work / "children.log", timeout=args.timeout)
-            res.update(load_before=load0, load_after=common.loadavg(), recipe=r)
-            if "step_seconds" in res:
-                res["tok_s"] = common.steady_tok_s(res["step_seconds"], res["tokens_per_step"], skip=args.warmup_skip)
-            print(f"[xtok] {tname} {arm}: {res.get('error') or round(res.get('tok_s') or 0, 1)} tok/s", flush=True)
-            runs[f"{tname}/{arm}"] = res
+        for arm in arms_for(args, tname):
+            runs[f"{tname}/{arm}"] = train_arm(args, size, tname, arm, init, files, seqkd, work, precision, teacher_dir)
     return runs
+
+
+def speed_fix(args, size, inits: dict, files: dict, work: Path, precision: str, teacher_dir: str) -> dict:
+    """``--speed-steps N``: the first tokenizer's ``--speed-methods`` arms for N steps through the loss's reference
+    path (autograd per chunk under checkpointing: the loss before xtok.fused) and through the fused path, alternated
+    in this run: seconds per step of each (after ``--warmup-skip``) and their ratio."""
+    tname, init = next(iter(inits.items()))
+    out = {"steps": args.speed_steps, "tokenizer": tname, "methods": {}}
+    for method in args.speed_methods.split(","):
+        row = {}
+        for fused in (False, True):
+            res = train_arm(args, size, tname, method, init, files, None, work, precision, teacher_dir, fused=fused,
+                            steps=args.speed_steps)
+            secs = res.get("step_seconds") or []
+            row["fused" if fused else "reference"] = {
+                "step_seconds": secs, "s_per_step": (sum(secs[args.warmup_skip:]) / max(len(secs) - args.warmup_skip, 1)
+                                                     if secs else None),
+                "losses": res.get("losses"), "load_before": res.get("load_before"), "error": res.get("error")}
+            shutil.rmtree(work / "runs" / f"{tname}_{method}{'' if fused else '_reference'}", ignore_errors=True)
+        ref, new = row["reference"]["s_per_step"], row["fused"]["s_per_step"]
+        row["speedup"] = ref / new if ref and new else None
+        out["methods"][method] = row
+    return out
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -245,6 +284,14 @@ def main() -> None:
     ap.add_argument("--tokenizers", default="gpt2,bpe:8192", help="student tokenizers (student.tokenizer values)")
     ap.add_argument("--gold-tokenizers", default="gpt2,bpe8192", help="which students also train with TRL GOLD")
     ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--tokenizer-arms", default=None,
+                    help="per-tokenizer arms, e.g. 'bpe:8192=ce,seqkd,exact_kl' (';' between tokenizers); else --arms")
+    ap.add_argument("--seqkd-docs", type=int, default=None,
+                    help="teacher continuations for seq-KD (default steps x batch, one per block; fewer = reuse a "
+                         "cached set, the seqkd arm then sees each one more than once)")
+    ap.add_argument("--speed-steps", type=int, default=0,
+                    help="first run --speed-methods for N steps through the reference and the fused loss path")
+    ap.add_argument("--speed-methods", default="exact_kl")
     ap.add_argument("--teacher", default="smollm2", help="teacher.source (tests: a tiny model folder)")
     ap.add_argument("--student", choices=("demo", "tiny"), default="demo")
     ap.add_argument("--corpus-chars", type=int, default=None, help="use only the first N characters of Shakespeare")
@@ -277,9 +324,12 @@ def main() -> None:
     teacher = load_teacher(args.teacher, dtype="bfloat16" if precision == "bf16" else "float32")
     teacher_dir = resolve_source(args.teacher)[0]
     inits = make_inits(args, teacher, files, work)
-    seqkd = seqkd_data(teacher, files, size[0] * size[1], size[2], work, args.seed) if "seqkd" in args.arms else None
+    want_seqkd = any("seqkd" in arms_for(args, t) for t in inits)
+    seqkd = (seqkd_data(teacher, files, args.seqkd_docs or size[0] * size[1], size[2], work, args.seed)
+             if want_seqkd else None)
     t_eval = evaluate_model(teacher.model, teacher.tokenizer, files, size[2], blimp_n, "teacher")
     del teacher
+    speed = speed_fix(args, size, inits, files, work, precision, teacher_dir) if args.speed_steps else None
     runs = train_all(args, size, inits, files, seqkd, work, precision, teacher_dir)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -294,8 +344,9 @@ def main() -> None:
               "config": {"steps": size[0], "micro_batch": size[1], "seq_len": size[2], "lr": args.lr,
                          "ce_weight_with_kd": args.ce_weight, "blimp_per_paradigm": blimp_n, "teacher": args.teacher,
                          "student_shape": TINY_STUDENT if args.student == "tiny" else DEMO_STUDENT,
-                         "tokenizers": args.tokenizers.split(","), "arms": args.arms.split(",")},
-              "data": files, "seqkd": seqkd, "teacher": t_eval,
+                         "tokenizers": args.tokenizers.split(","),
+                         "arms": {t.replace(":", ""): arms_for(args, t.replace(":", "")) for t in args.tokenizers.split(",")}},
+              "data": files, "seqkd": seqkd, "teacher": t_eval, "speed_fix": speed,
               "runs": {k: xtok_report.slim(v) for k, v in runs.items()},
               "seconds": time.perf_counter() - t_start}
     result["summary"] = xtok_report.summary(result)

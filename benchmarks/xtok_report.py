@@ -101,6 +101,12 @@ def limits(result: dict) -> str:
             f"{result['machine'].get('load_average')} at start, {result['machine'].get('load_average_end')} at the end "
             "(shared machine: absolute tok/s are context, ratios within one run are the result); GOLD and ours see "
             "the same blocks in different orders; BLiMP on a per-paradigm subsample")
+    seq = result.get("seqkd") or {}
+    blocks = (c.get("steps") or 0) * (c.get("micro_batch") or 0)
+    if seq.get("documents") and blocks and seq["documents"] < blocks:
+        text += (f"; seq-KD trains on {seq['documents']} cached teacher continuations of {seq.get('new_tokens')} "
+                 f"tokens (generating one per block, {blocks}, takes ~{blocks / 48 * 12.6:.0f} min at this CPU's "
+                 "8 tok/s), so it sees that text several times where the other arms see new text")
     if result.get("quick"):
         text += "; --quick: far too few steps for the goals to mean anything"
     return text

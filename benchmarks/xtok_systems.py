@@ -3,7 +3,7 @@
     python benchmarks/xtok_systems.py --child SPEC.json --result OUT.json   (run by common.run_child)
 
 ``SPEC["system"]``: ``ours`` (``distillery.train.distill`` on a recipe the parent wrote: CE, sequence-level KD or
-cross-tokenizer KD) or ``gold_trl`` (TRL's ``trl.experimental.gold.GOLDTrainer`` on the same student init, blocks,
+cross-tokenizer KD; ``SPEC["xtok_fused"] = False`` runs the loss's reference path instead of :mod:`distillery.xtok.fused`) or ``gold_trl`` (TRL's ``trl.experimental.gold.GOLDTrainer`` on the same student init, blocks,
 steps, optimizer and schedule). Both save the trained student to ``SPEC["out_dir"]/student`` and report per-step
 seconds, student tokens per step, losses and the process's peak RSS (``VmHWM``).
 """
@@ -25,6 +25,10 @@ def child_ours(spec: dict) -> dict:
     from distillery.config import RunConfig
     from distillery.train import distill
 
+    if spec.get("xtok_fused") is False:  # the reference path (autograd per chunk, checkpointed): the pre-fusion loss
+        from distillery.xtok import losses
+
+        losses.xtok_loss.__kwdefaults__["fused"] = False
     recipe = spec["recipe"]
     distill(RunConfig.model_validate(recipe))
     out = Path(recipe["train"]["output_dir"])

@@ -99,3 +99,14 @@ def test_cross_tokenizer_quick_end_to_end(tmp_path):
     assert r["runs"]["bpe600/gold_trl"]["trl_settings"]["uld_use_hybrid_loss"] is True
     assert r["seqkd"]["documents"] == 6 and Path(r["seqkd"]["file"]).is_file()
     assert r["verdicts"]["recommended_xtok_method"] in ("exact_kl", "uld", "gold")
+
+
+def test_arms_per_tokenizer():
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(arms=",".join(cross_tokenizer.ARMS), gold_tokenizers="gpt2",
+                           tokenizer_arms="bpe:8192=seqkd,ce,exact_kl")
+    assert cross_tokenizer.arms_for(args, "gpt2") == cross_tokenizer.ARMS
+    assert cross_tokenizer.arms_for(args, "bpe8192") == ["exact_kl", "ce", "seqkd"]  # ARMS order, no gold_trl
+    args.tokenizer_arms = None
+    assert "gold_trl" not in cross_tokenizer.arms_for(args, "bpe8192")
