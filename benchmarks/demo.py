@@ -1,12 +1,16 @@
 """Time ``distillery demo`` (what ``make demo`` runs) and record its numbers with the machine it ran on.
 
-    .venv/bin/python benchmarks/demo.py [--quick] [--threads 2] [--work-dir runs/bench/demo] [--keep]
+    .venv/bin/python benchmarks/demo.py [--quick] [--threads 2] [--work-dir runs/bench/demo] [--keep] [--trend]
 
 Runs the demo as a child process in a fresh work folder (``--keep`` reuses one, e.g. to time a second demo
 whose teacher answers are cached), measures its wall time, and writes ``benchmarks/results/demo.json``
 (``demo_quick.json`` with ``--quick``): the demo's ``results.json`` (teacher and students: held-out and Milton
 perplexity/KL, BLiMP, answer fidelity, the goals, answers side by side), the machine (``common.machine_info``)
 and the load average before and after: the machine is shared, so a run on a loaded machine says so.
+
+``--trend`` (after the timed demo, not counted in its time): BLiMP of every checkpoint the two runs kept
+(``train.save_every``), on the demo's own pairs and prefix, so the record shows how the students' BLiMP moves
+with training tokens, a measured trend rather than a guess at what more training would reach.
 """
 
 from __future__ import annotations
@@ -23,6 +27,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
+def blimp_trend(work: Path, results: dict, threads: int) -> dict:
+    """``{run: [{"step", "tokens", "blimp"}]}`` over the checkpoints each run kept, the final student last."""
+    import torch
+    from safetensors.torch import load_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distillery.tasks.blimp import load_pairs, score_blimp
+
+    torch.set_num_threads(threads)
+    b = results["blimp"]
+    pairs = load_pairs(per_paradigm=b["per_paradigm"], seed=0)
+    trend = {}
+    for name, run in results["runs"].items():
+        student_dir = Path(run["student_dir"])
+        tok = AutoTokenizer.from_pretrained(student_dir)
+        model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()
+        steps = {json.loads(ln)["step"]: json.loads(ln).get("tokens_seen")
+                 for ln in (work / name / "metrics.jsonl").read_text().splitlines() if '"tokens_seen"' in ln}
+        rows = []
+        for ckpt in sorted((work / name / "checkpoints").glob("step-*")):
+            step = int(ckpt.name.split("-")[1])
+            if step == run["steps"]:
+                continue  # the final student below
+            load_model(model, str(ckpt / "model.safetensors"))  # tied head: stored once, load_model knows
+            rows.append({"step": step, "tokens": steps.get(step), "blimp": score_blimp(model, tok, pairs, prefix=b["prefix"])["overall"]})
+        rows.append({"step": run["steps"], "tokens": run["tokens"], "blimp": run["blimp"]["overall"]})
+        trend[name] = rows
+    return trend
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -30,6 +64,7 @@ def main() -> None:
     ap.add_argument("--work-dir", default=str(common.ROOT / "runs" / "bench" / "demo"))
     ap.add_argument("--keep", action="store_true", help="reuse the work folder (cached teacher answers, finished runs)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--trend", action="store_true", help="BLiMP of every kept checkpoint (after the timed run)")
     args = ap.parse_args()
     work = Path(args.work_dir)
     if not args.keep:
@@ -47,6 +82,8 @@ def main() -> None:
     results = json.loads((work / "results.json").read_text())
     record = {"benchmark": "demo", "quick": args.quick, "wall_seconds": wall, "machine": machine,
               "reused_work_dir": args.keep, **results}
+    if args.trend:
+        record["blimp_trend"] = blimp_trend(work, results, args.threads)
     out = Path(args.out or common.RESULTS / ("demo_quick.json" if args.quick else "demo.json"))
     common.write_json(record, out)
     print(json.dumps({"wall_seconds": round(wall), "goals": results.get("goals"), "out": str(out)}, indent=2))

@@ -114,6 +114,21 @@ def make_student(teacher, data: dict, out: Path, s: dict, console: Console) -> P
     return folder
 
 
+def compute_info(cfg) -> dict:
+    """What the demo ran on: torch's thread count (all cores unless OMP_NUM_THREADS says otherwise) and the training
+    precision ``train.mixed_precision`` resolved to (``auto``: bf16 where :mod:`distillery.hardware` finds it fast)."""
+    from .hardware import auto_precision, cpu_bf16_report
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    mp = cfg.train.mixed_precision
+    info = {"device": device, "torch_threads": torch.get_num_threads(),
+            "train_precision": auto_precision(device) if mp == "auto" else mp,
+            "eval_and_generation_dtype": "float32"}
+    if device == "cpu":
+        info["cpu_bf16_probe"] = cpu_bf16_report()
+    return info
+
+
 def _claim(out: Path, marker: dict) -> None:
     """Reuse ``out`` (cached answers, finished runs) only for the same demo settings; refuse anything else in it."""
     from .errors import DistilleryError
@@ -171,6 +186,8 @@ def run_demo(quick: bool = False, output_dir: str = "runs/demo", overrides: list
     console.rule("[bold]4. Evaluation[/]: held-out answers, Milton, BLiMP, answer fidelity")
     results = evaluate_demo(out, runs, data, s, console, quick=quick)
     results["quick"] = quick
+    results["compute"] = c = compute_info(runs["kd"]["cfg"])
+    console.print(f"{c['device']}: {c['torch_threads']} torch threads, training in {c['train_precision']}", highlight=False)
     results["timings"] = {"data_s": data["seconds"], **{f"train_{n}_s": r["seconds"] for n, r in runs.items()},
                           "eval_s": results.pop("eval_seconds")}
     results["seconds"] = time.perf_counter() - started
