@@ -214,3 +214,22 @@ def test_teacher_cache_is_keyed_by_the_teacher_and_shared_by_demos(tmp_path: Pat
     assert teacher_blimp(None, tok, pairs, path, {"k": 1}) == table  # cached: the model is not even touched
     with pytest.raises(AttributeError):
         teacher_blimp(None, tok, pairs, path, {"k": 2})  # another key scores again (here: no model to score with)
+
+
+def test_compute_info_names_threads_and_the_resolved_precision(monkeypatch):
+    """The demo records what it ran with: torch's thread count and 'auto' resolved by the hardware probe."""
+    from distillery.config import load_config
+    from distillery.demo import SETTINGS, compute_info, train_overrides
+    from distillery.hardware import _cached_probe
+
+    monkeypatch.setenv("DISTILLERY_CPU_BF16", "0")
+    _cached_probe.cache_clear()
+    try:
+        cfg = load_config(None, train_overrides(SETTINGS["full"], quick=False))
+        assert cfg.train.max_steps == SETTINGS["full"]["steps"] and cfg.train.mixed_precision == "auto"
+        info = compute_info(cfg)
+        assert info["torch_threads"] == torch.get_num_threads()
+        if info["device"] == "cpu":
+            assert info["train_precision"] == "no" and info["cpu_bf16_probe"]["decided_by"] == "DISTILLERY_CPU_BF16"
+    finally:
+        _cached_probe.cache_clear()
