@@ -203,6 +203,10 @@ def main(argv=None) -> int:
     text = heldout_text(max(40_000, args.ppl_tokens * 8))
     rows = model_rows("student", student_dir, args.runtimes, work, args, pairs, text)
     rows += model_rows("teacher", teacher_dir, args.teacher_runtimes, work, args, pairs, text, teacher_gguf)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"partial": "exports, parity, perplexity and BLiMP; the speed runs follow",
+                               "command": " ".join(sys.argv), "rows": rows}, indent=2))   # kept if a run is cut short
     bench = bench_all(rows, args)
     by = {(r["role"], r["runtime"], r["quant"]): r for r in rows}
     rat = ratios(rows)
@@ -232,8 +236,6 @@ def main(argv=None) -> int:
                    "XNNPACK on x86; Core ML is not run (predict() exists only on macOS); GGUF 2/3-bit k-quants "
                    "are not written by the gguf package; BLiMP on a seeded subsample (see blimp.pairs)."),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print_summary(result)
     print(f"[device] wrote {out} in {result['seconds']:.0f} s")
