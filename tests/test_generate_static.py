@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import MistralConfig, MistralForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from distillery.errors import DistilleryError
 from distillery.generate import sample, static_decode_supported
-from distillery.static_decode import StaticDecoder
+from distillery.static_decode import PackedLinear, StaticDecoder
 from tiny import tiny_llama, tiny_qwen2
 from test_generate import PAD, hf_greedy, left_padded_prompts
 
@@ -118,3 +119,23 @@ def test_short_sliding_window_falls_back_and_static_is_refused():
         sample(model, ids, mask, max_new_tokens=6, decoder="static")
     with pytest.raises(DistilleryError, match="decoder must be"):
         sample(model, ids, mask, max_new_tokens=6, decoder="fast")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_equals_f_linear_for_any_row_count(bias):
+    torch.manual_seed(0)
+    W = torch.randn(300, 48)
+    b = torch.randn(300) if bias else None
+    lin = PackedLinear(W, b, rows=8)
+    for rows in (1, 3, 8, 11):  # packed for 8 rows; fewer (finished rows dropped) or more still work
+        x = torch.randn(rows, 48)
+        assert torch.allclose(lin(x), F.linear(x, W, b), atol=1e-5, rtol=1e-5)
+    half = PackedLinear(W, b, rows=8, dtype=torch.bfloat16)
+    x = torch.randn(5, 48)
+    ref = F.linear(x.bfloat16(), W.bfloat16(), None if b is None else b.bfloat16())
+    assert half(x.bfloat16()).dtype == torch.bfloat16
+    assert torch.allclose(half(x.bfloat16()).float(), ref.float(), atol=0.1, rtol=0.02)
+    if lin.packed is not None:  # oneDNN present (every x86 / Arm CPU build): the pack is a snapshot of W
+        before = lin(x)
+        W.mul_(2.0)  # so sample() packs again at every call, after the optimizer has stepped
+        assert torch.equal(lin(x), before)
