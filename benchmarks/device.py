@@ -58,6 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--runtimes", nargs="+", choices=tuple(ROWS), default=list(ROWS), help="student rows")
     p.add_argument("--teacher-runtimes", nargs="+", choices=tuple(ROWS), default=None,
                    help="teacher rows (default: the same as --runtimes)")
+    p.add_argument("--mlx-quality", choices=("native", "dequantized"), default="dequantized",
+                   help="MLX rows' perplexity/BLiMP: by MLX itself, or by torch on MLX's dequantized weights (see score_row)")
+    p.add_argument("--teacher-quants", nargs="+", default=None, metavar="RUNTIME:QUANT",
+                   help="only these teacher rows of --teacher-runtimes (e.g. mlx:f32 mlx:q4); default: all")
     p.add_argument("--quick", action="store_true", help="1 repeat, 1,024 perplexity tokens, 1 BLiMP pair per paradigm")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="threads of the speed runs")
@@ -121,20 +125,39 @@ def export_row(role: str, folder: Path, runtime: str, quant: str, work: Path, mo
     return {k: v for k, v in rep.items() if k not in ("student", "tensor_types")}
 
 
-def score_row(runtime: str, path: str, tok, ids: list[int], pairs: list[dict], args) -> dict:
-    """Perplexity and BLiMP computed by ``runtime`` on ``path`` (same ids, windows and pairs for every row)."""
+def score_row(runtime: str, path: str, tok, ids: list[int], pairs: list[dict], args, model=None) -> dict:
+    """Perplexity and BLiMP computed by ``runtime`` on ``path`` (same ids, windows and pairs for every row).
+
+    MLX rows with ``--mlx-quality dequantized``: computed by torch on the MLX file's weights dequantized by MLX
+    (``mlx_export.dequantized_torch``), which the row's parity check has just shown MLX reproduces (max |dlogit|
+    in ``export.verification``). Why: MLX's Linux CPU build runs a 31.9M student at ~2 GFLOP/s here (a 129-token
+    forward in ~6 s on a loaded machine), so scoring BLiMP natively would take most of an hour per model."""
     t0 = time.perf_counter()
     windows = [ids[i:i + args.window] for i in range(0, len(ids), args.window)]
-    with open_scorer(runtime, path, args.quality_threads, max_tokens=args.window) as logits:
-        ppl = perplexity_windows(logits, windows)
-        blimp = blimp_runtime(logits, tok, pairs, prefix=BLIMP_PREFIX)
+    by = runtime
+    if runtime == "mlx" and args.mlx_quality == "dequantized":
+        import torch
+
+        from distillery.export.mlx_export import dequantized_torch
+
+        ref = dequantized_torch(Path(path), model)
+
+        def logits(chunk):
+            with torch.inference_mode():
+                return ref(torch.tensor([chunk])).logits[0].numpy()
+        ppl, blimp = perplexity_windows(logits, windows), blimp_runtime(logits, tok, pairs, prefix=BLIMP_PREFIX)
+        by = "torch on the MLX file's dequantized weights (parity-checked against MLX)"
+    else:
+        with open_scorer(runtime, path, args.quality_threads, max_tokens=args.window) as logits:
+            ppl = perplexity_windows(logits, windows)
+            blimp = blimp_runtime(logits, tok, pairs, prefix=BLIMP_PREFIX)
     return {"perplexity": ppl["perplexity"], "predictions": ppl["predictions"], "blimp": blimp["overall"],
-            "blimp_per_field": blimp["per_field"], "blimp_pairs": blimp["n_pairs"],
+            "blimp_per_field": blimp["per_field"], "blimp_pairs": blimp["n_pairs"], "quality_computed_by": by,
             "score_seconds": round(time.perf_counter() - t0, 1)}
 
 
 def model_rows(role: str, folder: Path, runtimes: list[str], work: Path, args, pairs: list[dict],
-               ppl_text: str, original: Path | None = None) -> list[dict]:
+               ppl_text: str, original: Path | None = None, only: list[str] | None = None) -> list[dict]:
     """Every row of one model: export + parity, then perplexity and BLiMP in the runtime; change vs torch fp32."""
     model, tok = load_student(folder)
     verify_ids = heldout_ids(tok, args.verify_tokens)
@@ -143,9 +166,11 @@ def model_rows(role: str, folder: Path, runtimes: list[str], work: Path, args, p
     rows = []
     for runtime in runtimes:
         for quant in ROWS[runtime]:
+            if only and runtime in {o.split(":")[0] for o in only} and f"{runtime}:{quant}" not in only:
+                continue
             rep = export_row(role, folder, runtime, quant, work, model, tok, verify_ids, window)
             rows.append({"role": role, "runtime": runtime, "quant": quant, "export": rep,
-                         **score_row(runtime, rep["path"], tok, ids, pairs, args)})
+                         **score_row(runtime, rep["path"], tok, ids, pairs, args, model)})
     if original is not None and "llamacpp" in runtimes:   # the teacher as shipped (its exports re-quantize it)
         q = original.suffixes[-2].lstrip(".") if len(original.suffixes) > 1 else "gguf"
         rows.append({"role": role, "runtime": "llamacpp", "quant": f"{q} (as shipped)",
@@ -202,7 +227,8 @@ def main(argv=None) -> int:
     student_dir = Path(args.student).resolve()
     text = heldout_text(max(40_000, args.ppl_tokens * 8))
     rows = model_rows("student", student_dir, args.runtimes, work, args, pairs, text)
-    rows += model_rows("teacher", teacher_dir, args.teacher_runtimes, work, args, pairs, text, teacher_gguf)
+    rows += model_rows("teacher", teacher_dir, args.teacher_runtimes, work, args, pairs, text, teacher_gguf,
+                       args.teacher_quants)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"partial": "exports, parity, perplexity and BLiMP; the speed runs follow",
