@@ -163,14 +163,18 @@ def model_rows(role: str, folder: Path, runtimes: list[str], work: Path, args, p
     verify_ids = heldout_ids(tok, args.verify_tokens)
     window = min(len(verify_ids), model.config.max_position_embeddings, 512)
     ids = heldout_ids(tok, args.ppl_tokens, ppl_text)
-    rows = []
+    rows, failed = [], args.failed_rows
     for runtime in runtimes:
         for quant in ROWS[runtime]:
             if only and runtime in {o.split(":")[0] for o in only} and f"{runtime}:{quant}" not in only:
                 continue
-            rep = export_row(role, folder, runtime, quant, work, model, tok, verify_ids, window)
-            rows.append({"role": role, "runtime": runtime, "quant": quant, "export": rep,
-                         **score_row(runtime, rep["path"], tok, ids, pairs, args, model)})
+            try:
+                rep = export_row(role, folder, runtime, quant, work, model, tok, verify_ids, window)
+                rows.append({"role": role, "runtime": runtime, "quant": quant, "export": rep,
+                             **score_row(runtime, rep["path"], tok, ids, pairs, args, model)})
+            except DistilleryError as exc:   # one row failing is a result; the other rows still run
+                print(f"[device] {role} {runtime} {quant}: FAILED: {exc}", flush=True)
+                failed.append({"role": role, "runtime": runtime, "quant": quant, "error": str(exc)})
     if original is not None and "llamacpp" in runtimes:   # the teacher as shipped (its exports re-quantize it)
         q = original.suffixes[-2].lstrip(".") if len(original.suffixes) > 1 else "gguf"
         rows.append({"role": role, "runtime": "llamacpp", "quant": f"{q} (as shipped)",
@@ -191,8 +195,13 @@ def bench_all(rows: list[dict], args) -> dict:
     bench = {}
     for runtime in dict.fromkeys(r["runtime"] for r in rows):
         paths = list(dict.fromkeys(r["export"]["path"] for r in rows if r["runtime"] == runtime))
-        bench[runtime] = bench_models(paths, runtime, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-                                      repeats=args.repeats, threads=args.threads)
+        try:
+            bench[runtime] = bench_models(paths, runtime, prompt_tokens=args.prompt_tokens,
+                                          new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads)
+        except DistilleryError as exc:   # recorded; the other runtimes still run
+            print(f"[device] bench {runtime}: FAILED: {exc}", flush=True)
+            bench[runtime] = {"error": str(exc)}
+            continue
         medians = {m["path"]: {k: m["summary"][k]["median"] for k in BENCH_KEYS} for m in bench[runtime]["models"]}
         for r in rows:
             if r["runtime"] == runtime:
@@ -223,6 +232,7 @@ def main(argv=None) -> int:
 
     blimp_path = args.blimp_file if Path(args.blimp_file).is_file() else None
     pairs = load_pairs(blimp_path, per_paradigm=args.blimp_per_paradigm, seed=0)
+    args.failed_rows = []
     teacher_dir, teacher_gguf = teacher_folder(args.teacher)
     student_dir = Path(args.student).resolve()
     text = heldout_text(max(40_000, args.ppl_tokens * 8))
@@ -250,12 +260,12 @@ def main(argv=None) -> int:
     result = {
         "note": args.note,
         "command": ".venv/bin/python benchmarks/device.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-        "machine": machine, "settings": vars(args), "models": {"student": str(student_dir), "teacher": str(teacher_dir)},
+        "machine": machine, "settings": {k: v for k, v in vars(args).items() if k != "failed_rows"}, "models": {"student": str(student_dir), "teacher": str(teacher_dir)},
         "heldout": "tail of Paradise Lost (distillery/assets/paradise_lost.txt.gz), the student's own tokenizer",
         "blimp": {"file": blimp_path or "bundled distillery/assets/blimp_pairs.jsonl.gz", "pairs": len(pairs),
                   "per_paradigm": args.blimp_per_paradigm, "seed": 0, "prefix": BLIMP_PREFIX},
         "teacher_gguf_as_shipped": str(teacher_gguf) if teacher_gguf else None,
-        "rows": rows, "bench": bench, "ratios_student_over_teacher": rat, "goals": goals,
+        "rows": rows, "failed_rows": args.failed_rows, "bench": bench, "ratios_student_over_teacher": rat, "goals": goals,
         "seconds": round(time.time() - started, 1),
         "limits": ("CPU only (AMD EPYC, shared machine: absolute times are context, ratios from the same run are "
                    "the result); MLX is its Linux CPU build (mlx[cpu]), not Apple silicon's GPU; ExecuTorch runs "
