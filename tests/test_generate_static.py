@@ -13,7 +13,8 @@ from transformers import MistralConfig, MistralForCausalLM, Qwen3Config, Qwen3Fo
 
 from distillery.errors import DistilleryError
 from distillery.generate import sample, static_decode_supported
-from distillery.static_decode import PackedLinear, StaticDecoder
+from distillery.packed_linear import PackedLinear
+from distillery.static_decode import StaticDecoder
 from tiny import tiny_llama, tiny_qwen2
 from test_generate import PAD, hf_greedy, left_padded_prompts
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-from .static_decode import PackedLinear
+from .packed_linear import PackedLinear
 
 U = 2.0 ** -8          # bf16 unit roundoff (8 significant bits, round to nearest)
 EPS32 = 2.0 ** -24     # fp32 unit roundoff

@@ -34,33 +34,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-
-def _packing_available(weight: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
-
-
-class PackedLinear:
-    """``y = x @ weightᵀ + bias`` for ``x (b, in)``, with ``weight (out, in)`` packed once for oneDNN (CPU), or
-    plain ``F.linear`` where packing is unavailable (GPU, other dtypes, a torch without the op).
-
-    ``weight`` is read once, here: later changes to the source tensor are not seen (``sample`` packs per call).
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int, dtype: torch.dtype | None = None):
-        weight = weight.detach().to(dtype or weight.dtype)
-        self.bias = None if bias is None else bias.detach().to(weight.dtype)
-        self.weight, self.packed = weight, None
-        if _packing_available(weight):
-            try:
-                self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
-            except RuntimeError:  # a oneDNN build without this layout: the plain product is still right
-                self.packed = None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None:
-            return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+from .packed_linear import PackedLinear
 
 
 def _cat_linear(mods, rows: int) -> PackedLinear:
@@ -155,7 +129,7 @@ class StaticDecoder:
         if self.screen is not None and top_p >= 1.0:
             self.head_rows.append(normed.shape[0])
             return self.screen.choose(normed.float(), sample_temperature, generator)
-        from .generate import next_tokens
+        from .next_token import next_tokens
 
         return next_tokens(self.logits(normed), sample_temperature, top_p, generator)
 
