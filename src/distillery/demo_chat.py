@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .errors import DistilleryError
+from .tasks.fidelity import chat_ids, stop_ids
 
 TEMPLATES = (
     "Explain in plain modern English what this passage means:\n\n{p}",
@@ -127,21 +128,6 @@ def _read_cache(path: Path, prompts: list[str], settings: dict) -> dict[int, str
     return done
 
 
-def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """The chat template's rendering of one user turn plus the assistant header (the teacher's default system
-    prompt included, as ``tasks.fidelity.chat_ids`` renders it)."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def stop_ids(model, tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(gen if isinstance(gen, (list, tuple)) else [gen])
-    return sorted(i for i in ids if i is not None)
-
-
 @torch.no_grad()
 def teacher_answers(model, tokenizer, prompts: list[str], path: str | Path, *, max_new_tokens: int = 64,
                     sample_temperature: float = 0.0, seed: int = 0, batch_size: int = 16,
@@ -174,7 +160,7 @@ def teacher_answers(model, tokenizer, prompts: list[str], path: str | Path, *, m
     t0, new_tokens = time.perf_counter(), 0
     with open(path, "a", encoding="utf-8") as fh:
         for n, (k, batch) in enumerate(todo, 1):
-            seqs = [chat_prompt_ids(tokenizer, prompts[i]) for i in batch]
+            seqs = [chat_ids(tokenizer, prompts[i]) for i in batch]
             width = max(len(s) for s in seqs)
             ids = torch.full((len(seqs), width), pad, dtype=torch.long)
             mask = torch.zeros(len(seqs), width, dtype=torch.long)

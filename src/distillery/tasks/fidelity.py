@@ -86,7 +86,8 @@ def chat_ids(tokenizer, prompt: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _stop_ids(model, tokenizer) -> list[int]:
+def stop_ids(model, tokenizer) -> list[int]:
+    """Ids that end an answer: the tokenizer's EOS and the model's generation-config EOS ids."""
     ids = {tokenizer.eos_token_id}
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
@@ -101,7 +102,7 @@ def generate_answers(model, tokenizer, prompts: list[str], *, do_sample: bool, m
     The answer is the text of the new tokens before the first stop token (special tokens dropped).
     """
     device = next(model.parameters()).device
-    stops = _stop_ids(model, tokenizer)
+    stops = stop_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
     if do_sample:
         torch.manual_seed(seed)  # the same draws for a given model, prompts and seed
