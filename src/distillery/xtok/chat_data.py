@@ -43,6 +43,7 @@ class CrossChatRenderer:
         self.name = f"xtok-chat:{tokenizer_hash(teacher_tokenizer)[:16]}"
         self.conversations: list[ChatAlignment] = []
         self._first = [0]  # first side-table row of each conversation, and one past the last
+        self._cache: tuple = (-1, None, ())  # (conversations seen, first rows as an array, end pairs): made once
 
     def __call__(self, record) -> tuple[list[int], list[int], list[int]]:
         """``(student ids, student assistant mask, side-table rows)`` of one conversation record."""
@@ -55,10 +56,17 @@ class CrossChatRenderer:
         self._first.append(first + len(chat.student_ids))
         return list(chat.student_ids), list(chat.student_mask), list(range(first, first + len(chat.student_ids)))
 
+    def _frozen(self) -> tuple:
+        """The first rows as an array and the end pairs, computed again only when conversations were added."""
+        if self._cache[0] != len(self.conversations):
+            pairs = tuple(sorted({p for c in self.conversations for p in c.end_pairs}))
+            self._cache = (len(self.conversations), np.asarray(self._first), pairs)
+        return self._cache
+
     @property
     def end_pairs(self) -> tuple[tuple[int, int], ...]:
         """Every ``(teacher_id, student_id)`` end-of-turn pair seen (for ``build_vocab_map(pairs=...)``)."""
-        return tuple(sorted({p for c in self.conversations for p in c.end_pairs}))
+        return self._frozen()[2]
 
     def _members(self, rows: np.ndarray) -> list[tuple[int, int]]:
         """``(conversation, start token in the block)`` of each conversation in one block row, in order.
@@ -66,7 +74,7 @@ class CrossChatRenderer:
         ``rows (T,)`` are the side-table rows of tokens ``1..T`` (``-1``: padding). A block starts with a whole
         conversation, so token 0 belongs to the conversation of token 1 (or is padding)."""
         members: list[tuple[int, int]] = []
-        first = np.asarray(self._first)
+        first = self._frozen()[1]
         for t in np.flatnonzero(rows >= 0):
             c = int(np.searchsorted(first, rows[t], side="right")) - 1
             if not members or members[-1][0] != c:
