@@ -221,3 +221,16 @@ def test_a_sample_that_repeats_the_conversation_gets_the_conversations_own_align
     want = ref.alignment()
     assert torch.equal(view.alignment.kind[0, :T], want.kind[0, :T])
     assert torch.equal(view.alignment.teacher_first[0, :T], want.teacher_first[0, :T])
+
+
+def test_an_on_policy_sample_of_a_text_block_beside_chat_data_takes_the_byte_view():
+    t_tok, s_tok, r, _ = _packed()
+    ids = s_tok.encode("Say hello world, say hello", add_special_tokens=False)
+    n = len(ids)
+    sampled = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([[-100] * 3 + ids[4:] + [-100]]),
+               "attention_mask": torch.ones(1, n, dtype=torch.long), "teacher_row": torch.full((1, n), -1),
+               "prompt_len": torch.tensor([4])}
+    view = _view(r, sampled)
+    plain = CrossTokenizer(t_tok, s_tok).view({k: sampled[k] for k in ("input_ids", "labels", "attention_mask")})
+    assert torch.equal(view.batch["input_ids"], plain.batch["input_ids"])
+    assert torch.equal(view.alignment.kind, plain.alignment.kind) and int((view.alignment.kind != NONE).sum()) > 0

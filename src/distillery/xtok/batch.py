@@ -192,11 +192,12 @@ class CrossTokenizer:
         rows = []
         prompt = batch.get("prompt_len")
         for b in range(B):
-            if conv is not None and prompt is not None:  # an on-policy sample of a chat prompt
+            chat_row = conv is not None and bool((conv[b] >= 0).any())  # else plain text (or a text block's sample)
+            if chat_row and prompt is not None:  # an on-policy sample of a chat prompt
                 n, p = int(att[b].sum()) if att is not None else T, int(prompt[b])
                 sample = ids[b, p:n].tolist() + ([int(labels[b, n - 1])] if n and int(labels[b, n - 1]) != -100 else [])
                 rows.append(self.chat.sampled_row(conv[b], p, sample, self))
-            elif conv is not None and (conv[b] >= 0).any():  # packed conversations: each in the teacher's template
+            elif chat_row:  # packed conversations: each in the teacher's template
                 rows.append(self.chat.row(conv[b]))
             else:
                 rows.append(self.byte_row(ids[b], labels[b], int(att[b].sum()) if att is not None else T))
