@@ -110,6 +110,7 @@ def test_auto_screens_only_where_bf16_is_fast_the_head_is_big_and_not_for_top_p(
     monkeypatch.setattr(generate, "SCREEN_MIN_HEAD", model.lm_head.weight.numel() + 1)  # a head too small to pay
     run()
     assert seen[2].screen is None
+    model.__dict__.pop("_distillery_packs", None)  # a fresh screen (an eval model reuses it between calls)
     run(top_p=0.9, head="screened")
     assert seen[3].screen.rows_screened == 0 and seen[3].head is not None  # nucleus sampling: the full fp32 head
     with pytest.raises(DistilleryError, match="head must be"):

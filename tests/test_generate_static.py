@@ -140,3 +140,42 @@ def test_packed_linear_equals_f_linear_for_any_row_count(bias):
         before = lin(x)
         W.mul_(2.0)  # so sample() packs again at every call, after the optimizer has stepped
         assert torch.equal(lin(x), before)
+
+
+def _sample(model, ids, mask, n=10):
+    return sample(model, ids, mask, max_new_tokens=n, sample_temperature=0.0, eos_token_id=None, pad_token_id=PAD,
+                  decoder="static", head="screened")[0]
+
+
+def test_an_eval_model_keeps_its_packs_between_calls_and_repacks_after_its_weights_change():
+    import copy
+
+    from distillery.static_decode import PackCache
+
+    model = tiny_llama()
+    ids, mask = left_padded_prompts(lengths=(7, 3, 5, 6))
+    first = _sample(model, ids, mask)
+    packs = model.__dict__["_distillery_packs"]
+    assert isinstance(packs, PackCache) and {"qkv0", "o1", "gate_up0", "down1"} <= set(packs)
+    kept = {k: v[2] for k, v in packs.items()}
+    assert torch.equal(_sample(model, ids, mask), first)
+    assert all(packs[k][2] is v for k, v in kept.items())          # second call: nothing repacked
+    with torch.no_grad():                                            # an in-place update (as an optimizer step)
+        model.model.layers[1].mlp.down_proj.weight.mul_(3.0)
+        model.lm_head.weight.add_(0.05 * torch.randn_like(model.lm_head.weight))
+    changed = _sample(model, ids, mask)
+    assert packs["down1"][2] is not kept["down1"] and packs["qkv0"][2] is kept["qkv0"]
+    assert [k for k in packs if k.startswith("screen")] and all(
+        packs[k][2] is not kept[k] for k in packs if k.startswith("screen"))
+    assert torch.equal(changed, hf_greedy(model, ids, mask, 10, None))  # the new weights' tokens, not stale ones
+    assert not torch.equal(changed, first)
+    clone = copy.deepcopy(model)                                     # a copy gets an empty cache, not the packs
+    assert len(clone.__dict__["_distillery_packs"]) == 0
+    assert torch.equal(_sample(clone, ids, mask), changed)
+
+
+def test_a_training_model_keeps_no_packs():
+    model = tiny_llama().train()
+    ids, mask = left_padded_prompts(lengths=(7, 3, 5, 6))
+    _sample(model, ids, mask)
+    assert "_distillery_packs" not in model.__dict__ and model.training

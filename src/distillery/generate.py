@@ -30,7 +30,7 @@ import torch
 from .errors import DistilleryError
 from .hardware import cpu_bf16_fast
 from .next_token import next_tokens  # noqa: F401 (the sampler's draw; also imported from here)
-from .static_decode import StaticDecoder
+from .static_decode import PackCache, StaticDecoder
 
 SCREEN_MIN_HEAD = 4_000_000  # head weights below this: the screen's fixed costs exceed what bf16 saves (vocab 512: slower)
 STATIC_TYPES = ("llama", "qwen2", "qwen3", "mistral")  # decoder layers of the Llama shape (pre-norm, RoPE, GQA)
@@ -198,7 +198,9 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
     try:
         if static:  # the backbone's forward; the decoder's head then runs on the last position only
             out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position, use_cache=True)
-            dec = StaticDecoder(model, _returned_cache(out), mask, vocab_size, screen_head=screen)
+            # a model not in training keeps its packed weights between calls (StaticDecoder.reuse checks they are current)
+            packs = None if was_training else model.__dict__.setdefault("_distillery_packs", PackCache())
+            dec = StaticDecoder(model, _returned_cache(out), mask, vocab_size, screen_head=screen, packs=packs)
             head_in = out.last_hidden_state[:, -1]  # (B, H), after the final norm
         else:
             out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position, use_cache=True, **extra)

@@ -12,7 +12,9 @@ one thread, measured on the Zen 4 EPYC here)? ~85% in ``aten::mm``, and most of 
 per ``sample`` call into oneDNN's blocked layout (``torch.ops.mkldnn._reorder_linear_weight``, the op
 inductor's CPU freezing pass uses) and runs ``torch.ops.mkldnn._linear_pointwise`` on it: the head fell to
 ~6.9 ms and the layers' 7 projections from ~525 to ~385 µs per layer. Packing is per call because the
-student trains between calls (the head's pack takes ~47 ms, a few steps' saving). q/k/v are packed as one
+student trains between calls (the head's pack takes ~47 ms, a few steps' saving); a model in eval mode
+(inference: answers, evaluation, benchmarks) keeps its packs between calls while its weights are unchanged
+(``reuse``: same tensors, same in-place version counters), so repeated calls pack once. q/k/v are packed as one
 weight and gate/up as one, so a layer runs four GEMMs. The results equal ``F.linear`` up to float rounding
 order (max abs difference ~1e-6 on logits of size ~1).
 
@@ -37,8 +39,42 @@ import torch.nn.functional as F
 from .packed_linear import PackedLinear
 
 
-def _cat_linear(mods, rows: int) -> PackedLinear:
+class PackCache(dict):
+    """Packed weights kept on a model between ``sample`` calls (``reuse``). Copies and pickles of the model get
+    an empty one: packs are derived data, rebuilt on the next call."""
+
+    def __deepcopy__(self, memo):
+        return PackCache()
+
+    def __reduce__(self):
+        return (PackCache, ())
+
+
+def reuse(packs: dict | None, name: str, sources: list, rows: int, build):
+    """``build()``, or the value built for ``name`` by an earlier ``sample`` call when every tensor in
+    ``sources`` is the same object, unchanged since (same storage, same in-place version counter) and the
+    batch hint ``rows`` is the same. ``packs is None``: always build (a training student: its weights change
+    between calls, and keeping last step's packs alive would only add memory)."""
+    if packs is None:
+        return build()
+    key = (rows,) + tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for t in sources if t is not None)
+    hit = packs.get(name)
+    if hit is not None and hit[0] == key and all(r() is t for r, t in zip(hit[1], sources)):
+        return hit[2]
+    import weakref
+
+    value = build()
+    packs[name] = (key, [weakref.ref(t) if t is not None else (lambda: None) for t in sources], value)
+    return value
+
+
+def _cat_linear(mods, rows: int, packs: dict | None = None, name: str = "") -> PackedLinear:
     """One ``PackedLinear`` for several ``nn.Linear`` on the same input: their outputs side by side."""
+    sources = [t for m in mods for t in (m.weight, m.bias)]
+    return reuse(packs, name, sources, rows, lambda: _build_cat_linear(mods, rows))
+
+
+def _build_cat_linear(mods, rows: int) -> PackedLinear:
     weight = torch.cat([m.weight for m in mods], dim=0)
     if all(m.bias is None for m in mods):
         bias = None
@@ -62,7 +98,8 @@ class StaticDecoder:
     packed (``PackedLinear``).
     """
 
-    def __init__(self, model, cache, mask: torch.Tensor, vocab_size: int | None, screen_head: bool = False):
+    def __init__(self, model, cache, mask: torch.Tensor, vocab_size: int | None, screen_head: bool = False,
+                 packs: dict | None = None):
         base = model.model
         self.model, self.base, self.vocab_size = model, base, vocab_size
         self.layers = list(base.layers[:model.config.num_hidden_layers])
@@ -85,10 +122,13 @@ class StaticDecoder:
         self.n_q = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_q
         self.gqa = self.n_q != self.n_kv
-        self.qkv = [_cat_linear([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj], B) for l in self.layers]
-        self.o = [_cat_linear([l.self_attn.o_proj], B) for l in self.layers]
-        self.gate_up = [_cat_linear([l.mlp.gate_proj, l.mlp.up_proj], B) if self._plain_mlp(l) else None for l in self.layers]
-        self.down = [_cat_linear([l.mlp.down_proj], B) if self._plain_mlp(l) else None for l in self.layers]
+        self.qkv = [_cat_linear([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj], B, packs, f"qkv{i}")
+                    for i, l in enumerate(self.layers)]
+        self.o = [_cat_linear([l.self_attn.o_proj], B, packs, f"o{i}") for i, l in enumerate(self.layers)]
+        self.gate_up = [_cat_linear([l.mlp.gate_proj, l.mlp.up_proj], B, packs, f"gate_up{i}") if self._plain_mlp(l)
+                        else None for i, l in enumerate(self.layers)]
+        self.down = [_cat_linear([l.mlp.down_proj], B, packs, f"down{i}") if self._plain_mlp(l) else None
+                     for i, l in enumerate(self.layers)]
         head = model.lm_head
         rows = head.weight if not vocab_size else head.weight[:vocab_size]
         bias = None if head.bias is None else (head.bias if not vocab_size else head.bias[:vocab_size])
@@ -99,9 +139,11 @@ class StaticDecoder:
         if screen_head and not autocast_bf16 and rows.dtype == torch.float32:
             from .screened_head import ScreenedHead
 
-            self.screen = ScreenedHead(rows, bias, B)  # exact fp32 choice through a bf16 screen (top_p == 1 only)
+            self.screen = reuse(packs, f"screen{vocab_size}", [head.weight, head.bias], B,  # exact fp32 choice
+                                lambda: ScreenedHead(rows, bias, B))                     # through a bf16 screen
         else:
-            self.head = PackedLinear(*self._head_args)
+            self.head = reuse(packs, f"head{vocab_size}{self._head_args[3]}", [head.weight, head.bias], B,
+                              lambda: PackedLinear(*self._head_args))
         self.head_rows: list[int] = []  # rows the head ran on, per call (tests: no work on finished rows)
 
     @staticmethod
