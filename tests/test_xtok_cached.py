@@ -261,3 +261,25 @@ def test_packed_conversations_keep_their_targets_and_positions(world, tmp_path):
         t_starts = (b["teacher_position_ids"][r] == 0) & (b["teacher_attention_mask"][r] == 1)
         assert int((pos == 0).sum()) == int(t_starts.sum()) >= 1  # the same conversations, each restarting at 0
     assert any(int((b["position_ids"][r, :int(b["attention_mask"][r].sum())] == 0).sum()) > 1 for r in range(len(sb)))
+
+
+def test_a_stray_byte_keeps_the_text_around_it(world):
+    """A teacher block with a byte that spells no text (a byte-fallback token out of order): the valid text on
+    either side is read and aligned (as the live path's ``text_row`` reads it); only the stray byte is lost."""
+    from distillery.data.pack import BlockDataset
+    from distillery.xtok.align import spelling
+    from distillery.xtok.batch import CrossTokenizer
+    from distillery.xtok.cached import StudentBlocks
+    from tiny import tiny_tokenizer
+
+    _, _, s_tok = world
+    t_tok = tiny_tokenizer(512)
+    stray = spelling(t_tok).spelling.index(b"\xff")
+    left, right = t_tok.encode("the king and"), t_tok.encode(" the queen said")
+    ids = left + [stray] + right
+    ds = BlockDataset(torch.tensor(ids, dtype=torch.int32), torch.tensor([0]), len(ids) - 1)
+    m = StudentBlocks(ds, CrossTokenizer(t_tok, s_tok)).mapped(0)
+    assert _spell(s_tok, m.ids.tolist()) == b"the king and the queen said"   # both runs, the byte skipped
+    assert (m.kind > 0).sum() >= 4                                         # and aligned on both sides of it
+    first = np.asarray(m.teacher_first)[np.asarray(m.kind) > 0]
+    assert first.min() < len(left) - 1 and first.max() > len(left)

@@ -12,7 +12,8 @@ Per teacher block (``T + 1`` tokens ``u_0..u_T``, padding dropped):
 1. spell every token to bytes (:func:`~.vocab_map.token_bytes`); a **special** token (EOS between documents,
    ``<|im_start|>``…) spells nothing and cuts the block into text segments;
 2. cut each segment to whole UTF-8 characters at its edges (a byte-level block may start or end inside a
-   character; :func:`~.batch._utf8_window`), decode, tokenize with the student (:func:`~.align.encode_with_offsets`,
+   character; :func:`~.batch._utf8_window`), decode its valid UTF-8 runs (a stray byte between them, e.g. a
+   byte-fallback token of a sample, is skipped, as ``CrossTokenizer.text_row`` does), tokenize each with the student (:func:`~.align.encode_with_offsets`,
    no special tokens added);
 3. a teacher special becomes the student's special with the same content (``<|endoftext|>`` ↔ ``<|endoftext|>``),
    else the teacher's EOS becomes the student's EOS, else it is dropped; specials are never aligned (offsets -1);
@@ -45,7 +46,7 @@ import numpy as np
 import torch
 
 from .align import align_spans, block_alignment, encode_with_offsets, spelling
-from .batch import ALIGN_PREFIX, TEACHER_PREFIX, _utf8_window
+from .batch import ALIGN_PREFIX, TEACHER_PREFIX, _utf8_runs, _utf8_window
 
 
 @dataclass
@@ -167,16 +168,14 @@ class StudentBlocks:
                 k += 1
             seg_lo, seg_hi = int(t_off[j, 0]), int(t_off[k - 1, 1])  # text tokens j..k-1
             lo, hi = _utf8_window(raw[seg_lo:seg_hi])
-            lo, hi = seg_lo + lo, seg_lo + hi
-            try:
-                text = raw[lo:hi].decode("utf-8")
-            except UnicodeDecodeError:  # bytes that spell no text (arbitrary byte-fallback runs): segment dropped
-                text = ""
-            cut = (t_off[j:k, 0] < lo) | (t_off[j:k, 1] > hi) | (text == "")
-            t_off[j:k][cut] = -1  # teacher tokens cut at the edges: never aligned
-            if text:
-                ids, off = encode_with_offsets(self.xtok.student_tokenizer, text)
-                off = np.where(off >= 0, off + lo, -1)
+            runs = _utf8_runs(raw, seg_lo + lo, seg_lo + hi)  # the valid text; stray bytes between runs are skipped,
+            inside = np.zeros(k - j, bool)                    # as CrossTokenizer.text_row reads a sample
+            for a, z in runs:
+                inside |= (t_off[j:k, 0] >= a) & (t_off[j:k, 1] <= z)
+            t_off[j:k][~inside] = -1  # teacher tokens cut at the edges or spelling no text: never aligned
+            for a, z in runs:
+                ids, off = encode_with_offsets(self.xtok.student_tokenizer, raw[a:z].decode("utf-8"))
+                off = np.where(off >= 0, off + a, -1)
                 last = np.where(off[:, 1] > off[:, 0], off[:, 1] - 1, off[:, 0])  # step 5: the last byte
                 src = np.where(off[:, 0] >= 0, owner[np.clip(last, 0, len(raw))], -1)
                 s_ids.extend(ids)
