@@ -24,7 +24,9 @@ def student(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exports(student):
     _, src = student
-    return {q: export_model(src, "mlx", src.parent / f"mlx-{q}", q, verify_tokens=256) for q in ("f32", "q8", "q4", "q2")}
+    out = {q: export_model(src, "mlx", src.parent / f"mlx-{q}", q, verify_tokens=256) for q in ("f32", "q8", "q4", "q2")}
+    out["q3"] = export_model(src, "mlx", src.parent / "mlx-q3", "q3", verify_tokens=256, group_size=32)
+    return out
 
 
 def test_f32_matches_torch_and_greedy(exports):
@@ -34,13 +36,34 @@ def test_f32_matches_torch_and_greedy(exports):
     assert ver["fidelity"]["top1_agreement"] == 1.0 and ver["fidelity"]["kl_ref_test"] < 1e-8
 
 
-@pytest.mark.parametrize("quant", ["q8", "q4", "q2"])
+@pytest.mark.parametrize("quant", ["q8", "q4", "q3", "q2"])
 def test_quantized_exact_on_dequantized_weights(exports, quant):
     ver = exports[quant]["verification"]
     assert ver["passed"] and ver["max_abs_diff"] <= 1e-4 and ver["kv_cache_max_abs_diff"] <= 1e-4
     assert ver["greedy_identical"]
     kl = ver["fidelity"]["kl_ref_test"]              # rounding cost grows as bits shrink
-    assert {"q8": kl < 1e-5, "q4": 1e-6 < kl < 1e-2, "q2": 1e-4 < kl < 0.5}[quant]
+    assert {"q8": kl < 1e-5, "q4": 1e-6 < kl < 1e-2, "q3": 1e-5 < kl < 0.1, "q2": 1e-4 < kl < 0.5}[quant]
+
+
+def test_quantized_scales_and_biases_stored_fp16(exports):
+    """Codes uint32, per-group scale and bias fp16 (not fp32: 16 more bits per group), norms fp32. So q3 at
+    group 32 costs 3 + 2·16/32 = 4 bits per weight and q4 at group 64 costs 4 + 2·16/64 = 4.5 (both were 5)."""
+    import mlx.core as mx
+
+    for quant, (bits, group) in {"q8": (8, 64), "q4": (4, 64), "q3": (3, 32), "q2": (2, 64)}.items():
+        path = Path(exports[quant]["path"])
+        arrays = mx.load(str(path / "model.safetensors"))
+        quantized = [k[:-len(".scales")] for k in arrays if k.endswith(".scales")]
+        assert "model.embed_tokens" in quantized and len(quantized) == 1 + 7 * 2    # tied head: no lm_head
+        for base in quantized:
+            w, s, b = (arrays[f"{base}.{n}"] for n in ("weight", "scales", "biases"))
+            assert w.dtype == mx.uint32 and s.dtype == mx.float16 and b.dtype == mx.float16
+            assert 8 * (w.nbytes + s.nbytes + b.nbytes) / (s.size * group) == bits + 2 * 16 / group
+        assert {str(a.dtype) for k, a in arrays.items() if k.endswith("norm.weight")} == {"mlx.core.float32"}
+        assert json.loads((path / "distillery_mlx.json").read_text())["scales_dtype"] == "float16"
+        index = json.loads((path / "model.safetensors.index.json").read_text())
+        assert index["metadata"]["total_size"] == sum(a.nbytes for a in arrays.values())
+    assert exports["q3"]["bytes"] < exports["q4"]["bytes"] * 0.92
 
 
 def test_sizes_shrink_and_tied_embedding_stored_once(exports, student):

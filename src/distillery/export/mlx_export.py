@@ -2,8 +2,14 @@
 
 ``quant``: ``f32`` / ``f16`` keep plain weights; ``q2 q3 q4 q6 q8`` use MLX's affine group
 quantization: per group of ``group_size`` consecutive input weights ``w ≈ scale · q + bias`` with
-``q`` in ``[0, 2^bits - 1]`` (scale and bias stored per group, fp32 here). Embedding and linear
-layers are quantized; a tied LM head reuses the (quantized) embedding, so it is stored once.
+``q`` in ``[0, 2^bits - 1]``. Embedding and linear layers are quantized; a tied LM head reuses the
+(quantized) embedding, so it is stored once. Stored dtypes: ``f32`` everything fp32, ``f16`` everything
+fp16; ``q<b>``: codes packed in uint32, the per-group scale and bias **fp16** (as mlx-lm stores them for
+a half-precision model), every other tensor (norms) fp32. The codes are those of ``mx.quantize`` on the
+fp32 weights (the grid a QAT run trained on); only the scale and bias are rounded to fp16, which costs
+``16·2/g`` bits per weight instead of ``32·2/g`` (q3 at ``g=32``: 4 bits per weight, not 5). MLX's
+``quantized_matmul`` promotes fp16 scales to the fp32 activations, so a Mac computes in fp32 on the
+stored fp16 values; the quantized embedding's rows come out in fp16 and the first RMSNorm returns fp32.
 
 The folder ``out`` is what ``mlx_lm.load`` / ``mlx_lm.generate --model out`` reads: ``model.safetensors``,
 ``config.json`` (with a ``quantization`` entry) and the tokenizer files, plus ``distillery_mlx.json``.
@@ -59,11 +65,38 @@ def write_mlx(student_dir: Path, out: Path, quant: str = "f32", group_size: int 
             f.rename(tmp / f.name)
         target.rmdir()
         _legacy_rope_keys(tmp / "config.json")
+        if bits:
+            _half_scales(tmp)
         manifest = {"format": "mlx", "quant": quant, "bits": bits, "group_size": group_size if bits else None,
-                    "mode": "affine" if bits else None, "source": str(student_dir)}
+                    "mode": "affine" if bits else None, "scales_dtype": "float16" if bits else None,
+                    "source": str(student_dir)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return {"format": "mlx", "path": str(out), "quant": quant, "group_size": manifest["group_size"],
             "bytes": folder_bytes(out, "*.safetensors")}
+
+
+def _half_scales(folder: Path) -> None:
+    """Rewrite ``folder``'s weight shards with every quantized tensor's ``.scales`` / ``.biases`` in fp16.
+
+    Why not ``convert(dtype="float16")``: that casts the weights to fp16 *before* quantizing (other codes
+    than the fp32 grid a QAT run learnt: 0.4 % of 3-bit codes move on Gaussian weights) and makes every
+    activation fp16. A quantized tensor is one with a uint32 ``.weight`` beside its ``.scales``.
+    """
+    mx, _ = _import_mlx()
+    total = 0
+    for shard in sorted(folder.glob("model*.safetensors")):
+        arrays = mx.load(str(shard))
+        for k, v in arrays.items():
+            base = k.rsplit(".", 1)[0]
+            if k.endswith((".scales", ".biases")) and arrays.get(base + ".weight", v).dtype == mx.uint32:
+                arrays[k] = v.astype(mx.float16)
+        total += sum(v.nbytes for v in arrays.values())
+        mx.save_safetensors(str(shard), arrays, metadata={"format": "mlx"})
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():                                # its byte count must describe the files
+        data = json.loads(index.read_text())
+        data.setdefault("metadata", {})["total_size"] = total
+        index.write_text(json.dumps(data, indent=4))
 
 
 def _legacy_rope_keys(config_path: Path) -> None:
@@ -105,11 +138,15 @@ def _to_f32(model) -> None:
 
 
 def dequantized_torch(out: Path, model):
-    """A copy of the torch ``model`` carrying the MLX file's weights, dequantized to fp32 (the parity reference)."""
+    """A copy of the torch ``model`` carrying the MLX file's weights, dequantized to fp32 (the parity reference).
+
+    The stored fp16 scales and biases are cast to fp32 (exact) *before* ``s·q + b`` is formed, in fp32: the
+    value MLX's fp32 ``quantized_matmul`` uses. Dequantizing in fp16 would round every weight once more."""
     from mlx.utils import tree_flatten
     from mlx_lm.utils import dequantize_model, load_model
 
     mlx_model, _ = load_model(Path(out))
+    _to_f32(mlx_model)
     dequantize_model(mlx_model)
     weights = {k: torch.from_numpy(_np(v)) for k, v in tree_flatten(mlx_model.parameters())}
     ref = copy.deepcopy(model)
