@@ -12,8 +12,8 @@ import torch
 pytest.importorskip("executorch.runtime")
 
 from distillery.export import export_model  # noqa: E402
-from distillery.export.executorch_export import load_method, pte_forward  # noqa: E402
-from tiny import sharp_student_folder  # noqa: E402
+from distillery.export.executorch_export import load_method, prepared, pte_forward  # noqa: E402
+from tiny import sharp_student_folder, tiny_llama  # noqa: E402
 
 
 def _student(tmp_path_factory):
@@ -59,6 +59,23 @@ def test_runtime_decode_positions_independent_of_history(f32):
         assert np.abs(np.concatenate(rows) - ref).max() <= 1e-4
 
 
+def test_tied_8da4w_lookup_reads_the_heads_xnnpack_bytes():
+    """The tied 8da4w table is the int4 head as XNNPACK serializes it (its own packing function), and the
+    lookup returns the head's dequantized rows; an untied model keeps its int8 table."""
+    from executorch.backends.xnnpack.operators.node_visitor import NodeVisitor
+
+    m = prepared(tiny_llama(tie=True), "8da4w", 32)
+    head, emb = m.lm_head.weight, m.model.embed_tokens
+    assert torch.equal(emb.packed, NodeVisitor.convert_to_qc4w(head.qdata))
+    assert emb.packed.shape == (512, 32) and emb.scale.dtype == torch.bfloat16 and emb.scale.shape == (512, 2)
+    assert torch.equal(head.scale, emb.scale.float())                 # reference head reads the bf16 scales too
+    ids = torch.tensor([[0, 7, 511, 7], [3, 1, 2, 100]])
+    assert torch.equal(emb(ids), head.dequantize()[ids])
+    assert head.qdata.min() >= -8 and head.qdata.max() <= 7 and len(head.qdata.unique()) > 8
+    untied = prepared(tiny_llama(tie=False), "8da4w", 32).model.embed_tokens.weight
+    assert untied.qdata.dtype == torch.int8 and untied.qdata.min() < -8      # int8 range: not the int4 path
+
+
 @pytest.mark.slow   # a second lowering: ~50 s of CPU on top of the fp32 one
 def test_8da4w_smaller_and_matches_torchao_reference(tmp_path_factory, f32):
     model, src = _student(tmp_path_factory)
@@ -68,6 +85,13 @@ def test_8da4w_smaller_and_matches_torchao_reference(tmp_path_factory, f32):
     assert ver["top1_agreement"] >= 0.99 and ver["greedy_identical"]
     assert 1e-6 < ver["fidelity"]["kl_ref_test"] < 1e-2               # int4 weights cost something, not much
     assert report["bytes"] < f32[1]["bytes"] * 0.45
+    # the tied table is in model.ptd once, as the int4 head's bytes; an int8 table beside it would add V*d bytes
+    out, m = Path(report["path"]), prepared(model, "8da4w", 32)
+    ptd, pte = (out / "model.ptd").read_bytes(), (out / "model.pte").read_bytes()
+    table = m.model.embed_tokens.packed.numpy().tobytes()
+    assert ptd.count(table) == 1 and pte.count(table) == 0
+    params = sum(p.numel() for p in model.parameters())                 # tied: counted once
+    assert len(ptd) < params / 2 * 1.3 < len(ptd) + model.model.embed_tokens.weight.numel()
 
 
 def test_bench_runtime_executorch(f32):

@@ -12,14 +12,16 @@ decode calls ``T = 1``.
 
 Weights live in ``model.ptd`` (ExecuTorch's external data file), not in the ``.pte``: the embedding
 table (a program constant, read by the portable ``embedding`` kernel) and the XNNPACK LM-head weight
-of a tied model are the same bytes, and the shared named-data store writes identical blobs once.
-Inside one ``.pte`` the two would be stored twice (XNNPACK has no gather op to read the table).
+of a tied model are the same bytes, and the shared named-data store writes identical blobs once
+(it deduplicates by content). Inside one ``.pte`` the two would be stored twice (XNNPACK has no
+gather op to read the table).
 
 ``quant``: ``f32``, or ``8da4w`` — linear layers (LM head included) with int8 dynamic per-token
 activations and int4 symmetric weights in groups of ``group_size`` (torchao
-``Int8DynamicActivationIntxWeightConfig``, lowered to XNNPACK's QD8-QB4W GEMMs); the embedding
-table int8 per group (``quantized_decomposed.embedding_byte``). With int4 the LM head and the
-gather table no longer hold the same bytes, so a tied model carries both (int8 table + int4 head).
+``Int8DynamicActivationIntxWeightConfig``, lowered to XNNPACK's QD8-QB4W GEMMs). A tied model's
+embedding lookup reads the head's int4 weight (``TiedInt4Embedding``: the bytes XNNPACK stores, so
+the named-data store keeps one copy); an untied embedding is int8 per group
+(``quantized_decomposed.embedding_byte``).
 """
 
 from __future__ import annotations
@@ -53,12 +55,45 @@ def _import_executorch():
     return XnnpackPartitioner
 
 
+class TiedInt4Embedding(torch.nn.Module):
+    """Embedding lookup on a tied LM head's int4 weight, stored in the layout XNNPACK serializes it in.
+
+    ``head`` is torchao's ``IntxUnpackedToInt8Tensor`` of the head: ``qdata`` (V, d) int8 in [-8, 7],
+    ``scale`` (V, d/g) symmetric per group of ``g`` (zero points 0). Buffers:
+    ``packed`` (V, d/2) uint8 with byte ``j`` of row ``v`` = ``(q[v,2j+1]+8) << 4 | (q[v,2j]+8)``
+    (XNNPACK's ``convert_to_qc4w``: even column in the low nibble) and ``scale`` (V, d/g) bfloat16
+    (XNNPACK keeps per-group scales in bf16; ``prepared`` has already rounded them). These are byte
+    for byte the head's blobs, so the external data store writes the table once. Forward, ``ids``
+    (B, T) → ``x[b,t,i] = q[ids[b,t], i] · scale[ids[b,t], i // g]`` (B, T, d) fp32, from row gathers
+    and nibble arithmetic that ExecuTorch's portable kernels run (executorch's ``embedding_4bit``
+    packs the nibbles the other way round, so it cannot read XNNPACK's bytes).
+    """
+
+    def __init__(self, head):
+        super().__init__()
+        if head.zero_point.abs().max() != 0 or head.block_size[0] != 1:
+            raise DistilleryError("the tied int4 head is not symmetric per row group; cannot share it")
+        q = (head.qdata.to(torch.int16) + 8).to(torch.uint8).contiguous()       # (V, d) in [0, 15]
+        self.register_buffer("packed", (q[:, 1::2] << 4 | q[:, ::2]).contiguous())
+        self.register_buffer("scale", head.scale.to(torch.bfloat16).contiguous())
+        self.group = head.block_size[1]
+
+    def forward(self, ids):
+        rows = torch.nn.functional.embedding(ids, self.packed)                 # (B, T, d/2) uint8
+        hi = torch.div(rows, 16, rounding_mode="floor")                         # core ATen ops only (no >>)
+        q = torch.stack((rows - hi * 16, hi), dim=-1).flatten(-2).float() - 8   # (B, T, d)
+        s = torch.nn.functional.embedding(ids, self.scale).float()   # (B, T, d/g); cast after the gather so
+        return (q.unflatten(-1, (s.shape[-1], self.group)) * s.unsqueeze(-1)).flatten(-2)  # no f32 table is folded
+
+
 def prepared(model, quant: str, group_size: int):
     """A frozen copy of ``model`` as it is exported: for ``8da4w`` quantized in place by torchao.
 
     Also the PyTorch reference of the parity check (torchao's reference kernels compute the same
-    int8-activation / int4-weight products XNNPACK does). ``padding_idx`` only shapes gradients; it is
-    dropped because it hides the embedding from ExecuTorch's quantized-embedding fusion.
+    int8-activation / int4-weight products XNNPACK does, with the bf16-rounded scales XNNPACK stores).
+    A tied table becomes ``TiedInt4Embedding`` on the int4 head; an untied one int8 per group.
+    ``padding_idx`` only shapes gradients; it is dropped because it hides the embedding from
+    ExecuTorch's quantized-embedding fusion.
     """
     m = copy.deepcopy(model).eval().requires_grad_(False)
     m.model.embed_tokens.padding_idx = None
@@ -68,10 +103,16 @@ def prepared(model, quant: str, group_size: int):
         bad = [n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear) and mod.in_features % group_size]
         if bad:
             raise DistilleryError(f"--group-size {group_size} does not divide the input width of {bad[0]}")
+        tied = m.lm_head.weight is m.model.embed_tokens.weight
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             quantize_model_(m, qlinear_config="8da4w", qlinear_group_size=group_size,
-                            qembedding_config="8w", qembedding_group_size=group_size)
+                            qembedding_config=None if tied else "8w", qembedding_group_size=group_size)
+        for mod in m.modules():   # XNNPACK stores int4 group scales in bf16: the reference uses those values
+            if isinstance(mod, torch.nn.Linear):
+                mod.weight.scale.copy_(mod.weight.scale.to(torch.bfloat16).to(mod.weight.scale.dtype))
+        if tied:   # quantize_ gave the head its own tensor; the lookup reads that one's int4 bytes
+            m.model.embed_tokens = TiedInt4Embedding(m.lm_head.weight)
     return m
 
 
@@ -100,8 +141,14 @@ def _lower(m, max_len: int):
         warnings.simplefilter("ignore")
         ep = wrapper.export(input_ids=example, cache_position=torch.arange(4),
                             dynamic_shapes={"input_ids": {1: seq}, "cache_position": {0: seq}}, strict=True)
+        # Unwrap torchao's quantized weights into plain qdata/scale/zero-point placeholders first: untagged,
+        # the ones lowering creates would put XNNPACK's int4 weights inside the .pte (as before: 8da4w .pte
+        # 18 MB of 39 MB on the demo student) where they cannot share bytes with the gather table.
+        ep = ep.run_decompositions({})
         sig = ep.graph_signature
-        weights = set(sig.inputs_to_parameters) | set(sig.inputs_to_lifted_tensor_constants)
+        mutated = set(sig.buffers_to_mutate.values())
+        weights = (set(sig.inputs_to_parameters) | set(sig.inputs_to_lifted_tensor_constants)
+                   | {name for name, buf in sig.inputs_to_buffers.items() if buf not in mutated})
         for node in ep.graph.nodes:                  # XNNPACK puts tagged constants into the external file
             if node.op == "placeholder" and node.name in weights:
                 node.meta.setdefault("custom", {})["delegate_constant_tag"] = DATA_TAG
