@@ -187,3 +187,23 @@ def test_int4_quantized_student_exports_to_q4_0_without_new_rounding(tmp_path, t
     back = gguf.quants.dequantize(np.asarray(tensors["blk.0.ffn_gate.weight"].data), Q.Q4_0).reshape(128, 64)
     w = model.model.layers[0].mlp.gate_proj.weight.detach().numpy()
     assert np.abs(back - w).max() <= np.abs(w).max() * 2 ** -10
+
+
+def test_q8_0_check_excuses_near_ties_only():
+    """decided_top1 skips rows whose top-1 leads its runner-up by <= tie_std row std's; a flip elsewhere counts."""
+    from distillery.export.verify import decided_top1, gguf_problems
+
+    ref = np.zeros((100, 8), np.float32)
+    ref[:, 0], ref[:, 1] = 3.0, 2.0                     # decided rows: top-1 leads by 1 nat
+    ref[:10, 1] = 2.95                                   # 10 near-ties: lead 0.05 nats = 0.036 std
+    test = ref.copy()
+    test[:10, 1] = 3.02                                  # every near-tie flips
+    assert decided_top1(ref, test, 0.05) == (1.0, 90) and decided_top1(ref, test, 0.0) == pytest.approx((0.9, 100))
+    test[10, 1] = 3.5                                    # one decided row flips
+    assert decided_top1(ref, test, 0.05) == pytest.approx((89 / 90, 90))
+    assert decided_top1(ref[:10], test[:10], 0.05) == (0.0, 10)   # no decided row: judged on all rows
+    ok = {"top1_agreement": 0.89, "top1_agreement_decided": 0.995, "tokenizer_agreement": 1.0}
+    assert gguf_problems(ok, "q8_0") == [] and gguf_problems(ok, "q4_0") == []
+    assert gguf_problems(ok, "f16") == ["top-1 agreement 89.00% < 99%"]
+    bad = {**ok, "top1_agreement_decided": 0.97}
+    assert gguf_problems(bad, "q8_0") == ["top-1 agreement where torch's top-1 leads by > 0.05 std of its logits 97.00% < 99%"]

@@ -8,7 +8,7 @@ import torch
 
 from distillery.errors import DistilleryError
 from distillery.export import export_model
-from distillery.export import gguf_export
+from distillery.export import gguf_export, gguf_families
 from tiny import tiny_llama, tiny_qwen2, tiny_tokenizer
 
 pytestmark = pytest.mark.llamacpp
@@ -49,7 +49,8 @@ def test_float_exports_match_pytorch(student, tmp_path, quant, max_abs):
 
 def test_q8_0_export_agrees(student, tmp_path):
     ver = export_model(student[0], "gguf", tmp_path / "s-q8.gguf", "q8_0")["verification"]
-    assert ver["passed"] and ver["top1_agreement"] >= 0.97
+    assert ver["passed"] and ver["top1_agreement"] >= 0.97 and ver["top1_agreement_decided"] >= 0.99
+    assert ver["tie_std"] == 0.05 and ver["decided_positions"] >= 0.7 * ver["positions"]   # the check is not vacuous
 
 
 def test_q4_0_export_is_reported(student, tmp_path):
@@ -75,12 +76,30 @@ def test_greedy_generation_is_identical(student, tmp_path):
     assert ours == hf
 
 
-def test_missing_qk_permutation_fails_verification(tmp_path, monkeypatch):
-    """Without the q/k permutation llama.cpp's RoPE scrambles attention: export must fail and move the file."""
+@pytest.mark.parametrize("quant", ["f32", "q8_0"])
+def test_missing_qk_permutation_fails_verification(tmp_path, monkeypatch, quant):
+    """Without the q/k permutation llama.cpp's RoPE scrambles attention: export must fail and move the file,
+    at q8_0 too (its check counts only positions where torch's top-1 is decided, and must still refuse)."""
     path = tmp_path / "student"
     sharpen(tiny_llama()).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
-    monkeypatch.setattr(gguf_export, "permute_qk", lambda w, n_head: w)
+    monkeypatch.setattr(gguf_families, "permute_qk", lambda w, n_head: w)   # fix_tensor looks it up there
     with pytest.raises(DistilleryError, match="failed verification.*top-1 agreement"):
-        export_model(path, "gguf", tmp_path / "bad.gguf", "f32")
+        export_model(path, "gguf", tmp_path / "bad.gguf", quant)
     assert not (tmp_path / "bad.gguf").exists() and (tmp_path / "bad.gguf.rejected").is_file()
+
+
+def test_q8_0_with_corrupted_weights_fails_verification(tmp_path, monkeypatch):
+    """A q8_0 file whose attention output projections were written with their blocks' scales x3 (a broken
+    writer, not rounding) is refused by the decided-top-1 check."""
+    path = tmp_path / "student"
+    sharpen(tiny_llama()).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    real = gguf_export.gguf_tensors
+
+    def corrupted(model, arch=None):
+        for name, data in real(model, arch):
+            yield name, data * 3 if name.endswith("attn_output.weight") else data
+    monkeypatch.setattr(gguf_export, "gguf_tensors", corrupted)
+    with pytest.raises(DistilleryError, match="failed verification.*top-1 agreement where torch's top-1 leads by > 0.05 std"):
+        export_model(path, "gguf", tmp_path / "bad.gguf", "q8_0")

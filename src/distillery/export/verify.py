@@ -3,8 +3,9 @@
 The same held-out token ids (default: the tail of *Paradise Lost*, tokenized by the student's own
 tokenizer) go through the PyTorch model and through the runtime, in windows of at most ``window``
 tokens, each window from an empty context. Reported: max |Δlogit|, relative error, top-1 agreement
-and KL(torch ‖ runtime). Thresholds on top-1 agreement (``THRESHOLDS``): f32/f16 ≥ 99 %,
-q8_0 ≥ 97 %, q4_0 reported only. For GGUF, llama.cpp's tokenizer must also reproduce the HF
+and KL(torch ‖ runtime). Thresholds on top-1 agreement (``THRESHOLDS``): f32/f16 ≥ 99 % of all
+positions; q8_0 ≥ 99 % of the *decided* positions (torch's top-1 leads its runner-up by more than
+``TIE_STD`` standard deviations of that position's logits, see :func:`decided_top1`); q4_0 reported only. For GGUF, llama.cpp's tokenizer must also reproduce the HF
 tokenization of sample lines exactly; for ONNX, the KV-cache path (prefix, then the rest fed with the
 returned cache) must give the same logits as one full pass.
 """
@@ -19,7 +20,16 @@ from .inputs import heldout_text
 from .metrics import compare_logits
 from .onnx_runtime import onnx_forward, onnx_session
 
-THRESHOLDS = {"f32": 0.99, "f16": 0.99, "q8_0": 0.97, "q4_0": None}
+THRESHOLDS = {"f32": 0.99, "f16": 0.99, "q8_0": 0.99, "q4_0": None}
+# q8_0 is judged on decided positions only. Why: llama.cpp's q8_0 matmuls round the weights *and* the
+# activations to 8 bits, which flips near-tied top-1/top-2 pairs of a correct file. Demo student
+# (runs/bench/device_student, 512 Milton tokens, mean top-1 probability 0.15, logit std 2.4 per position):
+# plain top-1 95.9 %, all 21 flips at gaps < 0.06 std (< 0.15 nats), KL(torch ‖ gguf) 0.002 nats/token;
+# f16 100 %, torch on the Q8_0 weights alone 99.2 %: a correct file. Over gaps > 0.05 std: 99.8 %, while
+# broken q8_0 files of the same student score 97.4 % (rope theta x0.1, KL 0.011) and 93.5 % (one down_proj
+# x1.5, KL 0.025) there. The band is relative to the logits' spread because the rounding error scales
+# with the logits (a tiny random model's std is 0.16: an absolute 0.1-nat band left 27 of 256 positions).
+TIE_STD = {"q8_0": 0.05}
 ONNX_MAX_ABS = 1e-3   # fp32 graph vs fp32 eager: only summation order differs
 LLAMACPP_HINT = ("llama-cpp-python is not installed: pip install 'distillery[llamacpp]' "
                  "(or scripts/build_llamacpp_wheel.sh), or pass --no-verify")
@@ -84,16 +94,41 @@ def tokenizer_agreement(path: str, tokenizer, samples: list[str]) -> dict:
         llm.close()
 
 
-def verify_gguf(path: str, model, tokenizer, quant: str, ids: list[int], window: int) -> dict:
-    """Compare llama.cpp with PyTorch on ``ids``; raise DistilleryError when a threshold fails."""
-    result = compare_logits(torch_logits(model, ids, window), llamacpp_logits(path, ids, window))
-    result.update(tokenizer_agreement(path, tokenizer, sample_lines()))
-    result["threshold_top1"] = THRESHOLDS[quant]
-    problems = []
-    if THRESHOLDS[quant] is not None and result["top1_agreement"] < THRESHOLDS[quant]:
-        problems.append(f"top-1 agreement {result['top1_agreement']:.2%} < {THRESHOLDS[quant]:.0%}")
+def decided_top1(ref, test, tie_std: float) -> tuple[float, int]:
+    """Top-1 agreement of ``test`` with ``ref`` (logits ``(N, V)`` each) over the decided rows, where ref's top-1
+    logit exceeds its runner-up by more than ``tie_std · std(ref row over V)`` (``log p1/p2`` in units of the
+    row's spread); returns ``(agreement, rows)``. With no decided row, all rows count (never vacuously 1)."""
+    ref, test = torch.as_tensor(np.asarray(ref)).float(), torch.as_tensor(np.asarray(test)).float()
+    top2 = ref.topk(2, dim=-1).values                                    # (N, 2)
+    decided = (top2[:, 0] - top2[:, 1]) > tie_std * ref.std(dim=-1)       # (N,)
+    if not decided.any():
+        decided = torch.ones_like(decided)
+    agree = ref[decided].argmax(-1) == test[decided].argmax(-1)
+    return float(agree.float().mean()), int(decided.sum())
+
+
+def gguf_problems(result: dict, quant: str) -> list[str]:
+    """Failed conditions of a llama.cpp check ``result`` (``compare_logits`` + decided top-1 + tokenizer)."""
+    need, problems = THRESHOLDS[quant], []
+    key = "top1_agreement_decided" if quant in TIE_STD else "top1_agreement"
+    if need is not None and result[key] < need:
+        where = f" where torch's top-1 leads by > {TIE_STD[quant]} std of its logits" if quant in TIE_STD else ""
+        problems.append(f"top-1 agreement{where} {result[key]:.2%} < {need:.0%}")
     if result["tokenizer_agreement"] < 1.0:
         problems.append(f"llama.cpp tokenizes {result['tokenizer_first_mismatch']!r} differently from HF")
+    return problems
+
+
+def verify_gguf(path: str, model, tokenizer, quant: str, ids: list[int], window: int) -> dict:
+    """Compare llama.cpp with PyTorch on ``ids``; ``passed`` / ``problems`` say whether the thresholds hold."""
+    ref, got = torch_logits(model, ids, window), llamacpp_logits(path, ids, window)
+    result = compare_logits(ref, got)
+    tie = TIE_STD.get(quant, 0.0)
+    result["top1_agreement_decided"], result["decided_positions"] = decided_top1(ref, got, tie)
+    result["tie_std"] = tie
+    result.update(tokenizer_agreement(path, tokenizer, sample_lines()))
+    result["threshold_top1"] = THRESHOLDS[quant]
+    problems = gguf_problems(result, quant)
     result["passed"] = not problems
     result["problems"] = problems
     return result
