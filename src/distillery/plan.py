@@ -7,8 +7,8 @@ vocabulary, ``H``/``F``/``L`` hidden, MLP width and layers, ``kv`` the key/value
 * weights ``4N`` (fp32 master copy), gradients ``4N``, AdamW's two moments ``8N``; DDP's gradient
   buckets another ``4N`` (world > 1). Under FSDP (``--fsdp``) those ``16N`` are divided by the world
   size, plus weights and gradients of what is gathered at once: the root unit (embeddings and head) and
-  two decoder layers; on GPUs the foreach AdamW step ``4N`` of temporaries and bf16
-  autocast a ``2N`` weight cache.
+  two decoder layers, and on GPUs the foreach AdamW step's temporaries (``4N`` divided likewise; elsewhere
+  torch's fused AdamW keeps none); on GPUs bf16 autocast adds a ``2N`` weight cache.
 * activations kept for backward: ``B·T·(L·(8H + 4F + 2kv) + 2H)`` floats (counted from the tensors
   autograd saves for a Llama/Qwen2 block with SDPA attention, fp32; ~2.5 bytes each under bf16), plus
   two blocks' worth of gradient tensors alive during backward.
@@ -145,8 +145,8 @@ def estimate(cfg: RunConfig, *, processes: int = 1, device: str = "auto", memory
         mem.update({"student weights (fp32)": 4.0 * n, "gradients": 4.0 * n, "AdamW moments": 8.0 * n})
         if processes > 1:
             mem["DDP gradient buckets"] = 4.0 * n
-    if gpu:
-        mem["AdamW foreach temporaries"] = 4.0 * n
+    if gpu and fsdp and processes > 1:  # plain tensors step with torch's fused AdamW (no temporaries); DTensors foreach
+        mem["AdamW foreach temporaries"] = 4.0 * n / processes
     if bf16:
         mem["bf16 autocast weight cache"] = 2.0 * student.matmul_params
     block = a_h * h + a_f * student.ffn + a_kv * student.kv_dim  # one block's saved floats per token
