@@ -11,10 +11,10 @@ Per teacher block (``T + 1`` tokens ``u_0..u_T``, padding dropped):
 
 1. spell every token to bytes (:func:`~.vocab_map.token_bytes`); a **special** token (EOS between documents,
    ``<|im_start|>``…) spells nothing and cuts the block into text segments;
-2. cut each segment to whole UTF-8 characters at its edges (a byte-level block may start or end inside a
-   character; :func:`~.batch._utf8_window`), decode its valid UTF-8 runs (a stray byte between them, e.g. a
-   byte-fallback token of a sample, is skipped, as ``CrossTokenizer.text_row`` does), tokenize each with the student (:func:`~.align.encode_with_offsets`,
-   no special tokens added);
+2. decode each segment's valid UTF-8 runs (:func:`~.batch._utf8_runs`): a character cut at either edge (a
+   byte-level block may start or end inside one) and a stray byte between runs (a byte-fallback token of a
+   sample) are skipped, as ``CrossTokenizer.text_row`` does; tokenize each run with the student
+   (:func:`~.align.encode_with_offsets`, no special tokens added);
 3. a teacher special becomes the student's special with the same content (``<|endoftext|>`` ↔ ``<|endoftext|>``),
    else the teacher's EOS becomes the student's EOS, else it is dropped; specials are never aligned (offsets -1);
 4. the student row is the concatenation ``s_0..s_{M-1}``: ``input_ids = s[:-1]``, ``labels = s[1:]``;
@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from .align import align_spans, block_alignment, encode_with_offsets, spelling
-from .batch import ALIGN_PREFIX, TEACHER_PREFIX, _utf8_runs, _utf8_window
+from .batch import ALIGN_PREFIX, TEACHER_PREFIX, _utf8_runs
 
 
 @dataclass
@@ -167,9 +167,10 @@ class StudentBlocks:
             while k < n and t_off[k, 0] >= 0:
                 k += 1
             seg_lo, seg_hi = int(t_off[j, 0]), int(t_off[k - 1, 1])  # text tokens j..k-1
-            lo, hi = _utf8_window(raw[seg_lo:seg_hi])
-            runs = _utf8_runs(raw, seg_lo + lo, seg_lo + hi)  # the valid text; stray bytes between runs are skipped,
-            inside = np.zeros(k - j, bool)                    # as CrossTokenizer.text_row reads a sample
+            # the valid text: a character cut at either edge and stray bytes between runs are skipped, as
+            # CrossTokenizer.text_row reads a sample
+            runs = _utf8_runs(raw, seg_lo, seg_hi)
+            inside = np.zeros(k - j, bool)
             for a, z in runs:
                 inside |= (t_off[j:k, 0] >= a) & (t_off[j:k, 1] <= z)
             t_off[j:k][~inside] = -1  # teacher tokens cut at the edges or spelling no text: never aligned
