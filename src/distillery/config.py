@@ -213,6 +213,7 @@ class QATConfig(_Section):
     scheme: Literal["auto", "symmetric", "affine"] = Field("auto", description="'symmetric': w = d*q per group, GGUF Q8_0/Q4_0 (8, 4 bits); 'affine': w = s*q + b per group, MLX mx.quantize (2, 3, 4, 6, 8 bits); 'auto': symmetric for 8/4, affine below. Quantize and export with the same bits, group size and scheme.")
     group_size: int = Field(32, gt=0, description="Input columns per scale, a power of two (32 = GGUF's block; the affine grid takes 32, 64 or 128).")
     last_steps: int = Field(100, ge=0, description="Train through the quantizer for the last N steps (N >= train.max_steps: the whole run).")
+    embedding_bits: Literal[2, 3, 4, 6, 8] | None = Field(None, description="Bits of the input embedding and LM head on the affine grid (None: qat.bits), e.g. 4 beside 2-bit layers as llama.cpp's Q2_K keeps its output tensor wider; quantize and export with the same value.")
 
     @field_validator("group_size")
     @classmethod
@@ -227,6 +228,9 @@ class QATConfig(_Section):
             raise ValueError(f"scheme 'symmetric' runs 8 or 4 bits, not {self.bits} (use 'affine')")
         if (self.scheme == "affine" or self.bits in (2, 3, 6)) and self.group_size not in (32, 64, 128):
             raise ValueError(f"the affine (MLX) grid takes group_size 32, 64 or 128, not {self.group_size}")
+        if self.embedding_bits is not None and (self.scheme == "symmetric" or (self.scheme == "auto" and self.bits in (4, 8))):
+            raise ValueError(f"embedding_bits={self.embedding_bits} needs the affine grid (set qat.scheme=affine; "
+                             f"bits {self.bits} with scheme {self.scheme} is GGUF's symmetric one, which keeps the embedding fp32)")
         return self
 
 

@@ -169,7 +169,8 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
     while step < tc.max_steps:
         if cfg.qat.enabled and not qat_on and step >= tc.max_steps - cfg.qat.last_steps:
             from .quantize import qat_wrap  # fake-quantized weights (STE) for the last steps
-            qat_wrap(student, bits=cfg.qat.bits, group_size=cfg.qat.group_size, scheme=cfg.qat.scheme)
+            qat_wrap(student, bits=cfg.qat.bits, group_size=cfg.qat.group_size, scheme=cfg.qat.scheme,
+                     embedding_bits=cfg.qat.embedding_bits)
             qat_on = True
         micro = [train_ds.batch(sampler.indices(*divmod(step * tc.grad_accum + i, len(sampler))))
                  for i in range(tc.grad_accum)]

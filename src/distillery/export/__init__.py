@@ -40,7 +40,7 @@ def _run_export(args) -> int:
     quant = args.quant or {"gguf": "f16", "onnx": "f32"}.get(args.format)   # the Apple formats pick their own
     report = export_model(args.student, args.format, args.out, quant=quant, verify=args.verify,
                           verify_text=text, verify_tokens=args.verify_tokens, group_size=args.group_size,
-                          max_seq_len=args.max_seq_len)
+                          max_seq_len=args.max_seq_len, embedding_bits=args.embedding_bits)
     print(json.dumps(report, indent=2))
     return 0
 
@@ -56,6 +56,9 @@ def add_export_parser(subparsers) -> None:
                                       "(default f32); executorch: f32|8da4w (default f32); coreml: f16|q8|q4|p4 (default f16)")
     p.add_argument("--group-size", type=int, default=None,
                    help="quantization group size for mlx (default 64), executorch and coreml (default 32)")
+    p.add_argument("--embedding-bits", type=int, default=None, metavar="N",
+                   help="mlx q2-q8: bits of the embedding and LM head (2, 3, 4, 6, 8; default: the --quant bits, or "
+                        "what a `distillery quantize` folder records)")
     p.add_argument("--max-seq-len", type=int, default=1024,
                    help="executorch/coreml: KV-cache length compiled into the program (default 1024)")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,

@@ -16,7 +16,7 @@ APPLE_FORMATS = ("mlx", "executorch", "coreml")   # folder outputs, in ``apple_e
 
 def export_model(student_dir: str | Path, fmt: str, out: str | Path, quant: str = "f16", verify: bool = True,
                  verify_text: str | None = None, verify_tokens: int = 512, group_size: int | None = None,
-                 max_seq_len: int = 1024) -> dict:
+                 max_seq_len: int = 1024, embedding_bits: int | None = None) -> dict:
     """Export a student (any of ``inputs.SUPPORTED_ARCHS``) to ``fmt`` ('gguf': file ``out``; 'onnx': folder ``out``); return a report.
 
     ``quant``: f32|f16|q8_0|q4_0 for GGUF; ONNX graphs are fp32 (pass 'f32' or leave the default).
@@ -25,14 +25,17 @@ def export_model(student_dir: str | Path, fmt: str, out: str | Path, quant: str 
     the tail of *Paradise Lost*); a failed check moves the output to ``<out>.rejected`` and raises
     :class:`DistilleryError`. See ``export.verify`` for the thresholds.
     'mlx', 'executorch' and 'coreml' (folders; ``group_size``, ``max_seq_len``) go through
-    ``export.apple_export``.
+    ``export.apple_export``; ``embedding_bits`` (mlx only): the embedding/LM head's width beside ``q<b>`` layers.
     """
     if fmt not in FORMATS:
         raise DistilleryError(f"--format {fmt} is not supported (choose {', '.join(FORMATS)})")
     if fmt in APPLE_FORMATS:
         from .apple_export import export_apple
 
-        return export_apple(student_dir, fmt, out, quant, verify, verify_text, verify_tokens, group_size, max_seq_len)
+        return export_apple(student_dir, fmt, out, quant, verify, verify_text, verify_tokens, group_size, max_seq_len,
+                            embedding_bits)
+    if embedding_bits is not None:
+        raise DistilleryError(f"--embedding-bits is for --format mlx, not {fmt}")
     src = check_student_dir(student_dir)
     arch = SUPPORTED_ARCHS[student_arch(src)]
     out = Path(out).expanduser()

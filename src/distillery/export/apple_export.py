@@ -27,8 +27,8 @@ FAMILIES = {"mlx": ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "ge
 
 
 def export_apple(student_dir, fmt: str, out, quant: str | None, verify: bool, verify_text: str | None,
-                 verify_tokens: int, group_size: int | None, max_seq_len: int) -> dict:
-    """Export ``student_dir`` to the ``fmt`` folder ``out``; see the module docstring."""
+                 verify_tokens: int, group_size: int | None, max_seq_len: int, embedding_bits: int | None = None) -> dict:
+    """Export ``student_dir`` to the ``fmt`` folder ``out``; see the module docstring. ``embedding_bits``: MLX only."""
     import importlib
 
     module_name, quants, default_group, require = SPECS[fmt]
@@ -36,6 +36,8 @@ def export_apple(student_dir, fmt: str, out, quant: str | None, verify: bool, ve
     if quant not in quants:
         raise DistilleryError(f"--quant {quant} is not available for {fmt} (choose {', '.join(quants)})")
     group_size = group_size or default_group
+    if embedding_bits is not None and fmt != "mlx":
+        raise DistilleryError(f"--embedding-bits is for --format mlx, not {fmt}")
     if group_size < 2 or group_size & (group_size - 1):
         raise DistilleryError(f"--group-size {group_size} must be a power of two >= 2")
     if max_seq_len < 16:
@@ -51,7 +53,7 @@ def export_apple(student_dir, fmt: str, out, quant: str | None, verify: bool, ve
     model, tokenizer = load_student(src)
     t0 = time.perf_counter()
     if fmt == "mlx":
-        report = mod.write_mlx(src, out, quant, group_size)
+        report = mod.write_mlx(src, out, quant, group_size, embedding_bits)
     elif fmt == "executorch":
         report = mod.write_executorch(model, tokenizer, out, quant, group_size, max_seq_len)
     else:

@@ -11,6 +11,13 @@ fp32 weights (the grid a QAT run trained on); only the scale and bias are rounde
 ``quantized_matmul`` promotes fp16 scales to the fp32 activations, so a Mac computes in fp32 on the
 stored fp16 values; the quantized embedding's rows come out in fp16 and the first RMSNorm returns fp32.
 
+``embedding_bits`` (q-quants only; None: ``bits``, or the ``embedding_bits`` a ``distillery quantize`` folder
+records in its ``quantization.json``) stores the input embedding and the LM head at another width than
+the layers, through ``mlx_lm.convert``'s ``quant_predicate``: ``config.json``'s ``quantization`` entry then
+names those modules with their own ``bits`` (mlx_lm's per-layer form, which ``mlx_lm.load`` reads). A
+folder quantized with the embeddings kept fp32 exports them unquantized. ``bits_per_weight`` in the
+report: every stored tensor's bytes (codes, scales, biases, norms) × 8 / the parameter count.
+
 The folder ``out`` is what ``mlx_lm.load`` / ``mlx_lm.generate --model out`` reads: ``model.safetensors``,
 ``config.json`` (with a ``quantization`` entry) and the tokenizer files, plus ``distillery_mlx.json``.
 MLX runs on Linux x86-64 too (``mlx[cpu]``), which is how the export is checked here.
@@ -46,18 +53,55 @@ def _import_mlx():
     return mx, mlx_lm
 
 
-def write_mlx(student_dir: Path, out: Path, quant: str = "f32", group_size: int = 64) -> dict:
-    """Convert the student folder with ``mlx_lm.convert`` into ``out`` (replaced atomically); return a report."""
+def recorded_embedding_bits(student_dir: Path) -> tuple[bool, int | None]:
+    """``(found, bits)``: the embedding width a ``distillery quantize`` folder of the affine scheme records
+    (``bits`` None: its embeddings were kept fp32); ``(False, None)`` for any other folder."""
+    path = Path(student_dir) / "quantization.json"
+    if not path.is_file():
+        return False, None
+    rec = json.loads(path.read_text())
+    if rec.get("scheme") != "affine" or "embeddings" not in rec:
+        return False, None
+    return True, (rec.get("embedding_bits", rec["bits"]) if rec["embeddings"] else None)
+
+
+def _embedding_predicate(embedding_bits: int | None, group_size: int):
+    """``quant_predicate(path, module)`` for ``mlx_lm.convert``: the input embedding (an ``nn.Embedding``)
+    and an untied ``lm_head`` at ``embedding_bits`` (False: left unquantized when None); other modules True
+    (the layers at ``q_bits``)."""
+    import mlx.nn as mnn
+
+    def predicate(path: str, module) -> bool | dict:
+        if isinstance(module, mnn.Embedding) or path.rsplit(".", 1)[-1] == "lm_head":
+            return False if embedding_bits is None else {"group_size": group_size, "bits": embedding_bits,
+                                                         "mode": "affine"}
+        return True
+    return predicate
+
+
+def write_mlx(student_dir: Path, out: Path, quant: str = "f32", group_size: int = 64,
+              embedding_bits: int | None = None) -> dict:
+    """Convert the student folder with ``mlx_lm.convert`` into ``out`` (replaced atomically); return a report.
+    ``embedding_bits``: see the module docstring."""
     _import_mlx()
     from mlx_lm.convert import convert
 
     bits = QUANTS[quant]
+    found, recorded = recorded_embedding_bits(student_dir)
+    if embedding_bits is not None and not bits:
+        raise DistilleryError(f"--embedding-bits {embedding_bits} needs a quantized --quant (q2 q3 q4 q6 q8), not {quant}")
+    if embedding_bits is not None and embedding_bits not in (2, 3, 4, 6, 8):
+        raise DistilleryError(f"--embedding-bits {embedding_bits} is not a width of MLX's affine grid (choose 2, 3, 4, 6 or 8)")
+    keep_fp32 = embedding_bits is None and found and recorded is None
+    embedding_bits = embedding_bits if embedding_bits is not None else (recorded if found else None)
+    mixed = bits and (keep_fp32 or (embedding_bits is not None and embedding_bits != bits))
+    predicate = _embedding_predicate(embedding_bits, group_size) if mixed else None
     with staged_folder(out) as tmp:
         target = tmp / "mlx"                         # convert() insists on a path that does not exist yet
         try:
             with contextlib.redirect_stdout(sys.stderr):   # its progress lines would spoil the CLI's JSON
                 convert(str(student_dir), str(target), quantize=bits is not None, q_bits=bits,
-                        q_group_size=group_size if bits else None,
+                        q_group_size=group_size if bits else None, quant_predicate=predicate,
                         dtype="float16" if quant == "f16" else "float32")
         except ValueError as exc:
             raise DistilleryError(f"mlx_lm.convert failed for {student_dir}: {exc}".splitlines()[0]) from None
@@ -68,11 +112,35 @@ def write_mlx(student_dir: Path, out: Path, quant: str = "f32", group_size: int 
         if bits:
             _half_scales(tmp)
         manifest = {"format": "mlx", "quant": quant, "bits": bits, "group_size": group_size if bits else None,
+                    "embedding_bits": (None if keep_fp32 else embedding_bits or bits) if bits else None,
                     "mode": "affine" if bits else None, "scales_dtype": "float16" if bits else None,
                     "source": str(student_dir)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return {"format": "mlx", "path": str(out), "quant": quant, "group_size": manifest["group_size"],
-            "bytes": folder_bytes(out, "*.safetensors")}
+            "embedding_bits": manifest["embedding_bits"], "bytes": folder_bytes(out, "*.safetensors"),
+            **storage_bits(out)}
+
+
+def storage_bits(folder: Path) -> dict:
+    """Parameters and bits per weight of an MLX folder, from its own files: a quantized tensor's parameter count
+    is its ``scales``' size × its group size (per-module ``quantization`` entries of ``config.json`` first),
+    any other tensor's its size; ``bits_per_weight`` = all stored tensor bytes × 8 / all parameters."""
+    mx, _ = _import_mlx()
+    quant = json.loads((Path(folder) / "config.json").read_text()).get("quantization") or {}
+    params = nbytes = 0
+    for shard in sorted(Path(folder).glob("model*.safetensors")):
+        arrays = mx.load(str(shard))
+        nbytes += sum(v.nbytes for v in arrays.values())
+        for k, v in arrays.items():
+            base, leaf = k.rsplit(".", 1) if "." in k else ("", k)
+            if leaf == "scales":
+                own = quant.get(base)
+                params += v.size * (own["group_size"] if isinstance(own, dict) else quant["group_size"])
+            elif leaf == "biases" and base + ".scales" in arrays:
+                continue
+            elif not (leaf == "weight" and base + ".scales" in arrays):
+                params += v.size
+    return {"parameters": params, "stored_bytes": nbytes, "bits_per_weight": nbytes * 8 / max(params, 1)}
 
 
 def _half_scales(folder: Path) -> None:

@@ -42,13 +42,13 @@ def _run_quantize(args) -> int:
     report = quantize_model(args.student, bits=args.bits, group_size=args.group_size, out_dir=args.out,
                             include_lm_head=args.include_lm_head, eval_tokens=args.eval_tokens,
                             teacher_dir=args.teacher, scheme=args.scheme, clip=args.clip,
-                            embeddings=False if args.keep_embeddings else None)
+                            embeddings=False if args.keep_embeddings else None, embedding_bits=args.embedding_bits)
     print(json.dumps(report, indent=2))
     return 0
 
 
 def add_quantize_parser(subparsers) -> None:
-    """Register ``distillery quantize STUDENT --bits 8|6|4|3|2 [--scheme S] [--group-size N] [--out DIR]``."""
+    """Register ``distillery quantize STUDENT --bits 8|6|4|3|2 [--embedding-bits N] [--scheme S] [--group-size N] [--out DIR]``."""
     p = subparsers.add_parser("quantize", help="weight-only 2-8-bit quantization of a student folder")
     p.add_argument("student", help="student folder (HF format, with its tokenizer)")
     p.add_argument("--bits", type=int, choices=(8, 6, 4, 3, 2), default=8)
@@ -58,6 +58,9 @@ def add_quantize_parser(subparsers) -> None:
     p.add_argument("--keep-embeddings", action="store_true",
                    help="affine: leave the embedding and LM head unquantized (by default they are quantized, "
                         "as mlx_lm.convert -q does)")
+    p.add_argument("--embedding-bits", type=int, default=None, metavar="N",
+                   help="affine: bits of the embedding and LM head (2, 3, 4, 6, 8; default: --bits), e.g. "
+                        "--bits 2 --embedding-bits 4 as llama.cpp's Q2_K keeps its output tensor wider")
     p.add_argument("--clip", choices=("none", "mse"), default="none",
                    help="affine only: search each group's range (clamp to r x [min, max], r in 1..0.5) for the "
                         "least squared error before rounding (none: MLX's plain min/max grid)")

@@ -32,7 +32,7 @@ from torch import nn
 from ..errors import DistilleryError
 from ..export.inputs import check_student_dir, heldout_ids, load_student
 from ..export.metrics import compare_logits, mean_nll
-from .qat import quant_targets
+from .qat import check_embedding_bits, embedding_names, quant_targets
 from .core import (CLIPS, affine_clip, affine_dequantize, affine_quantize, check_group_size, default_group_size,
                    dequantize_weight, pack_bits, pack_int4, quantize_weight, resolve_scheme, unpack_bits,
                    unpack_int4)
@@ -43,16 +43,19 @@ PACKED_FILE = "quantized.safetensors"
 
 def quantize_linears(model: nn.Module, bits: int, group_size: int | None,
                      include_lm_head: bool = False, scheme: str | None = None,
-                     clip: str = "none", embeddings: bool | None = None) -> dict[str, torch.Tensor]:
+                     clip: str = "none", embeddings: bool | None = None,
+                     embedding_bits: int | None = None) -> dict[str, torch.Tensor]:
     """Quantize ``model``'s linear weights in place (weights become their dequantized grid values);
     return the packed tensors. ``scheme`` None: symmetric for 8/4 bits, affine below (see ``core``);
     ``clip="mse"``: affine grid of the range-searched clamp (``core.affine_clip``); ``embeddings``
     (None: True for affine, as ``mlx_lm.convert -q``): the input embedding and LM head too, a tied
-    pair once."""
+    pair once, at ``embedding_bits`` (affine only; None: ``bits``)."""
     scheme = resolve_scheme(bits, scheme)
     if clip not in CLIPS or (clip != "none" and scheme != "affine"):
         raise DistilleryError(f"clip '{clip}': choose none, or mse with the affine scheme")
     embeddings = scheme == "affine" if embeddings is None else embeddings
+    check_embedding_bits(embedding_bits, scheme, embeddings)
+    high = embedding_names(model) if embedding_bits is not None else set()
     packed: dict[str, torch.Tensor] = {}
     seen = set()
     for name, lin in quant_targets(model, include_lm_head, embeddings).items():
@@ -60,11 +63,12 @@ def quantize_linears(model: nn.Module, bits: int, group_size: int | None,
             continue
         seen.add(id(lin.weight))
         if scheme == "affine":
-            w = affine_clip(lin.weight, bits, group_size) if clip == "mse" else lin.weight
-            q, s, b = affine_quantize(w, bits, group_size, name=name)
+            nb = embedding_bits if name in high else bits
+            w = affine_clip(lin.weight, nb, group_size) if clip == "mse" else lin.weight
+            q, s, b = affine_quantize(w, nb, group_size, name=name)
             with torch.no_grad():
                 lin.weight.copy_(affine_dequantize(q, s, b, lin.weight.dtype))
-            packed.update({f"{name}.qweight": pack_bits(q, bits), f"{name}.scales": s.contiguous(),
+            packed.update({f"{name}.qweight": pack_bits(q, nb), f"{name}.scales": s.contiguous(),
                            f"{name}.biases": b.contiguous()})
             continue
         q, d = quantize_weight(lin.weight, bits, group_size, name=name)
@@ -96,14 +100,17 @@ def _window_ppl(logits: torch.Tensor, ids: list[int], window: int) -> float:
 def quantize_model(student_dir: str | Path, bits: int = 8, group_size: int | None = -1,
                    out_dir: str | Path | None = None, include_lm_head: bool = False,
                    eval_tokens: int = 512, teacher_dir: str | Path | None = None,
-                   scheme: str | None = None, clip: str = "none", embeddings: bool | None = None) -> dict:
+                   scheme: str | None = None, clip: str = "none", embeddings: bool | None = None,
+                   embedding_bits: int | None = None) -> dict:
     """Quantize a student folder's linear layers (weight-only) and save it; return a report.
 
     ``scheme`` None/'auto': symmetric (GGUF Q8_0/Q4_0) for 8 and 4 bits, affine (MLX) for 2, 3 and 6.
     ``group_size=-1``: the default (symmetric int8 per channel, else groups of 32); ``None``: per
     channel (symmetric only). ``out_dir`` defaults to ``<student_dir>-int<bits>``. Symmetric: the LM
     head (often tied to the embeddings) stays fp32 unless ``include_lm_head``. Affine: ``embeddings``
-    (default True) quantizes the input embedding and LM head too, as ``mlx_lm.convert -q`` does. ``eval_tokens=0`` skips the evaluation.
+    (default True) quantizes the input embedding and LM head too, as ``mlx_lm.convert -q`` does, at
+    ``embedding_bits`` (None: ``bits``; recorded in ``quantization.json`` as the effective width, null
+    when they stay fp32, so ``export --format mlx`` of the folder stores them at that width). ``eval_tokens=0`` skips the evaluation.
     A student trained with ``qat`` at the same bits, group size and scheme quantizes to exactly the
     weights its training forward saw (with ``clip="none"`` here even after ``qat.clip="mse"``: the
     range search is already written into its weights). ``clip="mse"`` is a post-training range search.
@@ -122,17 +129,23 @@ def quantize_model(student_dir: str | Path, bits: int = 8, group_size: int | Non
     embeddings = scheme == "affine" if embeddings is None else embeddings
     if include_lm_head and model.config.tie_word_embeddings and not embeddings:
         raise DistilleryError("include_lm_head with tied embeddings would quantize the input embeddings too")
+    try:
+        check_embedding_bits(embedding_bits, scheme, embeddings, "--embedding-bits")
+    except DistilleryError as err:
+        raise DistilleryError(f"{err} (--bits {bits})") from None
     reference = None
     if eval_tokens:
         ids = heldout_ids(tok, eval_tokens)
         window = min(256, model.config.max_position_embeddings)
         reference = _heldout_logits(model, ids, window)
-    packed = quantize_linears(model, bits, group_size, include_lm_head, scheme=scheme, clip=clip, embeddings=embeddings)
+    packed = quantize_linears(model, bits, group_size, include_lm_head, scheme=scheme, clip=clip, embeddings=embeddings,
+                              embedding_bits=embedding_bits)
     report = {"student": str(src), "out_dir": str(out), "bits": bits, "group_size": group_size, "scheme": scheme,
               "clip": clip, "quantized_tensors": sum(k.endswith(".qweight") for k in packed),
               "quantized_linears": sum(k.endswith(".qweight") and isinstance(model.get_submodule(k[:-8]), nn.Linear)
                                        for k in packed),
-              "include_lm_head": include_lm_head or embeddings, "embeddings": embeddings}
+              "include_lm_head": include_lm_head or embeddings, "embeddings": embeddings,
+              "embedding_bits": (embedding_bits or bits) if embeddings else None}
     if reference is not None:
         quant = _heldout_logits(model, ids, window)
         cmp = compare_logits(reference, quant)
@@ -174,7 +187,8 @@ def _save(model, tok, packed: dict[str, torch.Tensor], out: Path, report: dict) 
     rest = {k: v.contiguous() for k, v in model.state_dict().items() if k not in skip}
     if model.config.tie_word_embeddings:
         rest.pop("lm_head.weight", None)  # shared with the embeddings: store once
-    meta = {"bits": str(report["bits"]), "group_size": str(report["group_size"]), "scheme": report["scheme"]}
+    meta = {"bits": str(report["bits"]), "group_size": str(report["group_size"]), "scheme": report["scheme"],
+            "embedding_bits": str(report.get("embedding_bits"))}
     save_file({**rest, **packed}, str(out / PACKED_FILE), metadata=meta)
     (out / SCHEME_FILE).write_text(json.dumps(report, indent=2))
 
@@ -196,8 +210,9 @@ def load_quantized(quant_dir: str | Path):
             continue
         if key.endswith(".qweight"):
             base = key.removesuffix(".qweight")
-            if affine:
-                q = unpack_bits(value, scheme["bits"])
+            if affine:   # the embedding/head may hold other bits (embedding_bits): read the width off the shapes
+                in_features = tensors[base + ".scales"].shape[-1] * scheme["group_size"]
+                q = unpack_bits(value, value.shape[-1] * 32 // in_features)
                 state[base + ".weight"] = affine_dequantize(q, tensors[base + ".scales"], tensors[base + ".biases"])
                 continue
             q = unpack_int4(value) if scheme["bits"] == 4 else value

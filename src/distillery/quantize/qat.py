@@ -26,7 +26,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import DistilleryError
-from .core import CLIPS, affine_clip, check_group_size, default_group_size, fake_quantize_ste, resolve_scheme
+from .core import (AFFINE_BITS, CLIPS, affine_clip, check_group_size, default_group_size, fake_quantize_ste,
+                   resolve_scheme)
 
 
 class FakeQuantSTE(nn.Module):
@@ -60,9 +61,29 @@ def quant_targets(model: nn.Module, include_lm_head: bool = False, embeddings: b
             or (emb is not None and m is emb)}
 
 
+def embedding_names(model: nn.Module) -> set[str]:
+    """Names of the input embedding and the output head (LM head, tied or not): the tensors
+    ``embedding_bits`` applies to (llama.cpp's Q2_K/Q3_K keep ``output.weight`` at Q6_K/Q4_K)."""
+    wanted = {id(m) for m in (_lm_head(model), getattr(model, "get_input_embeddings", lambda: None)())
+              if m is not None}
+    return {name for name, m in model.named_modules() if id(m) in wanted}
+
+
+def check_embedding_bits(embedding_bits: int | None, scheme: str, embeddings: bool, where: str = "embedding_bits") -> None:
+    """``embedding_bits`` is a width of MLX's affine grid, for a run that quantizes the embedding/head."""
+    if embedding_bits is None:
+        return
+    if embedding_bits not in AFFINE_BITS:
+        raise DistilleryError(f"{where}={embedding_bits} is not a width of MLX's affine grid (choose 2, 3, 4, 6 or 8)")
+    if scheme != "affine":
+        raise DistilleryError(f"{where}={embedding_bits} needs the affine scheme (this run is {scheme})")
+    if not embeddings:
+        raise DistilleryError(f"{where}={embedding_bits} with the embeddings kept fp32: drop one of the two")
+
+
 def qat_wrap(model: nn.Module, bits: int = 4, group_size: int | None = -1,
              include_lm_head: bool = False, scheme: str | None = None, clip: str = "none",
-             embeddings: bool | None = None) -> list[str]:
+             embeddings: bool | None = None, embedding_bits: int | None = None) -> list[str]:
     """Make every ``nn.Linear`` of ``model`` use fake-quantized weights in forward; return their names.
 
     ``scheme`` None or 'auto': symmetric (GGUF) for 8 and 4 bits, affine (MLX) for 2, 3 and 6.
@@ -72,7 +93,10 @@ def qat_wrap(model: nn.Module, bits: int = 4, group_size: int | None = -1,
     ``group_size=-1`` means the default (per channel for symmetric 8, else 32); ``None`` means per
     channel (symmetric only). ``clip="mse"`` (affine only): each forward quantizes the range-searched
     clamp of the weight (``core.affine_clip``), and :func:`qat_unwrap` writes that clamp into the
-    latent weights, so the plain grid of the result is still exactly what training saw. Layers whose
+    latent weights, so the plain grid of the result is still exactly what training saw.
+    ``embedding_bits`` (affine only; None: ``bits``): the width of the input embedding and the LM head
+    (:func:`embedding_names`), e.g. 4 beside 2-bit layers, as Apple's 2-bit on-device model keeps a
+    4-bit embedding table; the linears keep ``bits``. Layers whose
     ``in_features`` the group size does not divide raise ``DistilleryError``. Wrapping twice is an error.
     """
     if clip not in CLIPS:
@@ -86,6 +110,8 @@ def qat_wrap(model: nn.Module, bits: int = 4, group_size: int | None = -1,
     if clip != "none" and scheme != "affine":
         raise DistilleryError(f"qat clip '{clip}' needs the affine scheme (bits {bits} is {scheme} here)")
     embeddings = scheme == "affine" if embeddings is None else embeddings
+    check_embedding_bits(embedding_bits, scheme, embeddings, "qat embedding_bits")
+    high = embedding_names(model) if embedding_bits is not None else set()
     wrapped = []
     for name, module in quant_targets(model, include_lm_head, embeddings).items():
         if parametrize.is_parametrized(module, "weight"):
@@ -93,7 +119,8 @@ def qat_wrap(model: nn.Module, bits: int = 4, group_size: int | None = -1,
         in_features = module.weight.shape[1]
         if group_size is not None and in_features % group_size:
             raise DistilleryError(f"{name}: in_features={in_features} is not a multiple of group_size={group_size}")
-        parametrize.register_parametrization(module, "weight", FakeQuantSTE(bits, group_size, scheme, clip), unsafe=True)
+        b = embedding_bits if name in high else bits
+        parametrize.register_parametrization(module, "weight", FakeQuantSTE(b, group_size, scheme, clip), unsafe=True)
         wrapped.append(name)
     return wrapped
 
