@@ -24,6 +24,14 @@ width ``b`` in ``--bits``:
   tokens) and scored by MLX itself on the same held-out blocks (``bench.quality.perplexity_windows``):
   the runtime runs what we claim. The goals are judged on the MLX perplexities.
 
+* ``--embedding-bits N``: the input embedding and the LM head (tied here: 80 % of the SmolLM2 student's weights)
+  at N bits beside ``b``-bit layers, in the PTQ, the QAT runs (``qat.embedding_bits``) and the MLX files (mixed
+  widths through ``mlx_lm.convert``'s ``quant_predicate``); rows ``ptq3_e4``, ``qat3_e4``, ... Every quantized
+  row records the MLX file's ``bits_per_weight`` (all stored bytes × 8 / parameters).
+* ``--control-from FILE``: the control row ``fp32_kd`` taken from an earlier result of the same settings (base,
+  steps, lr, data, eval blocks; the control is deterministic for them) instead of training it again; the
+  settings say so, and the goals are judged against it.
+
 Two processes can share the work (``--bits 3 --out a.json`` and ``--bits 2 --out b.json``), then
 ``--merge a.json b.json`` writes the combined result.
 
@@ -66,7 +74,9 @@ LIMITS = ("CPU only, shared machine; short runs (base and QAT step counts in set
           "train qat_steps more steps than the base: fp32_kd is the same run without QAT (the fair fp32 "
           "reference), latent_fp32 the QAT run's unquantized weights; every linear layer and the tied "
           "embedding / LM head quantized (as mlx_lm.convert -q); the mlx entries are MLX's own CPU build "
-          "(mlx[cpu] on Linux x86-64), not Apple silicon.")
+          "(mlx[cpu] on Linux x86-64), not Apple silicon; with settings.embedding_bits the embedding / LM head "
+          "are at that width instead (rows named _e<N>).")
+CONTROL_KEYS = ("base", "qat_steps", "qat_lr", "seq_len", "micro_batch", "eval_blocks", "eval_data", "recipe")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -88,6 +98,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="QAT variants; 'mse' searches every forward and is slow on a 49k-row embedding on CPU")
     p.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the QAT recipe without QAT (fp32_kd): the fp32 student with the same extra training")
+    p.add_argument("--control-from", default=None, metavar="FILE",
+                   help="with --no-control: take the fp32_kd row from this earlier result of the same settings")
+    p.add_argument("--embedding-bits", type=int, default=None, choices=(2, 3, 4, 6, 8),
+                   help="bits of the embedding / LM head (default: --bits); rows get the suffix _e<N>")
     p.add_argument("--mlx", action=argparse.BooleanOptionalAction, default=True,
                    help="export every row to MLX, verify it there and score its perplexity in MLX")
     p.add_argument("--rescore-mlx", default=None, metavar="FILE",
@@ -97,6 +111,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="10 QAT steps, 8 eval blocks, 30 base steps if made")
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/lowbit[_quick].json)")
     args = p.parse_args(argv)
+    if args.control_from and args.control:
+        p.error("--control-from replaces the control run: add --no-control")
     if args.quick:
         args.qat_steps, args.eval_blocks, args.base_steps = min(args.qat_steps, 10), min(args.eval_blocks, 8), 30
     return args
@@ -149,7 +165,7 @@ def _mlx_source(name: str, by_name: dict[str, dict], base: Path) -> tuple[Path |
     if name.endswith("_clip_mse") and name.startswith("ptq"):
         return None, None
     if name.startswith("ptq"):
-        return base, int(name[3:])
+        return base, int(name[3:].split("_")[0])
     if name.startswith("qat") and not name.endswith("_latent_fp32"):
         bits = int(name[3:].split("_")[0])
         return Path(by_name[f"{name}_latent_fp32"]["folder"]), bits
@@ -162,13 +178,17 @@ def _mlx(args, name: str, source: Path, bits: int | None, torch_ppl: float) -> d
     quantized folder), which MLX must reproduce when its grid is ours."""
     quant = "f32" if bits is None else f"q{bits}"
     out = Path(args.work_dir) / "mlx" / name
+    emb = None if bits is None else getattr(args, "embedding_bits", None)
     row = {"quant": quant, "group_size": None if bits is None else args.group_size, "source": str(source),
            "folder": str(out)}
     try:
-        rep = export_model(source, "mlx", out, quant=quant, group_size=args.group_size, verify_tokens=256)
+        rep = export_model(source, "mlx", out, quant=quant, group_size=args.group_size, verify_tokens=256,
+                           embedding_bits=emb)
     except DistilleryError as exc:      # a failed parity check is a result: record it, score nothing
         return {**row, "verified": False, "error": str(exc)}
     ver = rep["verification"]
+    row.update(embedding_bits=rep.get("embedding_bits"), bits_per_weight=rep.get("bits_per_weight"),
+               parameters=rep.get("parameters"))
     row.update(verified=ver["passed"], bytes=rep["bytes"], parity_max_abs_diff=ver["max_abs_diff"],
                kv_cache_max_abs_diff=ver["kv_cache_max_abs_diff"], greedy_identical=ver["greedy_identical"])
     with open_scorer("mlx", out, args.threads, max_tokens=args.seq_len + 1) as logits:
@@ -209,6 +229,7 @@ def _print_row(row: dict, relative: bool) -> None:
     print(f"{row['model']:>18}: ppl {row['perplexity']:.3f}  KL {row['kl_teacher_student']:.4f}  "
           f"top1 {row['top1_agreement']:.3f}" + (f"  {row['ppl_change_pct']:+.1f}%" if relative else "")
           + (f"  | MLX {mlx['quant']} ppl {mlx['perplexity']:.3f}" if "perplexity" in mlx else "")
+          + (f" {mlx['bits_per_weight']:.3f} bits/w" if mlx.get("bits_per_weight") else "")
           + (f" {mlx['ppl_change_pct']:+.1f}%" if "ppl_change_pct" in mlx else "")
           + ("  MLX VERIFICATION FAILED" if mlx.get("verified") is False else ""), flush=True)
 
@@ -219,13 +240,14 @@ def _rescore_mlx(args) -> int:
     result = json.loads(path.read_text())
     for key in ("base", "work_dir", "group_size", "seq_len", "eval_blocks", "eval_data"):
         setattr(args, key, result["settings"][key])
+    args.embedding_bits = result["settings"].get("embedding_bits")
     torch.set_num_threads(args.threads)
     args.blocks = _eval_blocks(args, Path(args.base))
     rows, by_name = result["rows"], {r["model"]: r for r in result["rows"]}
     for row in rows:
         _add_mlx(args, row, by_name, Path(args.base), None if row["model"] == "fp32" else by_name["fp32"])
         _print_row(row, row["model"] != "fp32")
-    result["goals"] = _goals(rows, result["settings"]["bits"])
+    result["goals"] = _goals(rows, result["settings"]["bits"], _tag(args.embedding_bits))
     result["mlx_rescored"] = {"command": shlex.join([".venv/bin/python", "benchmarks/lowbit.py", "--rescore-mlx",
                                                      str(path), "--threads", str(args.threads)]),
                               "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": machine_info(threads=args.threads)}
@@ -239,7 +261,28 @@ def _ppl(row: dict) -> float:
     return row.get("mlx", {}).get("perplexity", row["perplexity"])
 
 
-def _goals(rows: list[dict], bits_list: list[int]) -> dict:
+def _tag(embedding_bits: int | None) -> str:
+    """Row-name suffix of an ``--embedding-bits`` run: ``_e4`` (``qat3_e4``); empty without one."""
+    return "" if embedding_bits is None else f"_e{embedding_bits}"
+
+
+def _control_from(args) -> dict:
+    """The ``fp32_kd`` row of ``--control-from FILE``, refused unless FILE was run with these settings."""
+    path = Path(args.control_from)
+    try:
+        old = json.loads(path.read_text())
+        row = next(r for r in old["rows"] if r["model"] == "fp32_kd")
+    except (OSError, ValueError, KeyError, StopIteration) as exc:
+        raise DistilleryError(f"--control-from {path}: no fp32_kd row readable there ({exc})") from None
+    ours = {k: str(getattr(args, k)) for k in CONTROL_KEYS}
+    theirs = {k: str(old["settings"].get(k)) for k in CONTROL_KEYS}
+    if ours != theirs:
+        diff = {k: (theirs[k], ours[k]) for k in CONTROL_KEYS if ours[k] != theirs[k]}
+        raise DistilleryError(f"--control-from {path}: its control ran with other settings {diff}")
+    return {**row, "from_file": str(path)}
+
+
+def _goals(rows: list[dict], bits_list: list[int], tag: str = "") -> dict:
     """Per bit width: the best QAT variant's perplexity change against the goal, beside PTQ's; in MLX when run.
 
     ``qat_ppl_change_pct`` is against the fp32 base; ``qat_vs_fp32_kd_pct`` against the control (the fp32
@@ -248,12 +291,12 @@ def _goals(rows: list[dict], bits_list: list[int]) -> dict:
     fp32, control = _ppl(by["fp32"]), by.get("fp32_kd")
     goals = {"judged_in": "mlx" if "mlx" in by["fp32"] else "torch"}
     for b in bits_list:
-        qat = [r for r in rows if r["model"] in (f"qat{b}", f"qat{b}_clip_mse")]
+        qat = [r for r in rows if r["model"] in (f"qat{b}{tag}", f"qat{b}{tag}_clip_mse")]
         best = min(qat, key=_ppl)
         latent = by[best["model"] + "_latent_fp32"]
         change = 100 * (_ppl(best) / fp32 - 1)
         vs_control = None if control is None else 100 * (_ppl(best) / _ppl(control) - 1)
-        ptq = {n: 100 * (_ppl(by[n]) / fp32 - 1) for n in (f"ptq{b}", f"ptq{b}_clip_mse") if n in by}
+        ptq = {n: 100 * (_ppl(by[n]) / fp32 - 1) for n in (f"ptq{b}{tag}", f"ptq{b}{tag}_clip_mse") if n in by}
         goal = GOALS_PCT.get(b)
         goals[f"{b}bit"] = {"goal_ppl_change_pct_max": goal, "best_qat": best["model"],
                             "qat_ppl_change_pct": change, "qat_vs_fp32_kd_pct": vs_control,
@@ -262,7 +305,8 @@ def _goals(rows: list[dict], bits_list: list[int]) -> dict:
                             "met_vs_base": goal is not None and change <= goal,
                             "met_vs_fp32_kd": goal is not None and vs_control is not None and vs_control <= goal,
                             # the issue's premise: plain PTQ (MLX min/max grid) misses the same bound
-                            "ptq_far_off": goal is not None and ptq[f"ptq{b}"] > goal}
+                            "bits_per_weight": best.get("mlx", {}).get("bits_per_weight"),
+                            "ptq_far_off": goal is not None and ptq[f"ptq{b}{tag}"] > goal}
     return goals
 
 
@@ -277,7 +321,7 @@ def _merge(args) -> int:
     merged["rows"] = list(rows.values())
     bits = sorted({b for p in parts for b in p["settings"]["bits"]}, reverse=True)
     merged["settings"]["bits"] = bits
-    merged["goals"] = _goals(merged["rows"], bits)
+    merged["goals"] = _goals(merged["rows"], bits, _tag(merged["settings"].get("embedding_bits")))
     merged["limits"] = LIMITS
     if args.base_command:
         merged["base_command"] = args.base_command
@@ -311,17 +355,23 @@ def main(argv=None) -> int:
     recipe = ["student.init=pretrained", f"student.pretrained={base}", f"train.lr={args.qat_lr}",
               f"train.warmup_steps={max(1, args.qat_steps // 10)}"]   # every run below: same start, data, steps
     runs = [(None, "none", "fp32_kd")] if args.control else []
-    runs += [(b, clip, f"qat{b}" + ("" if clip == "none" else f"_clip_{clip}")) for b in args.bits for clip in args.qat_clip]
+    tag, emb = _tag(args.embedding_bits), args.embedding_bits
+    if args.control_from:      # the control is deterministic for these settings: reuse it, say so in settings
+        rows.append(_control_from(args))
+        result["settings"]["control_note"] = (f"fp32_kd not rerun: its row is taken from {args.control_from} "
+                                              "(same base, steps, lr, data and eval blocks)")
+    runs += [(b, clip, f"qat{b}{tag}" + ("" if clip == "none" else f"_clip_{clip}"))
+             for b in args.bits for clip in args.qat_clip]
     for bits in args.bits:
-        for clip, name in (("none", f"ptq{bits}"), ("mse", f"ptq{bits}_clip_mse")):
+        for clip, name in (("none", f"ptq{bits}{tag}"), ("mse", f"ptq{bits}{tag}_clip_mse")):
             ptq = quantize_model(base, bits=bits, group_size=args.group_size, out_dir=work / name, eval_tokens=0,
-                                 clip=clip)
+                                 clip=clip, embedding_bits=emb)
             rows.append(_score(args, name, Path(ptq["out_dir"]), ref, rows))
     for bits, clip, name in runs:
         overrides = [*_train_overrides(args, work / name, args.qat_steps), *recipe]
         if bits is not None:
             overrides += ["qat.enabled=true", f"qat.bits={bits}", f"qat.group_size={args.group_size}",
-                          f"qat.last_steps={args.qat_steps}"]
+                          f"qat.last_steps={args.qat_steps}"] + ([f"qat.embedding_bits={emb}"] if emb else [])
         result.setdefault("qat_commands", {})[name] = shlex.join(
             [".venv/bin/python", "-m", "distillery.cli", "distill", args.recipe, *overrides]) + (
             "" if clip == "none" else f"  # with qat_wrap(clip='{clip}'), passed by this script")
@@ -330,11 +380,11 @@ def main(argv=None) -> int:
             rows.append(_score(args, name, work / name / "student", ref, rows))
             continue
         rows.append(_score(args, f"{name}_latent_fp32", work / name / "student", ref, rows))
-        q = quantize_model(work / name / "student", bits=bits, group_size=args.group_size,
+        q = quantize_model(work / name / "student", bits=bits, group_size=args.group_size, embedding_bits=emb,
                            out_dir=work / f"{name}-q", eval_tokens=0)   # plain grid: what training saw
         rows.append(_score(args, name, Path(q["out_dir"]), ref, rows))
     result["rows"] = rows
-    result["goals"] = _goals(rows, args.bits)
+    result["goals"] = _goals(rows, args.bits, tag)
     result["limits"] = LIMITS
     out = Path(args.out) if args.out else RESULTS / ("lowbit_quick.json" if args.quick else "lowbit.json")
     write_json(result, out)
