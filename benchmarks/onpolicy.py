@@ -7,7 +7,11 @@ Every step of both systems: the student samples ``--max-new-tokens`` tokens (tem
 JSD (β = 0.5, temperature 1) over the sampled tokens. Same saved student and teacher, same prompts (checked token
 for token), same stop tokens (written into the student's generation config), same learning rate; each system in
 its own process, alternated A B A B, with the same allocator setting (``--thp`` sets ``THP_MEM_ALLOC_ENABLE=1``
-for both). Fair CPU settings for TRL: no gradient checkpointing, no vLLM, and bf16 exactly where the CPU runs it
+for both). distillery sets one allocator option itself, in-process (``train.return_large_frees``: glibc gives
+allocations of 1 MiB or more their own mmap, ``hardware.return_large_frees``), so, as BENCHMARKS.md asks, TRL also
+runs under that same setting (``trl_<precision>+frees``: ``MALLOC_MMAP_THRESHOLD_=1048576``, the environment's way to
+set the same glibc option) and ours without it (``ours_<precision>-frees``); the peak-RSS goal is judged against
+TRL's lowest peak of its fastest precision, with or without the setting. Fair CPU settings for TRL: no gradient checkpointing, no vLLM, and bf16 exactly where the CPU runs it
 fast (``distillery.hardware.cpu_bf16_fast``); on a CPU with a bf16 flag both tools also run in the other precision
 and the headline ratio is ours (the precision ``auto`` picks) to whichever TRL run is faster. Ours runs in the precision ``auto`` picks
 (``train.mixed_precision`` bf16 and ``teacher.dtype`` bfloat16, or fp32). TRL in bf16 gets a bf16 teacher too.
@@ -41,6 +45,7 @@ import common  # noqa: E402
 
 LR = 1e-4
 THP = {"THP_MEM_ALLOC_ENABLE": "1"}
+FREES = {"MALLOC_MMAP_THRESHOLD_": "1048576"}  # = distillery.hardware.LARGE_FREE_BYTES, set through glibc's environment
 SIZES = {"tiny": {"full": (10, 2), "quick": (3, 1)}, "real": {"full": (6, 1), "quick": (2, 1)}}  # steps, warm-up
 GOALS = {"tiny": (1.5, None), "real": (2.0, 0.5)}  # ours vs fastest TRL: >= x tok/s (total), <= y peak RSS
 
@@ -140,7 +145,7 @@ def child_ours(spec: dict) -> dict:
                           "top_p": 1.0, "collapse_guard": "off"},
            "train": {"output_dir": spec["out_dir"], "max_steps": spec["steps"], "micro_batch_size": spec["batch"],
                      "lr": LR, "warmup_steps": 0, "eval_every": 0, "save_every": 0, "log_every": 1, "progress": False,
-                     "mixed_precision": "bf16" if bf16 else "no"}}
+                     "mixed_precision": "bf16" if bf16 else "no", "return_large_frees": spec.get("frees", True)}}
     train.distill(RunConfig.model_validate(cfg))
     recs = [json.loads(ln) for ln in (Path(spec["out_dir"]) / "metrics.jsonl").read_text().splitlines() if ln]
     steps = [r for r in recs if "tok_s" in r]
@@ -279,10 +284,15 @@ def summarise(runs: list[dict]) -> dict:
     best = max(trl, key=lambda n: systems[n]["tok_s"], default=None)
     ours = next((n for n in systems if n.startswith("ours")), None)  # the first: the precision auto picks
     a, b = systems.get(ours, {}), systems.get(best, {})
+    # TRL's lowest peak in its fastest precision, with or without the allocator setting ours uses (BENCHMARKS.md)
+    same_precision = [n for n in trl if best and n.split("+")[0] == best.split("+")[0]]
+    low = min(same_precision, key=lambda n: systems[n]["peak_rss_bytes"] or float("inf"), default=None)
     ratios = {"peer": best, "ours": ours,
               "tok_s": common.ratio(a.get("tok_s"), b.get("tok_s")),
               "generated_tok_s": common.ratio(a.get("generated_tok_s"), b.get("generated_tok_s")),
-              "peak_rss": common.ratio(a.get("peak_rss_bytes"), b.get("peak_rss_bytes"))}
+              "peak_rss": common.ratio(a.get("peak_rss_bytes"), (systems.get(low) or {}).get("peak_rss_bytes")),
+              "peak_rss_peer": low,
+              "peak_rss_vs_fastest_trl": common.ratio(a.get("peak_rss_bytes"), b.get("peak_rss_bytes"))}
     return {"systems": systems, "ratios": ratios}
 
 
@@ -301,24 +311,30 @@ def run_pair(name: str, args, work: Path, log: Path, bf16_fast: bool, bf16_flag:
     print(f"[{name}] parity (same batch, fp32): {pair['parity']}", flush=True)
     prec, other = ("bf16", "fp32") if bf16_fast else ("fp32", "bf16")
     names = [f"ours_{prec}", f"trl_{prec}"]
+    if not args.quick:  # TRL under ours' allocator setting, ours without it (BENCHMARKS.md: both ways)
+        names += [f"trl_{prec}+frees", f"ours_{prec}-frees"]
     if bf16_flag and not args.quick:  # the other precision may be the faster one on this CPU: run it too (context)
-        names += [f"trl_{other}", f"ours_{other}"]
+        names += [f"trl_{other}", f"trl_{other}+frees", f"ours_{other}"]
     if args.systems:
         names = args.systems.split(",")
     runs = []
     for rnd, sysname in common.alternate(names, args.rounds):
         system, precision = sysname.split("_")
+        frees = not precision.endswith("-frees")  # ours: train.return_large_frees off
+        env_sys = {**(env or {}), **FREES} if precision.endswith("+frees") else env  # TRL under ours' allocator setting
+        precision = precision.split("+")[0].split("-")[0]
         out_dir = work / name / f"run-{sysname}-{rnd}"
         shutil.rmtree(out_dir, ignore_errors=True)
         r = common.run_child(Path(__file__), {**base, "system": system, "precision": precision, "steps": steps,
-                                              "out_dir": str(out_dir)}, threads=args.threads, env_extra=env, log=log)
+                                              "out_dir": str(out_dir), "frees": frees}, threads=args.threads,
+                             env_extra=env_sys, log=log)
         shutil.rmtree(out_dir, ignore_errors=True)
         r.update(system=sysname, round=rnd, steady=None if "error" in r else steady(r, warm))
         runs.append(r)
         s = r["steady"] or {}
         shown = r["error"] if "error" in r else (f"{s.get('tok_s', 0):.0f} tok/s ({s.get('generated_tok_s', 0):.0f} generated), "
                                                  f"peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB, first loss {r['losses'][0]:.4f}")
-        print(f"[{name}] round {rnd} {sysname:<10} {shown}  ({r.get('wall_s', 0):.0f} s)", flush=True)
+        print(f"[{name}] round {rnd} {sysname:<16} {shown}  ({r.get('wall_s', 0):.0f} s)", flush=True)
     pair.update(steps=steps, warmup_skipped=warm, runs=runs, **summarise(runs))
     x, y = GOALS[name]
     t, m = pair["ratios"]["tok_s"], pair["ratios"]["peak_rss"]
@@ -343,7 +359,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=192, help="chat block length (prompt + a reference answer)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--thp", action="store_true", help="THP_MEM_ALLOC_ENABLE=1 for every system")
-    ap.add_argument("--systems", default=None, help="comma-separated, e.g. ours_fp32,trl_fp32,trl_bf16 (default: the "
+    ap.add_argument("--systems", default=None, help="comma-separated, e.g. ours_fp32,trl_fp32,trl_fp32+frees,ours_fp32-frees (default: the "
                     "probe's precision for both; on a CPU with a bf16 flag also the other, unless --quick)")
     ap.add_argument("--real-student", default=str(common.ROOT / "runs" / "bench" / "demo" / "kd" / "student"),
                     help="student of the real pair (default: the demo's trained student, 8 layers d=384; when that "

@@ -45,6 +45,19 @@ def test_headline_ratio_is_to_the_fastest_trl_configuration():
     assert s["systems"]["trl_fp32"]["errors"] == ["exit 1: boom"] and s["systems"]["trl_fp32"]["tok_s"] == 50
 
 
+def test_peak_rss_goal_is_judged_against_trls_lowest_peak_of_its_fastest_precision():
+    """TRL under ours' allocator setting (+frees) counts for memory even where it is slower; the other precision
+    and ours without the setting (-frees) do not change the ratio."""
+    runs = [run("ours_bf16", 0, [1, 1, 1], [0.5] * 3, [0.2] * 3, rss=300),
+            run("trl_fp32", 0, [1, 2, 2], [1.0] * 3, [0.5] * 3, rss=1200),            # fastest: the peer
+            run("trl_fp32+frees", 0, [1, 3, 3], [1.0] * 3, [0.5] * 3, rss=1000),      # slower, lower peak
+            run("trl_bf16", 0, [1, 4, 4], [2.0] * 3, [1.0] * 3, rss=900),             # another precision
+            run("ours_bf16-frees", 0, [1, 1, 1], [0.5] * 3, [0.2] * 3, rss=400)]
+    r = onpolicy.summarise(runs)["ratios"]
+    assert r["peer"] == "trl_fp32" and r["peak_rss_peer"] == "trl_fp32+frees"
+    assert r["peak_rss"] == pytest.approx(300 / 1000) and r["peak_rss_vs_fastest_trl"] == pytest.approx(300 / 1200)
+
+
 @pytest.mark.slow
 def test_onpolicy_end_to_end(tmp_path):
     pytest.importorskip("trl", minversion="1.16", reason="TRL not installed (bench extra)")

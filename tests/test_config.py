@@ -66,7 +66,9 @@ def test_loss_chunk_size_auto_picks_rows_per_device():
 
     auto = LossConfig()
     assert auto.chunk_size == "auto"
-    assert auto.chunk_rows("cpu", 49152) == 256
+    assert auto.chunk_rows("cpu", 49152) == 64    # 5 x 64 x 49152 x 4 bytes ~ 64 MiB
+    assert auto.chunk_rows("cpu", 512) == 256     # at most 256
+    assert auto.chunk_rows("cpu", 151936) == 32   # at least 32
     assert auto.chunk_rows("cuda", 49152) == 1024  # 5 x 1024 x 49152 x 4 bytes ~ 1 GiB
     assert auto.chunk_rows("cuda", 151936) == 256  # never below 256
     assert LossConfig(chunk_size=40).chunk_rows("cuda", 49152) == 40

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -82,3 +86,34 @@ def test_real_probe_is_consistent_with_its_evidence(monkeypatch):
     else:
         assert info["fast"] == ("amx_bf16" in info["flags"])
     assert hardware.matmul_seconds(torch.float32, n=64, trials=1) > 0
+
+
+HEAP_PROBE = """
+import sys, torch
+from distillery.hardware import return_large_frees
+took = return_large_frees() if sys.argv[1] == "1" else None
+def rss(): return int([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1]) * 1024
+warm = torch.ones(4 << 18); del warm  # glibc's default: freeing a 4 MiB mmapped block raises its threshold to 4 MiB
+big, small = [], []
+for i in range(48):
+    big.append(torch.ones(2 << 18)); small.append(torch.ones(16000))  # 2 MiB each, 64 KiB live blocks between
+before = rss(); del big
+print(took, (before - rss()) / 2**20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.parametrize("env", [{}, {"MALLOC_MMAP_THRESHOLD_": "99999999"}])
+def test_return_large_frees_gives_freed_tensors_back_unless_the_user_set_the_threshold(env):
+    """96 MiB of freed 2 MiB tensors leave the resident set with the setting; under glibc's default (which the
+    user's own MALLOC_MMAP_THRESHOLD_ keeps: we do not override it) they stay in a fragmented heap."""
+    def freed(arg):
+        out = subprocess.run([sys.executable, "-c", HEAP_PROBE, arg], env={**os.environ, **env}, capture_output=True,
+                             text=True, check=True).stdout.split()
+        return out[0], float(out[1])
+    took, mib = freed("1")
+    if env:
+        assert took == "False" and mib < 16
+    else:
+        assert took == "True" and mib > 90
+        assert freed("0")[1] < 16  # without it the same frees stay resident (what the setting is for)

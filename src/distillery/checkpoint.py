@@ -237,14 +237,15 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler,
 
 # ---------------------------------------------------------------------------- run identity and resume
 
-# Settings a resume may change: they decide how long the run goes, how often it reports and where, or where
-# things run, not the path the weights take. micro_batch_size may change with the number of processes as long
-# as the blocks per step stay the same (train.py checks that product against the checkpoint's).
+# Settings a resume may change: how long the run goes, how often it reports and where, where things run or how
+# memory is held, not the path the weights take. micro_batch_size may change with the number of processes as
+# long as the blocks per step stay the same (train.py checks that product against the checkpoint's).
 RESUMABLE_CHANGES = frozenset({
     "train.max_steps", "train.eval_every", "train.eval_batches", "train.save_every", "train.keep_checkpoints",
     "train.log_every", "train.progress", "train.output_dir", "train.tensorboard", "train.report_to",
-    "train.micro_batch_size", "teacher.device", "teacher.base_urls", "teacher.api_key_env", "teacher.timeout_s",
-    "teacher.max_retries", "teacher.concurrency", "teacher.prefetch", "loss.chunk_size", "generation.collapse_guard"})
+    "train.micro_batch_size", "train.return_large_frees", "teacher.device", "teacher.base_urls",
+    "teacher.api_key_env", "teacher.timeout_s", "teacher.max_retries", "teacher.concurrency", "teacher.prefetch",
+    "loss.chunk_size", "generation.collapse_guard"})
 
 
 def run_identity(cfg) -> dict:

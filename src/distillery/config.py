@@ -173,7 +173,7 @@ class LossConfig(_Section):
     ce_weight: float = Field(0.0, ge=0.0, description="Weight of the cross-entropy on the data's next tokens.")
     xtok_method: Literal["exact_kl", "uld", "gold"] = Field("exact_kl", description="Cross-tokenizer runs: the term at positions where one teacher token and one student token spell the same bytes. 'exact_kl': forward KL over the tokens both vocabularies spell identically plus one bucket for the rest; 'uld': Boizard et al. 2024's sorted-probability L1; 'gold': TRL GOLD's hybrid (JSD on matched tokens + ULD on the rest).")
     xtok_span_weight: float = Field(1.0, ge=0.0, description="Cross-tokenizer runs: weight of the span term (where a span holds several tokens on one side: KL between the two sides' probabilities of the span's bytes, by the chain rule).")
-    chunk_size: int | Literal["auto"] = Field("auto", description="Target positions per chunk in the memory-bounded loss. 'auto': 256 on a CPU (~0.1x the naive peak at V=49k, and as fast); on a GPU as many as keep the chunk buffers (5 x rows x V fp32) near 1 GiB, at least 256 (fewer, larger kernels).")
+    chunk_size: int | Literal["auto"] = Field("auto", description="Target positions per chunk in the memory-bounded loss. 'auto': on a CPU as many as keep the chunk buffers (5 x rows x V fp32) near 64 MiB, 32 to 256 (64 at V=49k: the on-policy real pair's peak RSS fell ~0.2 GB from 256, at the same speed); on a GPU near 1 GiB, at least 256 (fewer, larger kernels).")
 
     @field_validator("chunk_size")
     @classmethod
@@ -187,7 +187,8 @@ class LossConfig(_Section):
         if self.chunk_size != "auto":
             return int(self.chunk_size)
         if device_type == "cpu":
-            return 256
+            rows = (64 << 20) // (5 * 4 * max(vocab, 1))
+            return min(256, max(32, 1 << (max(rows, 1).bit_length() - 1)))  # 64 at V=49,152, 32 at V=128k
         rows = (1 << 30) // (5 * 4 * max(vocab, 1))
         return max(256, 1 << (rows.bit_length() - 1))  # a power of two: 1024 at V=49,152, 512 at V=128k
 
@@ -256,6 +257,7 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(2, gt=0, description="Newest checkpoints kept on disk.")
     log_every: int = Field(1, gt=0, description="Steps between metrics.jsonl records.")
     seed: int = Field(0, description="Seed of the student's initialisation, the data order and on-policy sampling.")
+    return_large_frees: bool = Field(True, description="Linux/glibc: allocations of 1 MiB or more get their own mmap, so freed tensors go back to the OS at once instead of fragmenting a heap that stays resident (lower peak RSS on CPU: distillery.hardware.return_large_frees). A MALLOC_MMAP_THRESHOLD_ you set yourself wins.")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description="'auto': bf16 autocast where the device runs it fast (GPUs that have it; CPUs with AMX, or AVX512-BF16 that passes a measured matmul probe: distillery.hardware), else fp32.")
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "aim", "clearml", "dvclive", "swanlab"]] = Field(default_factory=list, description="Experiment trackers (Accelerate's names) that receive every record metrics.jsonl gets, training keys under 'train/', validation under 'val/'. TensorBoard writes to <output_dir>/logs/distillery; the others use their own settings (WANDB_MODE, MLFLOW_TRACKING_URI, ...). Each needs its package installed.")
     tensorboard: bool = Field(False, description="Alias kept for old recipes: true adds 'tensorboard' to report_to.")

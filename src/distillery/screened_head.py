@@ -45,7 +45,12 @@ GUMBEL_MAX = 17.0      # -log(-log(1 - 2⁻²⁴)) = 16.6: the largest noise tor
 
 def gumbel(shape, generator: torch.Generator | None, device) -> torch.Tensor:
     """``(b, V)`` standard Gumbel noise ``-log(-log u)``, ``u ~ U[0, 1)`` (``u = 0`` gives ``-inf``: never chosen)."""
-    return torch.rand(shape, generator=generator, device=device).log_().neg_().log_().neg_()
+    return gumbel_(torch.empty(shape, device=device), generator)
+
+
+def gumbel_(out: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """``gumbel`` written into ``out`` (the same draws as ``torch.rand`` of its shape from ``generator``)."""
+    return out.uniform_(0, 1, generator=generator).log_().neg_().log_().neg_()
 
 
 class ScreenedHead:
@@ -68,18 +73,29 @@ class ScreenedHead:
         self.err_bias = 0.0 if self.bias is None else U * float(self.bias.abs().max()) * (1 + 1e-3)
         self.k = min(k, self.weight.shape[0] - 1)
         self.rows_screened = self.rows_fallback = 0
+        self._buf: torch.Tensor | None = None
+
+    def _scratch(self, b: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two ``(b, V)`` fp32 work buffers, allocated once per decoder (rows only shrink as rows finish).
+        Allocating them every step cost page faults: buffers of this size (1.5 MB at b = 8, V = 49,152) get
+        their own ``mmap`` when the process returns large frees to the OS (``hardware.return_large_frees``)."""
+        if self._buf is None or self._buf.shape[1] < b or self._buf.device != torch.device(device):
+            self._buf = torch.empty(2, b, self.weight.shape[0], device=device)
+        return self._buf[0, :b], self._buf[1, :b]
 
     def choose(self, x: torch.Tensor, sample_temperature: float, generator: torch.Generator | None) -> torch.Tensor:
         """``x (b, H)`` fp32 → ``(b,)`` int64: argmax of the fp32 logits (``sample_temperature == 0``) or a draw
         from ``softmax(logits / sample_temperature)``."""
         T = sample_temperature
-        y_hat = self.bf16(x.to(torch.bfloat16)).float()                      # (b, V) ŷ
-        ub = y_hat.abs().mul_(U / (1 - U)).add_(y_hat)                       # (b, V) acc_j <= ŷ_j + |ŷ_j| u / (1 - u)
+        b = x.shape[0]
+        ub, other = self._scratch(b, x.device)                               # (b, V) fp32 each, reused
+        ub.copy_(self.bf16(x.to(torch.bfloat16)))                            # ŷ (b, V)
+        ub.add_(torch.abs(ub, out=other), alpha=U / (1 - U))                 # acc_j <= ŷ_j + |ŷ_j| u / (1 - u)
         x_norm = torch.linalg.vector_norm(x, dim=-1)                         # (b,)
         ub.addcmul_(x_norm[:, None], self.err_w[None, :])                    # y_j <= ub_j (+ err_bias)
         noise = None
         if T != 0:
-            noise = gumbel(ub.shape, generator, x.device)                    # (b, V)
+            noise = gumbel_(other, generator)                               # (b, V)
             ub.div_(T).add_(noise)                                           # s_j <= ub_j
         top, idx = ub.topk(self.k + 1, dim=-1)                               # (b, k + 1)
         cand = idx[:, :self.k].sort(dim=-1).values                           # (b, k), ascending: ties go to the lower id

@@ -40,7 +40,7 @@ from .config import RunConfig, dump_config
 from .data import BlockSampler
 from .errors import DistilleryError
 from .evaluate import evaluate, student_hidden, write_json
-from .hardware import auto_precision
+from .hardware import auto_precision, return_large_frees
 from .losses import chunked_distill_loss
 from .onpolicy import CollapseGuard, choose_on_policy, on_policy_batch
 from .run_setup import prepare_run
@@ -102,6 +102,8 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
     mp = tc.mixed_precision  # 'auto': bf16 autocast where the GPU or CPU runs bf16 fast (hardware.py probes it)
     if mp == "auto":
         mp = auto_precision("cuda" if torch.cuda.is_available() else "cpu")
+    if tc.return_large_frees:
+        return_large_frees()  # freed tensors leave the resident set (hardware.py); process-wide, from here on
     trackers.check_available(tc.report_to)  # a missing tracker package: one line, before anything loads
     acc = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available(), **trackers.accelerator_kwargs(tc.report_to, out))
     ensure_writable_dir(out, "train.output_dir")
