@@ -130,3 +130,17 @@ def test_screen_reuses_its_buffers_as_rows_shrink_and_draws_the_gumbel_argmax_ex
         assert torch.equal(head.choose(x, T, torch.Generator().manual_seed(b)), ref)
         assert torch.equal(head.choose(x, 0.0, None), (x @ W.T).argmax(dim=-1))
     assert head._buf.shape == (2, 8, V)  # allocated once, at the largest batch
+
+
+@pytest.mark.parametrize("V", [49152, 1000, 256])  # 128 | V; 128 does not divide V (plain topk); fewer blocks than k
+def test_block_topk_gives_topks_values_and_their_columns(V):
+    from distillery.screened_head import block_topk
+
+    torch.manual_seed(V)
+    u = torch.randn(8, V)
+    u[3, :] = 1.0                     # a row of ties
+    u[5, 7] = u[5, 900 % V] = 50.0    # a tie at the top
+    top, idx = block_topk(u, 17)
+    ref = u.topk(17, dim=-1)
+    assert torch.equal(top, ref.values) and torch.equal(u.gather(1, idx), top)
+    assert all(len(set(r.tolist())) == 17 for r in idx)  # 17 distinct columns per row

@@ -102,7 +102,9 @@ class StaticDecoder:
         base = model.model
         self.model, self.base, self.vocab_size = model, base, vocab_size
         self.layers = list(base.layers[:model.config.num_hidden_layers])
-        self.rope = sys.modules[type(model).__module__].apply_rotary_pos_emb
+        module = sys.modules[type(model).__module__]
+        self.rope = module.apply_rotary_pos_emb
+        self.rotate_half = getattr(module, "rotate_half", None)  # q and k in one rotation (_layers)
         self.length = cache.get_seq_length()
         B, total = mask.shape
         self.keys, self.values = [], []
@@ -185,16 +187,24 @@ class StaticDecoder:
     def _layers(self, tok: torch.Tensor, position: torch.Tensor, L: int, b: int) -> torch.Tensor:
         h = self.base.embed_tokens(tok)                           # (b, H)
         cos, sin = self.base.rotary_emb(h, position_ids=position)  # (b, 1, d)
-        mask = self.mask[..., :L + 1]
+        cos4, sin4 = cos[:, None], sin[:, None]                   # (b, 1, 1, d): one rotation for all heads
+        # the mask as SDPA's additive float mask, once per step (a bool mask is converted in every layer's call)
+        mask = torch.zeros(self.mask.shape[:-1] + (L + 1,), dtype=h.dtype, device=h.device).masked_fill_(
+            ~self.mask[..., :L + 1], float("-inf"))
         d, nq, nkv = self.head_dim, self.n_q, self.n_kv
         for i, (layer, K, V) in enumerate(zip(self.layers, self.keys, self.values)):
             a = layer.self_attn
             qkv = self.qkv[i](layer.input_layernorm(h))           # (b, (nq + 2 nkv) d)
-            q = qkv[:, :nq * d].view(b, nq, 1, d)
-            k = qkv[:, nq * d:(nq + nkv) * d].view(b, nkv, 1, d)
-            if hasattr(a, "q_norm"):  # Qwen3: RMSNorm per head (over d) before RoPE
-                q, k = a.q_norm(q), a.k_norm(k)
-            q, k = self.rope(q, k, cos, sin)                      # (b, heads, 1, d)
+            if hasattr(a, "q_norm") or self.rotate_half is None:  # Qwen3: RMSNorm per head (over d) before RoPE
+                q = qkv[:, :nq * d].view(b, nq, 1, d)
+                k = qkv[:, nq * d:(nq + nkv) * d].view(b, nkv, 1, d)
+                if hasattr(a, "q_norm"):
+                    q, k = a.q_norm(q), a.k_norm(k)
+                q, k = self.rope(q, k, cos, sin)                  # (b, heads, 1, d)
+            else:  # apply_rotary_pos_emb's maths (x cos + rotate_half(x) sin) on q and k at once
+                qk = qkv[:, :(nq + nkv) * d].view(b, nq + nkv, 1, d)
+                qk = qk * cos4 + self.rotate_half(qk) * sin4
+                q, k = qk[:, :nq], qk[:, nq:]
             K[:, :, L] = k[:, :, 0]
             V[:, :, L] = qkv[:, (nq + nkv) * d:].view(b, nkv, d)
             o = F.scaled_dot_product_attention(q, K[:, :, :L + 1], V[:, :, :L + 1], attn_mask=mask,
