@@ -7,11 +7,9 @@ Every step of both systems: the student samples ``--max-new-tokens`` tokens (tem
 JSD (β = 0.5, temperature 1) over the sampled tokens. Same saved student and teacher, same prompts (checked token
 for token), same stop tokens (written into the student's generation config), same learning rate; each system in
 its own process, alternated A B A B, with the same allocator setting (``--thp`` sets ``THP_MEM_ALLOC_ENABLE=1``
-for both). distillery sets one allocator option itself, in-process (``train.return_large_frees``: glibc gives
-allocations of 1 MiB or more their own mmap, ``hardware.return_large_frees``), so, as BENCHMARKS.md asks, TRL also
-runs under that same setting (``trl_<precision>+frees``: ``MALLOC_MMAP_THRESHOLD_=1048576``, the environment's way to
-set the same glibc option) and ours without it (``ours_<precision>-frees``); the peak-RSS goal is judged against
-TRL's lowest peak of its fastest precision, with or without the setting. Fair CPU settings for TRL: no gradient checkpointing, no vLLM, and bf16 exactly where the CPU runs it
+for both). Ours sets glibc's mmap threshold in-process (``train.return_large_frees``), so TRL also runs under it
+(``trl_<prec>+frees``: ``MALLOC_MMAP_THRESHOLD_=1048576``) and ours without it (``ours_<prec>-frees``); the RSS goal is
+judged against TRL's lowest peak in its fastest precision, with or without the setting (BENCHMARKS.md). Fair CPU settings for TRL: no gradient checkpointing, no vLLM, and bf16 exactly where the CPU runs it
 fast (``distillery.hardware.cpu_bf16_fast``); on a CPU with a bf16 flag both tools also run in the other precision
 and the headline ratio is ours (the precision ``auto`` picks) to whichever TRL run is faster. Ours runs in the precision ``auto`` picks
 (``train.mixed_precision`` bf16 and ``teacher.dtype`` bfloat16, or fp32). TRL in bf16 gets a bf16 teacher too.
