@@ -40,7 +40,7 @@ from .config import RunConfig, dump_config
 from .data import BlockSampler
 from .errors import DistilleryError
 from .evaluate import evaluate, student_hidden, write_json
-from .hardware import auto_precision, return_large_frees
+from .hardware import auto_precision, return_large_frees, trim_heap
 from .losses import chunked_distill_loss
 from .onpolicy import CollapseGuard, choose_on_policy, on_policy_batch
 from .run_setup import prepare_run
@@ -182,6 +182,8 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
             with acc.autocast():  # sample in the precision the student trains in (bf16 where it is fast)
                 micro = [on_policy_batch(student, mb, run.tokenizer, gc, generator=gen,
                                          vocab_size=run.vocab_size) for mb in micro]
+            if tc.return_large_frees:
+                trim_heap()  # the sampler's freed buffers leave the resident set before the teacher and the loss
         views = [run.xtok.view(mb) for mb in micro] if run.xtok is not None and lc.kd_weight > 0 else None
         if lc.kd_weight > 0:  # a remote teacher starts scoring now, and the next step's blocks while we compute
             ahead = [v.batch for v in views] if views else micro + _next_blocks(step + 1, tc, gc, train_ds, sampler)
@@ -231,6 +233,8 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if tc.return_large_frees:
+            trim_heap()  # this step's freed heap pages back to the OS before the next one
         step += 1
         tokens_seen += int(n_tokens)
         logging_step = step % tc.log_every == 0 or step == tc.max_steps
