@@ -103,3 +103,12 @@ def test_cache_and_eval_sections_do_not_change_a_runs_identity():
     b = RunConfig.model_validate({"cache": {"k": 64, "batch_size": 2}, "eval": {"seq_len": 128}})
     assert run_fingerprint(a) == run_fingerprint(b)
     assert run_fingerprint(a) != run_fingerprint(RunConfig.model_validate({"loss": {"kd": "jsd"}}))
+
+
+def test_return_large_frees_is_auto_by_default_and_takes_booleans():
+    from distillery.config import TrainConfig
+
+    assert TrainConfig().return_large_frees == "auto"  # train.py: on exactly when the run has on-policy steps
+    assert TrainConfig(return_large_frees=False).return_large_frees is False
+    with pytest.raises(ValueError):
+        TrainConfig(return_large_frees="sometimes")

@@ -102,7 +102,8 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
     mp = tc.mixed_precision  # 'auto': bf16 autocast where the GPU or CPU runs bf16 fast (hardware.py probes it)
     if mp == "auto":
         mp = auto_precision("cuda" if torch.cuda.is_available() else "cpu")
-    if tc.return_large_frees:
+    frees = tc.return_large_frees if tc.return_large_frees != "auto" else cfg.generation.on_policy_fraction > 0
+    if frees:
         return_large_frees()  # freed tensors leave the resident set (hardware.py); process-wide, from here on
     trackers.check_available(tc.report_to)  # a missing tracker package: one line, before anything loads
     acc = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available(), **trackers.accelerator_kwargs(tc.report_to, out))
@@ -182,7 +183,7 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
             with acc.autocast():  # sample in the precision the student trains in (bf16 where it is fast)
                 micro = [on_policy_batch(student, mb, run.tokenizer, gc, generator=gen,
                                          vocab_size=run.vocab_size) for mb in micro]
-            if tc.return_large_frees:
+            if frees:
                 trim_heap()  # the sampler's freed buffers leave the resident set before the teacher and the loss
         views = [run.xtok.view(mb) for mb in micro] if run.xtok is not None and lc.kd_weight > 0 else None
         if lc.kd_weight > 0:  # a remote teacher starts scoring now, and the next step's blocks while we compute
@@ -233,7 +234,7 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if tc.return_large_frees:
+        if frees:
             trim_heap()  # this step's freed heap pages back to the OS before the next one
         step += 1
         tokens_seen += int(n_tokens)
