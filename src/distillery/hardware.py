@@ -105,6 +105,18 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 LARGE_FREE_BYTES = 1 << 20
 
 
+@functools.lru_cache(maxsize=1)
+def _glibc():
+    """The process's C library when it is glibc (it has ``mallopt`` and ``malloc_trim``), else None (musl, macOS)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
 def return_large_frees(threshold: int = LARGE_FREE_BYTES) -> bool:
     """Have glibc give every allocation of ``threshold`` bytes or more its own ``mmap``, so that freeing it
     returns its pages to the OS at once; True when the setting took effect.
@@ -119,15 +131,10 @@ def return_large_frees(threshold: int = LARGE_FREE_BYTES) -> bool:
     musl) or when the user set ``MALLOC_MMAP_THRESHOLD_`` (theirs wins). No library does this for us: PyTorch's
     CPU allocator is plain malloc.
     """
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+    libc = _glibc()
+    if libc is None or os.environ.get("MALLOC_MMAP_THRESHOLD_"):
         return False
-    try:
-        import ctypes
-
-        mallopt = ctypes.CDLL(None).mallopt  # glibc's; musl and macOS have none (AttributeError)
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, int(threshold)))
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold)))
 
 
 def trim_heap() -> bool:
@@ -135,9 +142,5 @@ def trim_heap() -> bool:
     leaves: blocks under 1 MiB freed in between live ones). Called at the phase boundaries of a training step (after
     sampling, after the optimizer step): on the on-policy real pair it took the peak a further 0.03–0.04 GB down, at no
     measured speed cost. True when glibc did it."""
-    try:
-        import ctypes
-
-        return bool(ctypes.CDLL(None).malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+    libc = _glibc()
+    return libc is not None and bool(libc.malloc_trim(0))

@@ -43,13 +43,9 @@ EPS32 = 2.0 ** -24     # fp32 unit roundoff
 GUMBEL_MAX = 17.0      # -log(-log(1 - 2⁻²⁴)) = 16.6: the largest noise torch.rand's [0, 1) can give
 
 
-def gumbel(shape, generator: torch.Generator | None, device) -> torch.Tensor:
-    """``(b, V)`` standard Gumbel noise ``-log(-log u)``, ``u ~ U[0, 1)`` (``u = 0`` gives ``-inf``: never chosen)."""
-    return gumbel_(torch.empty(shape, device=device), generator)
-
-
 def gumbel_(out: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """``gumbel`` written into ``out`` (the same draws as ``torch.rand`` of its shape from ``generator``)."""
+    """Standard Gumbel noise ``-log(-log u)`` written into ``out``, ``u ~ U[0, 1)`` the draws ``torch.rand`` of its
+    shape takes from ``generator`` (``u = 0`` gives ``-inf``: never chosen)."""
     return out.uniform_(0, 1, generator=generator).log_().neg_().log_().neg_()
 
 
