@@ -122,9 +122,15 @@ def prepare_run(cfg: RunConfig, device: torch.device, is_main: bool = True) -> R
         mb = cfg.train.micro_batch_size
         n = min(len(splits.train), cfg.student.prune.calibration_batches * mb)
         calib = [splits.train.batch(torch.arange(i, min(i + mb, n))) for i in range(0, n, mb)]
+        if xtok is not None:  # the teacher is pruned on its own tokens of the same text (the batch's teacher view)
+            calib = [xtok.view(b).batch for b in calib]
     if cfg.student.init == "config" and teacher.model is not None:
         _check_student_size(cfg, teacher.model)
-    student = build_student(cfg.student, teacher_config(tcfg, teacher), calibration=calib, seed=cfg.train.seed)
+    # pruned with its own tokenizer: the pruned teacher's embedding is transplanted to the student's vocabulary
+    transplant = {"student_tokenizer": student_tok, "teacher_tokenizer": tokenizer} if (
+        xtok is not None and cfg.student.init == "pruned") else {}
+    student = build_student(cfg.student, teacher_config(tcfg, teacher), calibration=calib, seed=cfg.train.seed,
+                            **transplant)
     limit = getattr(student.config, "max_position_embeddings", None)
     if limit and cfg.data.seq_len > limit:
         raise DistilleryError(f"data.seq_len ({cfg.data.seq_len}) is above the student's limit "
@@ -151,12 +157,10 @@ def prepare_run(cfg: RunConfig, device: torch.device, is_main: bool = True) -> R
 
 def _cross_tokenizer_setup(cfg: RunConfig, teacher, student_tok):
     """A student with its own vocabulary: refuse what cannot work, size a built student's embedding to its
-    tokenizer, and return the :class:`~distillery.xtok.batch.CrossTokenizer` that maps batches."""
+    tokenizer (a pruned student's is transplanted in ``build_student``, :mod:`distillery.xtok.transplant`), and
+    return the :class:`~distillery.xtok.batch.CrossTokenizer` that maps batches."""
     from .xtok.batch import CrossTokenizer
 
-    if cfg.student.init == "pruned":
-        raise DistilleryError("student.init 'pruned' keeps the teacher's embedding, so the student keeps the teacher's "
-                              "tokenizer: drop student.tokenizer, or build the student from student.model")
     if cfg.teacher.kind == "api_logprobs":
         raise DistilleryError(f"a student with its own tokenizer needs a teacher that scores text in its own tokens: "
                               f"teacher.kind 'hf', 'served' or 'cache', not '{cfg.teacher.kind}' (docs/cross_tokenizer.md)")

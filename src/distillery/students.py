@@ -96,8 +96,14 @@ def student_config(model_fields: dict, teacher_config) -> "AutoConfig":
 
 
 def build_student(cfg: StudentConfig, teacher_model: PreTrainedModel | None = None,
-                  calibration: Iterable[dict] | None = None, seed: int = 0) -> PreTrainedModel:
-    """Make the student named by ``cfg`` (fp32, train mode)."""
+                  calibration: Iterable[dict] | None = None, seed: int = 0,
+                  student_tokenizer: PreTrainedTokenizerBase | None = None,
+                  teacher_tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
+    """Make the student named by ``cfg`` (fp32, train mode).
+
+    ``student_tokenizer`` (with ``teacher_tokenizer``; only for a cross-tokenizer run): a pruned student then gets
+    that tokenizer's vocabulary by embedding transplant (:func:`~distillery.xtok.transplant.transplant_vocabulary`).
+    """
     check_student_family(cfg)
     if cfg.init == "pretrained":
         if not cfg.pretrained:
@@ -120,6 +126,12 @@ def build_student(cfg: StudentConfig, teacher_model: PreTrainedModel | None = No
         model = prune_model(teacher_model, list(calibration or []), layers=p.layers, hidden=p.hidden,
                             ffn=p.ffn, heads=p.heads, method=p.method)
         model = model.to(torch.float32)
+        if student_tokenizer is not None:  # its own tokenizer: rows rebuilt from the teacher's (xtok.transplant)
+            if teacher_tokenizer is None:
+                raise DistilleryError("build_student: student_tokenizer needs teacher_tokenizer (the vocabulary it replaces)")
+            from .xtok.transplant import transplant_vocabulary
+
+            model = transplant_vocabulary(model, teacher_tokenizer, student_tokenizer)
     else:
         config = student_config(cfg.model, None if teacher_model is None else teacher_model.config)
         torch.manual_seed(seed)
