@@ -1,10 +1,15 @@
 """Cross-tokenizer distillation quality, and TRL's GOLD side by side (issue 15).
 
     .venv/bin/python benchmarks/cross_tokenizer.py [--quick | --size medium|full] [--tokenizers gpt2,bpe:8192]
+        [--init random|pruned] [--arms exact_kl,gold_trl,ce,seqkd]
 
 Teacher SmolLM2-135M-Instruct (49,152 tokens). Students: the demo shape (4 layers, d=256, FFN 768, 4 heads / 2 KV,
 tied) with (1) GPT-2's 50,257-token vocabulary and (2) a byte-level BPE of 8,192 tokens trained on the training
-text; one saved random init per tokenizer, so every arm of a tokenizer starts from the same weights. Arms, at equal
+text; one saved random init per tokenizer, so every arm of a tokenizer starts from the same weights. ``--init pruned``:
+each tokenizer's saved init is instead the teacher pruned once to ``distillery demo``'s student (8 layers, d=384,
+FFN 1,024, 6 query / 3 KV heads, tied; calibrated as the demo does, on 4 x 4 blocks of 256 teacher tokens of the
+training text) and then given that tokenizer's vocabulary by embedding transplant (``distillery.xtok.transplant``;
+``--student tiny``: 1 layer, d=32, for tests; ``xtok_inits.py``). Arms, at equal
 training text (the same ``steps x batch`` blocks of ``seq_len`` student tokens, one pass, same lr / AdamW / warm-up +
 cosine schedule, precision from ``distillery.hardware.cpu_bf16_fast``):
 
@@ -30,14 +35,15 @@ top-1 from the loop's final validation; BLiMP accuracy on ``--blimp-per-paradigm
 from __future__ import annotations
 
 import argparse
-import shutil
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import xtok_inits  # noqa: E402
 import xtok_report  # noqa: E402
 
 ARMS = ["exact_kl", "gold_trl", "gold", "uld", "ce", "seqkd"]  # run order: the peer between ours
@@ -134,28 +140,6 @@ def seqkd_data(teacher, files: dict, n: int, new_tokens: int, work: Path, seed: 
 
 
 # ----------------------------------------------------------------------------- students and recipes
-def make_inits(args, teacher, files: dict, work: Path) -> dict:
-    """One tokenizer folder and one saved random init per ``--tokenizers`` entry: ``{name: init folder}``."""
-    from distillery.config import DataConfig, StudentConfig
-    from distillery.student_tokenizer import open_student_tokenizer
-    from distillery.students import build_student
-
-    shape = TINY_STUDENT if args.student == "tiny" else DEMO_STUDENT
-    out = {}
-    for spec in args.tokenizers.split(","):
-        name = spec.replace(":", "")
-        folder = work / f"init_{name}"
-        if not (folder / "config.json").is_file():
-            tok = open_student_tokenizer(spec, teacher.tokenizer, DataConfig(train=[files["train"]]), work / f"tok_{name}")
-            model = {**shape, "vocab_size": len(tok),
-                     **{k: getattr(tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}}
-            student = build_student(StudentConfig(init="config", model=model), teacher.model, seed=args.seed)
-            student.save_pretrained(folder)
-            tok.save_pretrained(folder)
-        out[name] = str(folder)
-    return out
-
-
 def recipe(args, size, arm: str, init: str, files: dict, seqkd: dict | None, out_dir: Path, precision: str) -> dict:
     steps, batch, seq = size[:3]
     xt = arm in XTOK or arm == "gold_trl"
@@ -294,6 +278,9 @@ def main() -> None:
     ap.add_argument("--speed-methods", default="exact_kl")
     ap.add_argument("--teacher", default="smollm2", help="teacher.source (tests: a tiny model folder)")
     ap.add_argument("--student", choices=("demo", "tiny"), default="demo")
+    ap.add_argument("--init", choices=("random", "pruned"), default="random",
+                    help="every arm's start: a random init of --student's shape, or the teacher pruned to the demo "
+                         "student's shape and transplanted to each tokenizer's vocabulary")
     ap.add_argument("--corpus-chars", type=int, default=None, help="use only the first N characters of Shakespeare")
     ap.add_argument("--lr", type=float, default=2e-3, help="the same for every arm and for GOLD")
     ap.add_argument("--ce-weight", type=float, default=1.0, help="CE weight beside KD (ours and GOLD's)")
@@ -305,6 +292,9 @@ def main() -> None:
     ap.add_argument("--work-dir", default=str(common.ROOT / "runs" / "bench" / "cross_tokenizer"))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    unknown = sorted(set(args.arms.split(",")) - set(ARMS))
+    if unknown:
+        ap.error(f"--arms: unknown arm(s) {', '.join(unknown)} (choose from {', '.join(ARMS)})")
     import torch
 
     from distillery.hardware import cpu_bf16_fast
@@ -323,7 +313,8 @@ def main() -> None:
     files = prepare_text(args, work, size)
     teacher = load_teacher(args.teacher, dtype="bfloat16" if precision == "bf16" else "float32")
     teacher_dir = resolve_source(args.teacher)[0]
-    inits = make_inits(args, teacher, files, work)
+    inits, init_info = xtok_inits.make_inits(args, teacher, files, work,
+                                             TINY_STUDENT if args.student == "tiny" else DEMO_STUDENT)
     want_seqkd = any("seqkd" in arms_for(args, t) for t in inits)
     seqkd = (seqkd_data(teacher, files, args.seqkd_docs or size[0] * size[1], size[2], work, args.seed)
              if want_seqkd else None)
@@ -343,7 +334,12 @@ def main() -> None:
               "machine": machine, "precision": precision, "cpu_bf16_fast": precision == "bf16",
               "config": {"steps": size[0], "micro_batch": size[1], "seq_len": size[2], "lr": args.lr,
                          "ce_weight_with_kd": args.ce_weight, "blimp_per_paradigm": blimp_n, "teacher": args.teacher,
-                         "student_shape": TINY_STUDENT if args.student == "tiny" else DEMO_STUDENT,
+                         "init": args.init, "student": args.student,
+                         "student_shape": ((TINY_STUDENT if args.student == "tiny" else DEMO_STUDENT)
+                                           if args.init == "random" else
+                                           {k: v for k, v in next(iter(init_info.values()))["shape"].items()
+                                            if k != "vocab_size"}),
+                         "inits": init_info,
                          "tokenizers": args.tokenizers.split(","),
                          "arms": {t.replace(":", ""): arms_for(args, t.replace(":", "")) for t in args.tokenizers.split(",")}},
               "data": files, "seqkd": seqkd, "teacher": t_eval, "speed_fix": speed,
