@@ -76,7 +76,7 @@ LIMITS = ("CPU only, shared machine; short runs (base and QAT step counts in set
           "embedding / LM head quantized (as mlx_lm.convert -q); the mlx entries are MLX's own CPU build "
           "(mlx[cpu] on Linux x86-64), not Apple silicon; with settings.embedding_bits the embedding / LM head "
           "are at that width instead (rows named _e<N>).")
-CONTROL_KEYS = ("base", "qat_steps", "qat_lr", "seq_len", "micro_batch", "eval_blocks", "eval_data", "recipe")
+CONTROL_KEYS = ("base", "qat_steps", "qat_lr", "seq_len", "micro_batch", "eval_blocks", "eval_data", "recipe", "seed")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -94,6 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-blocks", type=int, default=32, help="held-out blocks of --seq-len tokens")
     p.add_argument("--eval-data", default="demo:milton")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="train.seed of every run (data order): repeat a result")
     p.add_argument("--qat-clip", nargs="+", choices=("none", "mse"), default=["none"],
                    help="QAT variants; 'mse' searches every forward and is slow on a 49k-row embedding on CPU")
     p.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
@@ -121,7 +122,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _train_overrides(args, out: Path, steps: int) -> list[str]:
     return [f"train.output_dir={out}", f"train.max_steps={steps}", f"data.seq_len={args.seq_len}",
             f"train.micro_batch_size={args.micro_batch}", "train.eval_every=0", f"train.save_every={steps}",
-            "train.progress=false", "data.max_val_blocks=8"]   # the run's own closing val: short, the rows score
+            # the run's own closing val: short, the rows score
+            "train.progress=false", "data.max_val_blocks=8", f"train.seed={args.seed}"]
 
 
 def _distill(args, overrides: list[str], clip: str = "none") -> float:
@@ -275,7 +277,7 @@ def _control_from(args) -> dict:
     except (OSError, ValueError, KeyError, StopIteration) as exc:
         raise DistilleryError(f"--control-from {path}: no fp32_kd row readable there ({exc})") from None
     ours = {k: str(getattr(args, k)) for k in CONTROL_KEYS}
-    theirs = {k: str(old["settings"].get(k)) for k in CONTROL_KEYS}
+    theirs = {k: str(old["settings"].get(k, 0 if k == "seed" else None)) for k in CONTROL_KEYS}  # before --seed: 0
     if ours != theirs:
         diff = {k: (theirs[k], ours[k]) for k in CONTROL_KEYS if ours[k] != theirs[k]}
         raise DistilleryError(f"--control-from {path}: its control ran with other settings {diff}")
