@@ -133,3 +133,14 @@ def test_a_pruned_student_with_its_own_tokenizer_trains_saves_and_resumes(tmp_pa
     again = load_file(str(run / "student" / "model.safetensors"))
     assert final.keys() == again.keys() and all(torch.equal(final[k], again[k]) for k in final)
     assert [m["loss"] for m in run_metrics(run) if "loss" in m] == losses
+
+
+def test_lora_on_a_transplanted_vocabulary_is_refused(tmp_path):
+    """LoRA trains only its adapters: the averaged embedding rows would stay as transplanted. One clear line."""
+    from distillery.config import load_config
+    from distillery.errors import DistilleryError
+    from distillery.train import distill
+
+    cfg = load_config(_recipe(tmp_path, tmp_path / "run"), ["student.lora.rank=4"])
+    with pytest.raises(DistilleryError, match="student.lora with student.init 'pruned' and student.tokenizer"):
+        distill(cfg)

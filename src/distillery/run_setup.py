@@ -161,6 +161,10 @@ def _cross_tokenizer_setup(cfg: RunConfig, teacher, student_tok):
     return the :class:`~distillery.xtok.batch.CrossTokenizer` that maps batches."""
     from .xtok.batch import CrossTokenizer
 
+    if cfg.student.init == "pruned" and cfg.student.lora is not None:
+        raise DistilleryError("student.lora with student.init 'pruned' and student.tokenizer: the transplanted embedding "
+                              "(a token the teacher lacks starts as the mean of its pieces) would stay frozen under LoRA; "
+                              "train the pruned student in full (drop student.lora), or keep the teacher's tokenizer")
     if cfg.teacher.kind == "api_logprobs":
         raise DistilleryError(f"a student with its own tokenizer needs a teacher that scores text in its own tokens: "
                               f"teacher.kind 'hf', 'served' or 'cache', not '{cfg.teacher.kind}' (docs/cross_tokenizer.md)")
