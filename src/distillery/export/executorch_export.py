@@ -119,7 +119,7 @@ def prepared(model, quant: str, group_size: int):
 
 
 @torch.no_grad()
-def reference_noise_floor(ref_model, ids: list[int], window: int) -> dict:
+def reference_noise_floor(ref_model, ids: list[int], window: int, ref: np.ndarray | None = None) -> dict:
     """How far the 8da4w reference moves under fp32 rounding noise: the tolerance of its parity check.
 
     Each quantized linear's input ``x`` becomes ``x · (1 + ε·z)``, ``z ~ N(0, 1)`` per element, ``ε = 2⁻²³``
@@ -131,11 +131,11 @@ def reference_noise_floor(ref_model, ids: list[int], window: int) -> dict:
     alone moves the reference by rel 0.022-0.030, KL 0.003-0.006, top-1 90-98 %; XNNPACK's .pte sits inside
     that band (rel 0.023, KL 0.0042, top-1 96.9 %), while a broken file (one down_proj's scales x1.5) gives
     rel 0.10, KL 0.031 (a 1-layer model: XNNPACK within rel 8e-4). Subtler damage (x1.1: KL 0.010) is at
-    the edge of what logits can show for such a model.
+    the edge of what logits can show for such a model. ``ref``: the unperturbed logits, when already computed.
     """
     from .verify import torch_logits
 
-    ref = torch_logits(ref_model, ids, window)
+    ref = torch_logits(ref_model, ids, window) if ref is None else ref
     linears = [m for m in ref_model.modules() if isinstance(m, torch.nn.Linear)]
     floor = {"rel_error": 0.0, "kl_ref_test": 0.0, "top1_agreement": 1.0, "epsilon": NOISE_REL,
              "seeds": list(NOISE_SEEDS)}
@@ -282,7 +282,7 @@ def verify_executorch(out: Path, model, ids: list[int], window: int, quant: str,
         result["reference"] = "torch fp32 (eager)"
         return verdict(result, quant)
     result["reference"] = "torch running the same torchao 8da4w model (reference kernels)"
-    result["reference_noise_floor"] = floor = reference_noise_floor(ref_model, ids, window)
+    result["reference_noise_floor"] = floor = reference_noise_floor(ref_model, ids, window, ref)
     tol = quantized_tolerances(floor)
     result = verdict(result, quant, parity_max_abs=float("inf"), top1_min=tol["top1_agreement"])
     for key, limit in (("rel_error", tol["rel_error"]), ("kv_cache_rel_error", tol["rel_error"]),
