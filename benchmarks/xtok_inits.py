@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 TINY_PRUNE = {"layers": 1, "hidden": 32, "ffn": 64, "heads": 2}  # --init pruned --student tiny (test teachers)
-CALIB_BATCH, CALIB_BATCHES, CALIB_SEQ = 4, 4, 256  # distillery demo's full settings (micro_batch, calib_batches)
+CALIB_SEQ = 256  # the block length distillery demo calibrates on (its batch and count: demo.SETTINGS["full"])
 
 
 def pruned_body(args, teacher, files: dict):
@@ -22,16 +22,17 @@ def pruned_body(args, teacher, files: dict):
     ``distillery.demo.make_student`` does (demo's full settings) on the training text; and the prune plan."""
     import torch
 
-    from distillery.demo import PRUNE
+    from distillery.demo import PRUNE, SETTINGS
     from distillery.prune import prune_model
     from distillery.prune.cli import calibration_batches
 
     shape = TINY_PRUNE if args.student == "tiny" else PRUNE
-    calib = calibration_batches([files["train"]], teacher.tokenizer, seq_len=CALIB_SEQ, batch_size=CALIB_BATCH,
-                                n_batches=CALIB_BATCHES)
+    demo = SETTINGS["full"]
+    calib = calibration_batches([files["train"]], teacher.tokenizer, seq_len=CALIB_SEQ,
+                                batch_size=demo["micro_batch"], n_batches=demo["calib_batches"])
     t0 = time.perf_counter()
     model = prune_model(teacher.model, calib, **shape).to(torch.float32)
-    info = {"prune": shape, "calibration": {"batches": len(calib), "batch": CALIB_BATCH, "seq_len": CALIB_SEQ,
+    info = {"prune": shape, "calibration": {"batches": len(calib), "batch": demo["micro_batch"], "seq_len": CALIB_SEQ,
                                             "text": "training text (train.jsonl)"},
             "teacher_dtype": str(teacher.model.dtype).replace("torch.", ""),
             "plan": getattr(model, "prune_plan", None), "prune_seconds": time.perf_counter() - t0}
