@@ -156,6 +156,19 @@ def recipe(args, size, arm: str, init: str, files: dict, seqkd: dict | None, out
                       "log_every": 1, "progress": False, "seed": args.seed, "mixed_precision": precision}}
 
 
+def with_overrides(r: dict, sets: list[str]) -> dict:
+    """``--set section.key=value`` (YAML value) on our arms' recipes, e.g. ``loss.loss_temperature=2``."""
+    import yaml
+
+    for item in sets:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not (sep and dot and section in r):
+            raise SystemExit(f"--set {item!r}: expected SECTION.KEY=VALUE with SECTION one of {sorted(r)}")
+        r[section][name] = yaml.safe_load(value)
+    return r
+
+
 def arms_for(args, tname: str) -> list[str]:
     """The arms of one student tokenizer, in ``ARMS`` order: ``--tokenizer-arms NAME=a,b;…`` or ``--arms``."""
     chosen = args.arms.split(",")
@@ -172,6 +185,8 @@ def train_arm(args, size, tname: str, arm: str, init: str, files: dict, seqkd, w
     out_dir = work / "runs" / f"{tname}_{arm}{'' if fused else '_reference'}"
     shutil.rmtree(out_dir, ignore_errors=True)  # an arm always starts afresh (an earlier, stopped run's folder)
     r = recipe(args, size, arm, init, files, seqkd, out_dir, precision)
+    if arm in XTOK:
+        r = with_overrides(r, args.set)
     if steps:
         r["train"]["max_steps"] = steps
     spec = {"system": "gold_trl" if arm == "gold_trl" else "ours", "recipe": r, "threads": args.threads,
@@ -286,6 +301,9 @@ def main() -> None:
     ap.add_argument("--ce-weight", type=float, default=1.0, help="CE weight beside KD (ours and GOLD's)")
     ap.add_argument("--blimp-per-paradigm", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a recipe field of our cross-tokenizer KD arms (not CE, seq-KD or GOLD), "
+                         "e.g. loss.xtok_span_weight=0; repeatable; recorded in the JSON's config")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup-skip", type=int, default=1, help="steps left out of tok/s")
     ap.add_argument("--timeout", type=float, default=3600)
@@ -333,7 +351,8 @@ def main() -> None:
     result = {"benchmark": "cross_tokenizer", "quick": args.quick, "size": "quick" if args.quick else args.size,
               "machine": machine, "precision": precision, "cpu_bf16_fast": precision == "bf16",
               "config": {"steps": size[0], "micro_batch": size[1], "seq_len": size[2], "lr": args.lr,
-                         "ce_weight_with_kd": args.ce_weight, "blimp_per_paradigm": blimp_n, "teacher": args.teacher,
+                         "ce_weight_with_kd": args.ce_weight, "kd_arm_overrides": args.set,
+                         "blimp_per_paradigm": blimp_n, "teacher": args.teacher,
                          "init": args.init, "student": args.student,
                          "student_shape": ((TINY_STUDENT if args.student == "tiny" else DEMO_STUDENT)
                                            if args.init == "random" else
