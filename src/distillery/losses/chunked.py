@@ -17,6 +17,13 @@ from which ``∂/∂hidden_rows = dz·W`` and ``∂/∂W += dzᵀ·h`` follow by
 scales the stored gradients by the incoming scalar. Peak extra memory is five ``(chunk_size, V)``
 buffers plus one ``(V, H)`` gradient, against several ``(B·T, V)`` tensors for the plain path.
 
+Under bf16 autocast (the train loop's mixed precision) the three head matmuls (``z = h·Wᵀ``, ``dh = dz·W``,
+``dW = dzᵀ·h``) take bf16 operands with fp32 accumulation, as autocast would give the student's own ``lm_head``;
+the softmax, the loss and ``dz`` stay fp32 and ``dW`` is summed over the chunks in fp32. Why: at a 50k vocabulary
+these ``2·n·H·V``-FLOP matmuls are the largest compute of the step, and a CPU with AVX512-BF16 / AMX (or a GPU)
+runs them several times faster in bf16 (same scheme and measured tolerance as :mod:`distillery.xtok.fused`).
+Without autocast, and in float64, the path is fp32 (fp64) as before.
+
 :func:`distill_loss_full` is the plain path (materialised logits, autograd): the parity reference.
 """
 
@@ -50,6 +57,17 @@ class _Plan:
     vocab: int
     chunk_size: int
     stats: dict = field(default_factory=dict)
+    head_dtype: torch.dtype | None = None  # the head matmuls' operand dtype (bf16 under autocast), None = fp32/fp64
+
+
+def autocast_head_dtype(device: torch.device | str) -> torch.dtype | None:
+    """``torch.bfloat16`` when bf16 autocast is on for ``device`` right now (the fused heads here and in
+    :mod:`distillery.xtok.fused` then run their matmuls in bf16), else None. fp16 autocast is left in fp32: ``dz``
+    is formed before the loss scaler multiplies it, and small gradients would flush to zero in fp16's range."""
+    kind = torch.device(device).type
+    if torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.bfloat16:
+        return torch.bfloat16
+    return None
 
 
 def _teacher_rows_into(t: TeacherTargets, rows: torch.Tensor, vocab: int, out: torch.Tensor) -> None:
@@ -80,7 +98,9 @@ def _fused_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     dtype = torch.float64 if torch.float64 in (h.dtype, weight.dtype) else torch.float32
     n, hid = h.shape
     v, c = plan.vocab, max(1, min(plan.chunk_size, h.shape[0]))
-    hc, w = h.to(dtype), weight[:v].to(dtype)  # (n, H), (V, H)
+    low = plan.head_dtype if dtype == torch.float32 else None  # bf16 head matmuls (module doc); never for fp64
+    hc, w = h.to(dtype), weight[:v].to(dtype if low is None else low)  # (n, H), (V, H)
+    hm = hc if low is None else h.to(low)
     b = None if bias is None else bias[:v].to(dtype)
     grad_h = torch.empty(n, hid, dtype=dtype, device=h.device)
     grad_w = torch.zeros(v, hid, dtype=dtype, device=h.device) if need_w else None
@@ -89,13 +109,21 @@ def _fused_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     dense_teacher = t is not None and not t.is_sparse
     n_buffers = 3 + (2 if dense_teacher else 1 if t is not None else 0)
     buffers = [torch.empty(c, v, dtype=dtype, device=h.device) for _ in range(n_buffers if n else 0)]
+    if low is not None and n:  # bf16 scratch: the logits / dz as matmul output / operand, one chunk's dh and dW
+        lbuf = torch.empty(c, v, dtype=low, device=h.device)
+        dh_low = torch.empty(c, hid, dtype=low, device=h.device)
+        dw_low = torch.empty_like(w) if grad_w is not None else None
     kd_sum = torch.zeros((), dtype=dtype, device=h.device)
     ce_sum = torch.zeros((), dtype=dtype, device=h.device)
     for start in range(0, n, c):
         end = min(start + c, n)
         z, q, out, *rest = (buf[:end - start] for buf in buffers)  # (k, V) views
         hk, y = hc[start:end], plan.labels[start:end]
-        torch.mm(hk, w.t(), out=z)  # student logits (k, V)
+        if low is None:
+            torch.mm(hk, w.t(), out=z)  # student logits (k, V)
+        else:
+            torch.mm(hm[start:end], w.t(), out=lbuf[:end - start])  # bf16 operands, fp32 accumulation
+            z.copy_(lbuf[:end - start])  # the softmax and the loss in fp32
         if b is not None:
             z.add_(b)
         if t is not None and plan.tau != 1.0:
@@ -130,9 +158,17 @@ def _fused_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
             if plan.kd_on is not None:
                 kd_rows = torch.where(plan.kd_on[start:end], kd_rows, torch.zeros_like(kd_rows))
             kd_sum += kd_rows.sum()
-        torch.mm(out, w, out=grad_h[start:end])  # ∂loss/∂h rows (k, H)
-        if grad_w is not None:
-            grad_w.addmm_(out.t(), hk)  # ∂loss/∂W (V, H)
+        if low is None:
+            torch.mm(out, w, out=grad_h[start:end])  # ∂loss/∂h rows (k, H)
+            if grad_w is not None:
+                grad_w.addmm_(out.t(), hk)  # ∂loss/∂W (V, H)
+        else:
+            dz = lbuf[:end - start].copy_(out)  # ∂loss/∂z rounded to bf16 as the two matmuls' operand
+            torch.mm(dz, w, out=dh_low[:end - start])
+            grad_h[start:end].copy_(dh_low[:end - start])
+            if grad_w is not None:
+                torch.mm(dz.t(), hm[start:end], out=dw_low)
+                grad_w.add_(dw_low)  # the sum over chunks in fp32
         if grad_b is not None:
             grad_b.add_(out.sum(dim=0))
     loss = plan.kd_coef * kd_sum + plan.ce_coef * ce_sum
@@ -248,7 +284,7 @@ def chunked_distill_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor,
     scale = tau ** 2 if kd_t2_scale else 1.0
     plan = _Plan(kd=kd, beta=beta, alpha=alpha, tau=tau, kd_coef=kd_weight * scale / n, ce_coef=ce_weight / n,
                  teacher=t, rows=rows, labels=y, kd_on=None if mask is None else mask.reshape(-1)[rows],
-                 vocab=v, chunk_size=chunk_size)
+                 vocab=v, chunk_size=chunk_size, head_dtype=autocast_head_dtype(hidden.device))
     h_rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)  # (n_sel, H): skip masked positions
     loss = _FusedDistillLoss.apply(h_rows, lm_head_weight, lm_head_bias, plan)
     return loss, dict(plan.stats, kd_scale=scale)

@@ -14,6 +14,14 @@ tokens) the loss took ~6× the student's whole CE step. Here, as in :mod:`distil
   ``L(lq)`` with ``G = ∂L/∂lq``: ``∂L/∂s = G − q·ΣG`` and ``∂L/∂z = ∂L/∂s / τ``; then ``∂/∂h = dz·W`` and
   ``∂/∂W += dzᵀ·h`` (two matmuls per chunk). For ``exact_kl`` ``G`` is written by hand (below); ``uld`` and ``gold``
   get ``G`` from autograd on the chunk's ``lq`` alone (sorts and masks are theirs, the head is still fused).
+* **Head matmuls in the autocast dtype.** Under bf16 autocast (the train loop's mixed precision) the three head
+  matmuls (``z = h·Wᵀ``, ``dh = dz·W``, ``dW = dzᵀ·h``) take bf16 operands with fp32 accumulation inside the matmul,
+  as autocast would give the student's own ``lm_head``; everything between them (the log-softmax, the loss and
+  ``dz``) stays fp32, and ``dW`` is summed over the chunks in fp32. Why: these matmuls are ``2·n·H·V`` FLOPs each,
+  the largest compute in the step at a 50k vocabulary, and a CPU with AVX512-BF16 / AMX (or a GPU) runs them
+  several times faster in bf16; the operands (the ``(V, H)`` head, ``dz``) also take half the memory. The price is
+  bf16 rounding of the logits and of ``dz`` (relative 2⁻⁹): the loss moves by ~1e-3 relative, gradients by ~1e-2
+  (``tests/test_xtok_fused_bf16.py``). Without autocast, and in float64, the path is fp32 (fp64) as before.
 * **Row weights.** Forward computes the gradient of ``Σ_r value_r`` (what ``per_token.sum()`` asks for); backward
   scales it when the incoming gradient is the same for every row (always, in the train loop) and otherwise
   recomputes the chunks with the incoming row weights (exact, twice the work).
@@ -38,6 +46,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..losses.chunked import autocast_head_dtype  # noqa: F401  (re-exported for .losses)
 from ..losses.sparse import TAIL_FLOOR
 from . import terms
 
@@ -61,6 +70,7 @@ class FusedPlan:
     sparse_rows: Callable | None = None
     beta: float = 0.5
     gold_weights: tuple[float, float] | None = None
+    head_dtype: torch.dtype | None = None  # the head matmuls' operand dtype (bf16 under autocast), None = fp32/fp64
 
 
 def matched_first(matched: torch.Tensor, width: int) -> torch.Tensor:
@@ -157,22 +167,37 @@ def run(plan: FusedPlan, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     ``bias`` (``None`` where not ``need``-ed; ``w = row_weight`` or 1)."""
     dtype = torch.float64 if torch.float64 in (h.dtype, weight.dtype) else torch.float32
     n, v = h.shape[0], plan.width
-    w = weight[:v] if plan.perm is None else weight[:v].index_select(0, plan.perm)
-    w, hc = w.to(dtype), h.to(dtype)
+    low = plan.head_dtype if dtype == torch.float32 else None  # bf16 head matmuls (module doc); never for fp64
+    if low is None:
+        w = weight[:v] if plan.perm is None else weight[:v].index_select(0, plan.perm)
+        w, hc = w.to(dtype), h.to(dtype)
+        hm = hc
+    else:  # cast before reordering: one (V, H) bf16 copy, no fp32 one
+        w = weight[:v].to(low)
+        w = w if plan.perm is None else w.index_select(0, plan.perm)
+        hc, hm = h.to(dtype), h.to(low)  # (n, H) fp32 / bf16
     b = None if bias is None else (bias[:v] if plan.perm is None else bias[:v].index_select(0, plan.perm)).to(dtype)
     grads = any(need)
     grad_h = torch.empty_like(hc) if need[0] else None
-    grad_w = torch.zeros_like(w) if need[1] else None
+    grad_w = torch.zeros(w.shape, dtype=dtype, device=h.device) if need[1] else None  # fp32 even for a bf16 w
     grad_b = torch.zeros(v, dtype=dtype, device=h.device) if need[2] and b is not None else None
     c = max(1, min(plan.chunk_size, n))
     zbuf = torch.empty(c, v, dtype=dtype, device=h.device)
+    if low is not None:  # bf16 scratch: the logits / dz as matmul output / operand, and one chunk's dh and dW
+        lbuf = torch.empty(c, v, dtype=low, device=h.device)
+        dh_low = torch.empty(c, hc.shape[1], dtype=low, device=h.device) if grad_h is not None else None
+        dw_low = torch.empty_like(w) if grad_w is not None else None
     values = []
     tbuf = pbuf = scratch = None
     for lo in range(0, n, c):
         hi = min(lo + c, n)
         hk = hc[lo:hi]
         z = zbuf[:hi - lo, :v]
-        torch.mm(hk, w.t(), out=z)  # student logits (k, V_s)
+        if low is None:
+            torch.mm(hk, w.t(), out=z)  # student logits (k, V_s)
+        else:
+            torch.mm(hm[lo:hi], w.t(), out=lbuf[:hi - lo])  # bf16 operands, fp32 accumulation
+            z.copy_(lbuf[:hi - lo])  # the softmax and the loss in fp32
         if b is not None:
             z.add_(b)
         if plan.tau != 1.0:
@@ -205,10 +230,19 @@ def run(plan: FusedPlan, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             z.mul_(row_weight[lo:hi].to(dtype).unsqueeze(1))
         if plan.tau != 1.0:
             z.div_(plan.tau)  # ∂L/∂z = ∂L/∂s / τ
-        if grad_h is not None:
-            torch.mm(z, w, out=grad_h[lo:hi])
-        if grad_w is not None:
-            grad_w.addmm_(z.t(), hk)
+        if low is not None:
+            dz = lbuf[:hi - lo].copy_(z)  # ∂L/∂z rounded to bf16 as the two matmuls' operand
+            if grad_h is not None:
+                torch.mm(dz, w, out=dh_low[:hi - lo])
+                grad_h[lo:hi].copy_(dh_low[:hi - lo])
+            if grad_w is not None:
+                torch.mm(dz.t(), hm[lo:hi], out=dw_low)
+                grad_w.add_(dw_low)  # the sum over chunks in fp32
+        else:
+            if grad_h is not None:
+                torch.mm(z, w, out=grad_h[lo:hi])
+            if grad_w is not None:
+                grad_w.addmm_(z.t(), hk)
         if grad_b is not None:
             grad_b.add_(z.sum(0))
     value = torch.cat(values) if values else torch.zeros(0, dtype=dtype, device=h.device)

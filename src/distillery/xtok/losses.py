@@ -57,7 +57,7 @@ from ..losses.inputs import LossInputError, temperature
 from ..targets import TeacherTargets
 from . import terms
 from .align import END, MERGED, NONE, ONE, Alignment
-from .fused import FusedPlan, fused_rows, lazy_teacher_rows, matched_first
+from .fused import FusedPlan, autocast_head_dtype, fused_rows, lazy_teacher_rows, matched_first
 from .vocab_map import VocabMap
 
 METHODS = ("exact_kl", "uld", "gold")
@@ -284,10 +284,12 @@ def _fused_one(student: StudentHead, teacher: TeacherTargets, t_rows: torch.Tens
     through :func:`.fused.fused_rows`: ``(n,)``."""
     h = student.hidden.reshape(-1, student.hidden.shape[-1]).index_select(0, one)  # (n, H)
     dev = h.device
+    low = autocast_head_dtype(dev)  # under bf16 autocast the head matmuls run in bf16 (fused module doc)
     if teacher.is_sparse:  # exact_kl only: the top-k mapped per chunk, vocabulary order
         def sparse(lo, hi):
             return map_sparse_rows(*teacher.sparse_rows(t_rows[lo:hi]), vmap)
-        plan = FusedPlan(method, tau, vmap.student_vocab, vmap.n_matched, chunk_size, sparse_rows=sparse)
+        plan = FusedPlan(method, tau, vmap.student_vocab, vmap.n_matched, chunk_size, sparse_rows=sparse,
+                         head_dtype=low)
     else:
         s_perm = matched_first(vmap.student_ids.to(dev), vmap.student_vocab)
         t_perm = matched_first(vmap.teacher_ids.to(dev), vmap.teacher_vocab)
@@ -295,7 +297,7 @@ def _fused_one(student: StudentHead, teacher: TeacherTargets, t_rows: torch.Tens
         t_perm = None if torch.equal(t_perm, torch.arange(t_perm.numel(), device=dev)) else t_perm
         plan = FusedPlan(method, tau, vmap.student_vocab, vmap.n_matched, chunk_size, perm=s_perm,
                          dense_rows=lazy_teacher_rows(teacher, t_rows, t_perm, vmap.teacher_vocab), beta=beta,
-                         gold_weights=gold_weights)
+                         gold_weights=gold_weights, head_dtype=low)
     return fused_rows(h, student.weight, student.bias, plan)
 
 
