@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distillery.losses import chunked_distill_loss
+from distillery.losses import chunked, chunked_distill_loss
 from distillery.losses.chunked import autocast_head_dtype
 from distillery.targets import TeacherTargets, sparse_from_logits
 from distillery.xtok import StudentHead, align_text, build_vocab_map, xtok_loss
@@ -111,6 +111,21 @@ def test_xtok_bf16_head_close_to_fp32(pair, method, form, tau, uneven):
             assert 0 < _rel(a, b) < bound
 
 
+@pytest.mark.parametrize("form", ["lazy", "sparse"])
+def test_xtok_bf16_head_in_vocabulary_blocks(pair, form, monkeypatch):
+    """The bf16 matmuls run ``HEAD_BLOCK`` vocabulary rows at a time; with 96-row blocks (7 blocks, the last one
+    short) the result is the one-block result up to bf16 rounding of the partial ``dh`` sums, and as close to fp32."""
+    teacher = _teacher(pair, form, 1.0)
+    ref, g_ref = _xtok(pair, teacher, "exact_kl", 1.0, bf16=False)
+    one, g_one = _xtok(pair, teacher, "exact_kl", 1.0, bf16=True)
+    monkeypatch.setattr(chunked, "HEAD_BLOCK", 96)
+    got, g_got = _xtok(pair, teacher, "exact_kl", 1.0, bf16=True)
+    assert pair[1].student_vocab > 6 * 96
+    torch.testing.assert_close(got, one)  # the logits: the same bf16 products, block by block
+    for a, b, r in zip(g_got, g_one, g_ref):
+        assert _rel(a, b) < 1e-2 and _rel(a, r) < GRAD_RTOL
+
+
 def test_xtok_fp64_ignores_autocast(pair):
     teacher = _teacher(pair, "lazy", 1.0, torch.float64)
     ref, g_ref = _xtok(pair, teacher, "exact_kl", 1.0, bf16=False, dtype=torch.float64)
@@ -120,9 +135,12 @@ def test_xtok_fp64_ignores_autocast(pair):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("with_teacher", [False, True])
-def test_chunked_bf16_head_close_to_fp32(with_teacher):
-    """The same-vocabulary chunked loss: CE alone (the cross-tokenizer loop's CE) and CE + dense forward KL."""
+@pytest.mark.parametrize("with_teacher,block", [(False, None), (True, None), (False, 96)])
+def test_chunked_bf16_head_close_to_fp32(with_teacher, block, monkeypatch):
+    """The same-vocabulary chunked loss: CE alone (the cross-tokenizer loop's CE) and CE + dense forward KL; one
+    bf16 head block, and 96-row blocks (8 blocks, the last one short)."""
+    if block is not None:
+        monkeypatch.setattr(chunked, "HEAD_BLOCK", block)
     g = torch.Generator().manual_seed(0)
     b_, t_, hid, v = 2, 24, 64, 700
     hidden = torch.randn(b_, t_, hid, generator=g)

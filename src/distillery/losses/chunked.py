@@ -19,10 +19,11 @@ buffers plus one ``(V, H)`` gradient, against several ``(B·T, V)`` tensors for 
 
 Under bf16 autocast (the train loop's mixed precision) the three head matmuls (``z = h·Wᵀ``, ``dh = dz·W``,
 ``dW = dzᵀ·h``) take bf16 operands with fp32 accumulation, as autocast would give the student's own ``lm_head``;
-the softmax, the loss and ``dz`` stay fp32 and ``dW`` is summed over the chunks in fp32. Why: at a 50k vocabulary
-these ``2·n·H·V``-FLOP matmuls are the largest compute of the step, and a CPU with AVX512-BF16 / AMX (or a GPU)
-runs them several times faster in bf16 (same scheme and measured tolerance as :mod:`distillery.xtok.fused`).
-Without autocast, and in float64, the path is fp32 (fp64) as before.
+the softmax, the loss and ``dz`` stay fp32 and the products are summed in fp32. They run ``HEAD_BLOCK``
+vocabulary rows at a time, so the bf16 scratch is ``(c, HEAD_BLOCK)``, not another ``(c, V)`` or ``(V, H)``.
+Why: at a 50k vocabulary these ``2·n·H·V``-FLOP matmuls are the largest compute of the step, and a CPU with
+AVX512-BF16 / AMX (or a GPU) runs them several times faster in bf16 (same scheme and measured tolerance as
+:mod:`distillery.xtok.fused`). Without autocast, and in float64, the path is fp32 (fp64) as before.
 
 :func:`distill_loss_full` is the plain path (materialised logits, autograd): the parity reference.
 """
@@ -70,6 +71,42 @@ def autocast_head_dtype(device: torch.device | str) -> torch.dtype | None:
     return None
 
 
+HEAD_BLOCK = 8192  # vocabulary rows per bf16 head matmul: bf16 / fp32 scratch of (c, 8192) / (8192, H), not (c, V)
+
+
+def low_head_scratch(rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The flat scratch of :func:`low_head_logits_` / :func:`low_head_grads_` for chunks of up to ``rows`` rows."""
+    return torch.empty(rows * HEAD_BLOCK, dtype=dtype, device=device)
+
+
+def low_head_logits_(hm: torch.Tensor, w: torch.Tensor, z: torch.Tensor, scratch: torch.Tensor) -> None:
+    """``z (k, V)`` fp32 ``= hm (k, H) · w (V, H)ᵀ`` with bf16 operands, ``HEAD_BLOCK`` vocabulary columns per
+    matmul: each block's product (fp32 accumulation) is rounded to bf16 once and widened into ``z``. ``scratch``:
+    a flat bf16 buffer of at least ``k · HEAD_BLOCK`` elements."""
+    k = hm.shape[0]
+    for a in range(0, w.shape[0], HEAD_BLOCK):
+        b = min(a + HEAD_BLOCK, w.shape[0])
+        out = scratch[:k * (b - a)].view(k, b - a)
+        torch.mm(hm, w[a:b].t(), out=out)
+        z[:, a:b].copy_(out)
+
+
+def low_head_grads_(dz: torch.Tensor, w: torch.Tensor, hm: torch.Tensor, grad_h: torch.Tensor | None,
+                    grad_w: torch.Tensor | None, scratch: torch.Tensor) -> None:
+    """``grad_h (k, H) = dz (k, V) · w`` and ``grad_w (V, H) += dzᵀ · hm`` (fp32 results, skipped where None) with
+    bf16 operands, ``HEAD_BLOCK`` vocabulary rows at a time: the block of ``dz`` is rounded to bf16 once, each
+    block's products are added in fp32 (no ``(V, H)`` or ``(k, V)`` temporary). ``scratch`` as above."""
+    k = dz.shape[0]
+    if grad_h is not None:
+        grad_h.zero_()
+    for a in range(0, w.shape[0], HEAD_BLOCK):
+        b = min(a + HEAD_BLOCK, w.shape[0])
+        d = scratch[:k * (b - a)].view(k, b - a).copy_(dz[:, a:b])  # (k, blk) bf16
+        if grad_h is not None:
+            grad_h.add_(torch.mm(d, w[a:b]))
+        if grad_w is not None:
+            grad_w[a:b].add_(torch.mm(d.t(), hm))
+
 def _teacher_rows_into(t: TeacherTargets, rows: torch.Tensor, vocab: int, out: torch.Tensor) -> None:
     """``out (c, V) = t.dense_logits(rows)[:, :V]``, written into ``out`` without a temporary when
     the dtypes allow (lazy form: the teacher's LM head applied to these rows only)."""
@@ -109,10 +146,8 @@ def _fused_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     dense_teacher = t is not None and not t.is_sparse
     n_buffers = 3 + (2 if dense_teacher else 1 if t is not None else 0)
     buffers = [torch.empty(c, v, dtype=dtype, device=h.device) for _ in range(n_buffers if n else 0)]
-    if low is not None and n:  # bf16 scratch: the logits / dz as matmul output / operand, one chunk's dh and dW
-        lbuf = torch.empty(c, v, dtype=low, device=h.device)
-        dh_low = torch.empty(c, hid, dtype=low, device=h.device)
-        dw_low = torch.empty_like(w) if grad_w is not None else None
+    if low is not None:  # bf16 scratch of the blocked head matmuls
+        lbuf = low_head_scratch(c, low, h.device)
     kd_sum = torch.zeros((), dtype=dtype, device=h.device)
     ce_sum = torch.zeros((), dtype=dtype, device=h.device)
     for start in range(0, n, c):
@@ -122,8 +157,7 @@ def _fused_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         if low is None:
             torch.mm(hk, w.t(), out=z)  # student logits (k, V)
         else:
-            torch.mm(hm[start:end], w.t(), out=lbuf[:end - start])  # bf16 operands, fp32 accumulation
-            z.copy_(lbuf[:end - start])  # the softmax and the loss in fp32
+            low_head_logits_(hm[start:end], w, z, lbuf)  # the softmax and the loss in fp32
         if b is not None:
             z.add_(b)
         if t is not None and plan.tau != 1.0:
@@ -163,12 +197,7 @@ def _fused_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
             if grad_w is not None:
                 grad_w.addmm_(out.t(), hk)  # ∂loss/∂W (V, H)
         else:
-            dz = lbuf[:end - start].copy_(out)  # ∂loss/∂z rounded to bf16 as the two matmuls' operand
-            torch.mm(dz, w, out=dh_low[:end - start])
-            grad_h[start:end].copy_(dh_low[:end - start])
-            if grad_w is not None:
-                torch.mm(dz.t(), hm[start:end], out=dw_low)
-                grad_w.add_(dw_low)  # the sum over chunks in fp32
+            low_head_grads_(out, w, hm[start:end], grad_h[start:end], grad_w, lbuf)
         if grad_b is not None:
             grad_b.add_(out.sum(dim=0))
     loss = plan.kd_coef * kd_sum + plan.ce_coef * ce_sum

@@ -17,11 +17,12 @@ tokens) the loss took ~6× the student's whole CE step. Here, as in :mod:`distil
 * **Head matmuls in the autocast dtype.** Under bf16 autocast (the train loop's mixed precision) the three head
   matmuls (``z = h·Wᵀ``, ``dh = dz·W``, ``dW = dzᵀ·h``) take bf16 operands with fp32 accumulation inside the matmul,
   as autocast would give the student's own ``lm_head``; everything between them (the log-softmax, the loss and
-  ``dz``) stays fp32, and ``dW`` is summed over the chunks in fp32. Why: these matmuls are ``2·n·H·V`` FLOPs each,
-  the largest compute in the step at a 50k vocabulary, and a CPU with AVX512-BF16 / AMX (or a GPU) runs them
-  several times faster in bf16; the operands (the ``(V, H)`` head, ``dz``) also take half the memory. The price is
-  bf16 rounding of the logits and of ``dz`` (relative 2⁻⁹): the loss moves by ~1e-3 relative, gradients by ~1e-2
-  (``tests/test_xtok_fused_bf16.py``). Without autocast, and in float64, the path is fp32 (fp64) as before.
+  ``dz``) stays fp32, and the products are summed in fp32, ``HEAD_BLOCK`` vocabulary rows at a time (bf16 scratch
+  ``(c, HEAD_BLOCK)``; the reordered head is a bf16 copy, half the fp32 one). Why: these matmuls are
+  ``2·n·H·V`` FLOPs each, the largest compute in the step at a 50k vocabulary, and a CPU with AVX512-BF16 / AMX
+  (or a GPU) runs them several times faster in bf16. The price is bf16 rounding of the logits and of ``dz``
+  (relative 2⁻⁸): the loss moves by ~1e-4 relative, exact_kl gradients by ~1e-2 (``tests/test_xtok_fused_bf16.py``).
+  Without autocast, and in float64, the path is fp32 (fp64) as before, bit for bit.
 * **Row weights.** Forward computes the gradient of ``Σ_r value_r`` (what ``per_token.sum()`` asks for); backward
   scales it when the incoming gradient is the same for every row (always, in the train loop) and otherwise
   recomputes the chunks with the incoming row weights (exact, twice the work).
@@ -46,7 +47,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..losses.chunked import autocast_head_dtype  # noqa: F401  (re-exported for .losses)
+from ..losses.chunked import autocast_head_dtype, low_head_grads_, low_head_logits_, low_head_scratch
 from ..losses.sparse import TAIL_FLOOR
 from . import terms
 
@@ -183,10 +184,8 @@ def run(plan: FusedPlan, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     grad_b = torch.zeros(v, dtype=dtype, device=h.device) if need[2] and b is not None else None
     c = max(1, min(plan.chunk_size, n))
     zbuf = torch.empty(c, v, dtype=dtype, device=h.device)
-    if low is not None:  # bf16 scratch: the logits / dz as matmul output / operand, and one chunk's dh and dW
-        lbuf = torch.empty(c, v, dtype=low, device=h.device)
-        dh_low = torch.empty(c, hc.shape[1], dtype=low, device=h.device) if grad_h is not None else None
-        dw_low = torch.empty_like(w) if grad_w is not None else None
+    if low is not None:  # bf16 scratch of the blocked head matmuls (losses.chunked.low_head_logits_)
+        lbuf = low_head_scratch(c, low, h.device)
     values = []
     tbuf = pbuf = scratch = None
     for lo in range(0, n, c):
@@ -196,8 +195,7 @@ def run(plan: FusedPlan, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         if low is None:
             torch.mm(hk, w.t(), out=z)  # student logits (k, V_s)
         else:
-            torch.mm(hm[lo:hi], w.t(), out=lbuf[:hi - lo])  # bf16 operands, fp32 accumulation
-            z.copy_(lbuf[:hi - lo])  # the softmax and the loss in fp32
+            low_head_logits_(hm[lo:hi], w, z, lbuf)  # bf16 operands; the softmax and the loss in fp32
         if b is not None:
             z.add_(b)
         if plan.tau != 1.0:
@@ -230,14 +228,8 @@ def run(plan: FusedPlan, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             z.mul_(row_weight[lo:hi].to(dtype).unsqueeze(1))
         if plan.tau != 1.0:
             z.div_(plan.tau)  # ∂L/∂z = ∂L/∂s / τ
-        if low is not None:
-            dz = lbuf[:hi - lo].copy_(z)  # ∂L/∂z rounded to bf16 as the two matmuls' operand
-            if grad_h is not None:
-                torch.mm(dz, w, out=dh_low[:hi - lo])
-                grad_h[lo:hi].copy_(dh_low[:hi - lo])
-            if grad_w is not None:
-                torch.mm(dz.t(), hm[lo:hi], out=dw_low)
-                grad_w.add_(dw_low)  # the sum over chunks in fp32
+        if low is not None:  # dz rounded to bf16 block by block, products summed in fp32
+            low_head_grads_(z, w, hm[lo:hi], None if grad_h is None else grad_h[lo:hi], grad_w, lbuf)
         else:
             if grad_h is not None:
                 torch.mm(z, w, out=grad_h[lo:hi])
