@@ -87,6 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work-dir", default="runs/lowbit")
     p.add_argument("--bits", type=int, nargs="+", default=[3, 2])
     p.add_argument("--group-size", type=int, default=32)
+    p.add_argument("--scheme", choices=["auto", "affine"], default="auto", help="'affine': MLX's grid at 4 and 8 "
+                   "bits too (a uniform q4 student); 'auto': GGUF's symmetric grid there")
     p.add_argument("--qat-steps", type=int, default=40)
     p.add_argument("--qat-lr", type=float, default=1e-3)
     p.add_argument("--seq-len", type=int, default=128, help="training and evaluation block length")
@@ -105,10 +107,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="bits of the embedding / LM head (default: --bits); rows get the suffix _e<N>")
     p.add_argument("--mlx", action=argparse.BooleanOptionalAction, default=True,
                    help="export every row to MLX, verify it there and score its perplexity in MLX")
-    p.add_argument("--rescore-mlx", default=None, metavar="FILE",
-                   help="redo the MLX entries (and goals) of a finished result file from its folders")
+    p.add_argument("--rescore-mlx", metavar="FILE", help="redo the MLX entries (and goals) of a finished result file")
     p.add_argument("--merge", nargs="+", default=None, help="combine result files of runs split by --bits")
-    p.add_argument("--base-command", default=None, help="with --merge: how --base was made, when made outside")
+    p.add_argument("--base-command", help="with --merge: how --base was made, when made outside")
     p.add_argument("--quick", action="store_true", help="10 QAT steps, 8 eval blocks, 30 base steps if made")
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/lowbit[_quick].json)")
     args = p.parse_args(argv)
@@ -367,13 +368,14 @@ def main(argv=None) -> int:
     for bits in args.bits:
         for clip, name in (("none", f"ptq{bits}{tag}"), ("mse", f"ptq{bits}{tag}_clip_mse")):
             ptq = quantize_model(base, bits=bits, group_size=args.group_size, out_dir=work / name, eval_tokens=0,
-                                 clip=clip, embedding_bits=emb)
+                                 clip=clip, embedding_bits=emb, scheme=args.scheme)
             rows.append(_score(args, name, Path(ptq["out_dir"]), ref, rows))
     for bits, clip, name in runs:
         overrides = [*_train_overrides(args, work / name, args.qat_steps), *recipe]
         if bits is not None:
             overrides += ["qat.enabled=true", f"qat.bits={bits}", f"qat.group_size={args.group_size}",
-                          f"qat.last_steps={args.qat_steps}"] + ([f"qat.embedding_bits={emb}"] if emb else [])
+                          f"qat.last_steps={args.qat_steps}", f"qat.scheme={args.scheme}"] + (
+                          [f"qat.embedding_bits={emb}"] if emb else [])
         result.setdefault("qat_commands", {})[name] = shlex.join(
             [".venv/bin/python", "-m", "distillery.cli", "distill", args.recipe, *overrides]) + (
             "" if clip == "none" else f"  # with qat_wrap(clip='{clip}'), passed by this script")
@@ -383,7 +385,7 @@ def main(argv=None) -> int:
             continue
         rows.append(_score(args, f"{name}_latent_fp32", work / name / "student", ref, rows))
         q = quantize_model(work / name / "student", bits=bits, group_size=args.group_size, embedding_bits=emb,
-                           out_dir=work / f"{name}-q", eval_tokens=0)   # plain grid: what training saw
+                           out_dir=work / f"{name}-q", eval_tokens=0, scheme=args.scheme)   # plain grid: what training saw
         rows.append(_score(args, name, Path(q["out_dir"]), ref, rows))
     result["rows"] = rows
     result["goals"] = _goals(rows, args.bits, tag)
