@@ -85,7 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--base", default="runs/lowbit/base/student", help="trained student folder (made if missing)")
     p.add_argument("--base-steps", type=int, default=100, help="steps of the base run when --base is missing")
     p.add_argument("--work-dir", default="runs/lowbit")
-    p.add_argument("--bits", type=int, nargs="+", default=[3, 2])
+    p.add_argument("--bits", type=int, nargs="*", default=[3, 2], help="none (bare --bits): the fp32 control only")
     p.add_argument("--group-size", type=int, default=32)
     p.add_argument("--scheme", choices=["auto", "affine"], default="auto", help="'affine': MLX's grid at 4 and 8 "
                    "bits too (a uniform q4 student); 'auto': GGUF's symmetric grid there")
@@ -317,17 +317,17 @@ def _merge(args) -> int:
     parts = [json.loads(Path(f).read_text()) for f in args.merge]
     merged = {**parts[0], "parts": [{"file": f, "machine": p["machine"]} for f, p in zip(args.merge, parts)]}
     rows = {}
-    for p in parts:
+    for f, p in zip(args.merge, parts):
         rows.update({r["model"]: r for r in p["rows"]})
+        if f != args.merge[0] and any(r["model"] == "fp32_kd" for r in p["rows"]):  # a later control wins
+            merged["settings"] = {**merged["settings"], "control_note": f"fp32_kd from {f} (merged)"}
         for key in ("timings_s", "qat_commands"):
             merged[key] = {**merged.get(key, {}), **p.get(key, {})}
     merged["rows"] = list(rows.values())
-    bits = sorted({b for p in parts for b in p["settings"]["bits"]}, reverse=True)
-    merged["settings"]["bits"] = bits
+    merged["settings"]["bits"] = bits = sorted({b for p in parts for b in p["settings"]["bits"]}, reverse=True)
     merged["goals"] = _goals(merged["rows"], bits, _tag(merged["settings"].get("embedding_bits")))
     merged["limits"] = LIMITS
-    if args.base_command:
-        merged["base_command"] = args.base_command
+    merged.update({"base_command": args.base_command} if args.base_command else {})
     out = Path(args.out) if args.out else RESULTS / "lowbit.json"
     write_json(merged, out)
     print(f"wrote {out}")
