@@ -75,14 +75,17 @@ HEAD_BLOCK = 8192  # vocabulary rows per bf16 head matmul: bf16 / fp32 scratch o
 
 
 def low_head_scratch(rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The flat scratch of :func:`low_head_logits_` / :func:`low_head_grads_` for chunks of up to ``rows`` rows."""
+    """The flat scratch of :func:`head_logits_` / :func:`head_grads_` for chunks of up to ``rows`` rows."""
     return torch.empty(rows * HEAD_BLOCK, dtype=dtype, device=device)
 
 
-def low_head_logits_(hm: torch.Tensor, w: torch.Tensor, z: torch.Tensor, scratch: torch.Tensor) -> None:
-    """``z (k, V)`` fp32 ``= hm (k, H) · w (V, H)ᵀ`` with bf16 operands, ``HEAD_BLOCK`` vocabulary columns per
-    matmul: each block's product (fp32 accumulation) is rounded to bf16 once and widened into ``z``. ``scratch``:
-    a flat bf16 buffer of at least ``k · HEAD_BLOCK`` elements."""
+def head_logits_(hm: torch.Tensor, w: torch.Tensor, z: torch.Tensor, scratch: torch.Tensor | None) -> None:
+    """``z (k, V) = hm (k, H) · w (V, H)ᵀ``. ``scratch`` None: one matmul in ``z``'s dtype (fp32/fp64). Else bf16
+    operands, ``HEAD_BLOCK`` vocabulary columns per matmul: each block's product (fp32 accumulation) is rounded to
+    bf16 once and widened into ``z``; ``scratch``: a flat bf16 buffer of at least ``k · HEAD_BLOCK`` elements."""
+    if scratch is None:
+        torch.mm(hm, w.t(), out=z)
+        return
     k = hm.shape[0]
     for a in range(0, w.shape[0], HEAD_BLOCK):
         b = min(a + HEAD_BLOCK, w.shape[0])
@@ -91,11 +94,18 @@ def low_head_logits_(hm: torch.Tensor, w: torch.Tensor, z: torch.Tensor, scratch
         z[:, a:b].copy_(out)
 
 
-def low_head_grads_(dz: torch.Tensor, w: torch.Tensor, hm: torch.Tensor, grad_h: torch.Tensor | None,
-                    grad_w: torch.Tensor | None, scratch: torch.Tensor) -> None:
-    """``grad_h (k, H) = dz (k, V) · w`` and ``grad_w (V, H) += dzᵀ · hm`` (fp32 results, skipped where None) with
-    bf16 operands, ``HEAD_BLOCK`` vocabulary rows at a time: the block of ``dz`` is rounded to bf16 once, each
-    block's products are added in fp32 (no ``(V, H)`` or ``(k, V)`` temporary). ``scratch`` as above."""
+def head_grads_(dz: torch.Tensor, w: torch.Tensor, hm: torch.Tensor, grad_h: torch.Tensor | None,
+                grad_w: torch.Tensor | None, scratch: torch.Tensor | None) -> None:
+    """``grad_h (k, H) = dz (k, V) · w`` and ``grad_w (V, H) += dzᵀ · hm`` (skipped where None). ``scratch`` None:
+    one matmul each in ``dz``'s dtype. Else bf16 operands, ``HEAD_BLOCK`` vocabulary rows at a time: the block of
+    ``dz`` is rounded to bf16 once, each block's products are added in fp32 (no ``(V, H)`` or ``(k, V)``
+    temporary); ``scratch`` as in :func:`head_logits_`."""
+    if scratch is None:
+        if grad_h is not None:
+            torch.mm(dz, w, out=grad_h)
+        if grad_w is not None:
+            grad_w.addmm_(dz.t(), hm)
+        return
     k = dz.shape[0]
     if grad_h is not None:
         grad_h.zero_()
@@ -146,18 +156,14 @@ def _fused_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     dense_teacher = t is not None and not t.is_sparse
     n_buffers = 3 + (2 if dense_teacher else 1 if t is not None else 0)
     buffers = [torch.empty(c, v, dtype=dtype, device=h.device) for _ in range(n_buffers if n else 0)]
-    if low is not None:  # bf16 scratch of the blocked head matmuls
-        lbuf = low_head_scratch(c, low, h.device)
+    lbuf = None if low is None else low_head_scratch(c, low, h.device)  # bf16 scratch of the blocked head matmuls
     kd_sum = torch.zeros((), dtype=dtype, device=h.device)
     ce_sum = torch.zeros((), dtype=dtype, device=h.device)
     for start in range(0, n, c):
         end = min(start + c, n)
         z, q, out, *rest = (buf[:end - start] for buf in buffers)  # (k, V) views
-        hk, y = hc[start:end], plan.labels[start:end]
-        if low is None:
-            torch.mm(hk, w.t(), out=z)  # student logits (k, V)
-        else:
-            low_head_logits_(hm[start:end], w, z, lbuf)  # the softmax and the loss in fp32
+        y = plan.labels[start:end]
+        head_logits_(hm[start:end], w, z, lbuf)  # student logits (k, V); the softmax and the loss in fp32
         if b is not None:
             z.add_(b)
         if t is not None and plan.tau != 1.0:
@@ -192,12 +198,7 @@ def _fused_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
             if plan.kd_on is not None:
                 kd_rows = torch.where(plan.kd_on[start:end], kd_rows, torch.zeros_like(kd_rows))
             kd_sum += kd_rows.sum()
-        if low is None:
-            torch.mm(out, w, out=grad_h[start:end])  # ∂loss/∂h rows (k, H)
-            if grad_w is not None:
-                grad_w.addmm_(out.t(), hk)  # ∂loss/∂W (V, H)
-        else:
-            low_head_grads_(out, w, hm[start:end], grad_h[start:end], grad_w, lbuf)
+        head_grads_(out, w, hm[start:end], grad_h[start:end], grad_w, lbuf)  # ∂loss/∂h rows (k, H), ∂loss/∂W (V, H)
         if grad_b is not None:
             grad_b.add_(out.sum(dim=0))
     loss = plan.kd_coef * kd_sum + plan.ce_coef * ce_sum

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..losses.chunked import autocast_head_dtype, low_head_grads_, low_head_logits_, low_head_scratch
+from ..losses.chunked import autocast_head_dtype, head_grads_, head_logits_, low_head_scratch
 from ..losses.sparse import TAIL_FLOOR
 from . import terms
 
@@ -184,18 +184,13 @@ def run(plan: FusedPlan, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     grad_b = torch.zeros(v, dtype=dtype, device=h.device) if need[2] and b is not None else None
     c = max(1, min(plan.chunk_size, n))
     zbuf = torch.empty(c, v, dtype=dtype, device=h.device)
-    if low is not None:  # bf16 scratch of the blocked head matmuls (losses.chunked.low_head_logits_)
-        lbuf = low_head_scratch(c, low, h.device)
+    lbuf = None if low is None else low_head_scratch(c, low, h.device)  # bf16 scratch (losses.chunked.head_logits_)
     values = []
     tbuf = pbuf = scratch = None
     for lo in range(0, n, c):
         hi = min(lo + c, n)
-        hk = hc[lo:hi]
         z = zbuf[:hi - lo, :v]
-        if low is None:
-            torch.mm(hk, w.t(), out=z)  # student logits (k, V_s)
-        else:
-            low_head_logits_(hm[lo:hi], w, z, lbuf)  # bf16 operands; the softmax and the loss in fp32
+        head_logits_(hm[lo:hi], w, z, lbuf)  # student logits (k, V_s); the softmax and the loss in fp32
         if b is not None:
             z.add_(b)
         if plan.tau != 1.0:
@@ -228,13 +223,7 @@ def run(plan: FusedPlan, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             z.mul_(row_weight[lo:hi].to(dtype).unsqueeze(1))
         if plan.tau != 1.0:
             z.div_(plan.tau)  # ∂L/∂z = ∂L/∂s / τ
-        if low is not None:  # dz rounded to bf16 block by block, products summed in fp32
-            low_head_grads_(z, w, hm[lo:hi], None if grad_h is None else grad_h[lo:hi], grad_w, lbuf)
-        else:
-            if grad_h is not None:
-                torch.mm(z, w, out=grad_h[lo:hi])
-            if grad_w is not None:
-                grad_w.addmm_(z.t(), hk)
+        head_grads_(z, w, hm[lo:hi], None if grad_h is None else grad_h[lo:hi], grad_w, lbuf)
         if grad_b is not None:
             grad_b.add_(z.sum(0))
     value = torch.cat(values) if values else torch.zeros(0, dtype=dtype, device=h.device)

@@ -53,11 +53,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
+from ..losses.chunked import autocast_head_dtype
 from ..losses.inputs import LossInputError, temperature
 from ..targets import TeacherTargets
 from . import terms
 from .align import END, MERGED, NONE, ONE, Alignment
-from .fused import FusedPlan, autocast_head_dtype, fused_rows, lazy_teacher_rows, matched_first
+from .fused import FusedPlan, fused_rows, lazy_teacher_rows, matched_first
 from .vocab_map import VocabMap
 
 METHODS = ("exact_kl", "uld", "gold")
