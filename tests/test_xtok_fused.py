@@ -7,27 +7,17 @@ import pytest
 import torch
 
 from distillery.targets import TeacherTargets, sparse_from_logits
-from distillery.xtok import StudentHead, align_text, build_vocab_map, xtok_loss
+from distillery.xtok import StudentHead, xtok_loss
 from distillery.xtok.fused import matched_first
-from tiny import corpus_text, tiny_tokenizer
-from xtok_tokenizers import trained_metaspace
+from tiny import corpus_text
+from xtok_tokenizers import random_head_pair
 
 
 @pytest.fixture(scope="module")
 def pair():
     """Byte-level teacher (1024) -> SentencePiece-style student (400 + bytes): 1-1, 1-n and n-1 spans; a student
     head with 3 padded rows and a bias, a lazy teacher (hidden + head)."""
-    t_tok, s_tok = tiny_tokenizer(1024), trained_metaspace(400)
-    a = align_text(corpus_text(20_000)[10_000:10_500] + " 😀 naïve", t_tok, s_tok)
-    vmap = build_vocab_map(t_tok, s_tok)
-    t_ids, s_ids = torch.tensor(a.teacher_ids)[None], torch.tensor(a.student_ids)[None]
-    g = torch.Generator().manual_seed(0)
-    h_t = torch.randn(1, t_ids.shape[1] - 1, 24, generator=g)
-    w_t = torch.randn(len(t_tok) + 5, 24, generator=g) * 0.4
-    hidden = torch.randn(1, s_ids.shape[1] - 1, 16, generator=g)
-    w_s = torch.randn(len(s_tok) + 3, 16, generator=g) * 0.5
-    b_s = torch.randn(len(s_tok) + 3, generator=g) * 0.3
-    return a.alignment(), vmap, t_ids, s_ids, h_t, w_t, hidden, w_s, b_s
+    return random_head_pair(corpus_text(20_000)[10_000:10_500] + " 😀 naïve", 24, 16, 0.4, 0.5)
 
 
 def _grads(pair, teacher, method, tau, fused, weights=None, chunk=7):

@@ -16,9 +16,9 @@ import torch
 from distillery.losses import chunked, chunked_distill_loss
 from distillery.losses.chunked import autocast_head_dtype
 from distillery.targets import TeacherTargets, sparse_from_logits
-from distillery.xtok import StudentHead, align_text, build_vocab_map, xtok_loss
-from tiny import corpus_text, tiny_tokenizer
-from xtok_tokenizers import trained_metaspace
+from distillery.xtok import StudentHead, xtok_loss
+from tiny import corpus_text
+from xtok_tokenizers import random_head_pair
 
 LOSS_RTOL, GRAD_RTOL = 1e-2, 3e-2
 
@@ -27,17 +27,7 @@ LOSS_RTOL, GRAD_RTOL = 1e-2, 3e-2
 def pair():
     """Byte-level teacher (1024) -> SentencePiece-style student (400 + bytes): 1-1, 1-n and n-1 spans; a student
     head with 3 padded rows and a bias (hidden size 64: each logit sums 64 bf16 products), a lazy teacher."""
-    t_tok, s_tok = tiny_tokenizer(1024), trained_metaspace(400)
-    a = align_text(corpus_text(20_000)[10_000:10_800], t_tok, s_tok)
-    vmap = build_vocab_map(t_tok, s_tok)
-    t_ids, s_ids = torch.tensor(a.teacher_ids)[None], torch.tensor(a.student_ids)[None]
-    g = torch.Generator().manual_seed(0)
-    h_t = torch.randn(1, t_ids.shape[1] - 1, 48, generator=g)
-    w_t = torch.randn(len(t_tok) + 5, 48, generator=g) * 0.3
-    hidden = torch.randn(1, s_ids.shape[1] - 1, 64, generator=g)
-    w_s = torch.randn(len(s_tok) + 3, 64, generator=g) * 0.3
-    b_s = torch.randn(len(s_tok) + 3, generator=g) * 0.3
-    return a.alignment(), vmap, t_ids, s_ids, h_t, w_t, hidden, w_s, b_s
+    return random_head_pair(corpus_text(20_000)[10_000:10_800], 48, 64, 0.3, 0.3)
 
 
 def _teacher(pair, form, tau, dtype=torch.float32):

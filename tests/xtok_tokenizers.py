@@ -12,10 +12,12 @@ from __future__ import annotations
 import functools
 import json
 
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from tiny import corpus_text
+from distillery.xtok import align_text, build_vocab_map
+from tiny import corpus_text, tiny_tokenizer
 
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
@@ -84,3 +86,20 @@ def trained_metaspace(vocab_size: int = 600, chars: int = 100_000) -> PreTrained
                                    eos_token="</s>", unk_token="<unk>")
     fast.chat_template = ZEPHYR
     return fast
+
+
+def random_head_pair(text: str, teacher_hidden: int, student_hidden: int, teacher_scale: float, student_scale: float):
+    """A byte-level teacher (1024) -> SentencePiece-style student (400 + bytes) pair on ``text``, with seeded random
+    heads for the fused-loss tests: ``(alignment, vmap, t_ids, s_ids, h_t, w_t, hidden, w_s, b_s)`` — a lazy teacher
+    (``h_t (1, T_t-1, teacher_hidden)``, ``w_t`` with 5 padded rows) and a student head with 3 padded rows and a bias."""
+    t_tok, s_tok = tiny_tokenizer(1024), trained_metaspace(400)
+    a = align_text(text, t_tok, s_tok)
+    vmap = build_vocab_map(t_tok, s_tok)
+    t_ids, s_ids = torch.tensor(a.teacher_ids)[None], torch.tensor(a.student_ids)[None]
+    g = torch.Generator().manual_seed(0)
+    h_t = torch.randn(1, t_ids.shape[1] - 1, teacher_hidden, generator=g)
+    w_t = torch.randn(len(t_tok) + 5, teacher_hidden, generator=g) * teacher_scale
+    hidden = torch.randn(1, s_ids.shape[1] - 1, student_hidden, generator=g)
+    w_s = torch.randn(len(s_tok) + 3, student_hidden, generator=g) * student_scale
+    b_s = torch.randn(len(s_tok) + 3, generator=g) * 0.3
+    return a.alignment(), vmap, t_ids, s_ids, h_t, w_t, hidden, w_s, b_s
