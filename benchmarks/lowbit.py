@@ -327,7 +327,8 @@ def _merge(args) -> int:
     merged["settings"]["bits"] = bits = sorted({b for p in parts for b in p["settings"]["bits"]}, reverse=True)
     merged["goals"] = _goals(merged["rows"], bits, _tag(merged["settings"].get("embedding_bits")))
     merged["limits"] = LIMITS
-    merged.update({"base_command": args.base_command} if args.base_command else {})
+    if args.base_command:
+        merged["base_command"] = args.base_command
     out = Path(args.out) if args.out else RESULTS / "lowbit.json"
     write_json(merged, out)
     print(f"wrote {out}")
