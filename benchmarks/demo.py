@@ -69,12 +69,14 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="reuse the work folder (cached teacher answers, finished runs)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--trend", action="store_true", help="BLiMP of every kept checkpoint (after the timed run)")
+    ap.add_argument("--demo-arg", action="append", default=[], metavar="ARG",
+                    help="passed on to the demo (repeatable), e.g. --demo-arg=--answer-temperature=0.7")
     args = ap.parse_args()
     work = Path(args.work_dir)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(work.with_name(work.name + "_home"), ignore_errors=True)
-    cmd = [sys.executable, "-m", "distillery.cli", "demo", "--output-dir", str(work)] + (["--quick"] if args.quick else [])
+    cmd = [sys.executable, "-m", "distillery.cli", "demo", "--output-dir", str(work)] + (["--quick"] if args.quick else []) + args.demo_arg
     if args.trend:  # keep about five checkpoints per run to score afterwards
         from distillery.demo import SETTINGS
 

@@ -77,7 +77,8 @@ def _cmd_eval(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(quick=args.quick, output_dir=args.output_dir, overrides=args.overrides)
+    run_demo(quick=args.quick, output_dir=args.output_dir, overrides=args.overrides,
+             answer_temperature=args.answer_temperature, answer_top_p=args.answer_top_p)
     return 0
 
 
@@ -121,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("demo", help="distill SmolLM2-135M-Instruct into a small student and print the results")
     m.add_argument("--quick", action="store_true", help="a short run (under 3 minutes on 2 CPU cores)")
     m.add_argument("--output-dir", default="runs/demo")
+    m.add_argument("--answer-temperature", type=float, default=None, metavar="T",
+                   help="the teacher samples the training answers at temperature T (0 = greedy; default: demo.TRAIN_ANSWERS)")
+    m.add_argument("--answer-top-p", type=float, default=None, metavar="P",
+                   help="nucleus mass of those samples (default: demo.TRAIN_ANSWERS)")
     m.add_argument("overrides", nargs="*", default=[], help="key=value overrides for the demo recipe")
     m.set_defaults(func=_cmd_demo)
 

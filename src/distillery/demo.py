@@ -1,8 +1,9 @@
 """``distillery demo``: SmolLM2-135M-Instruct -> a student pruned to under 1/4 of it, distilled on the teacher's answers.
 
 1. **Chat data the teacher wrote** (:mod:`.demo_chat`): prompts about short passages of the bundled Shakespeare
-   (training) and Milton (held out), answered once by the teacher in this process (batched, KV cache, greedy),
-   cached under ``<output_dir>/data`` and reused by the next demo; plus a slice of the plays as plain text.
+   (training) and Milton (held out), answered once by the teacher in this process (batched, KV cache; the held-out
+   answers greedy, the training answers as ``TRAIN_ANSWERS`` / ``--answer-temperature`` / ``--answer-top-p`` say),
+   cached in the teacher's cache folder and reused by the next demo; plus a slice of the plays as plain text.
 2. **The student**: pruned from the teacher once (Minitron-style, ``distillery.prune``: 8 of 30 layers, d=384,
    FFN 1,024, 6 query / 3 KV heads, tied embeddings: 31.9M parameters, 0.24x), saved in ``pruned_init/``.
 3. **Two runs from that same init**, same blocks, same steps (``distill``):
@@ -39,6 +40,9 @@ SETTINGS = {
                   micro_batch=2, warmup=2, calib_batches=2, blimp_per_paradigm=1, milton_blocks=4, gen_batch=16),
 }
 PRUNE = {"layers": 8, "hidden": 384, "ffn": 1024, "heads": 6}
+# How the teacher writes the *training* answers (``--answer-temperature``, ``--answer-top-p``): 0 = greedy. The held-out
+# reference answers stay greedy whatever this says: the goals compare against the teacher's greedy answers.
+TRAIN_ANSWERS = {"sample_temperature": 0.0, "top_p": 1.0}
 
 
 def train_overrides(s: dict, quick: bool) -> list[str]:
@@ -55,7 +59,11 @@ def _dir_size(folder: Path) -> int:
 
 
 def _sample(model, tokenizer, text: str, new_tokens: int) -> tuple[str, float]:
-    """Greedy continuation with the KV cache; returns (text, decode tokens/s)."""
+    """Greedy continuation with the KV cache; returns (text, decode tokens/s).
+
+    Only ``benchmarks/quality.py``'s plain-text continuation sample uses this; the demo's goals measure plain greedy
+    answers (:func:`.tasks.fidelity.generate_answers`, no repetition penalty, no n-gram blocking).
+    """
     ids = tokenizer(text, return_tensors="pt").to(model.device)
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -67,11 +75,25 @@ def _sample(model, tokenizer, text: str, new_tokens: int) -> tuple[str, float]:
     return tokenizer.decode(gen, skip_special_tokens=True), len(gen) / dt
 
 
-def make_data(teacher, out: Path, s: dict, console: Console, seed: int = 0) -> dict:
+def train_answer_settings(sample_temperature: float | None = None, top_p: float | None = None) -> dict:
+    """The training answers' decoding, ``TRAIN_ANSWERS`` where an argument is None; ``{}`` for greedy (what
+    ``teacher_answers`` and the cache key get: greedy ignores ``top_p`` and the seed, so one greedy cache serves all)."""
+    from .errors import DistilleryError
+
+    t = TRAIN_ANSWERS["sample_temperature"] if sample_temperature is None else float(sample_temperature)
+    p = TRAIN_ANSWERS["top_p"] if top_p is None else float(top_p)
+    if not t >= 0 or not 0 < p <= 1:
+        raise DistilleryError(f"demo: --answer-temperature must be >= 0 and --answer-top-p in (0, 1] (got {t}, {p})")
+    return {} if t == 0 else {"sample_temperature": t, "top_p": p}
+
+
+def make_data(teacher, out: Path, s: dict, console: Console, seed: int = 0, answers: dict | None = None) -> dict:
     """Prompts, the teacher's answers and the training/held-out files; returns their paths and texts.
 
     The answers are a pure function of the teacher, the prompts and the generation settings, so they live in the
     teacher's cache folder (:func:`.demo_chat.teacher_cache`), not in ``out``: a second demo generates nothing.
+    ``answers`` (:func:`train_answer_settings`) decides how the training answers are decoded: ``{}`` greedy, else
+    sampled with ``seed`` (a separate cache file: the key holds temperature, top-p and seed).
     """
     from .data.chat import default_system_prompt
     from .demo_chat import answers_path, demo_prompts, teacher_answers, teacher_cache, write_chat, write_plain
@@ -85,11 +107,13 @@ def make_data(teacher, out: Path, s: dict, console: Console, seed: int = 0) -> d
     train_p = demo_prompts(s["train_prompts"], "shakespeare", seed)
     held_p = demo_prompts(s["heldout_prompts"], "milton", seed)
     kw = dict(max_new_tokens=s["answer_tokens"], batch_size=s["gen_batch"])
-    paths = {"train": answers_path(cache, "train", tok, train_p, **kw),
+    answers = dict(answers or {})
+    train_kw = kw | answers | ({"seed": seed} if answers else {})
+    paths = {"train": answers_path(cache, "train", tok, train_p, **train_kw),
              "heldout_greedy": answers_path(cache, "heldout_greedy", tok, held_p, **kw),
              "heldout_sampled": answers_path(cache, "heldout_sampled", tok, held_p, sample_temperature=1.0, seed=seed, **kw)}
     cached = all(p.is_file() for p in paths.values())
-    train_a = teacher_answers(model, tok, train_p, paths["train"], log=log, **kw)
+    train_a = teacher_answers(model, tok, train_p, paths["train"], log=log, **train_kw)
     held_greedy = teacher_answers(model, tok, held_p, paths["heldout_greedy"], log=log, **kw)
     # the sampled answers (T = 1) are answer fidelity's second reference
     held_sampled = teacher_answers(model, tok, held_p, paths["heldout_sampled"], sample_temperature=1.0, seed=seed,
@@ -102,7 +126,18 @@ def make_data(teacher, out: Path, s: dict, console: Console, seed: int = 0) -> d
             "plain": str(data / "plain.txt"), "train_prompts": train_p, "train_answers": train_a,
             "heldout_prompts": held_p, "heldout_greedy": held_greedy, "heldout_sampled": held_sampled,
             "n_train_conversations": n_train, "n_heldout_conversations": n_held, "system_prompt": system,
-            "teacher_cache": str(cache), "answers_were_cached": cached, "seconds": time.perf_counter() - t0}
+            "teacher_cache": str(cache), "answers_were_cached": cached, "seconds": time.perf_counter() - t0,
+            "train_decoding": train_answers_record(train_a, answers, seed)}
+
+
+def train_answers_record(answers: list[str], decoding: dict, seed: int) -> dict:
+    """How the training answers were decoded and how much they loop (means over answers: distinct-2, repeat share)."""
+    from .tasks.fidelity import distinct_2, repeat_share
+
+    d2 = [d for d in map(distinct_2, answers) if d is not None]
+    return {"decoding": "greedy" if not decoding else "sampled", **decoding, **({"seed": seed} if decoding else {}),
+            "distinct_2": sum(d2) / len(d2) if d2 else None,
+            "repeat_share": sum(map(repeat_share, answers)) / max(len(answers), 1)}
 
 
 def make_student(teacher, data: dict, out: Path, s: dict, console: Console) -> Path:
@@ -152,7 +187,15 @@ def _claim(out: Path, marker: dict) -> None:
     path.write_text(json.dumps(marker) + "\n")
 
 
-def run_demo(quick: bool = False, output_dir: str = "runs/demo", overrides: list[str] | None = None) -> dict:
+def demo_marker(s: dict, overrides: list[str] | None, answers: dict) -> dict:
+    """What a demo folder is for (``_claim``): settings, pruned shape, overrides and, when sampled, the training
+    answers' decoding. Greedy leaves the marker as it was, so the folders of earlier greedy demos are still reused."""
+    return {"demo": 3, "settings": s, "prune": PRUNE, "overrides": list(overrides or [])} | (
+        {"train_answers": answers} if answers else {})
+
+
+def run_demo(quick: bool = False, output_dir: str = "runs/demo", overrides: list[str] | None = None,
+             answer_temperature: float | None = None, answer_top_p: float | None = None) -> dict:
     from .demo_eval import evaluate_demo, print_results
     from .evaluate import write_json
     from .teachers import load_teacher
@@ -162,10 +205,11 @@ def run_demo(quick: bool = False, output_dir: str = "runs/demo", overrides: list
     out = Path(output_dir)
     s = SETTINGS["quick" if quick else "full"]
     started = time.perf_counter()
-    _claim(out, {"demo": 3, "settings": s, "prune": PRUNE, "overrides": list(overrides or [])})
+    answers = train_answer_settings(answer_temperature, answer_top_p)
+    _claim(out, demo_marker(s, overrides, answers))
     console.rule("[bold]1. Chat data the teacher writes[/] (cached in " + str(out / "data") + ")")
     teacher = load_teacher("smollm2", dtype="float32")
-    data = make_data(teacher, out, s, console)
+    data = make_data(teacher, out, s, console, answers=answers)
     console.print(f"{data['n_train_conversations']} training and {data['n_heldout_conversations']} held-out "
                   f"conversations, {data['seconds']:.0f} s", highlight=False)
     console.rule("[bold]2. The student[/]: pruned from the teacher")

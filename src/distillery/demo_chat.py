@@ -7,7 +7,7 @@ the same settings give the same prompts on every machine.
 
 The teacher answers them in this process (:func:`teacher_answers`): left-padded batches through
 :func:`distillery.generate.sample` (KV cache; a row leaves the batch at its end-of-turn token), greedy
-unless ``sample_temperature > 0``. Answers are appended to a JSONL cache, one ``{"i", "prompt", "answer",
+unless ``sample_temperature > 0`` (then nucleus sampling with ``top_p``, seeded). Answers are appended to a JSONL cache, one ``{"i", "prompt", "answer",
 "settings"}`` per line, flushed after every batch, so an interrupted demo resumes where it stopped and a
 second demo generates nothing. :func:`write_chat` turns answers into the chat JSONL that ``distill`` reads
 (system, user, assistant; the loss sees the assistant tokens only).
@@ -130,18 +130,24 @@ def _read_cache(path: Path, prompts: list[str], settings: dict) -> dict[int, str
 
 @torch.no_grad()
 def teacher_answers(model, tokenizer, prompts: list[str], path: str | Path, *, max_new_tokens: int = 64,
-                    sample_temperature: float = 0.0, seed: int = 0, batch_size: int = 16,
+                    sample_temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
                     log=print) -> list[str]:
     """The teacher's answer to every prompt, generated once and cached in ``path`` (JSONL, resumable).
 
-    Prompts are sorted by token length before batching (less left padding); batch ``k`` of the sorted
-    order draws with ``torch.Generator().manual_seed(seed + k)``, so a resumed run samples what an
-    uninterrupted one would. Returns the answers in prompt order (decoded new tokens before the first
-    stop token, special tokens dropped).
+    Greedy when ``sample_temperature == 0`` (``top_p`` and ``seed`` then change nothing), else drawn from
+    softmax(logits / sample_temperature) cut to its nucleus of mass ``top_p``. Prompts are sorted by token
+    length before batching (less left padding); batch ``k`` of the sorted order draws with
+    ``torch.Generator().manual_seed(seed + k)``, so a resumed run samples what an uninterrupted one would.
+    Returns the answers in prompt order (decoded new tokens before the first stop token, special tokens dropped).
     """
+    if not sample_temperature >= 0 or not 0 < top_p <= 1:
+        raise DistilleryError(f"teacher answers: sample_temperature must be >= 0 and top_p in (0, 1] "
+                              f"(got {sample_temperature}, {top_p})")
     path = Path(path)
     settings = {"max_new_tokens": max_new_tokens, "sample_temperature": sample_temperature, "seed": seed,
                 "batch_size": batch_size}
+    if top_p != 1.0:  # recorded only when it cuts: caches written before top_p existed stay valid
+        settings["top_p"] = top_p
     done = _read_cache(path, prompts, settings)
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
@@ -169,7 +175,7 @@ def teacher_answers(model, tokenizer, prompts: list[str], path: str | Path, *, m
                 mask[row, width - len(s):] = 1
             gen = torch.Generator().manual_seed(seed + k)
             out, completion = sample(model, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
-                                     sample_temperature=sample_temperature, eos_token_id=stops, pad_token_id=pad,
+                                     sample_temperature=sample_temperature, top_p=top_p, eos_token_id=stops, pad_token_id=pad,
                                      generator=gen)
             new_tokens += int(completion.sum())
             for row, i in enumerate(batch):

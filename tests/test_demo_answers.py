@@ -1,0 +1,95 @@
+"""How the demo's teacher writes its training answers (``--answer-temperature``, ``--answer-top-p``), on a tiny model:
+greedy and sampled answers live in separate cache files, sampled ones are reproducible from their seed, the held-out
+reference answers stay greedy, and a demo folder is claimed for one decoding only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from tiny import tiny_llama, tiny_tokenizer
+
+from distillery.demo import TRAIN_ANSWERS, _claim, demo_marker, make_data, train_answer_settings
+from distillery.demo_chat import teacher_answers, teacher_cache
+from distillery.errors import DistilleryError
+from distillery.teachers.hf import HFTeacher
+
+S = dict(train_prompts=6, heldout_prompts=2, answer_tokens=6, plain_chars=200, gen_batch=4)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return HFTeacher(model=tiny_llama(seed=4), tokenizer=tiny_tokenizer(), name="tiny/t", source="t",
+                     device=torch.device("cpu"))
+
+
+def _data(teacher, out: Path, answers: dict, seed: int = 0) -> dict:
+    return make_data(teacher, out, S, Console(quiet=True), seed=seed, answers=answers)
+
+
+def test_answer_settings_default_and_bad_values():
+    assert TRAIN_ANSWERS["sample_temperature"] == 0.0 and train_answer_settings() == {}  # default: greedy
+    assert train_answer_settings(0.0, 0.5) == {}  # greedy ignores top-p: one greedy cache, one marker
+    assert train_answer_settings(0.7, 0.9) == {"sample_temperature": 0.7, "top_p": 0.9}
+    assert train_answer_settings(0.7) == {"sample_temperature": 0.7, "top_p": TRAIN_ANSWERS["top_p"]}
+    for t, p in ((-0.1, 1.0), (0.7, 0.0), (0.7, 1.5), (float("nan"), 1.0)):
+        with pytest.raises(DistilleryError, match="--answer-temperature must be >= 0"):
+            train_answer_settings(t, p)
+    with pytest.raises(DistilleryError, match="top_p in"):
+        teacher_answers(None, None, ["x"], "unused.jsonl", sample_temperature=1.0, top_p=0.0)
+
+
+def test_sampled_training_answers_cached_apart_and_reproducible(teacher, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("DISTILLERY_HOME", str(tmp_path / "home"))
+    cache = teacher_cache(teacher)
+    greedy = _data(teacher, tmp_path / "g", {})
+    sampled = _data(teacher, tmp_path / "s", train_answer_settings(0.7, 0.9))
+    g, d = greedy["train_decoding"], sampled["train_decoding"]
+    assert set(g) == {"decoding", "distinct_2", "repeat_share"} and g["decoding"] == "greedy"
+    assert d["decoding"] == "sampled" and (d["sample_temperature"], d["top_p"], d["seed"]) == (0.7, 0.9, 0)
+    assert greedy["train_answers"] == teacher_answers(teacher.model, teacher.tokenizer, greedy["train_prompts"],
+                                                      tmp_path / "direct.jsonl", max_new_tokens=6, batch_size=4)
+    # the same prompts, other training answers; the held-out reference answers are the same greedy ones
+    assert sampled["train_prompts"] == greedy["train_prompts"] and sampled["train_answers"] != greedy["train_answers"]
+    assert sampled["heldout_greedy"] == greedy["heldout_greedy"] and sampled["heldout_sampled"] == greedy["heldout_sampled"]
+    assert len(sorted(cache.glob("answers_train-*.jsonl"))) == 2  # greedy and sampled never share a file
+    assert len(sorted(cache.glob("answers_heldout_greedy-*.jsonl"))) == 1
+    chat = Path(sampled["train_chat"]).read_text()
+    assert all(json.dumps(a)[1:-1] in chat for a in sampled["train_answers"] if a.strip())  # what the students read
+
+    # a second demo reads the cache; with the cache gone the same seed draws the same answers again
+    assert _data(teacher, tmp_path / "s2", train_answer_settings(0.7, 0.9))["answers_were_cached"] is True
+    for f in cache.glob("answers_train-*.jsonl"):
+        f.unlink()
+    again = _data(teacher, tmp_path / "s3", train_answer_settings(0.7, 0.9))
+    assert again["answers_were_cached"] is False
+    assert again["train_answers"] == sampled["train_answers"]
+    other_seed = _data(teacher, tmp_path / "s4", train_answer_settings(0.7, 0.9), seed=1)
+    assert other_seed["train_prompts"] != sampled["train_prompts"]  # the seed draws the prompts too
+
+
+def test_top_p_reaches_the_sampler(teacher, tmp_path: Path):
+    """A nucleus of (almost) zero mass keeps only the most likely token: whatever the temperature, that is greedy."""
+    tok, model = teacher.tokenizer, teacher.model
+    prompts = ["Who is there?", "Long live the king.", "Speak, speak!"]
+    kw = dict(max_new_tokens=8, batch_size=2, log=lambda m: None)
+    greedy = teacher_answers(model, tok, prompts, tmp_path / "g.jsonl", **kw)
+    hot = teacher_answers(model, tok, prompts, tmp_path / "h.jsonl", sample_temperature=5.0, top_p=1e-6, seed=3, **kw)
+    assert hot == greedy
+    full = teacher_answers(model, tok, prompts, tmp_path / "f.jsonl", sample_temperature=5.0, seed=3, **kw)
+    assert full != greedy  # at T = 5 with the whole distribution the random tiny model wanders off the argmax
+
+
+def test_demo_folder_claimed_for_one_decoding(tmp_path: Path):
+    s = {"steps": 12}
+    greedy, sampled = demo_marker(s, [], {}), demo_marker(s, [], train_answer_settings(0.7, 0.9))
+    assert "train_answers" not in greedy  # as before the setting existed: earlier greedy demo folders are reused
+    assert sampled["train_answers"] == {"sample_temperature": 0.7, "top_p": 0.9}
+    _claim(tmp_path / "d", greedy)
+    (tmp_path / "d" / "kd").mkdir()
+    _claim(tmp_path / "d", demo_marker(s, [], {}))
+    with pytest.raises(DistilleryError, match="holds another run"):
+        _claim(tmp_path / "d", sampled)  # students trained on greedy answers are not the sampled demo's
