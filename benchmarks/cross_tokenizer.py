@@ -144,7 +144,7 @@ def recipe(args, size, arm: str, init: str, files: dict, seqkd: dict | None, out
     steps, batch, seq = size[:3]
     xt = arm in XTOK or arm == "gold_trl"
     loss = {"kd_weight": 1.0 if xt else 0.0, "ce_weight": args.ce_weight if xt else 1.0,
-            "xtok_method": arm if arm in XTOK else "exact_kl", "xtok_span_weight": 1.0, "chunk_size": 256}
+            "xtok_method": arm if arm in XTOK else "exact_kl", "xtok_span_weight": 1.0}
     train_file = seqkd["file"] if arm == "seqkd" else files["train"]
     return {"teacher": {"source": args.teacher, "dtype": "bfloat16" if precision == "bf16" else "float32"},
             "student": {"init": "pretrained", "pretrained": init, "tokenizer": init},

@@ -210,15 +210,23 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
                 ctx = acc.no_sync(wrapped) if i < len(micro) - 1 else contextlib.nullcontext()
             with ctx, acc.autocast():
                 hidden = wrapped(mb["input_ids"], mb.get("attention_mask"), mb.get("position_ids"))  # (B, T, H)
-                loss, stats = chunked_distill_loss(
-                    hidden, head.weight, None if views else targets, mb["labels"], kd=lc.kd, beta=lc.beta,
-                    alpha=lc.alpha, loss_temperature=lc.loss_temperature, kd_weight=0.0 if views else lc.kd_weight,
-                    ce_weight=lc.ce_weight, n_tokens=max(n_tokens, 1.0), chunk_size=chunk_rows,
-                    vocab_size=run.vocab_size, lm_head_bias=head.bias)
-                if views:  # cross-tokenizer KD on the aligned positions (xtok.losses), added to the fused CE
-                    kd_tok = run.xtok.loss(hidden, head, targets, views[i], mb["labels"], lc, chunk_rows)
-                    loss = loss + lc.kd_weight * lc.loss_temperature ** 2 * kd_tok / max(n_tokens, 1.0)
-                    stats["kd_sum"] = float(kd_tok.detach())
+                folded: dict = {}
+                if views:  # cross-tokenizer KD on the aligned positions (xtok.losses), with CE folded in if it can
+                    kd_scale = lc.kd_weight * lc.loss_temperature ** 2
+                    fold = lc.ce_weight / kd_scale if run.xtok.vmap.student_vocab == run.vocab_size else 0.0
+                    kd_tok = run.xtok.loss(hidden, head, targets, views[i], mb["labels"], lc, chunk_rows,
+                                           ce_weight=fold, ce_stats=folded)
+                    loss = kd_scale * kd_tok / max(n_tokens, 1.0)
+                    stats = {"kd_sum": float(kd_tok.detach()) - fold * folded.get("ce_sum", 0.0),
+                             "ce_sum": folded.get("ce_sum", 0.0)}
+                if not folded:  # the student's CE (and same-vocabulary KD) through the fused head
+                    loss_ce, stats_ce = chunked_distill_loss(
+                        hidden, head.weight, None if views else targets, mb["labels"], kd=lc.kd, beta=lc.beta,
+                        alpha=lc.alpha, loss_temperature=lc.loss_temperature, kd_weight=0.0 if views else lc.kd_weight,
+                        ce_weight=lc.ce_weight, n_tokens=max(n_tokens, 1.0), chunk_size=chunk_rows,
+                        vocab_size=run.vocab_size, lm_head_bias=head.bias)
+                    loss = loss + loss_ce if views else loss_ce
+                    stats = dict(stats, ce_sum=stats_ce["ce_sum"]) if views else stats_ce
                 if not torch.isfinite(loss):
                     raise DistilleryError(f"step {step}: loss is {loss.item()}; stopped before the update "
                                           f"(last good checkpoint: {_last_checkpoint(out)})")
@@ -358,7 +366,8 @@ def _validate(run, student, step: int, log, tc, acc, sharded_root=None) -> dict 
             from .xtok.evaluate import evaluate_xtok
 
             m = evaluate_xtok(run.eval_teacher, student, batches, run.xtok, teacher_vocab=run.teacher_vocab,
-                              student_vocab=run.vocab_size, max_batches=tc.eval_batches * acc.num_processes)
+                              student_vocab=run.vocab_size, max_batches=tc.eval_batches * acc.num_processes,
+                              chunk_rows=min(1024, run.cfg.loss.chunk_rows(acc.device.type, run.vocab_size)))
         else:
             m = evaluate(run.eval_teacher, student, batches, vocab_size=run.vocab_size,
                          max_batches=tc.eval_batches * acc.num_processes, chunk_rows=min(1024, run.cfg.loss.chunk_rows(acc.device.type, run.vocab_size)))

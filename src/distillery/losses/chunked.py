@@ -95,11 +95,14 @@ def head_logits_(hm: torch.Tensor, w: torch.Tensor, z: torch.Tensor, scratch: to
 
 
 def head_grads_(dz: torch.Tensor, w: torch.Tensor, hm: torch.Tensor, grad_h: torch.Tensor | None,
-                grad_w: torch.Tensor | None, scratch: torch.Tensor | None) -> None:
+                grad_w: torch.Tensor | None, scratch: torch.Tensor | None, w_rows: torch.Tensor | None = None) -> None:
     """``grad_h (k, H) = dz (k, V) · w`` and ``grad_w (V, H) += dzᵀ · hm`` (skipped where None). ``scratch`` None:
     one matmul each in ``dz``'s dtype. Else bf16 operands, ``HEAD_BLOCK`` vocabulary rows at a time: the block of
     ``dz`` is rounded to bf16 once, each block's products are added in fp32 (no ``(V, H)`` or ``(k, V)``
-    temporary); ``scratch`` as in :func:`head_logits_`."""
+    temporary); ``scratch`` as in :func:`head_logits_`. ``w_rows (V,)`` (blocked path only): row ``i`` of ``w``
+    is row ``w_rows[i]`` of ``grad_w`` (a reordered head's gradient lands in the original order)."""
+    if w_rows is not None and scratch is None:
+        raise ValueError("head_grads_: w_rows needs the blocked (bf16) path")
     if scratch is None:
         if grad_h is not None:
             torch.mm(dz, w, out=grad_h)
@@ -114,8 +117,10 @@ def head_grads_(dz: torch.Tensor, w: torch.Tensor, hm: torch.Tensor, grad_h: tor
         d = scratch[:k * (b - a)].view(k, b - a).copy_(dz[:, a:b])  # (k, blk) bf16
         if grad_h is not None:
             grad_h.add_(torch.mm(d, w[a:b]))
-        if grad_w is not None:
+        if grad_w is not None and w_rows is None:
             grad_w[a:b].add_(torch.mm(d.t(), hm))
+        elif grad_w is not None:
+            grad_w.index_add_(0, w_rows[a:b], torch.mm(d.t(), hm).to(grad_w.dtype))
 
 def _teacher_rows_into(t: TeacherTargets, rows: torch.Tensor, vocab: int, out: torch.Tensor) -> None:
     """``out (c, V) = t.dense_logits(rows)[:, :V]``, written into ``out`` without a temporary when
@@ -224,7 +229,7 @@ class _FusedDistillLoss(torch.autograd.Function):
         gh, gw, gb = ctx.grads
         h_dtype, w_shape, w_dtype, b_meta = ctx.shapes
         g = grad_out.to(gh.dtype)
-        scale = (lambda x: x) if bool(g == 1) else (lambda x: x * g)
+        scale = (lambda x: x) if bool(g == 1) else (lambda x: x.mul_(g))  # in place: the stored grads are ours
         grad_h = scale(gh).to(h_dtype)
         grad_w = grad_b = None
         if gw is not None:

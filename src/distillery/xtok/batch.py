@@ -204,14 +204,17 @@ class CrossTokenizer:
         return assemble_view(rows, labels, self._pad)
 
     def loss(self, hidden: torch.Tensor, head, targets, view: TeacherView, labels: torch.Tensor, loss_cfg,
-             chunk_rows: int) -> torch.Tensor:
+             chunk_rows: int, ce_weight: float = 0.0, ce_stats: dict | None = None) -> torch.Tensor:
         """Sum over the student's target positions of the cross-tokenizer KD term (``loss.xtok_method`` and the
-        span term at ``loss.xtok_span_weight``), a scalar with gradients to ``hidden`` and the head."""
+        span term at ``loss.xtok_span_weight``), a scalar with gradients to ``hidden`` and the head; with
+        ``ce_weight`` / ``ce_stats``, plus ``ce_weight ·`` the CE sum where :func:`~.losses.xtok_loss` can fold it
+        in (then ``ce_stats`` says so)."""
         from .losses import StudentHead, xtok_loss
 
         device = hidden.device
         per_token = xtok_loss(StudentHead(hidden, head.weight, head.bias), targets, view.alignment.to(device), self.vmap,
                               student_labels=labels, teacher_labels=view.batch["labels"].to(device),
                               method=loss_cfg.xtok_method, span_weight=loss_cfg.xtok_span_weight,
-                              loss_temperature=loss_cfg.loss_temperature, chunk_size=chunk_rows)
+                              loss_temperature=loss_cfg.loss_temperature, chunk_size=chunk_rows,
+                              ce_weight=ce_weight, ce_stats=ce_stats)
         return per_token.sum()

@@ -42,7 +42,7 @@ logits with one extra dummy column that absorbs the ``-1`` entries.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +72,10 @@ class FusedPlan:
     beta: float = 0.5
     gold_weights: tuple[float, float] | None = None
     head_dtype: torch.dtype | None = None  # the head matmuls' operand dtype (bf16 under autocast), None = fp32/fp64
+    n_kd: int | None = None  # rows [0, n_kd) carry the distribution term, the rest CE only (None: every row)
+    ce_cols: torch.Tensor | None = None  # (n,) each row's label as a column of this plan's order: CE folded in
+    ce_lambda: float = 0.0  # the CE weight relative to the distribution term's
+    stats: dict = field(default_factory=dict)  # run() leaves ``ce_sum`` (Σ CE over the rows, unweighted) here
 
 
 def matched_first(matched: torch.Tensor, width: int) -> torch.Tensor:
@@ -88,9 +92,11 @@ def _lse(x: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(x, dim=1, keepdim=True)
 
 
-def _exact_kl_dense_(z: torch.Tensor, t: torch.Tensor, m: int, p: torch.Tensor) -> torch.Tensor:
-    """Row values ``(k,)``; ``z (k, V_s)`` (student logits / τ, matched first) becomes ``∂L/∂s``. ``t (k, V_t)``
-    (teacher logits / τ, matched first) and ``p (k, M)`` are scratch."""
+def _exact_kl_dense_(z: torch.Tensor, t: torch.Tensor, m: int, p: torch.Tensor,
+                     lam: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row values ``(k,)`` and the student's ``logsumexp`` ``(k, 1)``; ``z (k, V_s)`` (student logits / τ, matched
+    first) becomes ``∂L/∂s`` plus ``lam · q`` (the CE term's ``q``, its ``−lam`` at the label is the caller's).
+    ``t (k, V_t)`` (teacher logits / τ, matched first) and ``p (k, M)`` are scratch."""
     big_t = _lse(t)
     lp_rest = (_lse(t[:, m:]) - big_t).clamp(min=TAIL_FLOOR)  # (k, 1)
     lp = t[:, :m].sub_(big_t)  # teacher matched log-probs, in place
@@ -103,18 +109,19 @@ def _exact_kl_dense_(z: torch.Tensor, t: torch.Tensor, m: int, p: torch.Tensor) 
     p_rest = lp_rest.exp()
     value = d.sum(1) + (p_rest * (lp_rest - lq_rest)).squeeze(1)
     live = lq_rest_raw >= TAIL_FLOOR  # the floor passes no gradient
-    s_total = p.sum(1, keepdim=True) + torch.where(live, p_rest, torch.zeros_like(p_rest))
+    s_total = p.sum(1, keepdim=True) + torch.where(live, p_rest, torch.zeros_like(p_rest)) + lam
     rest_coef = s_total - torch.where(live, p_rest * torch.exp(-lq_rest), torch.zeros_like(p_rest))
     q = z.sub_(big).exp_()
     q[:, :m].mul_(s_total).sub_(p)
     q[:, m:].mul_(rest_coef)
-    return value
+    return value, big
 
 
 def _exact_kl_sparse_(z: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor, rest: torch.Tensor,
-                      scratch: torch.Tensor) -> torch.Tensor:
-    """Row values ``(k,)``; ``z (k, V)`` becomes ``∂L/∂s`` in ``scratch[:, :V]`` (returned second). ``ids (k, K)``
-    student ids or ``-1``, ``lp (k, K)``, ``rest (k,)`` the teacher's log-mass elsewhere."""
+                      scratch: torch.Tensor, lam: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row values ``(k,)`` and the student's ``logsumexp`` ``(k, 1)``; ``∂L/∂s`` (plus ``lam · q``, as in
+    :func:`_exact_kl_dense_`) is written into ``scratch[:, :V]``. ``z (k, V)`` the student logits / τ,
+    ``ids (k, K)`` student ids or ``-1``, ``lp (k, K)``, ``rest (k,)`` the teacher's log-mass elsewhere."""
     v = z.shape[1]
     valid = ids >= 0
     col = torch.where(valid, ids.long(), torch.full_like(ids.long(), v))  # -1 -> the dummy column v
@@ -132,7 +139,7 @@ def _exact_kl_sparse_(z: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor, rest
     p_rest = lp_rest.exp()
     value = head + (p_rest * (lp_rest - lq_rest)).squeeze(1)
     live = lq_rest_raw >= TAIL_FLOOR
-    s_total = p.sum(1, keepdim=True) + torch.where(live, p_rest, torch.zeros_like(p_rest))
+    s_total = p.sum(1, keepdim=True) + torch.where(live, p_rest, torch.zeros_like(p_rest)) + lam
     rest_coef = s_total - torch.where(live, p_rest * torch.exp(-lq_rest), torch.zeros_like(p_rest))
     out = scratch
     torch.sub(z, big, out=out[:, :v]).exp_()  # q
@@ -140,14 +147,18 @@ def _exact_kl_sparse_(z: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor, rest
     out[:, :v].mul_(rest_coef)
     # matched columns: q·S − p instead of q·(S − P_r/Q_r); the dummy column takes the -1 entries' additions
     out.scatter_add_(1, col, torch.where(valid, q_ids * (s_total - rest_coef) - p, torch.zeros_like(p)))
-    return value
+    return value, big
 
 
 def _autograd_term_(method: str, z: torch.Tensor, t: torch.Tensor, m: int, plan: FusedPlan,
-                    row_weight: torch.Tensor | None) -> torch.Tensor:
-    """``uld`` / ``gold`` rows: ``G`` from autograd on this chunk's ``lq`` only; ``z`` becomes ``∂L/∂s``."""
+                    row_weight: torch.Tensor | None, lam: torch.Tensor | float = 0.0,
+                    cols: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``uld`` / ``gold`` rows: ``G`` from autograd on this chunk's ``lq`` only; ``z`` becomes ``∂L/∂s`` plus
+    ``lam · q`` (``lam`` already row-weighted). Returns the row values and, given label ``cols (k, 1)``, the
+    student's ``−lq`` at the label (the CE rows)."""
     lp = torch.log_softmax(t, dim=1)
     torch.log_softmax(z, dim=1, out=z)
+    ce = None if cols is None else -z.gather(1, cols).squeeze(1)
     with torch.enable_grad():
         lq = z.detach().requires_grad_(True)
         if method == "uld":
@@ -155,19 +166,21 @@ def _autograd_term_(method: str, z: torch.Tensor, t: torch.Tensor, m: int, plan:
         else:
             ids = torch.arange(m, device=z.device)
             value = terms.gold_hybrid(lp, lq, ids, ids, plan.beta, plan.gold_weights)
-        (g,) = torch.autograd.grad(value, lq, grad_outputs=row_weight if row_weight is not None
+        (g,) = torch.autograd.grad(value, lq, grad_outputs=row_weight.reshape(-1) if row_weight is not None
                                    else torch.ones_like(value))
     q = z.exp_()
-    q.mul_(-g.sum(1, keepdim=True)).add_(g)
-    return value.detach()
+    q.mul_(lam - g.sum(1, keepdim=True)).add_(g)
+    return value.detach(), ce
 
 
 def run(plan: FusedPlan, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         row_weight: torch.Tensor | None, need: tuple[bool, bool, bool]):
     """Values ``(n,)`` of rows ``h (n, H)`` and the gradients of ``Σ_r w_r·value_r`` w.r.t. ``h``, ``weight``,
-    ``bias`` (``None`` where not ``need``-ed; ``w = row_weight`` or 1)."""
+    ``bias`` (``None`` where not ``need``-ed; ``w = row_weight`` or 1). With ``plan.ce_cols`` every row's value also
+    holds ``ce_lambda · CE_r`` (rows from ``plan.n_kd`` on hold only that; module doc, "CE folded in")."""
     dtype = torch.float64 if torch.float64 in (h.dtype, weight.dtype) else torch.float32
     n, v = h.shape[0], plan.width
+    n_kd = n if plan.n_kd is None else plan.n_kd
     low = plan.head_dtype if dtype == torch.float32 else None  # bf16 head matmuls (module doc); never for fp64
     if low is None:
         w = weight[:v] if plan.perm is None else weight[:v].index_select(0, plan.perm)
@@ -180,26 +193,38 @@ def run(plan: FusedPlan, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     b = None if bias is None else (bias[:v] if plan.perm is None else bias[:v].index_select(0, plan.perm)).to(dtype)
     grads = any(need)
     grad_h = torch.empty_like(hc) if need[0] else None
-    grad_w = torch.zeros(w.shape, dtype=dtype, device=h.device) if need[1] else None  # fp32 even for a bf16 w
+    # bf16 blocks add their (HEAD_BLOCK, H) products straight into vocabulary order (index_add): one fp32 (V, H)
+    # gradient instead of a reordered one plus its vocabulary-order copy
+    direct = low is not None
+    grad_w = torch.zeros(weight.shape if direct else w.shape, dtype=dtype, device=h.device) if need[1] else None
     grad_b = torch.zeros(v, dtype=dtype, device=h.device) if need[2] and b is not None else None
     c = max(1, min(plan.chunk_size, n))
     zbuf = torch.empty(c, v, dtype=dtype, device=h.device)
     lbuf = None if low is None else low_head_scratch(c, low, h.device)  # bf16 scratch (losses.chunked.head_logits_)
-    values = []
+    lam = plan.ce_lambda if plan.ce_cols is not None else 0.0
+    values, ce_values = [], []
     tbuf = pbuf = scratch = None
-    for lo in range(0, n, c):
-        hi = min(lo + c, n)
+    bounds = [(lo, min(lo + c, n_kd)) for lo in range(0, n_kd, c)] + [(lo, min(lo + c, n)) for lo in range(n_kd, n, c)]
+    for lo, hi in bounds:
         z = zbuf[:hi - lo, :v]
         head_logits_(hm[lo:hi], w, z, lbuf)  # student logits (k, V_s); the softmax and the loss in fp32
         if b is not None:
             z.add_(b)
         if plan.tau != 1.0:
             z.div_(plan.tau)
-        if plan.sparse_rows is not None:
+        rw = None if row_weight is None else row_weight[lo:hi].to(dtype).unsqueeze(1)  # (k, 1)
+        cols = None if plan.ce_cols is None else plan.ce_cols[lo:hi].unsqueeze(1)  # (k, 1)
+        z_label = None if cols is None else z.gather(1, cols).squeeze(1)  # before z is overwritten
+        big = ce = None
+        if lo >= n_kd:  # CE only: value lam·(lse − z_y), gradient lam·(q − e_y)
+            big = _lse(z)
+            val = torch.zeros(hi - lo, dtype=dtype, device=h.device)
+            z.sub_(big).exp_().mul_(lam)
+        elif plan.sparse_rows is not None:
             ids, lp, rest = plan.sparse_rows(lo, hi)
             if scratch is None:
                 scratch = torch.empty(c, v + 1, dtype=dtype, device=h.device)
-            val = _exact_kl_sparse_(z, ids, lp, rest, scratch[:hi - lo])
+            val, big = _exact_kl_sparse_(z, ids, lp, rest, scratch[:hi - lo], lam)
             z = scratch[:hi - lo, :v]  # the gradient
         else:
             t_logits = plan.dense_rows(lo, hi)
@@ -212,29 +237,40 @@ def run(plan: FusedPlan, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             if plan.method == "exact_kl":
                 if pbuf is None:
                     pbuf = torch.empty(c, plan.m, dtype=dtype, device=h.device)
-                val = _exact_kl_dense_(z, t, plan.m, pbuf[:hi - lo])
+                val, big = _exact_kl_dense_(z, t, plan.m, pbuf[:hi - lo], lam)
             else:
-                rw = None if row_weight is None else row_weight[lo:hi].to(dtype)
-                val = _autograd_term_(plan.method, z, t, plan.m, plan, rw)
+                val, ce = _autograd_term_(plan.method, z, t, plan.m, plan, rw, lam if rw is None else lam * rw, cols)
+        weighted_later = plan.method == "exact_kl" or lo >= n_kd  # rows whose gradient is row-weighted below
+        if cols is not None:
+            ce = big.squeeze(1) - z_label if ce is None else ce
+            ce_values.append(ce)
+            val = val + lam * ce
+            minus = torch.full_like(z_label.unsqueeze(1), -lam)  # the CE gradient's −e_y
+            z.scatter_add_(1, cols, minus if rw is None or weighted_later else minus * rw)
         values.append(val)
         if not grads:
             continue
-        if row_weight is not None and plan.method == "exact_kl":
-            z.mul_(row_weight[lo:hi].to(dtype).unsqueeze(1))
+        if rw is not None and weighted_later:
+            z.mul_(rw)
         if plan.tau != 1.0:
             z.div_(plan.tau)  # ∂L/∂z = ∂L/∂s / τ
-        head_grads_(z, w, hm[lo:hi], None if grad_h is None else grad_h[lo:hi], grad_w, lbuf)
+        head_grads_(z, w, hm[lo:hi], None if grad_h is None else grad_h[lo:hi], grad_w, lbuf,
+                    plan.perm if direct else None)
         if grad_b is not None:
             grad_b.add_(z.sum(0))
     value = torch.cat(values) if values else torch.zeros(0, dtype=dtype, device=h.device)
-    return value, (grad_h, _unpermute(grad_w, weight.shape, plan.perm), _unpermute(grad_b, None if bias is None
-                                                                                 else bias.shape, plan.perm))
+    if plan.ce_cols is not None:
+        plan.stats["ce_sum"] = float(torch.cat(ce_values).sum()) if ce_values else 0.0
+    gw = grad_w if direct else _unpermute(grad_w, weight.shape, plan.perm)
+    return value, (grad_h, gw, _unpermute(grad_b, None if bias is None else bias.shape, plan.perm))
 
 
 def _unpermute(grad: torch.Tensor | None, shape, perm: torch.Tensor | None) -> torch.Tensor | None:
     """The gradient of the first ``V`` (reordered) rows back in vocabulary order, zero rows beyond ``V``."""
     if grad is None:
         return None
+    if perm is None and tuple(grad.shape) == tuple(shape):
+        return grad
     full = torch.zeros(shape, dtype=grad.dtype, device=grad.device)
     if perm is None:
         full[:grad.shape[0]] = grad
@@ -270,7 +306,7 @@ class FusedRows(torch.autograd.Function):
             if grad is None:
                 out.append(None)
                 continue
-            grad = grad if scale is None else grad * scale.to(grad.dtype)
+            grad = grad if scale is None else grad.mul_(scale.to(grad.dtype))  # in place: no second (V, H)
             out.append(grad.to(like.dtype))
         return out[0], out[1], out[2], None
 
@@ -285,8 +321,8 @@ def fused_rows(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 
 def lazy_teacher_rows(teacher, rows: torch.Tensor, t_perm: torch.Tensor | None, width: int) -> Callable:
-    """``(lo, hi) -> (k, V_t)`` teacher logits of flattened teacher positions ``rows[lo:hi]``, matched first. The
-    lazy form reorders its LM head once (``(V_t, H)``, no gradient); dense logits gather their columns per chunk."""
+    """``(lo, hi) -> (k, V_t)`` teacher logits of flattened teacher positions ``rows[lo:hi]``, matched first (the
+    columns of each chunk gathered through ``t_perm``, for the lazy form after its LM head ran on those rows)."""
     if teacher.logits is not None:
         flat = teacher.logits.reshape(-1, teacher.logits.shape[-1])
 
@@ -297,10 +333,8 @@ def lazy_teacher_rows(teacher, rows: torch.Tensor, t_perm: torch.Tensor | None, 
     hid = teacher.hidden.reshape(-1, teacher.hidden.shape[-1])
     w = teacher.lm_head_weight[:width]
     b = None if teacher.lm_head_bias is None else teacher.lm_head_bias[:width]
-    if t_perm is not None:
-        w = w.index_select(0, t_perm)
-        b = None if b is None else b.index_select(0, t_perm)
 
-    def lazy(lo, hi):
-        return F.linear(hid.index_select(0, rows[lo:hi]), w, b)
+    def lazy(lo, hi):  # the chunk's columns reordered, not the head: no (V_t, H) copy per call
+        x = F.linear(hid.index_select(0, rows[lo:hi]), w, b)
+        return x if t_perm is None else x.index_select(1, t_perm)
     return lazy

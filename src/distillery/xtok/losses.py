@@ -214,7 +214,7 @@ def xtok_loss(student: torch.Tensor | StudentHead, teacher: TeacherTargets, alig
               teacher_label_logprob: torch.Tensor | None = None, method: str = "exact_kl",
               span_weight: float = 1.0, beta: float = 0.5, gold_weights: tuple[float, float] | None = None,
               loss_temperature: float | None = None, chunk_size: int = 256, checkpoint: bool = True,
-              fused: bool = True) -> torch.Tensor:
+              fused: bool = True, ce_weight: float = 0.0, ce_stats: dict | None = None) -> torch.Tensor:
     """Per-token cross-tokenizer KD loss ``(B, T_s)`` (module docstring).
 
     Args:
@@ -227,6 +227,11 @@ def xtok_loss(student: torch.Tensor | StudentHead, teacher: TeacherTargets, alig
         beta / gold_weights: GOLD's JSD β (TRL default 0.5) and ``(w_matched, w_unmatched)`` (None = adaptive).
         fused: a :class:`StudentHead` takes the fused path at ``ONE`` rows (:mod:`.fused`; not for a sparse teacher
             with ``uld`` / ``gold``); False = the reference path (autograd per chunk, ``checkpoint``).
+        ce_weight / ce_stats: CE folded into the fused pass (the train loop's; one pass over the student head
+            instead of two): when ``ce_weight > 0``, ``ce_stats`` is a dict and the fused path runs at τ = 1, every
+            label position ``t`` (``student_labels ≠ −100``) gains ``ce_weight · CE_t`` (``CE_t = −log q(label)``)
+            and ``ce_stats`` gets ``ce_sum`` (``Σ CE_t``, a float) and ``rows`` (those positions, flattened).
+            Otherwise ``ce_stats`` stays empty and the caller computes CE itself.
     """
     if method not in METHODS:
         raise LossInputError(f"unknown cross-tokenizer method '{method}' (choose one of {', '.join(METHODS)})")
@@ -244,7 +249,24 @@ def xtok_loss(student: torch.Tensor | StudentHead, teacher: TeacherTargets, alig
     batch_t = torch.arange(b, device=kind.device).unsqueeze(1) * t_t  # (B, 1): flat teacher row offset
 
     one = (kind == ONE).reshape(-1).nonzero().squeeze(-1)
-    if one.numel() and fused and isinstance(student, StudentHead) and (not teacher.is_sparse or method == "exact_kl"):
+    take_fused = fused and isinstance(student, StudentHead) and (not teacher.is_sparse or method == "exact_kl")
+    fold_ce = take_fused and ce_weight > 0 and ce_stats is not None and tau == 1.0
+    if fold_ce:  # the ONE rows first (distribution term + CE), then every other label position (CE only)
+        flat_labels = student_labels.reshape(-1)
+        is_label = flat_labels != -100
+        is_label[one] = False
+        rows = torch.cat([one, is_label.nonzero().squeeze(-1)])
+        y = flat_labels.index_select(0, rows).long()
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= vmap.student_vocab):
+            raise LossInputError(f"student labels span [{int(y.min())}, {int(y.max())}], outside the student "
+                                 f"vocabulary [0, {vmap.student_vocab})")
+        t_rows = (alignment.teacher_first.to(kind.device) + batch_t).reshape(-1)[one]
+        stats: dict = {}
+        values = _fused_one(student, teacher, t_rows, rows, vmap, method, tau, beta, gold_weights, chunk_size,
+                            ce=(y, float(ce_weight), one.numel(), stats))
+        per_token = per_token.index_put((rows,), values.to(dtype))
+        ce_stats.update(ce_sum=stats["ce_sum"], rows=rows)
+    elif one.numel() and take_fused:
         t_rows = (alignment.teacher_first.to(kind.device) + batch_t).reshape(-1)[one]
         per_token = per_token.index_put((one,), _fused_one(student, teacher, t_rows, one, vmap, method, tau, beta,
                                                            gold_weights, chunk_size).to(dtype))
@@ -280,9 +302,10 @@ def xtok_loss(student: torch.Tensor | StudentHead, teacher: TeacherTargets, alig
 
 
 def _fused_one(student: StudentHead, teacher: TeacherTargets, t_rows: torch.Tensor, one: torch.Tensor, vmap: VocabMap,
-               method: str, tau: float, beta: float, gold_weights, chunk_size: int) -> torch.Tensor:
+               method: str, tau: float, beta: float, gold_weights, chunk_size: int, ce=None) -> torch.Tensor:
     """The distribution term at the ``ONE`` rows (flattened student positions ``one``, teacher rows ``t_rows``)
-    through :func:`.fused.fused_rows`: ``(n,)``."""
+    through :func:`.fused.fused_rows`: ``(n,)``. ``ce = (labels (n,), weight, n_kd, stats)``: CE folded in, the
+    first ``n_kd`` rows of ``one`` being the ``ONE`` rows and the rest CE-only rows; ``stats`` gets ``ce_sum``."""
     h = student.hidden.reshape(-1, student.hidden.shape[-1]).index_select(0, one)  # (n, H)
     dev = h.device
     low = autocast_head_dtype(dev)  # under bf16 autocast the head matmuls run in bf16 (fused module doc)
@@ -299,6 +322,14 @@ def _fused_one(student: StudentHead, teacher: TeacherTargets, t_rows: torch.Tens
         plan = FusedPlan(method, tau, vmap.student_vocab, vmap.n_matched, chunk_size, perm=s_perm,
                          dense_rows=lazy_teacher_rows(teacher, t_rows, t_perm, vmap.teacher_vocab), beta=beta,
                          gold_weights=gold_weights, head_dtype=low)
+    if ce is not None:  # labels as columns of the plan's order: position of each id in the permutation
+        labels, weight, plan.n_kd, stats = ce
+        plan.ce_lambda, plan.stats = weight, stats
+        if plan.perm is None:
+            plan.ce_cols = labels
+        else:
+            inverse = torch.empty_like(plan.perm).scatter_(0, plan.perm, torch.arange(plan.perm.numel(), device=dev))
+            plan.ce_cols = inverse.index_select(0, labels)
     return fused_rows(h, student.weight, student.bias, plan)
 
 
