@@ -56,7 +56,10 @@ def test_the_teacher_view_of_a_packed_block_is_each_conversation_in_its_own_temp
     ref = [align_chat(m, t_tok, s_tok) for m in CONVS]
     t1, t2 = len(ref[0].teacher_ids), len(ref[1].teacher_ids)
     s1, s2 = len(ref[0].student_ids), len(ref[1].student_ids)
-    tb = view.batch
+    n = t1 + t2 - 1  # the row's teacher tokens; the batch is right-padded to a multiple of 16, masked, no targets
+    tb = {k: v[:, :n] for k, v in view.batch.items()}
+    assert view.batch["input_ids"].shape[1] % 16 == 0 and int(view.batch["attention_mask"][0].sum()) == n
+    assert (view.batch["labels"][0, n:] == -100).all()
     assert tb["input_ids"][0].tolist() == (ref[0].teacher_ids + ref[1].teacher_ids)[:-1]
     assert "<|im_start|>" in t_tok.decode(tb["input_ids"][0].tolist())
     # positions restart where the second conversation starts (each conversation sees only itself)
@@ -76,8 +79,8 @@ def test_the_teacher_view_of_a_packed_block_is_each_conversation_in_its_own_temp
     on2 = a2.kind[0] != NONE
     assert torch.equal(al.teacher_first[0, s1:s1 + s2 - 1][on2], a2.teacher_first[0][on2] + t1)
     assert torch.equal(al.student_first[0, s1:s1 + s2 - 1][on2], a2.student_first[0][on2] + s1)
-    assert al.teacher_len == t1 + t2 - 1 and int((al.kind != NONE).sum()) == int((a1.kind != NONE).sum() +
-                                                                                 (a2.kind != NONE).sum())
+    assert al.teacher_len == -(-(t1 + t2 - 1) // 16) * 16  # the teacher batch is padded to a multiple of 16
+    assert int((al.kind != NONE).sum()) == int((a1.kind != NONE).sum() + (a2.kind != NONE).sum())
 
 
 def test_a_conversation_cut_at_the_block_keeps_only_spans_inside_it():
@@ -216,7 +219,8 @@ def test_a_sample_that_repeats_the_conversation_gets_the_conversations_own_align
                torch.cat([rows, torch.full((1, 1), -1)], 1), "prompt_len": torch.tensor([p])}
     view = _view(r, sampled)
     t_end = ref.teacher_mask.index(1) + sum(ref.teacher_mask)  # the teacher's rendering through its <|im_end|>
-    got = view.batch["input_ids"][0].tolist() + [int(view.batch["labels"][0, -1])]
+    n = int(view.batch["attention_mask"][0].sum())  # the teacher's tokens (the batch is padded to a multiple of 16)
+    got = view.batch["input_ids"][0, :n].tolist() + [int(view.batch["labels"][0, n - 1])]
     assert got == ref.teacher_ids[:t_end]
     want = ref.alignment()
     assert torch.equal(view.alignment.kind[0, :T], want.kind[0, :T])

@@ -99,11 +99,20 @@ class TeacherRow:
     positions: list[int] | None = None
 
 
-def assemble_view(rows: list[TeacherRow], labels: torch.Tensor, pad: int) -> TeacherView:
+LENGTH_MULTIPLE = 16  # the teacher batch's length is rounded up to this (why: assemble_view)
+
+
+def assemble_view(rows: list[TeacherRow], labels: torch.Tensor, pad: int, multiple: int = 1) -> TeacherView:
     """Right-padded teacher batch ``(B, T_t)`` (``position_ids`` too when a row has its own) and the alignment
-    ``(B, T_s)`` of student label positions whose ``labels`` are targets."""
+    ``(B, T_s)`` of student label positions whose ``labels`` are targets. ``T_t`` is the longest row rounded up to
+    a ``multiple``. Why: the same text gives a teacher batch of another length at every step (120 to 160 tokens for
+    4 × 128 GPT-2 tokens), and every new length grew the process by a few MB that stayed (oneDNN keeps kernels per
+    shape, the heap fragments: SmolLM2-135M's forward at 41 lengths grew 100 MB in 80 calls, at one length 0); at
+    ``LENGTH_MULTIPLE`` the lengths take three values, at ~6 % more teacher positions. Padding is masked and never
+    a target, so the teacher's signal at the real positions is the same."""
     B, T = labels.shape
     T_t = max(max((len(r.ids) - 1 for r in rows), default=1), 1)
+    T_t = -(-T_t // multiple) * multiple
     t_input = torch.full((B, T_t), pad, dtype=torch.long)
     t_labels = torch.full((B, T_t), -100, dtype=torch.long)
     t_att = torch.zeros(B, T_t, dtype=torch.long)
@@ -201,7 +210,7 @@ class CrossTokenizer:
                 rows.append(self.chat.row(conv[b]))
             else:
                 rows.append(self.byte_row(ids[b], labels[b], int(att[b].sum()) if att is not None else T))
-        return assemble_view(rows, labels, self._pad)
+        return assemble_view(rows, labels, self._pad, LENGTH_MULTIPLE)
 
     def loss(self, hidden: torch.Tensor, head, targets, view: TeacherView, labels: torch.Tensor, loss_cfg,
              chunk_rows: int, ce_weight: float = 0.0, ce_stats: dict | None = None) -> torch.Tensor:

@@ -173,6 +173,13 @@ def _autograd_term_(method: str, z: torch.Tensor, t: torch.Tensor, m: int, plan:
     return value.detach(), ce
 
 
+ROW_MULTIPLE = 8
+"""bf16 head matmuls run on a chunk's rows rounded up to a multiple of this (zero rows, zero gradient). Why: a step's
+row count, and so each segment's last chunk, differs at every step, and every new matmul shape left a few MB in the
+process for good (oneDNN keeps a kernel per shape, the heap fragments): 80 calls of this loss at 400-500 rows grew it
+by 230 MB, at a fixed count by 0. Rounded to 8, the last chunks take at most 8 shapes each, at < 1 % more rows."""
+
+
 def run(plan: FusedPlan, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         row_weight: torch.Tensor | None, need: tuple[bool, bool, bool]):
     """Values ``(n,)`` of rows ``h (n, H)`` and the gradients of ``Σ_r w_r·value_r`` w.r.t. ``h``, ``weight``,
@@ -189,10 +196,13 @@ def run(plan: FusedPlan, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     else:  # cast before reordering: one (V, H) bf16 copy, no fp32 one
         w = weight[:v].to(low)
         w = w if plan.perm is None else w.index_select(0, plan.perm)
-        hc, hm = h.to(dtype), h.to(low)  # (n, H) fp32 / bf16
+        hc = h.to(dtype)  # (n, H) fp32
+        hm = torch.zeros(n + ROW_MULTIPLE, h.shape[1], dtype=low, device=h.device)  # bf16, zero rows after n
+        hm[:n] = h
     b = None if bias is None else (bias[:v] if plan.perm is None else bias[:v].index_select(0, plan.perm)).to(dtype)
     grads = any(need)
-    grad_h = torch.empty_like(hc) if need[0] else None
+    pad = 0 if low is None else ROW_MULTIPLE  # bf16: head matmuls on row counts rounded up (ROW_MULTIPLE's why)
+    grad_h = torch.empty(n + pad, hc.shape[1], dtype=dtype, device=h.device) if need[0] else None
     # bf16 blocks add their (HEAD_BLOCK, H) products straight into vocabulary order (index_add): one fp32 (V, H)
     # gradient instead of a reordered one plus its vocabulary-order copy
     direct = low is not None
@@ -206,8 +216,10 @@ def run(plan: FusedPlan, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     tbuf = pbuf = scratch = None
     bounds = [(lo, min(lo + c, n_kd)) for lo in range(0, n_kd, c)] + [(lo, min(lo + c, n)) for lo in range(n_kd, n, c)]
     for lo, hi in bounds:
-        z = zbuf[:hi - lo, :v]
-        head_logits_(hm[lo:hi], w, z, lbuf)  # student logits (k, V_s); the softmax and the loss in fp32
+        k = hi - lo
+        kp = k if low is None else min(c, -(-k // ROW_MULTIPLE) * ROW_MULTIPLE)  # matmul rows
+        z = zbuf[:k, :v]
+        head_logits_(hm[lo:lo + kp], w, zbuf[:kp, :v], lbuf)  # student logits (k, V_s); softmax and loss in fp32
         if b is not None:
             z.add_(b)
         if plan.tau != 1.0:
@@ -225,7 +237,7 @@ def run(plan: FusedPlan, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             if scratch is None:
                 scratch = torch.empty(c, v + 1, dtype=dtype, device=h.device)
             val, big = _exact_kl_sparse_(z, ids, lp, rest, scratch[:hi - lo], lam)
-            z = scratch[:hi - lo, :v]  # the gradient
+            z = scratch[:k, :v]  # the gradient
         else:
             t_logits = plan.dense_rows(lo, hi)
             if tbuf is None:
@@ -254,7 +266,9 @@ def run(plan: FusedPlan, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             z.mul_(rw)
         if plan.tau != 1.0:
             z.div_(plan.tau)  # ∂L/∂z = ∂L/∂s / τ
-        head_grads_(z, w, hm[lo:hi], None if grad_h is None else grad_h[lo:hi], grad_w, lbuf,
+        dz = (zbuf if z.data_ptr() == zbuf.data_ptr() else scratch)[:kp, :v]  # z over the matmul rows
+        dz[k:].zero_()  # the padding rows add nothing to the head's gradient
+        head_grads_(dz, w, hm[lo:lo + kp], None if grad_h is None else grad_h[lo:lo + kp], grad_w, lbuf,
                     plan.perm if direct else None)
         if grad_b is not None:
             grad_b.add_(z.sum(0))
@@ -262,6 +276,7 @@ def run(plan: FusedPlan, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if plan.ce_cols is not None:
         plan.stats["ce_sum"] = float(torch.cat(ce_values).sum()) if ce_values else 0.0
     gw = grad_w if direct else _unpermute(grad_w, weight.shape, plan.perm)
+    grad_h = None if grad_h is None else grad_h[:n]
     return value, (grad_h, gw, _unpermute(grad_b, None if bias is None else bias.shape, plan.perm))
 
 
@@ -335,6 +350,8 @@ def lazy_teacher_rows(teacher, rows: torch.Tensor, t_perm: torch.Tensor | None, 
     b = None if teacher.lm_head_bias is None else teacher.lm_head_bias[:width]
 
     def lazy(lo, hi):  # the chunk's columns reordered, not the head: no (V_t, H) copy per call
-        x = F.linear(hid.index_select(0, rows[lo:hi]), w, b)
+        r = rows[lo:hi]
+        extra = -r.numel() % ROW_MULTIPLE  # the matmul's rows rounded up, as the student's (ROW_MULTIPLE)
+        x = F.linear(hid.index_select(0, torch.cat([r, r[-1:].expand(extra)]) if extra else r), w, b)[:r.numel()]
         return x if t_perm is None else x.index_select(1, t_perm)
     return lazy
