@@ -23,6 +23,10 @@ tokens) the loss took ~6× the student's whole CE step. Here, as in :mod:`distil
   (or a GPU) runs them several times faster in bf16. The price is bf16 rounding of the logits and of ``dz``
   (relative 2⁻⁸): the loss moves by ~1e-4 relative, exact_kl gradients by ~1e-2 (``tests/test_xtok_fused_bf16.py``).
   Without autocast, and in float64, the path is fp32 (fp64) as before, bit for bit.
+* **CE folded in** (``FusedPlan.ce_cols``; :func:`~.losses.xtok_loss`'s ``ce_weight``): rows ``[0, n_kd)`` carry the
+  term plus ``λ·CE_r``, later rows ``λ·CE_r`` alone, so the train loop multiplies the student head once per step.
+  ``CE_r = lse(z) − z_y`` and its gradient ``λ(q − e_y)`` join the term's: for ``exact_kl`` ``λ`` is added to ``S``
+  and to the rest coefficient below, for ``uld``/``gold`` to ``−ΣG``; ``−λ`` at the label column. Only at τ = 1.
 * **Row weights.** Forward computes the gradient of ``Σ_r value_r`` (what ``per_token.sum()`` asks for); backward
   scales it when the incoming gradient is the same for every row (always, in the train loop) and otherwise
   recomputes the chunks with the incoming row weights (exact, twice the work).
@@ -175,9 +179,11 @@ def _autograd_term_(method: str, z: torch.Tensor, t: torch.Tensor, m: int, plan:
 
 ROW_MULTIPLE = 8
 """bf16 head matmuls run on a chunk's rows rounded up to a multiple of this (zero rows, zero gradient). Why: a step's
-row count, and so each segment's last chunk, differs at every step, and every new matmul shape left a few MB in the
-process for good (oneDNN keeps a kernel per shape, the heap fragments): 80 calls of this loss at 400-500 rows grew it
-by 230 MB, at a fixed count by 0. Rounded to 8, the last chunks take at most 8 shapes each, at < 1 % more rows."""
+row count, and so each segment's last chunk, differs at every step, and new matmul shapes leave memory in the process
+for good (oneDNN keeps kernels per shape, the heap fragments). Measured (``benchmarks/xtok_memory.py shapes``): 80
+calls of this loss at 400-500 rows grew the process by 233 MB between the 10th and the 80th call unrounded, by 118 MB
+rounded to 8, and by none at a fixed row count. Rounded to 8, each last chunk takes at most 8 shapes, at < 1 % more
+rows."""
 
 
 def run(plan: FusedPlan, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
