@@ -224,7 +224,7 @@ def run(plan: FusedPlan, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     for lo, hi in bounds:
         k = hi - lo
         kp = k if low is None else min(c, -(-k // ROW_MULTIPLE) * ROW_MULTIPLE)  # matmul rows
-        z = zbuf[:k, :v]
+        z, gbuf = zbuf[:k, :v], zbuf  # gbuf: the buffer the gradient ends up in
         head_logits_(hm[lo:lo + kp], w, zbuf[:kp, :v], lbuf)  # student logits (k, V_s); softmax and loss in fp32
         if b is not None:
             z.add_(b)
@@ -243,7 +243,7 @@ def run(plan: FusedPlan, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             if scratch is None:
                 scratch = torch.empty(c, v + 1, dtype=dtype, device=h.device)
             val, big = _exact_kl_sparse_(z, ids, lp, rest, scratch[:hi - lo], lam)
-            z = scratch[:k, :v]  # the gradient
+            z, gbuf = scratch[:k, :v], scratch  # the gradient
         else:
             t_logits = plan.dense_rows(lo, hi)
             if tbuf is None:
@@ -272,7 +272,7 @@ def run(plan: FusedPlan, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             z.mul_(rw)
         if plan.tau != 1.0:
             z.div_(plan.tau)  # ∂L/∂z = ∂L/∂s / τ
-        dz = (zbuf if z.data_ptr() == zbuf.data_ptr() else scratch)[:kp, :v]  # z over the matmul rows
+        dz = gbuf[:kp, :v]  # z over the matmul rows
         dz[k:].zero_()  # the padding rows add nothing to the head's gradient
         head_grads_(dz, w, hm[lo:lo + kp], None if grad_h is None else grad_h[lo:lo + kp], grad_w, lbuf,
                     plan.perm if direct else None)
