@@ -28,14 +28,17 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow as pa
 
 from ..errors import DistilleryError
 from .codec import Encoding
 
-_PA = {"uint8": pa.uint8(), "uint16": pa.uint16(), "uint32": pa.uint32(), "float16": pa.float16()}
+# pyarrow is imported inside the functions that use it, so a run that reads or writes no cache never loads its
+# native libraries (tens of MB resident in every training process otherwise). Column types are pyarrow's by name.
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 def block_digest(input_ids: np.ndarray) -> np.ndarray:
@@ -50,17 +53,18 @@ SAMPLE_COLUMNS = ["sample_ids", "sample_logprobs"]
 
 
 def shard_schema(seq_len: int, k: int, enc: Encoding, meta: dict, m: int = 0) -> pa.Schema:
+    import pyarrow as pa
     fields = [
         ("index", pa.int64()),
         ("digest", pa.uint64()),
         ("mask", pa.list_(pa.bool_(), seq_len)),
-        ("ids", pa.list_(pa.list_(_PA[enc.ids], k), seq_len)),
-        ("logprobs", pa.list_(pa.list_(_PA[enc.logprob_dtype.name], k), seq_len)),
+        ("ids", pa.list_(pa.list_(getattr(pa, enc.ids)(), k), seq_len)),
+        ("logprobs", pa.list_(pa.list_(getattr(pa, enc.logprob_dtype.name)(), k), seq_len)),
         ("tail", pa.list_(pa.float16(), seq_len)),
     ]
     if m:
-        fields += [("sample_ids", pa.list_(pa.list_(_PA[enc.ids], m), seq_len)),
-                   ("sample_logprobs", pa.list_(pa.list_(_PA[enc.logprob_dtype.name], m), seq_len))]
+        fields += [("sample_ids", pa.list_(pa.list_(getattr(pa, enc.ids)(), m), seq_len)),
+                   ("sample_logprobs", pa.list_(pa.list_(getattr(pa, enc.logprob_dtype.name)(), m), seq_len))]
     return pa.schema(fields, metadata={"distillery": json.dumps(meta, sort_keys=True)})
 
 
@@ -87,6 +91,7 @@ class ShardArrays:
 
 
 def _fixed(values: np.ndarray, *sizes: int) -> pa.Array:
+    import pyarrow as pa
     arr = pa.array(values.reshape(-1))
     for size in reversed(sizes):
         arr = pa.FixedSizeListArray.from_arrays(arr, size)
@@ -95,6 +100,7 @@ def _fixed(values: np.ndarray, *sizes: int) -> pa.Array:
 
 def serialize(a: ShardArrays, schema: pa.Schema) -> pa.Buffer:
     """The shard's bytes (Arrow IPC stream, uncompressed, one record batch)."""
+    import pyarrow as pa
     n, t, k = a.ids.shape
     cols = [pa.array(a.index), pa.array(a.digest), _fixed(a.mask, t), _fixed(a.ids, t, k), _fixed(a.codes, t, k),
             _fixed(a.tail, t)]
@@ -118,6 +124,7 @@ def load(path: Path, seq_len: int, k: int, enc: Encoding, m: int = 0) -> ShardAr
     """Memory-map a shard and return numpy views on it (zero-copy except the bit-packed mask).
 
     ``m`` = draws per position of the sampled tail (0: a cache without one, the six-column layout)."""
+    import pyarrow as pa
     try:
         reader = pa.ipc.open_stream(pa.memory_map(str(path), "r"))
         batches = list(reader)
