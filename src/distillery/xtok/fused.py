@@ -89,24 +89,32 @@ def matched_first(matched: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([matched.long(), rest.nonzero().squeeze(-1)])
 
 
-def _lse(x: torch.Tensor) -> torch.Tensor:
-    """Row log-sum-exp ``(k, n) -> (k, 1)``; ``-inf`` for an empty row."""
+def _lse(x: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
+    """Row log-sum-exp ``(k, n) -> (k, 1)``; ``-inf`` for an empty row. ``work``: a flat scratch of at least ``k·n``
+    elements for the ``exp`` (torch.logsumexp's own steps: max, exp of the difference, sum, log), so no ``(k, n)``
+    temporary is allocated. Why: ``k`` differs at every step's last chunk, and temporaries of ever new sizes in the
+    MB range fragmented the heap (``benchmarks/xtok_memory.py shapes``)."""
     if x.shape[1] == 0:
         return x.new_full((x.shape[0], 1), float("-inf"))
-    return torch.logsumexp(x, dim=1, keepdim=True)
+    if work is None or work.numel() < x.numel():
+        return torch.logsumexp(x, dim=1, keepdim=True)
+    big = x.amax(1, keepdim=True)
+    big = torch.where(big.abs() == float("inf"), torch.zeros_like(big), big)
+    e = torch.sub(x, big, out=work[:x.numel()].view(x.shape)).exp_()
+    return e.sum(1, keepdim=True).log_().add_(big)
 
 
 def _exact_kl_dense_(z: torch.Tensor, t: torch.Tensor, m: int, p: torch.Tensor,
-                     lam: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                     lam: float = 0.0, work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Row values ``(k,)`` and the student's ``logsumexp`` ``(k, 1)``; ``z (k, V_s)`` (student logits / τ, matched
     first) becomes ``∂L/∂s`` plus ``lam · q`` (the CE term's ``q``, its ``−lam`` at the label is the caller's).
-    ``t (k, V_t)`` (teacher logits / τ, matched first) and ``p (k, M)`` are scratch."""
-    big_t = _lse(t)
-    lp_rest = (_lse(t[:, m:]) - big_t).clamp(min=TAIL_FLOOR)  # (k, 1)
+    ``t (k, V_t)`` (teacher logits / τ, matched first) and ``p (k, M)`` are scratch, ``work`` as in :func:`_lse`."""
+    big_t = _lse(t, work)
+    lp_rest = (_lse(t[:, m:], work) - big_t).clamp(min=TAIL_FLOOR)  # (k, 1)
     lp = t[:, :m].sub_(big_t)  # teacher matched log-probs, in place
     torch.exp(lp, out=p)
-    big = _lse(z)
-    lq_rest_raw = _lse(z[:, m:]) - big
+    big = _lse(z, work)
+    lq_rest_raw = _lse(z[:, m:], work) - big
     lq_rest = lq_rest_raw.clamp(min=TAIL_FLOOR)
     d = lp.sub_(z[:, :m]).add_(big).mul_(p)  # p (lp − lq), lq = z − lse(z)
     d.masked_fill_(p == 0, 0.0)  # p = 0 (lp = −inf) contributes exactly 0, not 0·inf
@@ -122,18 +130,19 @@ def _exact_kl_dense_(z: torch.Tensor, t: torch.Tensor, m: int, p: torch.Tensor,
 
 
 def _exact_kl_sparse_(z: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor, rest: torch.Tensor,
-                      scratch: torch.Tensor, lam: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                      scratch: torch.Tensor, lam: float = 0.0,
+                      work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Row values ``(k,)`` and the student's ``logsumexp`` ``(k, 1)``; ``∂L/∂s`` (plus ``lam · q``, as in
     :func:`_exact_kl_dense_`) is written into ``scratch[:, :V]``. ``z (k, V)`` the student logits / τ,
     ``ids (k, K)`` student ids or ``-1``, ``lp (k, K)``, ``rest (k,)`` the teacher's log-mass elsewhere."""
     v = z.shape[1]
     valid = ids >= 0
     col = torch.where(valid, ids.long(), torch.full_like(ids.long(), v))  # -1 -> the dummy column v
-    big = _lse(z)
+    big = _lse(z, work)
     scratch[:, :v].copy_(z)
     scratch[:, v] = float("-inf")
     scratch.scatter_(1, col, float("-inf"))
-    lq_rest_raw = _lse(scratch) - big  # Σ over the columns no matched id names
+    lq_rest_raw = _lse(scratch, work) - big  # Σ over the columns no matched id names
     lq_rest = lq_rest_raw.clamp(min=TAIL_FLOOR)
     lp = lp.to(z.dtype)
     lq_ids = z.gather(1, col.clamp(max=v - 1)) - big
@@ -217,6 +226,7 @@ def run(plan: FusedPlan, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     c = max(1, min(plan.chunk_size, n))
     zbuf = torch.empty(c, v, dtype=dtype, device=h.device)
     lbuf = None if low is None else low_head_scratch(c, low, h.device)  # bf16 scratch (losses.chunked.head_logits_)
+    work = torch.empty(c * (v + 1), dtype=dtype, device=h.device)  # _lse's scratch (a teacher's wider rows: below)
     lam = plan.ce_lambda if plan.ce_cols is not None else 0.0
     values, ce_values = [], []
     tbuf = pbuf = scratch = None
@@ -235,19 +245,20 @@ def run(plan: FusedPlan, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         z_label = None if cols is None else z.gather(1, cols).squeeze(1)  # before z is overwritten
         big = ce = None
         if lo >= n_kd:  # CE only: value lam·(lse − z_y), gradient lam·(q − e_y)
-            big = _lse(z)
+            big = _lse(z, work)
             val = torch.zeros(hi - lo, dtype=dtype, device=h.device)
             z.sub_(big).exp_().mul_(lam)
         elif plan.sparse_rows is not None:
             ids, lp, rest = plan.sparse_rows(lo, hi)
             if scratch is None:
                 scratch = torch.empty(c, v + 1, dtype=dtype, device=h.device)
-            val, big = _exact_kl_sparse_(z, ids, lp, rest, scratch[:hi - lo], lam)
+            val, big = _exact_kl_sparse_(z, ids, lp, rest, scratch[:hi - lo], lam, work)
             z, gbuf = scratch[:k, :v], scratch  # the gradient
         else:
             t_logits = plan.dense_rows(lo, hi)
             if tbuf is None:
                 tbuf = torch.empty(c, t_logits.shape[1], dtype=dtype, device=h.device)
+                work = torch.empty(c * max(v + 1, t_logits.shape[1]), dtype=dtype, device=h.device)
             t = tbuf[:hi - lo]
             t.copy_(t_logits)
             if plan.tau != 1.0:
@@ -255,7 +266,7 @@ def run(plan: FusedPlan, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             if plan.method == "exact_kl":
                 if pbuf is None:
                     pbuf = torch.empty(c, plan.m, dtype=dtype, device=h.device)
-                val, big = _exact_kl_dense_(z, t, plan.m, pbuf[:hi - lo], lam)
+                val, big = _exact_kl_dense_(z, t, plan.m, pbuf[:hi - lo], lam, work)
             else:
                 val, ce = _autograd_term_(plan.method, z, t, plan.m, plan, rw, lam if rw is None else lam * rw, cols)
         weighted_later = plan.method == "exact_kl" or lo >= n_kd  # rows whose gradient is row-weighted below
@@ -358,6 +369,6 @@ def lazy_teacher_rows(teacher, rows: torch.Tensor, t_perm: torch.Tensor | None, 
     def lazy(lo, hi):  # the chunk's columns reordered, not the head: no (V_t, H) copy per call
         r = rows[lo:hi]
         extra = -r.numel() % ROW_MULTIPLE  # the matmul's rows rounded up, as the student's (ROW_MULTIPLE)
-        x = F.linear(hid.index_select(0, torch.cat([r, r[-1:].expand(extra)]) if extra else r), w, b)[:r.numel()]
-        return x if t_perm is None else x.index_select(1, t_perm)
+        x = F.linear(hid.index_select(0, torch.cat([r, r[-1:].expand(extra)]) if extra else r), w, b)
+        return (x if t_perm is None else x.index_select(1, t_perm))[:r.numel()]
     return lazy
