@@ -107,7 +107,7 @@ def assemble_view(rows: list[TeacherRow], labels: torch.Tensor, pad: int, multip
     ``(B, T_s)`` of student label positions whose ``labels`` are targets. ``T_t`` is the longest row rounded up to
     a ``multiple``. Why: the same text gives a teacher batch of another length at every step (120 to 160 tokens for
     4 × 128 GPT-2 tokens), and new lengths grow the process for good (oneDNN keeps kernels per shape, the heap
-    fragments; ``benchmarks/xtok_memory.py shapes``: SmolLM2-135M's forward at random lengths 120-160 grew 53 MB
+    fragments; ``benchmarks/xtok_memory.py shapes``: SmolLM2-135M's forward at random lengths 120-160 grew 88 MB
     from the 10th to the 80th call, at one length 0). At ``LENGTH_MULTIPLE`` the lengths take three values, at ~6 %
     more teacher positions. Padding is masked and never
     a target, so the teacher's signal at the real positions is the same."""

@@ -190,8 +190,8 @@ ROW_MULTIPLE = 8
 """bf16 head matmuls run on a chunk's rows rounded up to a multiple of this (zero rows, zero gradient). Why: a step's
 row count, and so each segment's last chunk, differs at every step, and new matmul shapes leave memory in the process
 for good (oneDNN keeps kernels per shape, the heap fragments). Measured (``benchmarks/xtok_memory.py shapes``): 80
-calls of this loss at 400-500 rows grew the process by 233 MB between the 10th and the 80th call unrounded, by 118 MB
-rounded to 8, and by none at a fixed row count. Rounded to 8, each last chunk takes at most 8 shapes, at < 1 % more
+calls of this loss at 400-500 rows grew the process by 210 MB between the 10th and the 80th call unrounded, by none
+rounded to 8 (with :func:`_lse`'s scratch; 118 MB before it) and by none at a fixed row count. Rounded to 8, each last chunk takes at most 8 shapes, at < 1 % more
 rows."""
 
 
