@@ -33,9 +33,10 @@ import common  # noqa: E402
 
 
 def rss_gb() -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS"):
-            return int(line.split()[1]) / 1e6
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1e6
     return 0.0
 
 
@@ -79,11 +80,10 @@ def run_mode(args) -> dict:
          "train": {"output_dir": str(out), "max_steps": args.steps, "micro_batch_size": 4, "lr": 2e-3,
                    "warmup_steps": max(1, args.steps // 10), "eval_every": 0, "eval_batches": 1, "save_every": 0,
                    "log_every": 1, "progress": False, "seed": 0, "mixed_precision": "bf16"}}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        section, _, name = key.partition(".")
-        import yaml
-        r[section][name] = yaml.safe_load(value)
+    # the same --set SECTION.KEY=VALUE as that benchmark's arms
+    from cross_tokenizer import with_overrides
+
+    r = with_overrides(r, args.set)
     if args.unstable_shapes:  # the A/B of the padding: teacher batches and loss matmuls at their natural sizes
         from distillery.xtok import fused
         batch.LENGTH_MULTIPLE = fused.ROW_MULTIPLE = 1
