@@ -6,7 +6,9 @@
 ``run``: the ``exact_kl`` arm of ``benchmarks/cross_tokenizer.py --init pruned`` (SmolLM2-135M-Instruct -> the pruned
 GPT-2-vocabulary student of ``runs/bench/xtok_pruned``, which that benchmark writes; 4 x 128 tokens, bf16, 2 threads)
 with the process's resident set sampled every 20 ms: the largest RSS of each step (from one loss call to the next),
-of the phases after the last step (checkpoint, validation), and tok/s per step. ``--unstable-shapes`` switches the
+of each part of a step over the second half of the run (``loss``, ``backward``, ``optimizer``, and ``forwards``:
+the next batch, the student's and the teacher's forward), of the phases after the last step (checkpoint,
+validation), and tok/s per step. ``--unstable-shapes`` switches the
 padding below off, for the A/B.
 
 ``shapes``: the resident set after every 10 of ``--calls`` calls of (a) the teacher's forward (no grad) on 4 rows of
@@ -59,8 +61,18 @@ def run_mode(args) -> dict:
 
     def marked_loss(self, *a, **k):
         marks.append((time.time(), "step"))
-        return loss(self, *a, **k)
+        out = loss(self, *a, **k)
+        marks.append((time.time(), "after loss"))  # the rest of the step: backward, then the optimizer
+        return out
     batch.CrossTokenizer.loss = marked_loss
+    opt_step = torch.optim.AdamW.step
+
+    def marked_step(self, *a, **k):
+        marks.append((time.time(), "optimizer"))
+        out = opt_step(self, *a, **k)
+        marks.append((time.time(), "after optimizer"))  # the next step's data, student and teacher forwards
+        return out
+    torch.optim.AdamW.step = marked_step
     for name in ("save_checkpoint", "_validate"):
         fn = getattr(train, name)
 
@@ -90,19 +102,31 @@ def run_mode(args) -> dict:
     torch.set_num_threads(args.threads)
     train.distill(RunConfig.model_validate(r))
     time.sleep(0.1)
+    torch.optim.AdamW.step = opt_step
     steps = [t for t, n in marks if n == "step"]
     per_step: dict[int, float] = {}
     for t, m in samples:
         i = bisect.bisect_right(steps, t)
         if 1 <= i <= len(steps):
             per_step[i] = max(per_step.get(i, 0.0), m)
-    after = [(t, n) for t, n in marks if t >= steps[-1]] + [(time.time(), "end")]  # the last step, then each phase
+    # each phase's largest RSS over the second half of the steps: where in a step the peak sits
+    half = steps[len(steps) // 2] if steps else 0.0
+    phases: dict[str, float] = {}
+    inner = [(t, n) for t, n in marks if n in ("step", "after loss", "optimizer", "after optimizer")]
+    for (ta, n), (tb, _) in zip(inner, inner[1:]):
+        if ta >= half:
+            name = {"step": "loss", "after loss": "backward", "optimizer": "optimizer",
+                    "after optimizer": "forwards"}[n]
+            peak = max((m for t, m in samples if ta <= t < tb), default=0.0)
+            phases[name] = round(max(phases.get(name, 0.0), peak), 3)
+    after = [(t, n) for t, n in marks if t >= steps[-1] and n in ("step", "save_checkpoint", "_validate")]
+    after += [(time.time(), "end")]  # the last step, then each phase
     end = {("last step" if n == "step" else n): max((m for t, m in samples if ta <= t < tb), default=None)
            for (ta, n), (tb, _) in zip(after, after[1:])}
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     shutil.rmtree(out, ignore_errors=True)
     return {"recipe": r, "per_step_peak_rss_gb": [round(per_step.get(i, 0.0), 3) for i in range(1, len(steps) + 1)],
-            "peak_rss_gb_from_phase": end, "vmhwm_gb": common.peak_rss_bytes() / 1e9,
+            "peak_rss_gb_from_phase": end, "step_phase_peak_rss_gb": phases, "vmhwm_gb": common.peak_rss_bytes() / 1e9,
             "tok_s": [round(x["tok_s"], 1) for x in recs if "tok_s" in x]}
 
 

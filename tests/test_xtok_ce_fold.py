@@ -1,7 +1,7 @@
 """CE folded into the fused cross-tokenizer pass (xtok_loss's ``ce_weight`` / ``ce_stats``, the train loop's one
 pass over the student head): the folded loss equals the cross-tokenizer loss plus ``λ ·`` the student's CE over every
 label position, in value and gradients, for every method and teacher form, with uneven row weights, under bf16
-autocast; τ ≠ 1 does not fold; and a training run logs the same CE and KD either way."""
+autocast, at τ = 1 and τ = 2 (CE stays at τ = 1); and a training run logs the same CE and KD either way."""
 
 from __future__ import annotations
 
@@ -51,13 +51,15 @@ def _run(pair, teacher, method, *, fold, weights=None, dtype=torch.float64, tau=
     return got.detach(), stats, torch.autograd.grad(total, (h, w, b))
 
 
+@pytest.mark.parametrize("tau", [1.0, 2.0])
 @pytest.mark.parametrize("method,form", [("exact_kl", "lazy"), ("exact_kl", "logits"), ("exact_kl", "sparse"),
                                          ("uld", "lazy"), ("gold", "logits")])
-def test_folded_ce_is_the_loss_plus_lambda_ce(pair, method, form):
-    teacher = _teacher(pair, form)
+def test_folded_ce_is_the_loss_plus_lambda_ce(pair, method, form, tau):
+    """At τ = 2 the term is at τ and CE at τ = 1 (the reference's CE is on the raw logits)."""
+    teacher = _teacher(pair, form, tau)
     labels = pair[3][:, 1:]
-    kd, separate, g_ref = _run(pair, teacher, method, fold=False)
-    folded, stats, g_got = _run(pair, teacher, method, fold=True)
+    kd, separate, g_ref = _run(pair, teacher, method, fold=False, tau=tau)
+    folded, stats, g_got = _run(pair, teacher, method, fold=True, tau=tau)
     assert separate["ce_sum"] > 10.0  # a real CE over real positions
     assert stats["ce_sum"] == pytest.approx(separate["ce_sum"], rel=1e-9)
     assert sorted(stats["rows"].tolist()) == (labels.reshape(-1) != -100).nonzero().squeeze(1).tolist()
@@ -67,8 +69,8 @@ def test_folded_ce_is_the_loss_plus_lambda_ce(pair, method, form):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
     assert g_got[1][pair[1].student_vocab:].abs().sum() == 0  # padded head rows learn nothing
     weights = torch.rand(kd.shape, generator=torch.Generator().manual_seed(3))  # uneven: backward recomputes
-    _, _, g_ref_w = _run(pair, teacher, method, fold=False, weights=weights)
-    _, _, g_got_w = _run(pair, teacher, method, fold=True, weights=weights)
+    _, _, g_ref_w = _run(pair, teacher, method, fold=False, weights=weights, tau=tau)
+    _, _, g_got_w = _run(pair, teacher, method, fold=True, weights=weights, tau=tau)
     for a, b in zip(g_got_w, g_ref_w):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
 
@@ -83,20 +85,8 @@ def test_folded_ce_under_bf16_autocast_is_close_to_fp32(pair):
         assert float((a - b).norm() / b.norm()) < 3e-2
 
 
-def test_no_fold_at_another_temperature(pair):
-    """CE is at τ = 1: with τ ≠ 1 nothing is folded and the caller computes CE itself (ce_stats stays empty)."""
-    teacher = _teacher(pair, "lazy")
-    al, vmap, t_ids, s_ids, *_, hidden, w_s, b_s = pair
-    stats: dict = {}
-    plain = xtok_loss(StudentHead(hidden, w_s, b_s), teacher, al, vmap, student_labels=s_ids[:, 1:],
-                      teacher_labels=t_ids[:, 1:], loss_temperature=2.0, chunk_size=7)
-    asked = xtok_loss(StudentHead(hidden, w_s, b_s), teacher, al, vmap, student_labels=s_ids[:, 1:],
-                      teacher_labels=t_ids[:, 1:], loss_temperature=2.0, chunk_size=7, ce_weight=LAM, ce_stats=stats)
-    assert stats == {}
-    torch.testing.assert_close(asked, plain, atol=0, rtol=0)
-
-
-def test_a_training_run_logs_the_same_ce_and_kd_with_the_fold(tmp_path, monkeypatch):
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_a_training_run_logs_the_same_ce_and_kd_with_the_fold(tmp_path, monkeypatch, tau):
     """The train loop folds CE into the cross-tokenizer pass; with the fold switched off (CrossTokenizer.loss never
     given ce_stats: the chunked CE pass runs as before) the same run logs the same losses (fp32: to rounding)."""
     from distillery.config import load_config
@@ -121,7 +111,7 @@ def test_a_training_run_logs_the_same_ce_and_kd_with_the_fold(tmp_path, monkeypa
                                 lambda self, *a, ce_weight=0.0, ce_stats=None, **k: plain(self, *a, **k))
         train.distill(load_config(write_recipe(
             tmp_path, tmp_path / out, student={"tokenizer": str(tmp_path / "tok")},
-            data={"max_train_blocks": 24, "max_val_blocks": 4}, loss={"ce_weight": 0.5},
+            data={"max_train_blocks": 24, "max_val_blocks": 4}, loss={"ce_weight": 0.5, "loss_temperature": tau},
             train={"max_steps": 4, "save_every": 0, "eval_every": 0, "mixed_precision": "no"})))
         monkeypatch.undo()
         return [m for m in run_metrics(tmp_path / out) if "tok_s" in m]
@@ -133,3 +123,47 @@ def test_a_training_run_logs_the_same_ce_and_kd_with_the_fold(tmp_path, monkeypa
         assert a["ce"] > 1.0 and a["kd"] > 0.01
         for key in ("loss", "kd", "ce", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=2e-4, abs=1e-5), key
+
+
+def test_the_span_term_reads_the_folded_pass(pair, monkeypatch):
+    """With CE folded in, the span term takes each span row's log q(label) from the same fused pass (its gradient
+    added in that pass's backward, ``fused.label_grads_``), not from a second, checkpointed pass over the head."""
+    from distillery.xtok import fused, losses
+
+    def second_pass(*a, **k):
+        raise AssertionError("student_label_logprobs called: a second pass over the student head")
+    calls = []
+    label_grads = fused.label_grads_
+    monkeypatch.setattr(losses, "student_label_logprobs", second_pass)
+    monkeypatch.setattr(fused, "label_grads_", lambda *a, **k: calls.append(1) or label_grads(*a, **k))
+    folded, stats, grads = _run(pair, _teacher(pair, "lazy"), "exact_kl", fold=True)
+    assert calls == [1] and stats["ce_sum"] > 10.0
+    assert all(bool(torch.isfinite(g).all()) for g in grads)
+
+
+@pytest.mark.parametrize("low", [None, torch.bfloat16])
+def test_label_grads_match_autograd(low):
+    """``fused.label_grads_`` against autograd of ``Σ g_r log softmax(z_r / τ)[y_r]``: exact in fp64; with bf16
+    head matmuls over more than one ``HEAD_BLOCK`` of vocabulary and a row count that is no multiple of 8, close."""
+    from distillery.losses.chunked import HEAD_BLOCK
+    from distillery.xtok.fused import FusedPlan, label_grads_
+
+    gen = torch.Generator().manual_seed(5)
+    n, hid, v, tau = 13, 16, HEAD_BLOCK + 808, 2.0
+    dtype = torch.float64 if low is None else torch.float32
+    h, w, b = (torch.randn(*s, generator=gen, dtype=dtype) for s in ((n, hid), (v + 3, hid), (v + 3,)))
+    labels = torch.randint(0, v, (n,), generator=gen)
+    g = torch.randn(n, generator=gen, dtype=dtype)
+    g[[2, 7]] = 0.0  # rows with no gradient are skipped
+    plan = FusedPlan("exact_kl", tau, v, 0, 5, head_dtype=low, ce_labels=labels)
+    grads = [torch.zeros_like(h), torch.zeros_like(w), torch.zeros_like(b)]
+    label_grads_(plan, h, w, b, g, grads)
+    hr, wr, br = (x.clone().requires_grad_(True) for x in (h, w, b))
+    lq = torch.log_softmax((hr @ wr[:v].t() + br[:v]) / tau, dim=1)
+    (lq.gather(1, labels.unsqueeze(1)).squeeze(1) * g).sum().backward()
+    for got, ref in zip(grads, (hr.grad, wr.grad, br.grad)):
+        if low is None:
+            torch.testing.assert_close(got, ref, atol=1e-12, rtol=1e-10)
+        else:
+            assert float((got - ref).norm() / ref.norm()) < 2e-2
+    assert grads[1][v:].abs().sum() == 0  # padded head rows learn nothing

@@ -183,3 +183,26 @@ def count_parameters(model: torch.nn.Module) -> int:
             seen.add(p.data_ptr())
             total += p.numel()
     return total
+
+
+def sparse_tied_embedding_grad(model: torch.nn.Module) -> bool:
+    """Have a tied input embedding pass its gradient as a sparse tensor (only the rows the batch looked up) into
+    the table's gradient; True when the model's embedding is tied to its LM head and now does so.
+
+    Why: the table gets two gradients per backward, the head's (dense, ``(V, H)``) and the lookup's. A dense lookup
+    gradient is a second fp32 ``(V, H)`` tensor (77 MB at 50k x 384), zero except for the batch's rows, alive beside
+    the head's at the end of backward, the step's memory peak on the cross-tokenizer pair
+    (``benchmarks/xtok_memory.py run``). Sparse, it is ``(tokens, H)`` and is added into the head's dense gradient
+    by autograd, so the parameter's ``.grad`` stays dense for the optimizer and clipping. Untied tables keep dense
+    gradients (a sparse ``.grad`` would reach the optimizer); a step whose loss never reads the head still gets a
+    dense ``.grad`` (the hook below)."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if not isinstance(emb, torch.nn.Embedding) or head is None or head.weight is not emb.weight:
+        return False
+    emb.sparse = True
+
+    def densify(p: torch.Tensor) -> None:
+        if p.grad is not None and p.grad.is_sparse:
+            p.grad = p.grad.to_dense()
+    emb.weight.register_post_accumulate_grad_hook(densify)
+    return True

@@ -44,6 +44,7 @@ from .hardware import auto_precision, return_large_frees, trim_heap
 from .losses import chunked_distill_loss
 from .onpolicy import CollapseGuard, choose_on_policy, on_policy_batch
 from .run_setup import prepare_run
+from .students import sparse_tied_embedding_grad
 from .teachers import TeacherUnavailable
 
 
@@ -132,6 +133,8 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
         if ckpts:
             load_model(student, str(ckpts[-1] / "model.safetensors"))
         wrapped = fsdp.shard(HiddenStates(student), student, acc.device, world)
+    if world == 1 and not use_fsdp:  # DDP / FSDP expect a sparse embedding to give sparse gradients
+        sparse_tied_embedding_grad(student)  # one (V, H) fewer at the end of backward (students.py)
     optimizer = make_optimizer(student, tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.warmup_steps, tc.max_steps, tc.min_lr_ratio))
     gen = torch.Generator().manual_seed(tc.seed + 17 * rank)  # on-policy sampling

@@ -26,7 +26,10 @@ tokens) the loss took ~6× the student's whole CE step. Here, as in :mod:`distil
 * **CE folded in** (``FusedPlan.ce_cols``; :func:`~.losses.xtok_loss`'s ``ce_weight``): rows ``[0, n_kd)`` carry the
   term plus ``λ·CE_r``, later rows ``λ·CE_r`` alone, so the train loop multiplies the student head once per step.
   ``CE_r = lse(z) − z_y`` and its gradient ``λ(q − e_y)`` join the term's: for ``exact_kl`` ``λ`` is added to ``S``
-  and to the rest coefficient below, for ``uld``/``gold`` to ``−ΣG``; ``−λ`` at the label column. Only at τ = 1.
+  and to the rest coefficient below, for ``uld``/``gold`` to ``−ΣG``; ``−λ`` at the label column. At τ ≠ 1 CE stays
+  at τ = 1 (the student's own likelihood): the term's rows take ``lse(z)`` and ``q = softmax(z)`` of the raw logits
+  before ``z`` is divided by τ, the term runs with ``λ = 0``, and ``λ(q − e_y)`` joins its ``∂L/∂z`` (one more
+  ``(c, V)`` buffer); the CE-only rows are never divided.
 * **Row weights.** Forward computes the gradient of ``Σ_r value_r`` (what ``per_token.sum()`` asks for); backward
   scales it when the incoming gradient is the same for every row (always, in the train loop) and otherwise
   recomputes the chunks with the incoming row weights (exact, twice the work).
@@ -79,6 +82,8 @@ class FusedPlan:
     n_kd: int | None = None  # rows [0, n_kd) carry the distribution term, the rest CE only (None: every row)
     ce_cols: torch.Tensor | None = None  # (n,) each row's label as a column of this plan's order: CE folded in
     ce_lambda: float = 0.0  # the CE weight relative to the distribution term's
+    label_out: bool = False  # with ce_cols: also return each row's log q(label) at τ, differentiable (span terms)
+    ce_labels: torch.Tensor | None = None  # (n,) the labels as vocabulary ids (label_out's backward)
     stats: dict = field(default_factory=dict)  # run() leaves ``ce_sum`` (Σ CE over the rows, unweighted) here
 
 
@@ -228,8 +233,8 @@ def run(plan: FusedPlan, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     lbuf = None if low is None else low_head_scratch(c, low, h.device)  # bf16 scratch (losses.chunked.head_logits_)
     work = torch.empty(c * (v + 1), dtype=dtype, device=h.device)  # _lse's scratch (a teacher's wider rows: below)
     lam = plan.ce_lambda if plan.ce_cols is not None else 0.0
-    values, ce_values = [], []
-    tbuf = pbuf = scratch = None
+    values, ce_values, labels_lp = [], [], []
+    tbuf = pbuf = scratch = qbuf = None
     bounds = [(lo, min(lo + c, n_kd)) for lo in range(0, n_kd, c)] + [(lo, min(lo + c, n)) for lo in range(n_kd, n, c)]
     for lo, hi in bounds:
         k = hi - lo
@@ -238,12 +243,26 @@ def run(plan: FusedPlan, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         head_logits_(hm[lo:lo + kp], w, zbuf[:kp, :v], lbuf)  # student logits (k, V_s); softmax and loss in fp32
         if b is not None:
             z.add_(b)
-        if plan.tau != 1.0:
-            z.div_(plan.tau)
         rw = None if row_weight is None else row_weight[lo:hi].to(dtype).unsqueeze(1)  # (k, 1)
         cols = None if plan.ce_cols is None else plan.ce_cols[lo:hi].unsqueeze(1)  # (k, 1)
         z_label = None if cols is None else z.gather(1, cols).squeeze(1)  # before z is overwritten
-        big = ce = None
+        big = ce = q1 = lab = None
+        hot = plan.tau != 1.0 and lo < n_kd  # the term's rows at τ ≠ 1: CE (at τ = 1) apart from the term
+        if hot and cols is not None:  # CE_r = lse(z) − z_y on the raw logits; its q kept for the gradient
+            big1 = _lse(z, work)
+            ce = big1.squeeze(1) - z_label
+            if grads:
+                if qbuf is None:
+                    qbuf = torch.empty(c, v, dtype=dtype, device=h.device)
+                q1 = torch.sub(z, big1, out=qbuf[:k, :v]).exp_()
+        if hot:
+            z.div_(plan.tau)
+        if plan.label_out and plan.tau != 1.0:  # log q(label) at τ (at τ = 1 it is −CE_r, below)
+            if qbuf is None:
+                qbuf = torch.empty(c, v, dtype=dtype, device=h.device)
+            s_ = z if hot else torch.div(z, plan.tau, out=qbuf[:k, :v])  # the CE-only rows are not divided
+            lab = z_label / plan.tau - _lse(s_, work).squeeze(1)
+        lam_t = 0.0 if hot else lam  # the CE share the term's own gradient takes (τ = 1 only)
         if lo >= n_kd:  # CE only: value lam·(lse − z_y), gradient lam·(q − e_y)
             big = _lse(z, work)
             val = torch.zeros(hi - lo, dtype=dtype, device=h.device)
@@ -252,7 +271,7 @@ def run(plan: FusedPlan, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             ids, lp, rest = plan.sparse_rows(lo, hi)
             if scratch is None:
                 scratch = torch.empty(c, v + 1, dtype=dtype, device=h.device)
-            val, big = _exact_kl_sparse_(z, ids, lp, rest, scratch[:hi - lo], lam, work)
+            val, big = _exact_kl_sparse_(z, ids, lp, rest, scratch[:hi - lo], lam_t, work)
             z, gbuf = scratch[:k, :v], scratch  # the gradient
         else:
             t_logits = plan.dense_rows(lo, hi)
@@ -266,13 +285,21 @@ def run(plan: FusedPlan, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             if plan.method == "exact_kl":
                 if pbuf is None:
                     pbuf = torch.empty(c, plan.m, dtype=dtype, device=h.device)
-                val, big = _exact_kl_dense_(z, t, plan.m, pbuf[:hi - lo], lam, work)
+                val, big = _exact_kl_dense_(z, t, plan.m, pbuf[:hi - lo], lam_t, work)
             else:
-                val, ce = _autograd_term_(plan.method, z, t, plan.m, plan, rw, lam if rw is None else lam * rw, cols)
+                val, ce_t = _autograd_term_(plan.method, z, t, plan.m, plan, rw, lam_t if rw is None else lam_t * rw,
+                                            None if hot else cols)
+                ce = ce if hot else ce_t
         weighted_later = plan.method == "exact_kl" or lo >= n_kd  # rows whose gradient is row-weighted below
+        if hot and grads:
+            z.div_(plan.tau)  # the term's ∂L/∂z = ∂L/∂s / τ, before CE's own gradient joins it
+            if q1 is not None:
+                z.add_(q1.mul_(lam if rw is None or weighted_later else rw * lam))  # CE's λ·q (at τ = 1)
         if cols is not None:
             ce = big.squeeze(1) - z_label if ce is None else ce
             ce_values.append(ce)
+            if plan.label_out:
+                labels_lp.append(-ce if lab is None else lab)
             val = val + lam * ce
             minus = torch.full_like(z_label.unsqueeze(1), -lam)  # the CE gradient's −e_y
             z.scatter_add_(1, cols, minus if rw is None or weighted_later else minus * rw)
@@ -281,8 +308,6 @@ def run(plan: FusedPlan, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             continue
         if rw is not None and weighted_later:
             z.mul_(rw)
-        if plan.tau != 1.0:
-            z.div_(plan.tau)  # ∂L/∂z = ∂L/∂s / τ
         dz = gbuf[:kp, :v]  # z over the matmul rows
         dz[k:].zero_()  # the padding rows add nothing to the head's gradient
         head_grads_(dz, w, hm[lo:lo + kp], None if grad_h is None else grad_h[lo:lo + kp], grad_w, lbuf,
@@ -294,7 +319,53 @@ def run(plan: FusedPlan, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         plan.stats["ce_sum"] = float(torch.cat(ce_values).sum()) if ce_values else 0.0
     gw = grad_w if direct else _unpermute(grad_w, weight.shape, plan.perm)
     grad_h = None if grad_h is None else grad_h[:n]
-    return value, (grad_h, gw, _unpermute(grad_b, None if bias is None else bias.shape, plan.perm))
+    label_lp = torch.cat(labels_lp) if labels_lp else None
+    return value, (grad_h, gw, _unpermute(grad_b, None if bias is None else bias.shape, plan.perm)), label_lp
+
+
+def label_grads_(plan: FusedPlan, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 g: torch.Tensor, grads: tuple) -> None:
+    """Add the gradient of ``Σ_r g_r · log q_r(label)`` (at τ; ``FusedPlan.label_out``) into ``grads`` (h, weight,
+    bias; vocabulary order), recomputing the logits of the rows where ``g ≠ 0`` only, ``chunk_size`` at a time:
+    ``∂/∂z = g_r (e_y − q) / τ``. In vocabulary order (only the label column is needed: no matched-first layout),
+    the head in the plan's head dtype as in :func:`run`. Why here and not autograd over a checkpointed chunk: that
+    made a fresh ``(V, H)`` weight gradient (and its bf16 twin) per chunk beside the one :func:`run` already holds,
+    the largest memory of the cross-tokenizer step (``benchmarks/xtok_memory.py run``)."""
+    rows = g.nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return
+    dtype = torch.float64 if torch.float64 in (h.dtype, weight.dtype) else torch.float32  # as run's
+    v, c = plan.width, max(1, min(plan.chunk_size, rows.numel()))
+    low = plan.head_dtype if dtype == torch.float32 else None
+    w = weight[:v].to(low if low is not None else dtype)
+    b = None if bias is None else bias[:v].to(dtype)
+    lbuf = None if low is None else low_head_scratch(c + ROW_MULTIPLE, low, h.device)
+    zbuf = torch.empty(c + ROW_MULTIPLE, v, dtype=dtype, device=h.device)
+    gh = None if grads[0] is None else torch.empty(c + ROW_MULTIPLE, h.shape[1], dtype=dtype, device=h.device)
+    hm = torch.zeros(c + ROW_MULTIPLE, h.shape[1], dtype=w.dtype, device=h.device)
+    grad_w = None if grads[1] is None else grads[1][:v]
+    for lo in range(0, rows.numel(), c):
+        r = rows[lo:lo + c]
+        k = r.numel()
+        kp = k if low is None else -(-k // ROW_MULTIPLE) * ROW_MULTIPLE  # matmul rows, as run's
+        hm[:kp].zero_()
+        hm[:k] = h.index_select(0, r)
+        z = zbuf[:k]
+        head_logits_(hm[:kp], w, zbuf[:kp], lbuf)
+        if b is not None:
+            z.add_(b)
+        if plan.tau != 1.0:
+            z.div_(plan.tau)
+        gr = (g.index_select(0, r).to(dtype) / plan.tau).unsqueeze(1)  # (k, 1)
+        z.sub_(z.amax(1, keepdim=True)).exp_()  # softmax in place: no (k, V) temporary (ROW_MULTIPLE's why)
+        z.mul_(z.sum(1, keepdim=True).reciprocal_().mul_(-gr))  # −g q / τ
+        z.scatter_add_(1, plan.ce_labels.index_select(0, r).unsqueeze(1), gr)  # + g e_y / τ
+        zbuf[k:kp].zero_()
+        head_grads_(zbuf[:kp], w, hm[:kp], None if gh is None else gh[:kp], grad_w, lbuf)
+        if gh is not None:
+            grads[0].index_add_(0, r, gh[:k])
+        if grads[2] is not None:
+            grads[2][:v].add_(z.sum(0))
 
 
 def _unpermute(grad: torch.Tensor | None, shape, perm: torch.Tensor | None) -> torch.Tensor | None:
@@ -317,13 +388,14 @@ class FusedRows(torch.autograd.Function):
     def forward(ctx, h, weight, bias, plan):
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         with torch.autocast(h.device.type, enabled=False):
-            value, grads = run(plan, h.detach(), weight.detach(), None if bias is None else bias.detach(), None, need)
+            value, grads, label_lp = run(plan, h.detach(), weight.detach(), None if bias is None else bias.detach(),
+                                         None, need)
         ctx.plan, ctx.need, ctx.grads = plan, need, grads
         ctx.inputs = (h.detach(), weight.detach(), None if bias is None else bias.detach())
-        return value
+        return value if label_lp is None else (value, label_lp)
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g, g_label=None):
         h, weight, bias = ctx.inputs
         if g.numel() and bool((g == g[0]).all()):  # the usual case: per_token.sum() -> the same weight everywhere
             scale = g[0]
@@ -331,25 +403,26 @@ class FusedRows(torch.autograd.Function):
         else:  # other row weights: recompute the chunks with them
             scale = None
             with torch.autocast(h.device.type, enabled=False):
-                _, grads = run(ctx.plan, h, weight, bias, g.detach(), ctx.need)
+                _, grads, _ = run(ctx.plan, h, weight, bias, g.detach(), ctx.need)
         ctx.grads = ctx.inputs = None
-        out = []
-        for grad, like in zip(grads, (h, weight, bias)):
-            if grad is None:
-                out.append(None)
-                continue
-            grad = grad if scale is None else grad.mul_(scale.to(grad.dtype))  # in place: no second (V, H)
-            out.append(grad.to(like.dtype))
+        grads = [grad if grad is None or scale is None else grad.mul_(scale.to(grad.dtype))  # in place: no 2nd (V, H)
+                 for grad in grads]
+        if g_label is not None:  # the label log-probs' own gradient (span terms), added in place
+            with torch.autocast(h.device.type, enabled=False):
+                label_grads_(ctx.plan, h, weight, bias, g_label.detach(), grads)
+        out = [None if grad is None else grad.to(like.dtype) for grad, like in zip(grads, (h, weight, bias))]
         return out[0], out[1], out[2], None
 
 
-def fused_rows(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: FusedPlan) -> torch.Tensor:
-    """Row values ``(n,)`` with gradients to ``h``, ``weight`` and ``bias`` (no graph kept when none is needed)."""
+def fused_rows(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: FusedPlan):
+    """Row values ``(n,)`` with gradients to ``h``, ``weight`` and ``bias`` (no graph kept when none is needed);
+    with ``plan.label_out``, ``(values, log q(label) (n,))``, both differentiable."""
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (h, weight, bias)):
         return FusedRows.apply(h, weight, bias, plan)
     with torch.autocast(h.device.type, enabled=False):
-        return run(plan, h.detach(), weight.detach(), None if bias is None else bias.detach(), None,
-                   (False, False, False))[0]
+        value, _, label_lp = run(plan, h.detach(), weight.detach(), None if bias is None else bias.detach(), None,
+                                 (False, False, False))
+        return value if label_lp is None else (value, label_lp)
 
 
 def lazy_teacher_rows(teacher, rows: torch.Tensor, t_perm: torch.Tensor | None, width: int) -> Callable:

@@ -228,8 +228,8 @@ def xtok_loss(student: torch.Tensor | StudentHead, teacher: TeacherTargets, alig
         fused: a :class:`StudentHead` takes the fused path at ``ONE`` rows (:mod:`.fused`; not for a sparse teacher
             with ``uld`` / ``gold``); False = the reference path (autograd per chunk, ``checkpoint``).
         ce_weight / ce_stats: CE folded into the fused pass (the train loop's; one pass over the student head
-            instead of two): when ``ce_weight > 0``, ``ce_stats`` is a dict and the fused path runs at τ = 1, every
-            label position ``t`` (``student_labels ≠ −100``) gains ``ce_weight · CE_t`` (``CE_t = −log q(label)``)
+            instead of two): when ``ce_weight > 0``, ``ce_stats`` is a dict and the fused path runs, every
+            label position ``t`` (``student_labels ≠ −100``) gains ``ce_weight · CE_t`` (``CE_t = −log q(label)`` at τ = 1, whatever the loss temperature)
             and ``ce_stats`` gets ``ce_sum`` (``Σ CE_t``, a float) and ``rows`` (those positions, flattened).
             Otherwise ``ce_stats`` stays empty and the caller computes CE itself.
     """
@@ -249,8 +249,9 @@ def xtok_loss(student: torch.Tensor | StudentHead, teacher: TeacherTargets, alig
     batch_t = torch.arange(b, device=kind.device).unsqueeze(1) * t_t  # (B, 1): flat teacher row offset
 
     one = (kind == ONE).reshape(-1).nonzero().squeeze(-1)
+    folded_label_lp = None  # with CE folded in: log q(label) at τ of every label row, in the order of ``rows``
     take_fused = fused and isinstance(student, StudentHead) and (not teacher.is_sparse or method == "exact_kl")
-    fold_ce = take_fused and ce_weight > 0 and ce_stats is not None and tau == 1.0
+    fold_ce = take_fused and ce_weight > 0 and ce_stats is not None
     if fold_ce:  # the ONE rows first (distribution term + CE), then every other label position (CE only)
         flat_labels = student_labels.reshape(-1)
         is_label = flat_labels != -100
@@ -262,8 +263,11 @@ def xtok_loss(student: torch.Tensor | StudentHead, teacher: TeacherTargets, alig
                                  f"vocabulary [0, {vmap.student_vocab})")
         t_rows = (alignment.teacher_first.to(kind.device) + batch_t).reshape(-1)[one]
         stats: dict = {}
+        spans_too = bool(span_weight) and bool(((kind == END) | (kind == MERGED)).any())
         values = _fused_one(student, teacher, t_rows, rows, vmap, method, tau, beta, gold_weights, chunk_size,
-                            ce=(y, float(ce_weight), one.numel(), stats))
+                            ce=(y, float(ce_weight), one.numel(), stats), label_out=spans_too)
+        if spans_too:  # every label's log q at τ from the same pass: the span term below reads it (no 2nd head pass)
+            values, folded_label_lp = values
         per_token = per_token.index_put((rows,), values.to(dtype))
         ce_stats.update(ce_sum=stats["ce_sum"], rows=rows)
     elif one.numel() and take_fused:
@@ -285,9 +289,18 @@ def xtok_loss(student: torch.Tensor | StudentHead, teacher: TeacherTargets, alig
     if ends.numel() and span_weight:
         spans = (kind != NONE) & (kind != ONE)
         s_rows = spans.reshape(-1).nonzero().squeeze(-1)
-        lq_lab = torch.zeros(b * t_s, dtype=dtype, device=kind.device).index_put(
-            (s_rows,), student_label_logprobs(student, student_labels, s_rows, vmap.student_vocab, tau, chunk_size,
-                                              checkpoint))
+        lq_lab = torch.zeros(b * t_s, dtype=dtype, device=kind.device)
+        at = None
+        if folded_label_lp is not None:  # each span row's place among the folded rows (-1: not a label row)
+            at = torch.full((b * t_s,), -1, dtype=torch.long, device=kind.device)
+            at[rows] = torch.arange(rows.numel(), device=kind.device)
+            at = at.index_select(0, s_rows)
+        if at is not None and bool((at >= 0).all()):
+            lq_lab = lq_lab.index_put((s_rows,), folded_label_lp.index_select(0, at).to(dtype))
+        else:
+            lq_lab = lq_lab.index_put((s_rows,), student_label_logprobs(student, student_labels, s_rows,
+                                                                         vmap.student_vocab, tau, chunk_size,
+                                                                         checkpoint))
         batch_s = torch.arange(b, device=kind.device).unsqueeze(1) * t_s
         s_first = (alignment.student_first.to(kind.device) + batch_s).reshape(-1)[ends]
         student_span = _span_sums(lq_lab.reshape(b, t_s), s_first, ends)
@@ -302,10 +315,12 @@ def xtok_loss(student: torch.Tensor | StudentHead, teacher: TeacherTargets, alig
 
 
 def _fused_one(student: StudentHead, teacher: TeacherTargets, t_rows: torch.Tensor, one: torch.Tensor, vmap: VocabMap,
-               method: str, tau: float, beta: float, gold_weights, chunk_size: int, ce=None) -> torch.Tensor:
+               method: str, tau: float, beta: float, gold_weights, chunk_size: int, ce=None,
+               label_out: bool = False):
     """The distribution term at the ``ONE`` rows (flattened student positions ``one``, teacher rows ``t_rows``)
     through :func:`.fused.fused_rows`: ``(n,)``. ``ce = (labels (n,), weight, n_kd, stats)``: CE folded in, the
-    first ``n_kd`` rows of ``one`` being the ``ONE`` rows and the rest CE-only rows; ``stats`` gets ``ce_sum``."""
+    first ``n_kd`` rows of ``one`` being the ``ONE`` rows and the rest CE-only rows; ``stats`` gets ``ce_sum``.
+    ``label_out`` (with ``ce``): ``(values, log q(label) at τ (n,))``, both differentiable (the span term's)."""
     h = student.hidden.reshape(-1, student.hidden.shape[-1]).index_select(0, one)  # (n, H)
     dev = h.device
     low = autocast_head_dtype(dev)  # under bf16 autocast the head matmuls run in bf16 (fused module doc)
@@ -325,6 +340,7 @@ def _fused_one(student: StudentHead, teacher: TeacherTargets, t_rows: torch.Tens
     if ce is not None:  # labels as columns of the plan's order: position of each id in the permutation
         labels, weight, plan.n_kd, stats = ce
         plan.ce_lambda, plan.stats = weight, stats
+        plan.label_out, plan.ce_labels = label_out, labels
         if plan.perm is None:
             plan.ce_cols = labels
         else:
