@@ -180,9 +180,9 @@ def arms_for(args, tname: str) -> list[str]:
 
 
 def train_arm(args, size, tname: str, arm: str, init: str, files: dict, seqkd, work: Path, precision: str,
-              teacher_dir: str, fused: bool = True, steps: int | None = None) -> dict:
+              teacher_dir: str, fused: bool = True, steps: int | None = None, tag: str = "") -> dict:
     """One arm in its own process (``xtok_systems.py``): its result with tok/s, load before/after and the recipe."""
-    out_dir = work / "runs" / f"{tname}_{arm}{'' if fused else '_reference'}"
+    out_dir = work / "runs" / f"{tname}_{arm}{'' if fused else '_reference'}{tag}"
     shutil.rmtree(out_dir, ignore_errors=True)  # an arm always starts afresh (an earlier, stopped run's folder)
     r = recipe(args, size, arm, init, files, seqkd, out_dir, precision)
     if arm in XTOK:
@@ -231,6 +231,34 @@ def speed_fix(args, size, inits: dict, files: dict, work: Path, precision: str, 
         ref, new = row["reference"]["s_per_step"], row["fused"]["s_per_step"]
         row["speedup"] = ref / new if ref and new else None
         out["methods"][method] = row
+    return out
+
+
+def speed_rounds(args, size, inits: dict, files: dict, work: Path, precision: str, teacher_dir: str) -> dict | None:
+    """``--speed-rounds N``: the first tokenizer's first cross-tokenizer KD arm and TRL's GOLD, ``--speed-round-steps``
+    steps each, alternated N times (ours, GOLD, ours, GOLD, ...), each in its own process: tok/s of every run and the
+    ratio of each round. Why: on this shared machine the speed of a whole arm moves by up to a quarter from one run
+    to the next (the same arm measured 308 and 387 tok/s in two runs of this benchmark), so one arm after the other
+    is a noisy ratio; alternating short runs and taking the median ratio is the fair one (BENCHMARKS.md)."""
+    tname, init = next(iter(inits.items()))
+    ours = next((a for a in arms_for(args, tname) if a in XTOK), None)
+    if not args.speed_rounds or ours is None or "gold_trl" not in arms_for(args, tname):
+        return None
+    out = {"tokenizer": tname, "arm": ours, "steps": args.speed_round_steps, "ours_tok_s": [], "gold_tok_s": [],
+           "ratios": []}
+    for i in range(args.speed_rounds):
+        got = {}
+        for arm in (ours, "gold_trl"):
+            res = train_arm(args, size, tname, arm, init, files, None, work, precision, teacher_dir,
+                            steps=args.speed_round_steps, tag=f"_speed{i}")
+            got[arm] = res.get("tok_s")
+            shutil.rmtree(work / "runs" / f"{tname}_{arm}_speed{i}", ignore_errors=True)
+        out["ours_tok_s"].append(got[ours])
+        out["gold_tok_s"].append(got["gold_trl"])
+        out["ratios"].append(got[ours] / got["gold_trl"] if got[ours] and got["gold_trl"] else None)
+    ratios = sorted(r for r in out["ratios"] if r)
+    out["median_ratio"] = ratios[len(ratios) // 2] if len(ratios) % 2 else (
+        (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]) / 2 if ratios else None)
     return out
 
 
@@ -291,6 +319,10 @@ def main() -> None:
     ap.add_argument("--speed-steps", type=int, default=0,
                     help="first run --speed-methods for N steps through the reference and the fused loss path")
     ap.add_argument("--speed-methods", default="exact_kl")
+    ap.add_argument("--speed-rounds", type=int, default=0,
+                    help="after training: our first KD arm and GOLD alternated N times, --speed-round-steps each "
+                         "(the tok/s ratio that one-after-the-other arms on a shared machine cannot give)")
+    ap.add_argument("--speed-round-steps", type=int, default=24)
     ap.add_argument("--teacher", default="smollm2", help="teacher.source (tests: a tiny model folder)")
     ap.add_argument("--student", choices=("demo", "tiny"), default="demo")
     ap.add_argument("--init", choices=("random", "pruned"), default="random",
@@ -347,6 +379,7 @@ def main() -> None:
             m = AutoModelForCausalLM.from_pretrained(res["student_dir"], dtype=torch.float32)
             res["eval"] = evaluate_model(m, AutoTokenizer.from_pretrained(res["student_dir"]), files, size[2], blimp_n, key)
             res["parameters"] = sum(p.numel() for p in m.parameters())
+    rounds = speed_rounds(args, size, inits, files, work, precision, teacher_dir)
     machine["load_average_end"] = common.loadavg()
     result = {"benchmark": "cross_tokenizer", "quick": args.quick, "size": "quick" if args.quick else args.size,
               "machine": machine, "precision": precision, "cpu_bf16_fast": precision == "bf16",
@@ -361,7 +394,7 @@ def main() -> None:
                          "inits": init_info,
                          "tokenizers": args.tokenizers.split(","),
                          "arms": {t.replace(":", ""): arms_for(args, t.replace(":", "")) for t in args.tokenizers.split(",")}},
-              "data": files, "seqkd": seqkd, "teacher": t_eval, "speed_fix": speed,
+              "data": files, "seqkd": seqkd, "teacher": t_eval, "speed_fix": speed, "speed_rounds": rounds,
               "runs": {k: xtok_report.slim(v) for k, v in runs.items()},
               "seconds": time.perf_counter() - t_start}
     result["summary"] = xtok_report.summary(result)

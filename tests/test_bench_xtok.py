@@ -71,6 +71,12 @@ def test_gap_closed_goals_and_recommended_default():
     assert peer["tok_s_ratio"] == pytest.approx(3.0) and peer["rss_ratio"] == pytest.approx(0.4)
     assert peer["quality >= GOLD"] and peer[">= 2x tok/s"] and peer["<= 0.5x memory"]
     assert not v["gpt2: gold vs GOLD (TRL)"]["quality >= GOLD"]
+    # alternated speed rounds, when measured, decide the tok/s goal (the one-after-the-other ratio stays reported)
+    r["speed_rounds"] = {"tokenizer": "gpt2", "arm": "exact_kl", "median_ratio": 1.8}
+    peer = xtok_report.verdicts(r)["gpt2: exact_kl vs GOLD (TRL)"]
+    assert peer["tok_s_ratio"] == pytest.approx(3.0) and peer["tok_s_ratio_alternated_median"] == 1.8
+    assert not peer[">= 2x tok/s"]
+    assert xtok_report.verdicts(r)["gpt2: uld vs GOLD (TRL)"]["tok_s_ratio_alternated_median"] is None
     # another method wins by more than the tie margin: it is recommended
     r2 = _result(arms={"exact_kl": (2.5, 60, 2e9), "uld": (2.4, 50, 2e9), "gold": (2.8, 40, 2e9)})
     assert xtok_report.recommended(xtok_report.summary(r2)) == "uld"
@@ -84,7 +90,8 @@ def test_cross_tokenizer_quick_end_to_end(tmp_path):
     out = tmp_path / "x.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "cross_tokenizer.py"), "--quick", "--teacher",
            str(make_teacher(tmp_path)), "--student", "tiny", "--tokenizers", "bpe:600", "--gold-tokenizers", "bpe600",
-           "--corpus-chars", "300000", "--threads", "1", "--work-dir", str(tmp_path / "work"), "--out", str(out)]
+           "--corpus-chars", "300000", "--threads", "1", "--work-dir", str(tmp_path / "work"), "--out", str(out),
+           "--speed-rounds", "1", "--speed-round-steps", "3"]
     subprocess.run(cmd, check=True, cwd=ROOT, timeout=1800, capture_output=True)
     r = json.loads(out.read_text())
     assert r["machine"]["cpu"] and r["precision"] in ("bf16", "no")
@@ -99,6 +106,9 @@ def test_cross_tokenizer_quick_end_to_end(tmp_path):
     assert r["runs"]["bpe600/gold_trl"]["trl_settings"]["uld_use_hybrid_loss"] is True
     assert r["seqkd"]["documents"] == 6 and Path(r["seqkd"]["file"]).is_file()
     assert r["verdicts"]["recommended_xtok_method"] in ("exact_kl", "uld", "gold")
+    rounds = r["speed_rounds"]
+    assert rounds["arm"] == "exact_kl" and len(rounds["ratios"]) == 1 and rounds["median_ratio"] > 0
+    assert r["verdicts"]["bpe600: exact_kl vs GOLD (TRL)"]["tok_s_ratio_alternated_median"] == rounds["median_ratio"]
 
 
 def test_arms_per_tokenizer():

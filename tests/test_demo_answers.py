@@ -93,3 +93,15 @@ def test_demo_folder_claimed_for_one_decoding(tmp_path: Path):
     _claim(tmp_path / "d", demo_marker(s, [], {}))
     with pytest.raises(DistilleryError, match="holds another run"):
         _claim(tmp_path / "d", sampled)  # students trained on greedy answers are not the sampled demo's
+
+
+def test_run_overrides_split_by_prefix():
+    """``kd:key=value`` / ``ce:key=value`` reach one run, plain ones both; a value holding a colon stays whole."""
+    from distillery.demo import run_overrides
+
+    given = ["train.lr=1e-3", "kd:generation.on_policy_fraction=0.5", "ce:train.lr=3e-3",
+             "data.train=[\"a:b.jsonl\"]"]
+    assert run_overrides(given, "kd") == ["train.lr=1e-3", "generation.on_policy_fraction=0.5",
+                                          "data.train=[\"a:b.jsonl\"]"]
+    assert run_overrides(given, "ce") == ["train.lr=1e-3", "train.lr=3e-3", "data.train=[\"a:b.jsonl\"]"]
+    assert run_overrides(None, "kd") == []

@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the teacher samples the training answers at temperature T (0 = greedy; default: demo.TRAIN_ANSWERS)")
     m.add_argument("--answer-top-p", type=float, default=None, metavar="P",
                    help="nucleus mass of those samples (default: demo.TRAIN_ANSWERS)")
-    m.add_argument("overrides", nargs="*", default=[], help="key=value overrides for the demo recipe")
+    m.add_argument("overrides", nargs="*", default=[], help="key=value overrides for the demo recipe (both runs; kd:key=value or ce:key=value for one run)")
     m.set_defaults(func=_cmd_demo)
 
     _optional_verbs(sub)

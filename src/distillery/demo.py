@@ -51,6 +51,20 @@ def train_overrides(s: dict, quick: bool) -> list[str]:
             f"train.warmup_steps={s['warmup']}"] + (["train.save_every=0"] if quick else [])
 
 
+def run_overrides(overrides: list[str] | None, run: str) -> list[str]:
+    """The overrides for one run: the plain ones (both runs) and those written ``<run>:key=value`` (this run only,
+    e.g. ``kd:generation.on_policy_fraction=0.5``), in the order given."""
+    out = []
+    for o in overrides or []:
+        head, sep, rest = o.partition(":")
+        if sep and head in ("kd", "ce") and "=" not in head:
+            if head == run:
+                out.append(rest)
+        else:
+            out.append(o)
+    return out
+
+
 PROMPT = "To be, or not to be"  # quality.py's plain-text continuation prompt (kept for it)
 
 
@@ -219,11 +233,11 @@ def run_demo(quick: bool = False, output_dir: str = "runs/demo", overrides: list
     recipe = resources.files("distillery") / "configs" / "demo.yaml"
     base = train_overrides(s, quick) + [f"student.pretrained={init}",
                                        f"data.train={json.dumps([data['train_chat'], data['plain']])}",
-                                       f"data.validation={json.dumps([data['heldout_chat']])}"] + list(overrides or [])
+                                       f"data.validation={json.dumps([data['heldout_chat']])}"]
     runs = {}
     for name, extra in (("kd", ["loss.kd_weight=1.0", "loss.ce_weight=0.0"]),
                         ("ce", ["loss.kd_weight=0.0", "loss.ce_weight=1.0"])):
-        cfg = load_config(str(recipe), base + extra + [f"train.output_dir={out / name}"])
+        cfg = load_config(str(recipe), base + extra + run_overrides(overrides, name) + [f"train.output_dir={out / name}"])
         console.rule(f"[bold]3. {name.upper()} run[/]: {cfg.train.max_steps} steps x "
                      f"{cfg.train.micro_batch_size * cfg.train.grad_accum} x {cfg.data.seq_len} tokens")
         done = (out / name / "student" / "config.json").is_file() and (out / name / "summary.json").is_file()
