@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import cross_tokenizer  # noqa: E402
+import xtok_eval  # noqa: E402
 import xtok_report  # noqa: E402
 
 
@@ -37,7 +38,7 @@ def test_bits_per_byte_of_a_uniform_model_is_log2_vocab_over_bytes_per_token(tmp
             return type("Out", (), {"logits": torch.zeros(*input_ids.shape, 512)})()
 
     f = cross_tokenizer.write_jsonl(tmp_path / "h.jsonl", ["To be, or not to be, that is the question.\n" * 40])
-    got = cross_tokenizer.bits_per_byte(Uniform(), tok, str(f), seq_len=32)
+    got = xtok_eval.bits_per_byte(Uniform(), tok, str(f), seq_len=32)
     assert got["tokens"] > 0
     assert got["bits_per_byte"] == pytest.approx(got["tokens"] * math.log2(512) / got["bytes"], rel=1e-6)  # fp32 log-softmax
 
