@@ -229,8 +229,8 @@ def xtok_loss(student: torch.Tensor | StudentHead, teacher: TeacherTargets, alig
             with ``uld`` / ``gold``); False = the reference path (autograd per chunk, ``checkpoint``).
         ce_weight / ce_stats: CE folded into the fused pass (the train loop's; one pass over the student head
             instead of two): when ``ce_weight > 0``, ``ce_stats`` is a dict and the fused path runs, every
-            label position ``t`` (``student_labels ≠ −100``) gains ``ce_weight · CE_t`` (``CE_t = −log q(label)`` at τ = 1, whatever the loss temperature)
-            and ``ce_stats`` gets ``ce_sum`` (``Σ CE_t``, a float) and ``rows`` (those positions, flattened).
+            label position ``t`` (``student_labels ≠ −100``) gains ``ce_weight · CE_t`` (``CE_t = −log q(label)``
+            at τ = 1, whatever the loss temperature) and ``ce_stats`` gets ``ce_sum`` (``Σ CE_t``, a float) and ``rows`` (those positions, flattened).
             Otherwise ``ce_stats`` stays empty and the caller computes CE itself.
     """
     if method not in METHODS:
