@@ -1,7 +1,7 @@
 """Cross-tokenizer distillation quality, and TRL's GOLD side by side (issue 15).
 
     .venv/bin/python benchmarks/cross_tokenizer.py [--quick | --size medium|full] [--tokenizers gpt2,bpe:8192]
-        [--init random|pruned] [--arms exact_kl,gold_trl,ce,seqkd]
+        [--init random|pruned] [--arms exact_kl,gold_trl,ce,seqkd] [--speed-rounds N] [--set SECTION.KEY=VALUE]
 
 Teacher SmolLM2-135M-Instruct (49,152 tokens). Students: the demo shape (4 layers, d=256, FFN 768, 4 heads / 2 KV,
 tied) with (1) GPT-2's 50,257-token vocabulary and (2) a byte-level BPE of 8,192 tokens trained on the training
@@ -28,7 +28,8 @@ cosine schedule, precision from ``distillery.hardware.cpu_bf16_fast``):
 Metrics: bits per byte (held-out Shakespeare chunks never trained on, and Milton's *Paradise Lost*), each model on
 its own tokenization of the same documents (``xtok_eval.bits_per_byte``; special-token labels excluded); the aligned KL and
 top-1 from the loop's final validation; BLiMP accuracy on ``--blimp-per-paradigm`` pairs per paradigm; tok/s
-(student tokens, steady state) and peak RSS of every training process. Writes
+(student tokens, steady state) and peak RSS of every training process; with ``--speed-rounds N``, our first KD arm
+and GOLD alternated N times for the tok/s ratio (:func:`speed_rounds`). Writes
 ``benchmarks/results/cross_tokenizer.json`` (``cross_tokenizer_quick.json`` with ``--quick``).
 """
 
