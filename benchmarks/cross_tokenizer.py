@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -258,9 +259,8 @@ def speed_rounds(args, size, inits: dict, files: dict, work: Path, precision: st
         out["ours_tok_s"].append(got[ours])
         out["gold_tok_s"].append(got["gold_trl"])
         out["ratios"].append(got[ours] / got["gold_trl"] if got[ours] and got["gold_trl"] else None)
-    ratios = sorted(r for r in out["ratios"] if r)
-    out["median_ratio"] = ratios[len(ratios) // 2] if len(ratios) % 2 else (
-        (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]) / 2 if ratios else None)
+    ratios = [r for r in out["ratios"] if r]
+    out["median_ratio"] = statistics.median(ratios) if ratios else None
     return out
 
 

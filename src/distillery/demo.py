@@ -57,7 +57,7 @@ def run_overrides(overrides: list[str] | None, run: str) -> list[str]:
     out = []
     for o in overrides or []:
         head, sep, rest = o.partition(":")
-        if sep and head in ("kd", "ce") and "=" not in head:
+        if sep and head in ("kd", "ce"):
             if head == run:
                 out.append(rest)
         else:
