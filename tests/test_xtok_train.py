@@ -8,6 +8,8 @@ against a CE-only student, and a served teacher gives the live teacher's losses.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -181,3 +183,27 @@ def test_a_stray_byte_in_a_row_leaves_the_rest_of_the_row_aligned():
     n = len(good)
     assert (kinds[:n - 1] == 1).all() and (kinds[n + 1:] == 1).sum() >= n - 2  # both sides of the stray byte
     assert int(kinds[n - 1]) == 0  # the stray byte itself has no teacher counterpart
+
+
+def test_unlikelihood_on_policy_steps_with_another_tokenizer(tmp_path, bpe_dir):
+    """Greedy on-policy steps with loss.unlikelihood_weight across tokenizers: the repeats leave the aligned KD rows
+    (the view is built on the split labels) and the run logs the term."""
+    from distillery.losses.unlikelihood import split_repeats
+    from distillery.onpolicy import on_policy_batch
+    from distillery.run_setup import prepare_run
+
+    gen = {"on_policy_fraction": 1.0, "max_new_tokens": 16, "prompt_tokens": 8, "sample_temperature": 0.0}
+    cfg = load_config(write_recipe(tmp_path, tmp_path / "ul", data=DATA, train=TRAIN, generation=gen,
+                                   student={"tokenizer": str(bpe_dir)},
+                                   loss={"unlikelihood_weight": 1.0, "unlikelihood_ngram": 1}))
+    run = prepare_run(cfg, torch.device("cpu"))
+    sampled = on_policy_batch(run.student, run.train.batch([0, 1]), run.tokenizer, cfg.generation,
+                              vocab_size=run.vocab_size)
+    kd_labels, ul_labels = split_repeats(sampled["labels"], 1)
+    assert (ul_labels != -100).any()  # a fresh student's greedy 16 tokens repeat a token
+    view = run.xtok.view(dict(sampled, labels=kd_labels))
+    assert not ((view.alignment.kind != 0) & (ul_labels != -100)).any()
+    distill(cfg)
+    steps = _train(tmp_path / "ul")
+    assert len(steps) == TRAIN["max_steps"] and all(math.isfinite(m["unlikelihood"]) for m in steps)
+    assert any(m["repeat_share"] > 0 for m in steps)

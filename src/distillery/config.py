@@ -173,6 +173,8 @@ class LossConfig(_Section):
     ce_weight: float = Field(0.0, ge=0.0, description="Weight of the cross-entropy on the data's next tokens.")
     xtok_method: Literal["exact_kl", "uld", "gold"] = Field("exact_kl", description="Cross-tokenizer runs: the term at positions where one teacher token and one student token spell the same bytes. 'exact_kl': forward KL over the tokens both vocabularies spell identically plus one bucket for the rest; 'uld': Boizard et al. 2024's sorted-probability L1; 'gold': TRL GOLD's hybrid (JSD on matched tokens + ULD on the rest).")
     xtok_span_weight: float = Field(1.0, ge=0.0, description="Cross-tokenizer runs: weight of the span term (where a span holds several tokens on one side: KL between the two sides' probabilities of the span's bytes, by the chain rule).")
+    unlikelihood_weight: float = Field(0.0, ge=0.0, description="On-policy steps: weight of sequence-level unlikelihood (Welleck et al. 2020) on the student's own continuations: each sampled token that repeats an n-gram already in its continuation gets -log(1 - q(token)) instead of KD and CE, which trains greedy loops away (losses/unlikelihood.py). Needs generation.on_policy_fraction > 0; with generation.sample_temperature 0 the samples are the greedy continuations that loop. 0: off.")
+    unlikelihood_ngram: int = Field(4, ge=1, description="The n of loss.unlikelihood_weight's repeated n-grams (4 in the paper).")
     chunk_size: int | Literal["auto"] = Field("auto", description="Target positions per chunk in the memory-bounded loss. 'auto': on a CPU as many as keep the chunk buffers (5 x rows x V fp32) near 64 MiB, 32 to 256 (64 at V=49k: the on-policy real pair's peak RSS fell ~0.2 GB from 256, at the same speed); on a GPU near 1 GiB, at least 256 (fewer, larger kernels).")
 
     @field_validator("chunk_size")
@@ -318,6 +320,14 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _unlikelihood_needs_samples(self):
+        if self.loss.unlikelihood_weight > 0 and self.generation.on_policy_fraction == 0:
+            raise PydanticCustomError("student_model", "{message}", {"message": (
+                "loss.unlikelihood_weight penalises repeats in the student's own continuations, so it needs on-policy "
+                "steps: set generation.on_policy_fraction > 0 (and generation.sample_temperature=0 for greedy ones)")})
+        return self
 
     @model_validator(mode="after")
     def _lora_without_qat(self):

@@ -42,6 +42,7 @@ from .errors import DistilleryError
 from .evaluate import evaluate, student_hidden, write_json
 from .hardware import auto_precision, return_large_frees, trim_heap
 from .losses import chunked_distill_loss
+from .losses.unlikelihood import split_repeats, unlikelihood_loss
 from .onpolicy import CollapseGuard, choose_on_policy, on_policy_batch
 from .run_setup import prepare_run
 from .students import sparse_tied_embedding_grad
@@ -188,6 +189,11 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
                                          vocab_size=run.vocab_size) for mb in micro]
             if frees:
                 trim_heap()  # the sampler's freed buffers leave the resident set before the teacher and the loss
+        ul_labels = [None] * len(micro)  # unlikelihood: the samples' repeated n-grams leave KD/CE for its term
+        if on_policy and lc.unlikelihood_weight > 0:
+            for i, mb in enumerate(micro):
+                mb["labels"], ul_labels[i] = split_repeats(mb["labels"], lc.unlikelihood_ngram)
+        n_marked = sum(int((u != -100).sum()) for u in ul_labels if u is not None)
         views = [run.xtok.view(mb) for mb in micro] if run.xtok is not None and lc.kd_weight > 0 else None
         if lc.kd_weight > 0:  # a remote teacher starts scoring now, and the next step's blocks while we compute
             ahead = [v.batch for v in views] if views else micro + _next_blocks(step + 1, tc, gc, train_ds, sampler)
@@ -195,9 +201,10 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
                 teacher.prefetch(mb)
         micro = [{k: v.to(acc.device) for k, v in mb.items()} for mb in micro]
         # N_window: target tokens in the whole accumulation window, summed over ranks, counted once.
-        n_tokens = torch.tensor(float(sum(int((mb["labels"] != -100).sum()) for mb in micro)), device=acc.device)
+        n_tokens = torch.tensor(float(sum(int((mb["labels"] != -100).sum()) for mb in micro) + n_marked),
+                                device=acc.device)
         n_tokens = acc.reduce(n_tokens, reduction="sum").item() if world > 1 else n_tokens.item()
-        kd_sum = ce_sum = 0.0
+        kd_sum = ce_sum = ul_sum = 0.0
         for i, mb in enumerate(micro):
             try:
                 t_batch = views[i].batch if views else mb  # another tokenizer: the teacher reads its own tokens
@@ -230,6 +237,11 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
                         vocab_size=run.vocab_size, lm_head_bias=head.bias)
                     loss = loss + loss_ce if views else loss_ce
                     stats = dict(stats, ce_sum=stats_ce["ce_sum"]) if views else stats_ce
+                if ul_labels[i] is not None:  # Welleck et al.'s sequence-level unlikelihood (losses/unlikelihood.py)
+                    ul, _ = unlikelihood_loss(hidden, head.weight, ul_labels[i].to(acc.device), bias=head.bias,
+                                              chunk_rows=chunk_rows, vocab_size=run.vocab_size)
+                    loss = loss + lc.unlikelihood_weight * ul / max(n_tokens, 1.0)
+                    ul_sum += float(ul.detach())
                 if not torch.isfinite(loss):
                     raise DistilleryError(f"step {step}: loss is {loss.item()}; stopped before the update "
                                           f"(last good checkpoint: {_last_checkpoint(out)})")
@@ -251,18 +263,21 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
         tokens_seen += int(n_tokens)
         logging_step = step % tc.log_every == 0 or step == tc.max_steps
         if (logging_step or (on_policy and guard)) and world > 1:  # global sums: every rank's (all ranks call this)
-            kd_sum, ce_sum = acc.reduce(torch.tensor([kd_sum, ce_sum], dtype=torch.float64, device=acc.device),
-                                        reduction="sum").tolist()
+            kd_sum, ce_sum, ul_sum, n_marked = acc.reduce(torch.tensor(
+                [kd_sum, ce_sum, ul_sum, n_marked], dtype=torch.float64, device=acc.device), reduction="sum").tolist()
         collapsed = guard.update(step, ce_sum / max(n_tokens, 1)) if on_policy and guard else None
         if acc.is_main_process and logging_step:
             elapsed = time.perf_counter() - t_start
             kd_scale = lc.kd_weight * lc.loss_temperature ** 2  # the objective scales KD by tau^2 (Hinton)
-            rec = {"step": step, "loss": (kd_scale * kd_sum + lc.ce_weight * ce_sum) / max(n_tokens, 1),
+            rec = {"step": step, "loss": (kd_scale * kd_sum + lc.ce_weight * ce_sum
+                                          + lc.unlikelihood_weight * ul_sum) / max(n_tokens, 1),
                    "kd": kd_sum / max(n_tokens, 1), "ce": ce_sum / max(n_tokens, 1),
                    "lr": scheduler.get_last_lr()[0], "grad_norm": None if grad_norm is None else float(grad_norm),
                    "tokens_seen": tokens_seen, "tok_s": window_tokens * world / max(elapsed, 1e-9)}
             if gc.on_policy_fraction > 0:
                 rec["on_policy"] = on_policy  # then "ce" is the student's -log q of its own samples
+            if on_policy and lc.unlikelihood_weight > 0:  # mean -log(1 - q) over the repeats, and their share
+                rec.update(unlikelihood=ul_sum / max(n_marked, 1), repeat_share=n_marked / max(n_tokens, 1))
             log.write(json.dumps(rec) + "\n")
             log.flush()
             trackers.log(acc, tc.report_to, rec)
