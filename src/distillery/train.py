@@ -265,13 +265,14 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
         if (logging_step or (on_policy and guard)) and world > 1:  # global sums: every rank's (all ranks call this)
             kd_sum, ce_sum, ul_sum, n_marked = acc.reduce(torch.tensor(
                 [kd_sum, ce_sum, ul_sum, n_marked], dtype=torch.float64, device=acc.device), reduction="sum").tolist()
-        collapsed = guard.update(step, ce_sum / max(n_tokens, 1)) if on_policy and guard else None
+        n_kd = max(n_tokens - n_marked, 1)  # the rows KD and CE read (the repeats went to the unlikelihood term)
+        collapsed = guard.update(step, ce_sum / n_kd) if on_policy and guard else None
         if acc.is_main_process and logging_step:
             elapsed = time.perf_counter() - t_start
             kd_scale = lc.kd_weight * lc.loss_temperature ** 2  # the objective scales KD by tau^2 (Hinton)
             rec = {"step": step, "loss": (kd_scale * kd_sum + lc.ce_weight * ce_sum
                                           + lc.unlikelihood_weight * ul_sum) / max(n_tokens, 1),
-                   "kd": kd_sum / max(n_tokens, 1), "ce": ce_sum / max(n_tokens, 1),
+                   "kd": kd_sum / n_kd, "ce": ce_sum / n_kd,
                    "lr": scheduler.get_last_lr()[0], "grad_norm": None if grad_norm is None else float(grad_norm),
                    "tokens_seen": tokens_seen, "tok_s": window_tokens * world / max(elapsed, 1e-9)}
             if gc.on_policy_fraction > 0:
