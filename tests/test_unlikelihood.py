@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distillery.config import load_config
 from distillery.errors import DistilleryError
-from distillery.losses.unlikelihood import UL_MAX_LOGPROB, repeat_mask, split_repeats, unlikelihood_loss
+from distillery.losses.unlikelihood import repeat_mask, split_repeats, unlikelihood_loss
 from distillery.train import distill
 from helpers_run import make_corpus, make_teacher, write_recipe
 from tiny import tiny_llama
@@ -72,11 +72,16 @@ def test_unlikelihood_loss_without_repeats_is_zero_and_differentiable():
     assert n == 0 and loss.item() == 0.0 and hidden.grad.abs().max() == 0
 
 
-def test_a_certain_repeat_is_clamped_finite():
+def test_a_certain_repeat_keeps_an_exact_value_and_a_bounded_gradient():
+    hidden = torch.ones(1, 1, 2, requires_grad=True)
     weight = torch.zeros(4, 2)
-    weight[1, 0] = 1e4  # q(1) = 1 in fp32
-    loss, _ = unlikelihood_loss(torch.ones(1, 1, 2), weight, torch.tensor([[1]]))
-    assert math.isfinite(loss.item()) and abs(loss.item() + math.log(-math.expm1(UL_MAX_LOGPROB))) < 1e-3
+    weight[1, 0] = 1e4  # logits (0, 1e4, 0, 0): q(1) = 1 in fp32, so 1 − q rounds to 0
+    weight.requires_grad_(True)
+    loss, _ = unlikelihood_loss(hidden, weight, torch.tensor([[1]]))
+    loss.backward()
+    assert abs(loss.item() - (1e4 - math.log(3))) < 1e-2  # logsumexp(z) − logsumexp(z without y)
+    dz = weight.grad[:, 0]  # = q − q' (q' the softmax without y): (−1/3, 1, −1/3, −1/3)
+    assert torch.allclose(dz, torch.tensor([-1 / 3, 1.0, -1 / 3, -1 / 3]), atol=1e-5)
 
 
 def test_unlikelihood_without_on_policy_steps_is_one_clear_line(tmp_path):

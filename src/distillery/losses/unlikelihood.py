@@ -4,13 +4,18 @@ Welleck et al. 2020, "Neural Text Generation with Unlikelihood Training" (ICLR; 
 continues a prompt greedily; every token ``y_t`` of that continuation that belongs to a repeated n-gram becomes a
 *negative* candidate, and the loss lowers its probability:
 
-    UL = Σ_{t marked} −log(1 − q(y_t | y_<t)),     q = softmax(z) at temperature 1.
+    UL = Σ_{t marked} −log(1 − q(y_t | y_<t)),     q = softmax(z) at temperature 1,
+
+computed exactly as ``logsumexp(z) − logsumexp(z without y_t)``, so a repeat the student is certain of (q = 1 in
+fp32) still has a finite value and a gradient, ``q − q'`` with ``q'`` the softmax without ``y_t`` (every entry in
+[−1, 1]).
 
 Marking (:func:`repeat_mask`): label position ``t`` of a row is marked when the n-gram of generated tokens ending
 at its label, ``(y_{t−n+1}, …, y_t)``, already occurred earlier in the same row's continuation (n = 4 in the paper;
 ``loss.unlikelihood_ngram``). So a loop's first occurrence is left alone and every token that repeats it is
 penalised. Its gradient, ``q_y / (1 − q_y) · (e_y − q)`` per marked row, is the CE gradient reversed and
-weighted by how sure the student is of the repeat: a near-certain loop is pushed hardest.
+weighted by how sure the student is of the repeat: a near-certain loop is pushed hardest (the same
+``q − q'`` written per row).
 
 Why by hand: no library we build on (transformers, TRL, torchtune) ships unlikelihood training. Where it runs:
 ``distillery.train`` on on-policy steps when ``loss.unlikelihood_weight > 0`` (the samples are the student's own; with
@@ -24,13 +29,9 @@ activation checkpointing, so one ``(chunk_rows, V)`` block of logits is alive at
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-
-UL_MAX_LOGPROB = math.log1p(-1e-6)  # q(y) is clamped at 1 − 1e-6 so −log(1 − q) stays finite (≤ 13.8)
 
 
 def repeat_mask(labels: torch.Tensor, n: int) -> torch.Tensor:
@@ -60,8 +61,9 @@ def split_repeats(labels: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Ten
 
 def _chunk_ul(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
     logits = F.linear(h.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
-    lq = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1).gather(-1, y[:, None])[:, 0].clamp(max=UL_MAX_LOGPROB)
-    return -torch.log(-torch.expm1(lq)).sum()  # −log(1 − e^{lq})
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    rest = z.scatter(-1, y[:, None], float("-inf")).logsumexp(-1)  # log Σ_{v ≠ y} e^{z_v}
+    return (z.logsumexp(-1) - rest).sum()  # −log(1 − q(y)), exact where q(y) rounds to 1
 
 
 def unlikelihood_loss(hidden: torch.Tensor, weight: torch.Tensor, ul_labels: torch.Tensor, *,
