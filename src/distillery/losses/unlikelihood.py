@@ -13,9 +13,8 @@ fp32) still has a finite value and a gradient, ``q − q'`` with ``q'`` the soft
 Marking (:func:`repeat_mask`): label position ``t`` of a row is marked when the n-gram of generated tokens ending
 at its label, ``(y_{t−n+1}, …, y_t)``, already occurred earlier in the same row's continuation (n = 4 in the paper;
 ``loss.unlikelihood_ngram``). So a loop's first occurrence is left alone and every token that repeats it is
-penalised. Its gradient, ``q_y / (1 − q_y) · (e_y − q)`` per marked row, is the CE gradient reversed and
-weighted by how sure the student is of the repeat: a near-certain loop is pushed hardest (the same
-``q − q'`` written per row).
+penalised. Per marked row the gradient ``q − q'`` equals ``q_y / (1 − q_y) · (e_y − q)``: the CE gradient reversed
+and weighted by how sure the student is of the repeat, so a near-certain loop is pushed hardest.
 
 Why by hand: no library we build on (transformers, TRL, torchtune) ships unlikelihood training. Where it runs:
 ``distillery.train`` on on-policy steps when ``loss.unlikelihood_weight > 0`` (the samples are the student's own; with
@@ -73,8 +72,8 @@ def unlikelihood_loss(hidden: torch.Tensor, weight: torch.Tensor, ul_labels: tor
 
     Args:
         hidden: ``(B, T, H)`` the student's final hidden states (differentiable).
-        weight / bias: the LM head ``(V, H)`` / ``(V,)``; the logits are computed in the weight's dtype (fp32 master
-            weights under autocast), the softmax in fp32 (fp64 with fp64 weights).
+        weight / bias: the LM head ``(V, H)`` / ``(V,)``. The matmul runs in the weight's dtype, or in the autocast
+            dtype under autocast (as the student's own head would); the log-sum-exps in fp32 (fp64 with fp64 weights).
         ul_labels: ``(B, T)``, the label at marked positions, −100 elsewhere (:func:`split_repeats`).
         vocab_size: only the first ``vocab_size`` logits form the distribution (padded embeddings).
     """
