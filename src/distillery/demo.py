@@ -6,11 +6,15 @@
    cached in the teacher's cache folder and reused by the next demo; plus a slice of the plays as plain text.
 2. **The student**: pruned from the teacher once (Minitron-style, ``distillery.prune``: 8 of 30 layers, d=384,
    FFN 1,024, 6 query / 3 KV heads, tied embeddings: 31.9M parameters, 0.24x), saved in ``pruned_init/``.
-3. **Two runs from that same init**, same blocks, same steps (``distill``):
-   * **KD**: forward KL to the live teacher (``kd_weight=1, ce_weight=0``) on the assistant tokens of the chat
-     and every token of the plain text;
+3. **The teacher's targets, written once** (:func:`make_targets`, ``distillery cache``): its top-16 log-probs and
+   16 draws from its tail at every training position, in the teacher's cache folder (reused by the next demo).
+   The runs see the data ~7 times, so a live teacher would score every block ~7 times: KD read its targets from
+   the cache at ~2.7x the live loop's speed here, the steps saved went to training longer (``SETTINGS``).
+4. **Two runs from that same init**, same blocks, same steps (``distill``):
+   * **KD**: forward KL to the teacher's cached targets (``kd_weight=1, ce_weight=0``) on the assistant tokens of
+     the chat and every token of the plain text (``kd:teacher.kind=hf`` runs the teacher live instead);
    * **CE**: cross-entropy on the same tokens, the baseline (on the answers this is sequence-level KD).
-4. **Evaluation** (:mod:`.demo_eval`): perplexity and KL(teacher || student) on the teacher's answers to the
+5. **Evaluation** (:mod:`.demo_eval`): perplexity and KL(teacher || student) on the teacher's answers to the
    held-out prompts and on *Paradise Lost*; BLiMP; answer fidelity on the held-out prompts; the goals.
 
 Results land in ``<output_dir>/results.json`` and ``report.html``.
@@ -19,6 +23,7 @@ Results land in ``<output_dir>/results.json`` and ``report.html``.
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import time
 from importlib import resources
@@ -172,6 +177,47 @@ def make_student(teacher, data: dict, out: Path, s: dict, console: Console) -> P
     return folder
 
 
+def targets_folder(cache: Path, cfg) -> Path:
+    """Where the teacher's targets over ``cfg``'s data live in the teacher's cache folder ``cache``: keyed by the
+    bytes of the data files (not their paths: every output folder shares them), the data and loss settings, and
+    the teacher's dtype as resolved here (``auto`` is bf16 on one CPU and fp32 on another: other targets)."""
+    from .demo_chat import keyed_name
+    from .hardware import auto_dtype
+
+    files = hashlib.sha256()
+    for f in list(cfg.data.train) + list(cfg.data.validation or []):
+        files.update(Path(f).read_bytes() if Path(f).is_file() else str(f).encode())
+        files.update(b"\0")
+    dtype = str(auto_dtype("cpu" if cfg.teacher.device in ("auto", "cpu") else cfg.teacher.device)) \
+        if cfg.teacher.dtype == "auto" else cfg.teacher.dtype
+    key = {"files": files.hexdigest(), "data": cfg.data.model_dump(exclude={"train", "validation"}),
+           "loss_temperature": cfg.loss.loss_temperature, "teacher": cfg.teacher.source, "dtype": dtype}
+    return cache / keyed_name("targets", key)
+
+
+def make_targets(cfg, console: Console) -> dict:
+    """Run the teacher once over the KD run's data and store its targets (``distillery cache``: top-16 log-probs
+    and 16 tail draws per position, resumable by shard) unless a complete cache is already there.
+
+    ``cfg`` is the KD run's recipe with ``teacher.kind: cache``; the cache is written with the same recipe run
+    live (``teacher.kind: hf``), so its blocks are the ones the run reads (the run checks the data fingerprint).
+    """
+    from .cache import CacheReader, run_cache
+
+    folder = Path(cfg.teacher.cache_path)
+    t0 = time.perf_counter()
+    reused = (folder / "manifest.json").is_file() and bool(CacheReader(folder).manifest.get("complete"))
+    if not reused:
+        console.print(f"the teacher scores the training blocks once: {folder}", highlight=False)
+        live = cfg.model_copy(deep=True)
+        live.teacher.kind = "hf"
+        run_cache(live, str(folder), progress=cfg.train.progress)
+    m = CacheReader(folder).manifest
+    return {"folder": str(folder), "reused": reused, "seconds": time.perf_counter() - t0, "k_top": m["k_top"],
+            "tail_samples": (m.get("tail") or {}).get("m", 0), "blocks": sum(int(s["rows"]) for s in m["shards"]),
+            "target_tokens": sum(int(s["target_tokens"]) for s in m["shards"])}
+
+
 def compute_info(cfg) -> dict:
     """What the demo ran on: torch's thread count (all cores unless OMP_NUM_THREADS says otherwise) and the training
     precision ``train.mixed_precision`` resolved to (``auto``: bf16 where :mod:`distillery.hardware` finds it fast)."""
@@ -204,7 +250,7 @@ def _claim(out: Path, marker: dict) -> None:
 def demo_marker(s: dict, overrides: list[str] | None, answers: dict) -> dict:
     """What a demo folder is for (``_claim``): settings, pruned shape, overrides and, when sampled, the training
     answers' decoding. Greedy leaves the marker as it was, so the folders of earlier greedy demos are still reused."""
-    return {"demo": 3, "settings": s, "prune": PRUNE, "overrides": list(overrides or [])} | (
+    return {"demo": 4, "settings": s, "prune": PRUNE, "overrides": list(overrides or [])} | (
         {"train_answers": answers} if answers else {})
 
 
@@ -234,11 +280,20 @@ def run_demo(quick: bool = False, output_dir: str = "runs/demo", overrides: list
     base = train_overrides(s, quick) + [f"student.pretrained={init}",
                                        f"data.train={json.dumps([data['train_chat'], data['plain']])}",
                                        f"data.validation={json.dumps([data['heldout_chat']])}"]
-    runs = {}
-    for name, extra in (("kd", ["loss.kd_weight=1.0", "loss.ce_weight=0.0"]),
+    runs, targets = {}, None
+    placeholder = str(Path(data["teacher_cache"]) / "targets")  # made exact (keyed) once the data is known
+    kd_cache = ["teacher.kind=cache", f"teacher.cache_path={placeholder}"]
+    for name, extra in (("kd", ["loss.kd_weight=1.0", "loss.ce_weight=0.0"] + kd_cache),
                         ("ce", ["loss.kd_weight=0.0", "loss.ce_weight=1.0"])):
         cfg = load_config(str(recipe), base + extra + run_overrides(overrides, name) + [f"train.output_dir={out / name}"])
-        console.rule(f"[bold]3. {name.upper()} run[/]: {cfg.train.max_steps} steps x "
+        if name == "kd" and cfg.teacher.kind == "cache" and cfg.teacher.cache_path == placeholder:
+            cfg.teacher.cache_path = str(targets_folder(Path(data["teacher_cache"]), cfg))  # keyed by what it holds
+            console.rule("[bold]3. The teacher's targets[/], written once (distillery cache)")
+            targets = make_targets(cfg, console)
+            console.print(f"{targets['target_tokens']:,} target positions, top-{targets['k_top']} + "
+                          f"{targets['tail_samples']} tail draws each, {targets['seconds']:.0f} s"
+                          + (" (reused)" if targets["reused"] else ""), highlight=False)
+        console.rule(f"[bold]4. {name.upper()} run[/]: {cfg.train.max_steps} steps x "
                      f"{cfg.train.micro_batch_size * cfg.train.grad_accum} x {cfg.data.seq_len} tokens")
         done = (out / name / "student" / "config.json").is_file() and (out / name / "summary.json").is_file()
         t0 = time.perf_counter()
@@ -250,12 +305,14 @@ def run_demo(quick: bool = False, output_dir: str = "runs/demo", overrides: list
         runs[name] = {"cfg": cfg, "seconds": time.perf_counter() - t0, "reused": done,
                       "train_tok_s": sum(m["tok_s"] for m in steady) / max(len(steady), 1),
                       "tokens": train_steps[-1].get("tokens_seen") if train_steps else None}
-    console.rule("[bold]4. Evaluation[/]: held-out answers, Milton, BLiMP, answer fidelity")
+    console.rule("[bold]5. Evaluation[/]: held-out answers, Milton, BLiMP, answer fidelity")
     results = evaluate_demo(out, runs, data, s, console, quick=quick)
     results["quick"] = quick
     results["compute"] = c = compute_info(runs["kd"]["cfg"])
     console.print(f"{c['device']}: {c['torch_threads']} torch threads, training in {c['train_precision']}", highlight=False)
-    results["timings"] = {"data_s": data["seconds"], **{f"train_{n}_s": r["seconds"] for n, r in runs.items()},
+    results["teacher_targets"] = targets  # None: the KD run ran its teacher live (kd:teacher.kind=hf)
+    results["timings"] = {"data_s": data["seconds"], "targets_s": targets["seconds"] if targets else 0.0,
+                          **{f"train_{n}_s": r["seconds"] for n, r in runs.items()},
                           "eval_s": results.pop("eval_seconds")}
     results["seconds"] = time.perf_counter() - started
     write_json(results, out / "results.json")
