@@ -130,6 +130,9 @@ def test_check_names_each_difference(small_cache):
     for expected, name in cases:
         with pytest.raises(DistilleryError, match=name):
             reader.check(expected)
+    # a file is known by its bytes (size, sha256), not by where it lies: the same file elsewhere passes
+    moved = {**INFO["data_fingerprint"], "files": [{"path": "/elsewhere/b.txt", "sha256": "f0"}]}
+    reader.check({"data_fingerprint": moved})
 
 
 def test_rewriting_with_other_settings_is_refused(small_cache):

@@ -64,8 +64,10 @@ def test_targets_keyed_by_content_written_once_and_trained_from(tmp_path: Path):
     shutil.copytree(data, moved)
     assert targets_folder(cache, _cfg(teacher, moved, tmp_path / "kd2", "p")) == folder
     assert targets_folder(cache, _cfg(teacher, data, tmp_path / "kd", "p", ["data.seq_len=32"])) != folder
-    (moved / "plain.txt").write_text("Other text entirely.\n" * 50)
-    assert targets_folder(cache, _cfg(teacher, moved, tmp_path / "kd2", "p")) != folder
+    changed = tmp_path / "changed"
+    shutil.copytree(data, changed)
+    (changed / "plain.txt").write_text("Other text entirely.\n" * 50)
+    assert targets_folder(cache, _cfg(teacher, changed, tmp_path / "kd3", "p")) != folder
 
     cfg.teacher.cache_path = str(folder)
     first = make_targets(cfg, Console(quiet=True))
@@ -91,8 +93,9 @@ def test_targets_keyed_by_content_written_once_and_trained_from(tmp_path: Path):
     # A KD run reads them on the chat + plain blocks. Its student is the teacher itself, so forward KL to aligned
     # targets is ~0 (the 16 tail draws make the estimate noisy, not biased; lr 1e-9 keeps the student the teacher);
     # shifted by one position it would be ~16.
+    # The run reads the data from the other folder (another demo's): same bytes, so the same targets serve it.
     _sharp_teacher().save_pretrained(teacher)
-    distill(cfg)
+    distill(_cfg(teacher, moved, tmp_path / "kd", str(folder)))
     rows = [json.loads(ln) for ln in (tmp_path / "kd" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "kd" in r and "split" not in r]
     assert len(steps) == 2 and all(abs(r["kd"]) < 0.02 and r["ce"] > 1 for r in steps)

@@ -72,6 +72,18 @@ class _SplitIndex:
         return pos, row
 
 
+def _by_content(fingerprint):
+    """A data fingerprint without the data files' paths: a file is known by its size and sha256, so the same bytes
+    in another folder (a copy, another demo's output folder) make the same blocks and may use the same cache."""
+    if not isinstance(fingerprint, dict):
+        return fingerprint
+    out = dict(fingerprint)
+    for key in ("files", "validation_files"):
+        if isinstance(out.get(key), list):
+            out[key] = [{k: v for k, v in f.items() if k != "path"} if isinstance(f, dict) else f for f in out[key]]
+    return out
+
+
 class CacheReader:
     """A finished teacher cache folder, opened for reading.
 
@@ -140,7 +152,10 @@ class CacheReader:
             name = _NAMES.get(key, key)
             if key not in self.manifest:
                 raise DistilleryError(f"teacher cache {self.root} does not record its {name} ('{key}'); rewrite the cache")
-            diff = layout.first_difference(self.manifest[key], want_all[key])
+            have, want = self.manifest[key], want_all[key]
+            if key == "data_fingerprint":
+                have, want = _by_content(have), _by_content(want)
+            diff = layout.first_difference(have, want)
             if diff:
                 where, have, want = diff
                 at = f" at '{where}'" if where else ""
