@@ -91,8 +91,8 @@ def test_demo_folder_claimed_for_one_decoding(tmp_path: Path):
     _claim(tmp_path / "d", greedy)
     (tmp_path / "d" / "kd").mkdir()
     _claim(tmp_path / "d", demo_marker(s, [], {}))
-    with pytest.raises(DistilleryError, match="holds another run"):
-        _claim(tmp_path / "d", sampled)  # students trained on greedy answers are not the sampled demo's
+    assert _claim(tmp_path / "d", sampled) == tmp_path / "d.prev-1"  # students trained on greedy answers are not
+    assert not (tmp_path / "d" / "kd").exists()                       # the sampled demo's: moved aside
 
 
 def test_run_overrides_split_by_prefix():

@@ -178,11 +178,15 @@ def test_demo_folder_is_reused_only_for_the_same_settings(tmp_path: Path):
     _claim(tmp_path / "d", marker)
     (tmp_path / "d" / "kd").mkdir()
     _claim(tmp_path / "d", dict(marker))  # the same demo again: its cached answers and runs are reused
-    with pytest.raises(DistilleryError, match="holds another run"):
-        _claim(tmp_path / "d", {**marker, "settings": {"steps": 12}})
-    (tmp_path / "old" / "kd").mkdir(parents=True)  # the previous demo's folder (no marker)
+    # another demo's settings (or version): that demo is moved aside whole, not mixed with this one nor deleted
+    assert _claim(tmp_path / "d", {**marker, "settings": {"steps": 12}}) == tmp_path / "d.prev-1"
+    assert (tmp_path / "d.prev-1" / "kd").is_dir() and json.loads((tmp_path / "d.prev-1" / "demo.json").read_text()) == marker
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["demo.json"]
+    assert _claim(tmp_path / "d", marker) == tmp_path / "d.prev-2"  # the next free name
+    (tmp_path / "old" / "kd").mkdir(parents=True)  # a folder that is no demo's (no marker): refused, left as it is
     with pytest.raises(DistilleryError, match="give another --output-dir or delete it"):
         _claim(tmp_path / "old", marker)
+    assert (tmp_path / "old" / "kd").is_dir()
 
 
 def test_teacher_cache_is_keyed_by_the_teacher_and_shared_by_demos(tmp_path: Path):

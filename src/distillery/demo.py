@@ -235,18 +235,33 @@ def compute_info(cfg) -> dict:
     return info
 
 
-def _claim(out: Path, marker: dict) -> None:
-    """Reuse ``out`` (cached answers, finished runs) only for the same demo settings; refuse anything else in it."""
+def _claim(out: Path, marker: dict) -> Path | None:
+    """Reuse ``out`` (cached answers, finished runs) only for the same demo settings.
+
+    A demo folder made with other settings (another demo version, ``--quick``, overrides) is moved aside to
+    ``<out>.prev-N`` (returned), so ``make demo`` works after an upgrade and nothing of the earlier demo is lost; a
+    non-empty folder that is no demo's is refused."""
     from .errors import DistilleryError
 
     path = out / "demo.json"
-    if path.is_file() and json.loads(path.read_text()) == marker:
-        return
+    moved = None
+    if path.is_file():
+        try:
+            theirs = json.loads(path.read_text())
+        except ValueError:
+            theirs = None
+        if theirs == marker:
+            return None
+        if isinstance(theirs, dict) and "demo" in theirs:
+            moved = next(out.with_name(f"{out.name}.prev-{n}") for n in range(1, 10_000)
+                         if not out.with_name(f"{out.name}.prev-{n}").exists())
+            out.rename(moved)
     if out.is_dir() and any(out.iterdir()):
-        raise DistilleryError(f"demo: '{out}' holds another run (another demo version, --quick or overrides); "
-                              "give another --output-dir or delete it")
+        raise DistilleryError(f"demo: '{out}' holds files that are not a demo's; give another --output-dir or "
+                              "delete it")
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(marker) + "\n")
+    return moved
 
 
 def demo_marker(s: dict, overrides: list[str] | None, answers: dict) -> dict:
@@ -268,7 +283,9 @@ def run_demo(quick: bool = False, output_dir: str = "runs/demo", overrides: list
     s = SETTINGS["quick" if quick else "full"]
     started = time.perf_counter()
     answers = train_answer_settings(answer_temperature, answer_top_p)
-    _claim(out, demo_marker(s, overrides, answers))
+    moved = _claim(out, demo_marker(s, overrides, answers))
+    if moved:
+        console.print(f"an earlier demo in {out} (other settings or version) was moved to {moved}", highlight=False)
     console.rule("[bold]1. Chat data the teacher writes[/] (cached in " + str(out / "data") + ")")
     teacher = load_teacher("smollm2", dtype="float32")
     data = make_data(teacher, out, s, console, answers=answers)
