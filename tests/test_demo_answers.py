@@ -105,3 +105,15 @@ def test_run_overrides_split_by_prefix():
                                           "data.train=[\"a:b.jsonl\"]"]
     assert run_overrides(given, "ce") == ["train.lr=1e-3", "train.lr=3e-3", "data.train=[\"a:b.jsonl\"]"]
     assert run_overrides(None, "kd") == []
+
+
+def test_demo_settings_take_prompt_and_plain_text_counts():
+    from distillery.demo import SETTINGS, demo_settings
+
+    assert demo_settings(False) == SETTINGS["full"] and demo_settings(True) == SETTINGS["quick"]
+    s = demo_settings(False, train_prompts=400, plain_chars=0)
+    assert s["train_prompts"] == 400 and s["plain_chars"] == 0 and SETTINGS["full"]["train_prompts"] == 200
+    with pytest.raises(DistilleryError, match="--train-prompts must be at least 1"):
+        demo_settings(False, train_prompts=0)
+    with pytest.raises(DistilleryError, match="--plain-chars must be >= 0"):
+        demo_settings(True, plain_chars=-1)

@@ -78,7 +78,8 @@ def _cmd_demo(args) -> int:
     from .demo import run_demo
 
     run_demo(quick=args.quick, output_dir=args.output_dir, overrides=args.overrides,
-             answer_temperature=args.answer_temperature, answer_top_p=args.answer_top_p)
+             answer_temperature=args.answer_temperature, answer_top_p=args.answer_top_p,
+             train_prompts=args.train_prompts, plain_chars=args.plain_chars)
     return 0
 
 
@@ -126,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the teacher samples the training answers at temperature T (0 = greedy; default: demo.TRAIN_ANSWERS)")
     m.add_argument("--answer-top-p", type=float, default=None, metavar="P",
                    help="nucleus mass of those samples (default: demo.TRAIN_ANSWERS)")
+    m.add_argument("--train-prompts", type=int, default=None, metavar="N",
+                   help="prompts the teacher answers for training (default: demo.SETTINGS, 200)")
+    m.add_argument("--plain-chars", type=int, default=None, metavar="N",
+                   help="characters of the plays trained on as plain text (0 = none; default: demo.SETTINGS, 90,000)")
     m.add_argument("overrides", nargs="*", default=[], help="key=value overrides for the demo recipe (both runs; kd:key=value or ce:key=value for one run)")
     m.set_defaults(func=_cmd_demo)
 

@@ -142,9 +142,10 @@ def make_data(teacher, out: Path, s: dict, console: Console, seed: int = 0, answ
     system = default_system_prompt(tok)
     n_train = write_chat(data / "train_chat.jsonl", train_p, train_a, system)
     n_held = write_chat(data / "heldout_chat.jsonl", held_p, held_greedy, system)
-    write_plain(data / "plain.txt", s["plain_chars"])
+    if s["plain_chars"]:
+        write_plain(data / "plain.txt", s["plain_chars"])
     return {"train_chat": str(data / "train_chat.jsonl"), "heldout_chat": str(data / "heldout_chat.jsonl"),
-            "plain": str(data / "plain.txt"), "train_prompts": train_p, "train_answers": train_a,
+            "plain": str(data / "plain.txt") if s["plain_chars"] else None, "train_prompts": train_p, "train_answers": train_a,
             "heldout_prompts": held_p, "heldout_greedy": held_greedy, "heldout_sampled": held_sampled,
             "n_train_conversations": n_train, "n_heldout_conversations": n_held, "system_prompt": system,
             "teacher_cache": str(cache), "answers_were_cached": cached, "seconds": time.perf_counter() - t0,
@@ -170,7 +171,7 @@ def make_student(teacher, data: dict, out: Path, s: dict, console: Console) -> P
     from .prune.cli import calibration_batches
 
     console.print(f"pruning the teacher to {PRUNE} ...", highlight=False)
-    calib = calibration_batches([data["train_chat"], data["plain"]], teacher.tokenizer, seq_len=256,
+    calib = calibration_batches([f for f in (data["train_chat"], data["plain"]) if f], teacher.tokenizer, seq_len=256,
                                 batch_size=s["micro_batch"], n_batches=s["calib_batches"])
     student = prune_model(teacher.model, calib, **PRUNE)
     tmp = folder.with_name(folder.name + ".tmp")
@@ -271,8 +272,25 @@ def demo_marker(s: dict, overrides: list[str] | None, answers: dict) -> dict:
         {"train_answers": answers} if answers else {})
 
 
+def demo_settings(quick: bool, train_prompts: int | None = None, plain_chars: int | None = None) -> dict:
+    """``SETTINGS`` for the full or quick demo, with ``--train-prompts`` / ``--plain-chars`` when given."""
+    from .errors import DistilleryError
+
+    s = dict(SETTINGS["quick" if quick else "full"])
+    if train_prompts is not None:
+        if train_prompts < 1:
+            raise DistilleryError(f"demo: --train-prompts must be at least 1 (got {train_prompts})")
+        s["train_prompts"] = train_prompts
+    if plain_chars is not None:
+        if plain_chars < 0:
+            raise DistilleryError(f"demo: --plain-chars must be >= 0 (got {plain_chars})")
+        s["plain_chars"] = plain_chars
+    return s
+
+
 def run_demo(quick: bool = False, output_dir: str = "runs/demo", overrides: list[str] | None = None,
-             answer_temperature: float | None = None, answer_top_p: float | None = None) -> dict:
+             answer_temperature: float | None = None, answer_top_p: float | None = None,
+             train_prompts: int | None = None, plain_chars: int | None = None) -> dict:
     from .demo_eval import evaluate_demo, print_results
     from .evaluate import write_json
     from .teachers import load_teacher
@@ -280,7 +298,7 @@ def run_demo(quick: bool = False, output_dir: str = "runs/demo", overrides: list
 
     console = wide_console()  # piped output keeps the whole table (no 80-column cut)
     out = Path(output_dir)
-    s = SETTINGS["quick" if quick else "full"]
+    s = demo_settings(quick, train_prompts, plain_chars)
     started = time.perf_counter()
     answers = train_answer_settings(answer_temperature, answer_top_p)
     moved = _claim(out, demo_marker(s, overrides, answers))
@@ -297,7 +315,7 @@ def run_demo(quick: bool = False, output_dir: str = "runs/demo", overrides: list
     gc.collect()
     recipe = resources.files("distillery") / "configs" / "demo.yaml"
     base = train_overrides(s, quick) + [f"student.pretrained={init}",
-                                       f"data.train={json.dumps([data['train_chat'], data['plain']])}",
+                                       f"data.train={json.dumps([f for f in (data['train_chat'], data['plain']) if f])}",
                                        f"data.validation={json.dumps([data['heldout_chat']])}"]
     runs, targets = {}, None
     placeholder = str(Path(data["teacher_cache"]) / "targets")  # made exact (keyed) once the data is known
