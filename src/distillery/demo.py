@@ -191,8 +191,10 @@ def targets_folder(cache: Path, cfg) -> Path:
     for f in list(cfg.data.train) + list(cfg.data.validation or []):
         files.update(Path(f).read_bytes() if Path(f).is_file() else str(f).encode())
         files.update(b"\0")
-    dtype = str(auto_dtype("cpu" if cfg.teacher.device in ("auto", "cpu") else cfg.teacher.device)) \
-        if cfg.teacher.dtype == "auto" else cfg.teacher.dtype
+    from .teachers import run_device, teacher_device
+
+    dtype = str(auto_dtype(teacher_device(cfg.teacher.device, run_device()))) if cfg.teacher.dtype == "auto" \
+        else cfg.teacher.dtype
     key = {"files": files.hexdigest(), "data": cfg.data.model_dump(exclude={"train", "validation"}),
            "loss_temperature": cfg.loss.loss_temperature, "teacher": cfg.teacher.source, "dtype": dtype}
     return cache / keyed_name("targets", key)
