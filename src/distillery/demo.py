@@ -142,10 +142,12 @@ def make_data(teacher, out: Path, s: dict, console: Console, seed: int = 0, answ
     system = default_system_prompt(tok)
     n_train = write_chat(data / "train_chat.jsonl", train_p, train_a, system)
     n_held = write_chat(data / "heldout_chat.jsonl", held_p, held_greedy, system)
-    if s["plain_chars"]:
+    train_files = [str(data / "train_chat.jsonl")]
+    if s["plain_chars"]:  # --plain-chars 0: the answers only
         write_plain(data / "plain.txt", s["plain_chars"])
+        train_files.append(str(data / "plain.txt"))
     return {"train_chat": str(data / "train_chat.jsonl"), "heldout_chat": str(data / "heldout_chat.jsonl"),
-            "plain": str(data / "plain.txt") if s["plain_chars"] else None, "train_prompts": train_p, "train_answers": train_a,
+            "train_files": train_files, "train_prompts": train_p, "train_answers": train_a,
             "heldout_prompts": held_p, "heldout_greedy": held_greedy, "heldout_sampled": held_sampled,
             "n_train_conversations": n_train, "n_heldout_conversations": n_held, "system_prompt": system,
             "teacher_cache": str(cache), "answers_were_cached": cached, "seconds": time.perf_counter() - t0,
@@ -171,7 +173,7 @@ def make_student(teacher, data: dict, out: Path, s: dict, console: Console) -> P
     from .prune.cli import calibration_batches
 
     console.print(f"pruning the teacher to {PRUNE} ...", highlight=False)
-    calib = calibration_batches([f for f in (data["train_chat"], data["plain"]) if f], teacher.tokenizer, seq_len=256,
+    calib = calibration_batches(data["train_files"], teacher.tokenizer, seq_len=256,
                                 batch_size=s["micro_batch"], n_batches=s["calib_batches"])
     student = prune_model(teacher.model, calib, **PRUNE)
     tmp = folder.with_name(folder.name + ".tmp")
@@ -317,7 +319,7 @@ def run_demo(quick: bool = False, output_dir: str = "runs/demo", overrides: list
     gc.collect()
     recipe = resources.files("distillery") / "configs" / "demo.yaml"
     base = train_overrides(s, quick) + [f"student.pretrained={init}",
-                                       f"data.train={json.dumps([f for f in (data['train_chat'], data['plain']) if f])}",
+                                       f"data.train={json.dumps(data['train_files'])}",
                                        f"data.validation={json.dumps([data['heldout_chat']])}"]
     runs, targets = {}, None
     placeholder = str(Path(data["teacher_cache"]) / "targets")  # made exact (keyed) once the data is known

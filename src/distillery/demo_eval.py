@@ -116,7 +116,7 @@ def evaluate_demo(out: Path, runs: dict, data: dict, s: dict, console: Console, 
                "init": "both students start from the same student pruned from the teacher (pruned_init/)",
                "data": {k: data[k] for k in ("n_train_conversations", "n_heldout_conversations", "system_prompt")}
                | {"train_answers": data.get("train_decoding")}
-               | {"train_files": [f for f in (data["train_chat"], data["plain"]) if f], "plain_chars": s["plain_chars"],
+               | {"train_files": data["train_files"], "plain_chars": s["plain_chars"],
                   "answer_tokens": s["answer_tokens"]},
                "runs": {}, "samples": []}
     fid_records = None
