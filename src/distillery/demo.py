@@ -23,7 +23,6 @@ Results land in ``<output_dir>/results.json`` and ``report.html``.
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import time
 from importlib import resources
@@ -188,16 +187,15 @@ def targets_folder(cache: Path, cfg) -> Path:
     the teacher's dtype as resolved here (``auto`` is bf16 on one CPU and fp32 on another: other targets)."""
     from .demo_chat import keyed_name
     from .hardware import auto_dtype
-
-    files = hashlib.sha256()
-    for f in list(cfg.data.train) + list(cfg.data.validation or []):
-        files.update(Path(f).read_bytes() if Path(f).is_file() else str(f).encode())
-        files.update(b"\0")
+    from .hashing import file_sha256
     from .teachers import run_device, teacher_device
 
+    # the same content hash as the data fingerprint's; a built-in corpus (demo:milton) is keyed by its name
+    files = [file_sha256(f) if Path(f).is_file() else str(f)
+             for f in list(cfg.data.train) + list(cfg.data.validation or [])]
     dtype = str(auto_dtype(teacher_device(cfg.teacher.device, run_device()))) if cfg.teacher.dtype == "auto" \
         else cfg.teacher.dtype
-    key = {"files": files.hexdigest(), "data": cfg.data.model_dump(exclude={"train", "validation"}),
+    key = {"files": files, "data": cfg.data.model_dump(exclude={"train", "validation"}),
            "loss_temperature": cfg.loss.loss_temperature, "teacher": cfg.teacher.source, "dtype": dtype}
     return cache / keyed_name("targets", key)
 
