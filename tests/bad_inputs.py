@@ -101,6 +101,19 @@ def _checkpointed(ctx: Ctx) -> list[str]:
     return ["distill", str(recipe), "train.max_steps=1"]
 
 
+def _cut_short_run(ctx: Ctx) -> list[str]:
+    import shutil
+
+    from distillery.cli import main
+
+    recipe = ctx.recipe()
+    assert main(["distill", str(recipe), "train.max_steps=1"]) == 0
+    for name in ("checkpoints", "student"):  # as if killed before its first checkpoint
+        shutil.rmtree(ctx.out / name)
+    (ctx.out / "summary.json").unlink()
+    return ["distill", str(recipe), "train.max_steps=1"]
+
+
 def _corrupt_tokenizer_teacher(ctx: Ctx) -> list[str]:
     import shutil
 
@@ -224,6 +237,8 @@ CASES: list[Case] = [
     Case("config-override-into-value", "config", "an override that treats a value as a section", lambda c: ["distill", str(c.recipe()), "train.max_steps.x=1"], r"override 'train.max_steps.x=1': 'max_steps' is not a section"),
     Case("config-output-is-file", "config", "train.output_dir is an existing file", lambda c: ["distill", str(c.recipe(train={"output_dir": str(c.file("out", "x"))}))], r"train.output_dir '.*out' is a file, not a folder"),
     Case("config-checkpoints-no-resume", "config", "rerun into a folder with checkpoints, without --resume", _checkpointed, r"already holds checkpoints: pass --resume"),
+    Case("config-run-no-resume", "config", "rerun into a run cut short before its first checkpoint, without --resume (was: its metrics.jsonl appended to)", _cut_short_run, r"already holds a run \(config.yaml, metrics.jsonl\) and no checkpoint"),
+    Case("config-output-foreign", "config", "train.output_dir holds other files (was: the run written among them)", lambda c: ["distill", str(c.recipe(train={"output_dir": str(c.file("mine/notes.txt", "x").parent)}))], r"train.output_dir '.*mine' holds files that are not a run's \(notes.txt\)"),
     Case("config-cache-without-path", "config", "teacher.kind cache without teacher.cache_path", lambda c: ["distill", str(c.recipe(teacher={"kind": "cache"}))], r"teacher.kind is 'cache' but teacher.cache_path is not set"),
     Case("config-seq-len-too-long", "config", "data.seq_len above the student's positions", lambda c: ["distill", str(c.recipe(data={"seq_len": 600}))], r"seq_len"),
     Case("config-api-unknown-key", "config", "a misspelt key in a generate recipe", lambda c: ["generate", str(c.api(concurrancy=3))], r"config key 'api.concurrancy' is not a known setting"),
@@ -255,6 +270,7 @@ CASES: list[Case] = [
     Case("cache-other-data", "cache", "a cache written for other data", lambda c: ["distill", str(c.recipe(teacher={"kind": "cache", "cache_path": str(_cache(c))}, data={"max_train_blocks": 12}))], r"(data|fingerprint)"),
     Case("cache-other-temperature", "cache", "a cache written at another loss temperature", lambda c: ["distill", str(c.recipe(teacher={"kind": "cache", "cache_path": str(_cache(c))}, loss={"loss_temperature": 2.0}))], r"loss_temperature"),
     Case("cache-truncated-shard", "cache", "a cache shard cut short", lambda c: ["distill", str(c.recipe(teacher={"kind": "cache", "cache_path": str(_truncate_first_shard(c))}))], r"cache shard .* has \d+ bytes, the manifest says \d+"),
+    Case("cache-out-foreign", "cache", "`cache --out` a folder of other files (was: the cache written among them)", lambda c: ["cache", str(c.recipe("cache-recipe.yaml")), "--out", str(c.file("mine/notes.txt", "x").parent)], r"cache folder '.*mine' holds files that are not a teacher cache's \(notes.txt\)"),
     Case("cache-info-missing", "cache", "`cache --info` on a folder that is not there", lambda c: ["cache", "--info", str(c.tmp / "nothing")], r"nothing"),
     # ---------------------------------------------------------------- served teacher (API)
     Case("api-key-unset", "api", "the API key variable is not set (a remote server)", lambda c: ["generate", str(c.api(url="https://api.example.invalid/v1", api_key_env="DISTILLERY_UNSET_KEY_VAR")), "--quiet"], r"api.api_key_env: environment variable DISTILLERY_UNSET_KEY_VAR is not set"),
@@ -307,5 +323,6 @@ CASES: list[Case] = [
     Case("run-report-over-input", "run", "`report RUN --out RUN/metrics.jsonl`", lambda c: [*_report_run(c, ""), "--out", str(c.tmp / "run" / "metrics.jsonl")], r"report --out: the output '.*metrics.jsonl' would write over the run's metrics.jsonl"),
     Case("run-export-over-input", "run", "`export STUDENT STUDENT/model.safetensors`", lambda c: ["export", str(_student(c)), str(c.tmp / "student" / "model.safetensors")], r"export: the output '.*student/model.safetensors' would write over the student folder"),
     Case("run-eval-json-over-input", "run", "`eval --json STUDENT/model.safetensors`", lambda c: _eval(c, "--json", str(c.tmp / "student" / "model.safetensors")), r"eval --json: the output .* would write over the student"),
+    Case("run-quantize-into-foreign", "run", "`quantize --out` another model's folder (was: its config.json and weights replaced)", lambda c: ["quantize", str(_student(c)), "--out", str(c.file("other/config.json", "{}").parent)], r"quantize --out '.*other' holds files that are not a quantized student's \(config.json\)"),
     Case("run-quantize-over-input", "run", "`quantize STUDENT --out STUDENT`", lambda c: ["quantize", str(_student(c)), "--out", str(c.tmp / "student")], r"quantize --out: the output '.*student' would write over the student folder"),
 ]

@@ -204,6 +204,18 @@ def test_store_cuts_torn_tail_and_refuses_corrupt_middle_line(tmp_path):
         DatasetStore(out, tmp_path / "d.f")
 
 
+@pytest.mark.parametrize("text", ['{"title": "my notes"}',  # one JSON object, no newline: was emptied
+                                  "line one\nline two",  # plain text: its last line was cut before the refusal
+                                  '{"id": "a", "messages": []}\nnot a record, no newline'])
+def test_store_never_cuts_a_file_that_is_not_its_own(tmp_path, text):
+    """``api.output`` naming a file of the user's: refused with one line, and not one byte of it cut."""
+    out = tmp_path / "mine.jsonl"
+    out.write_text(text)
+    with pytest.raises(DistilleryError, match=r"mine\.jsonl(:1: corrupt line|: its last line .* is not a record)"):
+        DatasetStore(out, tmp_path / "d.f")
+    assert out.read_text() == text
+
+
 def test_store_is_locked_to_one_run_and_compacts_failures(tmp_path):
     out = tmp_path / "d.jsonl"
     with DatasetStore(out, tmp_path / "d.f") as st:

@@ -145,6 +145,19 @@ def test_rewriting_with_other_settings_is_refused(small_cache):
     assert again["shards_written"] == 0 and again["tokens_skipped"] == 17 * T and again["complete"]
 
 
+def test_a_folder_of_other_files_is_refused(tmp_path):
+    """``distillery cache --out DIR`` into a folder that holds no cache (``--out ~/notes``) stops before writing."""
+    model, fn = _teacher()
+    splits = {"train": BlockDataset(4, T, V, seed=1)}
+    (tmp_path / "notes.txt").write_text("precious")
+    with pytest.raises(DistilleryError, match=r"holds files that are not a teacher cache's \(notes.txt\)"):
+        write_cache(fn, splits, tmp_path, k=8, loss_temperature=1.0, manifest_info=INFO, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["notes.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert write_cache(fn, splits, empty, k=8, loss_temperature=1.0, manifest_info=INFO, progress=False)["complete"]
+
+
 def _copy(src, dst):
     import shutil
 

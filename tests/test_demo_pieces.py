@@ -187,6 +187,9 @@ def test_demo_folder_is_reused_only_for_the_same_settings(tmp_path: Path):
     with pytest.raises(DistilleryError, match="give another --output-dir or delete it"):
         _claim(tmp_path / "old", marker)
     assert (tmp_path / "old" / "kd").is_dir()
+    (tmp_path / "a-file").write_text("x")  # --output-dir naming a file: one line, not mkdir's "File exists"
+    with pytest.raises(DistilleryError, match="demo: --output-dir '.*a-file' is a file; give a folder"):
+        _claim(tmp_path / "a-file", marker)
 
 
 def test_teacher_cache_is_keyed_by_the_teacher_and_shared_by_demos(tmp_path: Path):

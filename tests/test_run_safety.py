@@ -107,3 +107,37 @@ def test_a_long_step_is_announced(tmp_path, capsys):
     assert f"note: train.grad_accum={MANY_MICRO_BATCHES * 200}: every optimizer step runs" in err
     check_recipe(load_config(None, ["train.grad_accum=4", "train.output_dir=" + str(tmp_path)]))
     assert capsys.readouterr().err == ""
+
+
+def test_a_fresh_run_never_writes_into_an_earlier_run_or_a_foreign_folder(tmp_path, capsys):
+    """No run clobbers another: a run cut short before its first checkpoint (config.yaml and metrics.jsonl, no
+    checkpoint) used to get a second run's records appended to its metrics.jsonl, so its curve mixed two runs; a
+    folder of the user's own files got a run written among them."""
+    import shutil
+
+    out = tmp_path / "run"
+    train = {**TRAIN, "max_steps": 2, "save_every": 0}
+    recipe = write_recipe(tmp_path, out, train=train)
+    assert main(["distill", str(recipe)]) == 0
+    for name in ("checkpoints", "student", "summary.json"):  # as if killed at step 2, before any checkpoint
+        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+    before = (out / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert main(["distill", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "already holds a run (config.yaml, metrics.jsonl) and no checkpoint" in err and "--resume" in err
+    assert "\n" not in err and (out / "metrics.jsonl").read_text() == before  # one line; nothing touched
+    # --resume with nothing to resume runs it again from step 0, its records replaced rather than appended to
+    assert main(["distill", str(recipe), "--resume"]) == 0
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"tok_s"' in x]
+    assert steps == [1, 2]
+
+    capsys.readouterr()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    for flags in ([], ["--resume"]):
+        assert main(["distill", str(write_recipe(tmp_path, mine, train=train)), *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "holds files that are not a run's (notes.txt)" in err and "\n" not in err
+    assert sorted(p.name for p in mine.iterdir() if not p.name.startswith(".")) == ["notes.txt"]

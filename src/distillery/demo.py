@@ -246,6 +246,8 @@ def _claim(out: Path, marker: dict) -> Path | None:
     non-empty folder that is no demo's is refused."""
     from .errors import DistilleryError
 
+    if out.exists() and not out.is_dir():
+        raise DistilleryError(f"demo: --output-dir '{out}' is a file; give a folder")
     path = out / "demo.json"
     moved = None
     if path.is_file():
@@ -341,7 +343,7 @@ def run_demo(quick: bool = False, output_dir: str = "runs/demo", overrides: list
         done = (out / name / "student" / "config.json").is_file() and (out / name / "summary.json").is_file()
         t0 = time.perf_counter()
         if not done:
-            distill(cfg, resume=(out / name / "checkpoints").is_dir())
+            distill(cfg, resume=(out / name).is_dir())  # a run cut short: from its checkpoint, else again
         metrics = [json.loads(ln) for ln in (out / name / "metrics.jsonl").read_text().splitlines() if ln]
         train_steps = [m for m in metrics if "tok_s" in m]
         steady = train_steps[len(train_steps) // 5:] or train_steps

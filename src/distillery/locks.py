@@ -8,6 +8,8 @@
   the other ranks of the same run write nothing there).
 * :func:`refuse_overwrite` stops a verb whose output would replace one of its inputs
   (``export STUDENT STUDENT/model.safetensors``, ``report RUN --out RUN/metrics.jsonl``).
+* :func:`refuse_foreign` stops a verb from writing into a folder of other files (``--out ~/notes``): an output
+  folder is new, empty, or already that verb's own.
 """
 
 from __future__ import annotations
@@ -76,6 +78,24 @@ def locked_run(fn):
 
 def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
+
+
+def visible_entries(folder: Path) -> list[str]:
+    """The names in ``folder`` other than hidden ones (``.lock``, write probes, staging folders), sorted."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def refuse_foreign(folder: str | Path, own: tuple[str, ...], what: str, whose: str) -> None:
+    """Raise if ``folder`` holds files but none of ``own`` (the names a previous output of this verb leaves): the
+    files are somebody else's, and writing among them could replace one. ``whose``: ``"a teacher cache's"``."""
+    folder = Path(folder)
+    if not folder.is_dir() or any((folder / n).exists() for n in own):
+        return
+    names = visible_entries(folder)
+    if names:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise DistilleryError(f"{what} '{folder}' holds files that are not {whose} ({shown}): give a new or empty "
+                              "folder")
 
 
 def refuse_overwrite(out: str | Path, inputs: dict[str, str | Path], verb: str) -> None:

@@ -36,6 +36,7 @@ from . import fsdp, trackers
 from .checkpoint import ensure_writable_dir, list_checkpoints, load_checkpoint, save_checkpoint
 from .checkpoint import check_resume, check_validation, check_weights, identity_state, usable_checkpoints
 from .locks import locked_run
+from .run_folder import check_run_dir
 from .config import RunConfig, dump_config
 from .data import BlockSampler
 from .errors import DistilleryError
@@ -110,8 +111,7 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
     trackers.check_available(tc.report_to)  # a missing tracker package: one line, before anything loads
     acc = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available(), **trackers.accelerator_kwargs(tc.report_to, out))
     ensure_writable_dir(out, "train.output_dir")
-    if not resume and list_checkpoints(out):
-        raise DistilleryError(f"{out} already holds checkpoints: pass --resume to continue, or choose another train.output_dir")
+    check_run_dir(out, resume)  # never into an earlier run (without --resume) nor a folder of other files
     identity = identity_state(cfg)  # the settings that shape the trajectory, recorded in every checkpoint
     ckpts = usable_checkpoints(out, warn=acc.is_main_process) if resume else []  # a damaged newest one is skipped
     if ckpts:

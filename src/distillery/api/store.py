@@ -35,6 +35,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_RECORD_START = b'{"id"'  # how every line the store writes begins (records and failures put "id" first)
+
+
 def scan_jsonl(path: Path, repair: bool) -> tuple[list[dict], int]:
     """Read the complete lines of ``path``; return ``(objects, torn_bytes)``.
 
@@ -45,11 +48,6 @@ def scan_jsonl(path: Path, repair: bool) -> tuple[list[dict], int]:
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1  # 0 if no complete line
     torn = len(data) - end
-    if torn and repair:
-        with open(path, "r+b") as fh:
-            fh.truncate(end)
-            fh.flush()
-            os.fsync(fh.fileno())
     objs = []
     for lineno, line in enumerate(data[:end].splitlines(), 1):
         if not line.strip():
@@ -61,6 +59,17 @@ def scan_jsonl(path: Path, repair: bool) -> tuple[list[dict], int]:
         if not isinstance(obj, dict) or not isinstance(obj.get("id"), str):
             raise DistilleryError(f"{path}:{lineno}: record has no string 'id' (not written by `distillery generate`?)")
         objs.append(obj)
+    # Only a record of ours is cut: every line is written whole as '{"id":...}\n', so a torn one starts so. The
+    # complete lines were checked first; before, a file of the user's lost its last line (or all of it) first.
+    tail = data[end:]
+    if torn and not (tail.startswith(_RECORD_START) or _RECORD_START.startswith(tail)):
+        raise DistilleryError(f"{path}: its last line ({tail[:40]!r}) is not a record of `distillery generate` "
+                              "and has no newline: not this verb's file? give another output file")
+    if torn and repair:
+        with open(path, "r+b") as fh:
+            fh.truncate(end)
+            fh.flush()
+            os.fsync(fh.fileno())
     return objs, torn
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import DistilleryError
-from ..locks import mkdtemp_plain
+from ..locks import mkdtemp_plain, refuse_foreign
 from . import layout
 from .codec import Encoding, to_sparse
 from .sampling import tail_record, tail_uniforms
@@ -82,6 +82,7 @@ def _open_header(root: Path, header: dict) -> None:
     with layout.locked(root):
         path = root / "header.json"
         if not path.is_file():
+            refuse_foreign(root, ("header.json",), "cache folder", "a teacher cache's")  # e.g. --out ~/notes
             layout.write_json(path, header)
             return
         have = layout.read_json(path)

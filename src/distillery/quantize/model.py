@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import DistilleryError
+from ..locks import refuse_foreign
 from ..export.inputs import check_student_dir, heldout_ids, load_student
 from ..export.metrics import compare_logits, mean_nll
 from .qat import check_embedding_bits, embedding_names, quant_targets
@@ -125,6 +126,8 @@ def quantize_model(student_dir: str | Path, bits: int = 8, group_size: int | Non
     out = Path(out_dir) if out_dir is not None else src.with_name(f"{src.name}-int{bits}")
     if out.resolve() == src.resolve():
         raise DistilleryError(f"output folder '{out}' is the student folder; choose another")
+    # another model's folder (or the user's files) would get this one's config.json and weights written over its own
+    refuse_foreign(out, (SCHEME_FILE,), "quantize --out", "a quantized student's")
     model, tok = load_student(src)
     embeddings = scheme == "affine" if embeddings is None else embeddings
     if include_lm_head and model.config.tie_word_embeddings and not embeddings:

@@ -1,0 +1,30 @@
+"""What a run may write into: ``train.output_dir`` is new, empty, or (with ``--resume``) a run's own.
+
+Before this check a fresh run into a finished run's folder that kept no checkpoint (``train.save_every: 0``)
+appended its records to that run's ``metrics.jsonl`` (a report then drew two runs as one curve) and replaced its
+student; a folder of the user's own files got a run written among them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .checkpoint import list_checkpoints
+from .errors import DistilleryError
+from .locks import refuse_foreign
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "student", "checkpoints")  # what a run leaves
+
+
+def check_run_dir(out: Path, resume: bool) -> None:
+    """No run writes over another: a fresh run needs a new or empty ``train.output_dir`` (an earlier run's
+    ``metrics.jsonl`` would get its records appended, its student replaced); ``--resume`` needs one holding a run
+    or nothing. A folder of other files is refused either way."""
+    refuse_foreign(out, RUN_FILES, "train.output_dir", "a run's")
+    held = [n for n in RUN_FILES if (out / n).exists()]
+    if resume or not held:
+        return
+    if list_checkpoints(out):
+        raise DistilleryError(f"{out} already holds checkpoints: pass --resume to continue, or choose another train.output_dir")
+    raise DistilleryError(f"{out} already holds a run ({', '.join(held)}) and no checkpoint to resume: choose another "
+                          "train.output_dir, or pass --resume to run it again from step 0 in its place")
