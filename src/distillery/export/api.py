@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from ..errors import DistilleryError
-from ..locks import refuse_overwrite
+from ..locks import refuse_foreign, refuse_overwrite
 from .folders import reject as _reject
 from .inputs import SUPPORTED_ARCHS, check_student_dir, heldout_ids, load_student, student_arch
 
@@ -44,6 +44,10 @@ def export_model(student_dir: str | Path, fmt: str, out: str | Path, quant: str 
         raise DistilleryError(f"--quant {quant} is not available for ONNX (the graph is fp32; quantize with ONNX Runtime tools)")
     if fmt == "gguf" and out.is_dir():
         raise DistilleryError(f"GGUF output '{out}' is a folder; give a file name such as student.gguf")
+    if fmt == "onnx":  # another model's folder would get its config and tokenizer replaced, then moved if rejected
+        from .onnx_export import MANIFEST
+
+        refuse_foreign(out, (MANIFEST,), "ONNX output", "an ONNX export's")
     model, tokenizer = load_student(src)
     t0 = time.perf_counter()
     if fmt == "gguf":
