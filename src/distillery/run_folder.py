@@ -1,8 +1,8 @@
 """What a run may write into: ``train.output_dir`` is new, empty, or (with ``--resume``) a run's own.
 
-Before this check a fresh run into a finished run's folder that kept no checkpoint (``train.save_every: 0``)
-appended its records to that run's ``metrics.jsonl`` (a report then drew two runs as one curve) and replaced its
-student; a folder of the user's own files got a run written among them.
+Before this check a fresh run into the folder of a run cut short before its first checkpoint appended its records
+to that run's ``metrics.jsonl`` (a report then drew two runs as one curve); a folder of the user's own files got a
+run written among them. (A finished run always holds its final checkpoint, which was refused already.)
 """
 
 from __future__ import annotations
