@@ -52,3 +52,13 @@ def test_a_loss_without_the_head_still_leaves_a_dense_grad():
     assert not got[name].is_sparse
     torch.testing.assert_close(got[name], ref[name], atol=1e-12, rtol=1e-10)
     torch.optim.AdamW(model.parameters(), fused=False).step()  # a dense .grad the optimizer takes
+
+
+def test_a_frozen_table_is_left_alone():
+    """A table that does not train (frozen by the user) has no gradient to shrink; before, registering the
+    hook raised "cannot register a hook on a tensor that doesn't require gradient" at the start of the run."""
+    model = _model(True)
+    model.get_input_embeddings().weight.requires_grad_(False)
+    assert sparse_tied_embedding_grad(model) is False
+    assert not model.get_input_embeddings().sparse
+    assert "model.embed_tokens.weight" not in _grads(model)

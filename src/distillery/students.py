@@ -199,6 +199,8 @@ def sparse_tied_embedding_grad(model: torch.nn.Module) -> bool:
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     if not isinstance(emb, torch.nn.Embedding) or head is None or head.weight is not emb.weight:
         return False
+    if not emb.weight.requires_grad:  # a frozen table (LoRA, a user's freeze) has no gradient to shrink
+        return False
     emb.sparse = True
 
     def densify(p: torch.Tensor) -> None:
