@@ -44,6 +44,9 @@ def export_model(student_dir: str | Path, fmt: str, out: str | Path, quant: str 
         raise DistilleryError(f"--quant {quant} is not available for ONNX (the graph is fp32; quantize with ONNX Runtime tools)")
     if fmt == "gguf" and out.is_dir():
         raise DistilleryError(f"GGUF output '{out}' is a folder; give a file name such as student.gguf")
+    if fmt == "gguf" and out.is_file() and not _starts_with(out, b"GGUF"):  # a typo naming a file of the user's
+        raise DistilleryError(f"GGUF output '{out}' exists and is not a GGUF file; give a new file name such as "
+                              "student.gguf")
     if fmt == "onnx":  # another model's folder would get its config and tokenizer replaced, then moved if rejected
         from .onnx_export import MANIFEST
 
@@ -80,3 +83,8 @@ def export_model(student_dir: str | Path, fmt: str, out: str | Path, quant: str 
         moved = _reject(out)
         raise DistilleryError(f"{fmt} export failed verification ({'; '.join(result['problems'])}); output moved to {moved}")
     return report
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(len(magic)) == magic
