@@ -14,13 +14,16 @@ from .errors import DistilleryError
 from .locks import refuse_foreign
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "student", "checkpoints")  # what a run leaves
+# also a run's own, but no run's record: the trained student tokenizer (student.tokenizer bpe:N, written when the
+# run is set up and reused by it) and the file trackers' logs
+RUN_AIDS = ("student_tokenizer", "logs")
 
 
 def check_run_dir(out: Path, resume: bool) -> None:
     """No run writes over another: a fresh run needs a new or empty ``train.output_dir`` (an earlier run's
     ``metrics.jsonl`` would get its records appended, its student replaced); ``--resume`` needs one holding a run
     or nothing. A folder of other files is refused either way."""
-    refuse_foreign(out, RUN_FILES, "train.output_dir", "a run's")
+    refuse_foreign(out, RUN_FILES + RUN_AIDS, "train.output_dir", "a run's")
     held = [n for n in RUN_FILES if (out / n).exists()]
     if resume or not held:
         return
