@@ -80,18 +80,13 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def visible_entries(folder: Path) -> list[str]:
-    """The names in ``folder`` other than hidden ones (``.lock``, write probes, staging folders), sorted."""
-    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
-
-
 def refuse_foreign(folder: str | Path, own: tuple[str, ...], what: str, whose: str) -> None:
     """Raise if ``folder`` holds files but none of ``own`` (the names a previous output of this verb leaves): the
     files are somebody else's, and writing among them could replace one. ``whose``: ``"a teacher cache's"``."""
     folder = Path(folder)
     if not folder.is_dir() or any((folder / n).exists() for n in own):
         return
-    names = visible_entries(folder)
+    names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))  # not .lock, probes, staging
     if names:
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         raise DistilleryError(f"{what} '{folder}' holds files that are not {whose} ({shown}): give a new or empty "
