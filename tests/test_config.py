@@ -96,7 +96,7 @@ def test_every_setting_has_a_description():
 
 
 def test_cache_and_eval_sections_do_not_change_a_runs_identity():
-    from distillery.checkpoint import run_fingerprint
+    from distillery.run_folder import run_fingerprint
     from distillery.config import RunConfig
 
     a = RunConfig()

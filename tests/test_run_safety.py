@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from distillery.checkpoint import (RESUMABLE_CHANGES, check_validation, check_weights, identity_state, run_fingerprint,
-                                   run_identity)
+from distillery.checkpoint import check_validation, check_weights
+from distillery.run_folder import RESUMABLE_CHANGES, identity_state, run_fingerprint, run_identity
 from distillery.cli import main
 from distillery.config import load_config
 from distillery.errors import DistilleryError

@@ -8,7 +8,8 @@ A checkpoint is a folder ``<run>/checkpoints/step-00000100/`` holding
   ``torch.load(weights_only=True)``: no pickle of arbitrary objects),
 * ``rng.pt`` — torch CPU (and CUDA) RNG states and the sampling generator's state,
 * ``state.json`` — step, data position, tokens seen, and the run's identity: the fingerprint of the
-  settings that determine its trajectory (:func:`run_identity`), checked on resume by :func:`check_resume`,
+  settings that determine its trajectory (:func:`.run_folder.run_identity`), checked on resume by
+  :func:`.run_folder.check_resume`,
 * ``COMPLETE`` — written last.
 
 It is written under a temporary name and renamed into place, so a crash at any point leaves either
@@ -233,82 +234,6 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler,
     if generator is not None and "generator" in rng:
         generator.set_state(rng["generator"])
     return json.loads((path / "state.json").read_text())
-
-
-# ---------------------------------------------------------------------------- run identity and resume
-
-# Settings a resume may change: how long the run goes, how often it reports and where, where things run or how
-# memory is held, not the path the weights take. micro_batch_size may change with the number of processes as
-# long as the blocks per step stay the same (train.py checks that product against the checkpoint's).
-RESUMABLE_CHANGES = frozenset({
-    "train.max_steps", "train.eval_every", "train.eval_batches", "train.save_every", "train.keep_checkpoints",
-    "train.log_every", "train.progress", "train.output_dir", "train.tensorboard", "train.report_to",
-    "train.micro_batch_size", "train.return_large_frees", "teacher.device", "teacher.base_urls",
-    "teacher.api_key_env", "teacher.timeout_s", "teacher.max_retries", "teacher.concurrency", "teacher.prefetch",
-    "loss.chunk_size", "generation.collapse_guard"})
-
-
-def run_identity(cfg) -> dict:
-    """The settings that determine a run's training trajectory, flattened (``{'loss.kd': 'jsd', ...}``):
-    every setting of the config except :data:`RESUMABLE_CHANGES` (sections added later are included)."""
-    flat: dict = {}
-
-    def walk(prefix: str, value) -> None:
-        if isinstance(value, dict) and not (prefix == "student.model"):
-            for k, v in value.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-        elif prefix not in RESUMABLE_CHANGES and prefix.split(".")[0] not in ("cache", "eval"):  # other verbs' settings
-            flat[prefix] = value
-
-    walk("", cfg.model_dump(mode="json"))
-    return flat
-
-
-def run_fingerprint(cfg) -> str:
-    """sha256 of :func:`run_identity` as canonical JSON: equal fingerprints, equal trajectories."""
-    import hashlib
-
-    return hashlib.sha256(json.dumps(run_identity(cfg), sort_keys=True).encode()).hexdigest()
-
-
-def identity_state(cfg) -> dict:
-    """What ``state.json`` records of the run's identity: ``fingerprint`` and the ``settings`` behind it."""
-    return {"fingerprint": run_fingerprint(cfg), "settings": run_identity(cfg)}
-
-
-def check_resume(ckpt_dir: Path, cfg) -> None:
-    """Refuse to resume checkpoint ``ckpt_dir`` with settings that would change its trajectory; the one-line
-    error names each differing setting with both values. Checkpoints written before fingerprints existed are
-    compared with the run's ``config.yaml``. Also refuses a ``metrics.jsonl`` holding lines of another shape."""
-    from .config import RunConfig, load_config
-    from .errors import DistilleryError
-
-    ckpt_dir = Path(ckpt_dir)
-    run_dir = ckpt_dir.parent.parent
-    if (run_dir / "metrics.jsonl").is_file():
-        from .report.collect import check_metrics_file
-
-        check_metrics_file(run_dir / "metrics.jsonl")
-    state = json.loads((ckpt_dir / "state.json").read_text())
-    if state.get("fingerprint") == run_fingerprint(cfg):
-        return
-    saved = state.get("settings")
-    if not isinstance(saved, dict):
-        try:
-            saved = run_identity(load_config(run_dir / "config.yaml"))
-        except DistilleryError:
-            return  # an old run without a readable config.yaml: nothing to compare with
-    now, default = run_identity(cfg), run_identity(RunConfig())
-    changed = [k for k in sorted(set(saved) | set(now))
-               if saved.get(k, default.get(k)) != now.get(k, default.get(k))]
-    if not changed:
-        return
-    shown = "; ".join(f"{k}: {saved.get(k, default.get(k))!r} in the run, {now.get(k, default.get(k))!r} now"
-                      for k in changed[:4]) + (f" (and {len(changed) - 4} more)" if len(changed) > 4 else "")
-    raise DistilleryError(
-        f"--resume: {ckpt_dir} was written with other settings ({shown}); resume with the run's own settings "
-        f"(distill {run_dir / 'config.yaml'} --resume) or choose another train.output_dir. A resume may change only "
-        f"{', '.join(sorted(k for k in RESUMABLE_CHANGES if k.startswith('train.')))[:200]}")
 
 
 def checkpoint_problem(path: Path) -> str | None:

@@ -34,9 +34,9 @@ from tqdm.auto import tqdm
 
 from . import fsdp, trackers
 from .checkpoint import ensure_writable_dir, list_checkpoints, load_checkpoint, save_checkpoint
-from .checkpoint import check_resume, check_validation, check_weights, identity_state, usable_checkpoints
+from .checkpoint import check_validation, check_weights, usable_checkpoints
 from .locks import locked_run
-from .run_folder import check_run_dir
+from .run_folder import check_resume, check_run_dir, identity_state
 from .config import RunConfig, dump_config
 from .data import BlockSampler
 from .errors import DistilleryError
