@@ -207,3 +207,21 @@ def test_unlikelihood_on_policy_steps_with_another_tokenizer(tmp_path, bpe_dir):
     steps = _train(tmp_path / "ul")
     assert len(steps) == TRAIN["max_steps"] and all(math.isfinite(m["unlikelihood"]) for m in steps)
     assert any(m["repeat_share"] > 0 for m in steps)
+
+
+def test_a_saved_bpe_tokenizer_is_reused_only_for_its_own_size_and_text(tmp_path):
+    """``bpe:N`` is trained once into ``<output_dir>/student_tokenizer`` and reused on ``--resume``; a folder left
+    by ``bpe:M`` (another size) or another training text is trained afresh, not silently reused."""
+    from transformers import AutoTokenizer
+
+    from distillery.student_tokenizer import open_student_tokenizer
+
+    cfg = load_config(write_recipe(tmp_path, tmp_path / "run"))
+    teacher_tok = AutoTokenizer.from_pretrained(make_teacher(tmp_path))
+    out = tmp_path / "run"
+    small = open_student_tokenizer("bpe:300", teacher_tok, cfg.data, out)
+    again = open_student_tokenizer("bpe:300", teacher_tok, cfg.data, out)
+    assert len(again) == len(small)  # reused
+    larger = open_student_tokenizer("bpe:400", teacher_tok, cfg.data, out)
+    assert len(larger) > len(small)  # was: the 300-entry one, reused for bpe:400
+    assert len(open_student_tokenizer("bpe:400", teacher_tok, cfg.data, out)) == len(larger)

