@@ -53,20 +53,17 @@ def seen_tokens(tok, data: Path) -> set[int]:
 
 
 def coverage_groups(tok, pairs: list[dict], seen: set[int]) -> dict[str, list[dict]]:
-    """BLiMP pairs grouped by how much of them the training text covers."""
-    def differing(p):
+    """BLiMP pairs grouped by how much of them the training text covers (each pair tokenized once)."""
+    covered, share = [], []
+    for p in pairs:
         g, b = (collections.Counter(tok(p[k])["input_ids"]) for k in ("good", "bad"))
-        return set((g - b) + (b - g))
-
-    def share(p):
-        ids = tok(p["good"])["input_ids"]
-        return sum(i in seen for i in ids) / len(ids)
-
+        covered.append(set((g - b) + (b - g)) <= seen)  # every token the two sentences differ in
+        share.append(sum(n for i, n in g.items() if i in seen) / sum(g.values()))  # of the good sentence's tokens
     return {"all": pairs,
-            "differing tokens seen": [p for p in pairs if differing(p) <= seen],
-            "differing tokens unseen": [p for p in pairs if not differing(p) <= seen],
-            ">= 80% of tokens seen": [p for p in pairs if share(p) >= 0.8],
-            "< 80% of tokens seen": [p for p in pairs if share(p) < 0.8]}
+            "differing tokens seen": [p for p, c in zip(pairs, covered) if c],
+            "differing tokens unseen": [p for p, c in zip(pairs, covered) if not c],
+            ">= 80% of tokens seen": [p for p, f in zip(pairs, share) if f >= 0.8],
+            "< 80% of tokens seen": [p for p, f in zip(pairs, share) if f < 0.8]}
 
 
 def train_arm(recipe: Path, init: Path, run: Path, overrides: list[str], frozen: bool, work: Path) -> None:
