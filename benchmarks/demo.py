@@ -87,6 +87,7 @@ def main() -> None:
     home, real_home = work.with_name(work.name + "_home"), distillery_home()  # beside it: the demo wants its folder empty
     (home / "teachers").parent.mkdir(parents=True, exist_ok=True)
     if not (home / "teachers").exists():
+        (real_home / "teachers").mkdir(parents=True, exist_ok=True)  # a fresh machine has none yet: link a real folder
         (home / "teachers").symlink_to(real_home / "teachers", target_is_directory=True)
     teacher_cache = "warm" if (home / "demo").is_dir() else "cold"
     machine = common.machine_info(command=cmd, threads=args.threads)
