@@ -54,7 +54,7 @@ def _invariants(run: Path):
 
 
 def _metrics(run: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(x).items() if k != "tok_s"} for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in json.loads(x).items() if k not in ("tok_s", "step_s")} for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

@@ -79,7 +79,7 @@ def _cmd_demo(args) -> int:
 
     run_demo(quick=args.quick, output_dir=args.output_dir, overrides=args.overrides,
              answer_temperature=args.answer_temperature, answer_top_p=args.answer_top_p,
-             train_prompts=args.train_prompts, plain_chars=args.plain_chars)
+             train_prompts=args.train_prompts, plain_chars=args.plain_chars, minutes=args.minutes)
     return 0
 
 
@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("demo", help="distill SmolLM2-135M-Instruct into a small student and print the results")
     m.add_argument("--quick", action="store_true", help="a short run (under 3 minutes on 2 CPU cores)")
     m.add_argument("--output-dir", default="runs/demo")
+    m.add_argument("--minutes", type=float, default=None,
+                   help="time budget: train as many of the recipe's 360 steps as fit (default 15; 0 = all 360)")
     m.add_argument("--answer-temperature", type=float, default=None, metavar="T",
                    help="the teacher samples the training answers at temperature T (0 = greedy; default: demo.TRAIN_ANSWERS)")
     m.add_argument("--answer-top-p", type=float, default=None, metavar="P",

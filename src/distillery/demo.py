@@ -41,9 +41,11 @@ from .quiet import console as wide_console
 # end (held-out perplexity 31.6 after 120 steps with a live teacher, 22.8 after 360), which 120 steps could not show.
 SETTINGS = {
     "full": dict(train_prompts=200, heldout_prompts=12, answer_tokens=64, plain_chars=90_000, steps=360,
-                 micro_batch=4, warmup=8, calib_batches=4, blimp_per_paradigm=10, milton_blocks=8, gen_batch=16),
+                 micro_batch=4, warmup=8, calib_batches=4, blimp_per_paradigm=10, milton_blocks=8, gen_batch=16,
+                 minutes=15),
     "quick": dict(train_prompts=16, heldout_prompts=4, answer_tokens=24, plain_chars=12_000, steps=12,
-                  micro_batch=2, warmup=2, calib_batches=2, blimp_per_paradigm=1, milton_blocks=4, gen_batch=16),
+                  micro_batch=2, warmup=2, calib_batches=2, blimp_per_paradigm=1, milton_blocks=4, gen_batch=16,
+                  minutes=0),
 }
 PRUNE = {"layers": 8, "hidden": 384, "ffn": 1024, "heads": 6}
 # How the teacher writes the *training* answers (``--answer-temperature``, ``--answer-top-p``): 0 = greedy. The held-out
@@ -276,11 +278,17 @@ def demo_marker(s: dict, overrides: list[str] | None, answers: dict) -> dict:
         {"train_answers": answers} if answers else {})
 
 
-def demo_settings(quick: bool, train_prompts: int | None = None, plain_chars: int | None = None) -> dict:
-    """``SETTINGS`` for the full or quick demo, with ``--train-prompts`` / ``--plain-chars`` when given."""
+def demo_settings(quick: bool, train_prompts: int | None = None, plain_chars: int | None = None,
+                  minutes: float | None = None) -> dict:
+    """``SETTINGS`` for the full or quick demo, with ``--train-prompts`` / ``--plain-chars`` / ``--minutes`` when
+    given (the quick demo has no time budget: its 12 steps are its point)."""
     from .errors import DistilleryError
 
     s = dict(SETTINGS["quick" if quick else "full"])
+    if minutes is not None:
+        if not minutes >= 0:
+            raise DistilleryError(f"demo: --minutes must be >= 0 (0: no budget; got {minutes})")
+        s["minutes"] = 0 if quick else minutes
     if train_prompts is not None:
         if train_prompts < 1:
             raise DistilleryError(f"demo: --train-prompts must be at least 1 (got {train_prompts})")
@@ -294,7 +302,8 @@ def demo_settings(quick: bool, train_prompts: int | None = None, plain_chars: in
 
 def run_demo(quick: bool = False, output_dir: str = "runs/demo", overrides: list[str] | None = None,
              answer_temperature: float | None = None, answer_top_p: float | None = None,
-             train_prompts: int | None = None, plain_chars: int | None = None) -> dict:
+             train_prompts: int | None = None, plain_chars: int | None = None, minutes: float | None = None) -> dict:
+    from .demo_budget import budget_plan
     from .demo_eval import evaluate_demo, print_results
     from .evaluate import write_json
     from .teachers import load_teacher
@@ -302,7 +311,7 @@ def run_demo(quick: bool = False, output_dir: str = "runs/demo", overrides: list
 
     console = wide_console()  # piped output keeps the whole table (no 80-column cut)
     out = Path(output_dir)
-    s = demo_settings(quick, train_prompts, plain_chars)
+    s = demo_settings(quick, train_prompts, plain_chars, minutes)
     started = time.perf_counter()
     answers = train_answer_settings(answer_temperature, answer_top_p)
     moved = _claim(out, demo_marker(s, overrides, answers))
@@ -321,7 +330,7 @@ def run_demo(quick: bool = False, output_dir: str = "runs/demo", overrides: list
     base = train_overrides(s, quick) + [f"student.pretrained={init}",
                                        f"data.train={json.dumps(data['train_files'])}",
                                        f"data.validation={json.dumps([data['heldout_chat']])}"]
-    runs, targets = {}, None
+    runs, targets, plan = {}, None, None
     placeholder = str(Path(data["teacher_cache"]) / "targets")  # made exact (keyed) once the data is known
     kd_cache = ["teacher.kind=cache", f"teacher.cache_path={placeholder}"]
     for name, extra in (("kd", ["loss.kd_weight=1.0", "loss.ce_weight=0.0"] + kd_cache),
@@ -338,6 +347,11 @@ def run_demo(quick: bool = False, output_dir: str = "runs/demo", overrides: list
             console.print(f"{targets['target_tokens']:,} target positions, top-{targets['k_top']} + "
                           f"{targets['tail_samples']} tail draws each, {targets['seconds']:.0f} s"
                           + (" (reused)" if targets["reused"] else ""), highlight=False)
+        if name == "kd" and not any(o.partition("=")[0].rpartition(":")[2] == "train.max_steps" for o in overrides or []):
+            plan = budget_plan(out, cfg, minutes=s["minutes"], started=started, console=console)  # steps that fit
+            if plan:
+                cfg.train.max_steps = plan["steps"]
+                base.append(f"train.max_steps={plan['steps']}")  # the CE run trains as many
         console.rule(f"[bold]4. {name.upper()} run[/]: {cfg.train.max_steps} steps x "
                      f"{cfg.train.micro_batch_size * cfg.train.grad_accum} x {cfg.data.seq_len} tokens")
         done = (out / name / "student" / "config.json").is_file() and (out / name / "summary.json").is_file()
@@ -356,14 +370,16 @@ def run_demo(quick: bool = False, output_dir: str = "runs/demo", overrides: list
     results["compute"] = c = compute_info(runs["kd"]["cfg"])
     console.print(f"{c['device']}: {c['torch_threads']} torch threads, training in {c['train_precision']}", highlight=False)
     results["teacher_targets"] = targets  # None: the KD run ran its teacher live (kd:teacher.kind=hf)
+    results["budget"] = plan  # None: no time budget (--minutes 0, --quick, or train.max_steps given)
     results["timings"] = {"data_s": data["seconds"], "targets_s": targets["seconds"] if targets else 0.0,
                           **{f"train_{n}_s": r["seconds"] for n, r in runs.items()},
                           "eval_s": results.pop("eval_seconds")}
     results["seconds"] = time.perf_counter() - started
     write_json(results, out / "results.json")
     print_results(results, console)
+    budget = f"; budget {plan['minutes']:g} min, {plan['steps']} steps a run" if plan else ""
     console.print(f"Students saved under {out}/kd/student and {out}/ce/student; results in {out}/results.json "
-                  f"({results['seconds']:.0f} s).", highlight=False)
+                  f"({results['seconds'] / 60:.1f} min{budget}).", highlight=False)
     from .report import write_report  # tables, curves and answers as one HTML page, from the JSON above
 
     console.print(f"Report: {write_report(out)}")

@@ -172,7 +172,7 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
     qat_on = False
     gc = cfg.generation
     guard = CollapseGuard() if gc.on_policy_fraction > 0 and gc.collapse_guard != "off" else None
-    t_start, window_tokens = time.perf_counter(), 0
+    t_start, window_tokens, window_from = time.perf_counter(), 0, step
     while step < tc.max_steps:
         if cfg.qat.enabled and not qat_on and step >= tc.max_steps - cfg.qat.last_steps:
             from .quantize import qat_wrap  # fake-quantized weights (STE) for the last steps
@@ -274,7 +274,8 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
                                           + lc.unlikelihood_weight * ul_sum) / max(n_tokens, 1),
                    "kd": kd_sum / n_kd, "ce": ce_sum / n_kd,
                    "lr": scheduler.get_last_lr()[0], "grad_norm": None if grad_norm is None else float(grad_norm),
-                   "tokens_seen": tokens_seen, "tok_s": window_tokens * world / max(elapsed, 1e-9)}
+                   "tokens_seen": tokens_seen, "tok_s": window_tokens * world / max(elapsed, 1e-9),
+                   "step_s": elapsed / max(step - window_from, 1)}
             if gc.on_policy_fraction > 0:
                 rec["on_policy"] = on_policy  # then "ce" is the student's -log q of its own samples
             if on_policy and lc.unlikelihood_weight > 0:  # mean -log(1 - q) over the repeats, and their share
@@ -283,7 +284,7 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
             log.flush()
             trackers.log(acc, tc.report_to, rec)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tok_s']:.0f}")
-            t_start, window_tokens = time.perf_counter(), 0
+            t_start, window_tokens, window_from = time.perf_counter(), 0, step
         bar.update(1)
         if collapsed and gc.collapse_guard == "error":
             raise DistilleryError(f"step {step}: {collapsed} (last checkpoint: {_last_checkpoint(out)})")

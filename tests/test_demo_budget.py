@@ -1,0 +1,68 @@
+"""The demo's time budget: steps that fit, measured on this machine, planned once."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from distillery.config import load_config
+from distillery.demo import demo_settings
+from distillery.demo_budget import budget_plan, measure_step_seconds, plan_steps
+from distillery.errors import DistilleryError
+from helpers_run import write_recipe
+
+
+def test_plan_steps_fills_the_budget_and_stays_in_bounds():
+    # 900 s, 250 s gone, 150 s of evaluation, 2 runs x 15 s overhead: 470 s for 2 runs of 1.4 s a step -> 167 -> 160
+    assert plan_steps(900, 250, 1.4, max_steps=360) == 160
+    assert plan_steps(900, 250, 0.4, max_steps=360) == 360  # a fast machine: never more than the recipe's
+    assert plan_steps(900, 850, 1.4, max_steps=360) == 60  # nothing left: the fewest steps that still teach
+    assert plan_steps(900, 850, 1.4, max_steps=40) == 40  # ... but never more than the recipe's
+    assert plan_steps(600, 0, 1.0, max_steps=1000, reserve_s=0, overhead_s=0, runs=1, multiple=1) == 600
+
+
+def test_measure_step_seconds_runs_the_recipe_and_leaves_nothing(tmp_path: Path):
+    cfg = load_config(write_recipe(tmp_path, tmp_path / "run"), [])
+    folder = tmp_path / "probe"
+    step_s = measure_step_seconds(cfg, folder, steps=3)
+    assert 0 < step_s < 60 and not folder.exists()
+    assert not (tmp_path / "run").exists() and cfg.train.max_steps == 6  # the recipe itself is left as it was
+
+
+def test_metrics_records_carry_step_seconds(tmp_path: Path):
+    from distillery.train import distill
+
+    out = tmp_path / "run"
+    distill(load_config(write_recipe(tmp_path, out), ["train.max_steps=3", "train.log_every=2", "train.save_every=0"]))
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"step_s"' in x]
+    assert [r["step"] for r in recs] == [2, 3] and all(r["step_s"] > 0 for r in recs)
+
+
+def test_budget_plan_is_measured_once_and_reused(tmp_path: Path, monkeypatch):
+    import distillery.demo_budget as budget
+
+    calls = []
+    monkeypatch.setattr(budget, "measure_step_seconds", lambda cfg, folder: calls.append(folder) or 1.5)
+    cfg = load_config(write_recipe(tmp_path, tmp_path / "run"), ["train.max_steps=360"])
+    console = Console(file=open(tmp_path / "log.txt", "w"))
+    assert budget_plan(tmp_path, cfg, minutes=0, started=0.0, console=console) is None  # no budget: no plan
+    plan = budget_plan(tmp_path, cfg, minutes=15, started=time.perf_counter(), console=console)
+    assert plan["step_s"] == 1.5 and plan["recipe_steps"] == 360 and steps_ok(plan["steps"])
+    assert plan["steps"] == plan_steps(900, plan["elapsed_s"], 1.5, max_steps=360)
+    # a rerun (the demo cut short) reads the plan, whatever this machine measures now
+    monkeypatch.setattr(budget, "measure_step_seconds", lambda cfg, folder: 0.01)
+    assert budget_plan(tmp_path, cfg, minutes=15, started=0.0, console=console) == plan
+    assert len(calls) == 1 and json.loads((tmp_path / "plan.json").read_text()) == plan
+
+
+def steps_ok(steps: int) -> bool:
+    return 60 <= steps <= 360 and steps % 10 == 0
+
+
+def test_demo_minutes_setting():
+    assert demo_settings(False)["minutes"] == 15 and demo_settings(True)["minutes"] == 0
+    assert demo_settings(False, minutes=0)["minutes"] == 0 and demo_settings(True, minutes=30)["minutes"] == 0
+    with pytest.raises(DistilleryError, match="--minutes must be >= 0"):
+        demo_settings(False, minutes=-1)
