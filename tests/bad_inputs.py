@@ -219,6 +219,7 @@ CASES: list[Case] = [
     Case("cli-unknown-verb", "cli", "a misspelt command", lambda c: ["distil", "r.yaml"], r"invalid choice: 'distil'"),
     Case("cli-no-recipe", "cli", "`distill` without a recipe", lambda c: ["distill"], r"distill: the following arguments are required: recipe"),
     Case("cli-unknown-flag", "cli", "an unknown option", lambda c: ["distill", str(c.recipe()), "--restart"], r"unrecognized arguments: --restart"),
+    Case("cli-demo-minutes", "cli", "`demo` with a negative time budget", lambda c: ["demo", "--minutes", "-5", "--output-dir", str(c.tmp / "demo")], r"demo: --minutes must be >= 0 \(0: no budget; got -5.0\)"),
     Case("cli-bad-number", "cli", "a non-number where a number goes", lambda c: ["eval", "--teacher", "t", "--student", "s", "--data", "d", "--seq-len", "many"], r"argument --seq-len: invalid int value: 'many'"),
     Case("cli-eval-prompt-too-long", "cli", "`eval --own-samples` with a prompt as long as the block", lambda c: ["eval", "--teacher", "t", "--student", "s", "--data", "d", "--seq-len", "32", "--own-samples", "8", "--prompt-tokens", "32"], r"--prompt-tokens 32 must be shorter than --seq-len 32"),
     Case("cli-plan-negative-memory", "cli", "`plan --memory-gb` not positive", lambda c: ["plan", str(c.recipe()), "--memory-gb", "0"], r"--memory-gb: must be a positive number"),

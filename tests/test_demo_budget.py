@@ -15,8 +15,8 @@ from helpers_run import write_recipe
 
 
 def test_plan_steps_fills_the_budget_and_stays_in_bounds():
-    # 900 s, 250 s gone, 150 s of evaluation, 2 runs x 15 s overhead: 470 s for 2 runs of 1.4 s a step -> 167 -> 160
-    assert plan_steps(900, 250, 1.4, max_steps=360) == 160
+    # 900 s, 250 s gone, 150 s of evaluation, 2 runs x 5 s overhead: 490 s for 2 runs of 1.4 s a step -> 175 -> 170
+    assert plan_steps(900, 250, 1.4, max_steps=360) == 170
     assert plan_steps(900, 250, 0.4, max_steps=360) == 360  # a fast machine: never more than the recipe's
     assert plan_steps(900, 850, 1.4, max_steps=360) == 60  # nothing left: the fewest steps that still teach
     assert plan_steps(900, 850, 1.4, max_steps=40) == 40  # ... but never more than the recipe's

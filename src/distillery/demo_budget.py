@@ -21,11 +21,11 @@ import statistics
 import time
 from pathlib import Path
 
-PROBE_STEPS = 4
+PROBE_STEPS = 8  # a step's time varies with its blocks' lengths (1.1-1.8 s on the AVX2 EPYC): average several
 # The evaluation after training (BLiMP of teacher and students, answers, perplexities): 124 s on the Zen 4 EPYC and
 # 142 s on the AVX2 EPYC with the teacher's BLiMP table not yet cached (benchmarks/results/demo.json, timings.eval_s).
 EVAL_RESERVE_S = 150.0
-RUN_OVERHEAD_S = 15.0  # per run: loading its data and cached targets, the final save and validation
+RUN_OVERHEAD_S = 5.0  # per run: loading its data and cached targets, the final save and validation (~3 s measured)
 MIN_STEPS = 60
 MULTIPLE = 10
 
@@ -41,7 +41,7 @@ def plan_steps(budget_s: float, elapsed_s: float, step_s: float, *, max_steps: i
 
 def measure_step_seconds(cfg, folder: Path, steps: int = PROBE_STEPS) -> float:
     """Seconds per training step of ``cfg`` on this machine: ``steps`` steps in ``folder`` (removed after), the
-    median ``step_s`` of all but the first (which pays for warm-up: allocations, kernel choice)."""
+    mean ``step_s`` of all but the first (which pays for warm-up: allocations, kernel choice)."""
     from .train import distill
 
     probe = cfg.model_copy(deep=True)
@@ -55,7 +55,7 @@ def measure_step_seconds(cfg, folder: Path, steps: int = PROBE_STEPS) -> float:
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     timed = [r["step_s"] for r in records if "step_s" in r]
-    return statistics.median(timed[1:] or timed)
+    return statistics.fmean(timed[1:] or timed)
 
 
 def budget_plan(out: Path, cfg, *, minutes: float, started: float, console) -> dict | None:
