@@ -28,7 +28,7 @@ EVAL_RESERVE_S = 150.0
 RUN_OVERHEAD_S = 5.0  # per run: loading its data and cached targets, the final save and validation (~3 s measured)
 MIN_STEPS = 60
 # Steps vary around the probe's mean and the process starts before the demo's clock: a plan for exactly 15 min ended
-# 11 s over (benchmarks/results/demo_zen3_budget.json: 150 steps, the CE run 1.49 s a step against 1.36 probed).
+# 11 s over (benchmarks/results/demo_zen3_budget150.json: 150 steps, the CE run 1.49 s a step against 1.36 probed).
 MARGIN = 0.03
 MULTIPLE = 10
 
