@@ -70,7 +70,6 @@ def budget_plan(out: Path, cfg, *, minutes: float, started: float, console) -> d
     if path.is_file():
         return json.loads(path.read_text())
     recipe_steps = cfg.train.max_steps
-    elapsed = time.perf_counter() - started
     console.print(f"timing {PROBE_STEPS} training steps to fit the {minutes:g}-minute budget ...", highlight=False)
     step_s = measure_step_seconds(cfg, out / "speed_probe")
     elapsed = time.perf_counter() - started
