@@ -347,7 +347,8 @@ def run_demo(quick: bool = False, output_dir: str = "runs/demo", overrides: list
             console.print(f"{targets['target_tokens']:,} target positions, top-{targets['k_top']} + "
                           f"{targets['tail_samples']} tail draws each, {targets['seconds']:.0f} s"
                           + (" (reused)" if targets["reused"] else ""), highlight=False)
-        if name == "kd" and not any(o.partition("=")[0].rpartition(":")[2] == "train.max_steps" for o in overrides or []):
+        given = [o.partition("=")[0] for n in ("kd", "ce") for o in run_overrides(overrides, n)]
+        if name == "kd" and "train.max_steps" not in given:  # steps given for either run: no budget
             plan = budget_plan(out, cfg, minutes=s["minutes"], started=started, console=console)  # steps that fit
             if plan:
                 cfg.train.max_steps = plan["steps"]
