@@ -66,3 +66,35 @@ def test_demo_minutes_setting():
     assert demo_settings(False, minutes=0)["minutes"] == 0 and demo_settings(True, minutes=30)["minutes"] == 0
     with pytest.raises(DistilleryError, match="--minutes must be >= 0"):
         demo_settings(False, minutes=-1)
+
+
+def test_budget_plan_reserves_less_when_the_teachers_blimp_table_is_cached(tmp_path: Path, monkeypatch):
+    import distillery.demo_budget as budget
+
+    monkeypatch.setattr(budget, "measure_step_seconds", lambda cfg, folder: 1.5)
+    cfg = load_config(write_recipe(tmp_path, tmp_path / "run"), ["train.max_steps=360"])
+    console = Console(file=open(tmp_path / "log.txt", "w"))
+    cold, warm = tmp_path / "cold", tmp_path / "warm"
+    cold.mkdir(), warm.mkdir()
+    p_cold = budget_plan(cold, cfg, minutes=15, started=time.perf_counter(), console=console)
+    p_warm = budget_plan(warm, cfg, minutes=15, started=time.perf_counter(), console=console, blimp_cached=True)
+    assert p_cold["eval_reserve_s"] == budget.EVAL_RESERVE_S and not p_cold["teacher_blimp_cached"]
+    assert p_warm["eval_reserve_s"] == budget.EVAL_RESERVE_S - budget.TEACHER_BLIMP_S and p_warm["teacher_blimp_cached"]
+    # 40 s more for 2 runs of 1.5 s a step: 13 more steps, 10 after rounding to tens (or the same, at a boundary)
+    assert p_warm["steps"] - p_cold["steps"] in (10, 20)
+    assert p_warm["steps"] == plan_steps(900, p_warm["elapsed_s"], 1.5, max_steps=360,
+                                         reserve_s=budget.EVAL_RESERVE_S - budget.TEACHER_BLIMP_S)
+
+
+def test_teacher_blimp_cached_reads_the_table_the_evaluation_writes(tmp_path: Path):
+    from distillery.demo_eval import blimp_sample, teacher_blimp, teacher_blimp_cached
+
+    assert not teacher_blimp_cached(tmp_path, 1)
+    pairs, key, name = blimp_sample(1)
+    (tmp_path / name).write_text(json.dumps({"key": dict(key, seed=1), "table": {}}))
+    assert not teacher_blimp_cached(tmp_path, 1)  # another sample's table under that name: not this one
+    (tmp_path / name).write_text("{half a fi")
+    assert not teacher_blimp_cached(tmp_path, 1)  # a torn file: not cached (the evaluation scores it again)
+    (tmp_path / name).write_text(json.dumps({"key": key, "table": {"overall": 0.7}}))
+    assert teacher_blimp_cached(tmp_path, 1) and not teacher_blimp_cached(tmp_path, 2)
+    assert teacher_blimp(None, None, pairs, tmp_path / name, key) == {"overall": 0.7}  # what the evaluation reads

@@ -304,7 +304,7 @@ def run_demo(quick: bool = False, output_dir: str = "runs/demo", overrides: list
              answer_temperature: float | None = None, answer_top_p: float | None = None,
              train_prompts: int | None = None, plain_chars: int | None = None, minutes: float | None = None) -> dict:
     from .demo_budget import budget_plan
-    from .demo_eval import evaluate_demo, print_results
+    from .demo_eval import evaluate_demo, print_results, teacher_blimp_cached
     from .evaluate import write_json
     from .teachers import load_teacher
     from .train import distill
@@ -349,7 +349,9 @@ def run_demo(quick: bool = False, output_dir: str = "runs/demo", overrides: list
                           + (" (reused)" if targets["reused"] else ""), highlight=False)
         given = [o.partition("=")[0] for n in ("kd", "ce") for o in run_overrides(overrides, n)]
         if name == "kd" and "train.max_steps" not in given:  # steps given for either run: no budget
-            plan = budget_plan(out, cfg, minutes=s["minutes"], started=started, console=console)  # steps that fit
+            cached = teacher_blimp_cached(Path(data["teacher_cache"]), s["blimp_per_paradigm"])
+            plan = budget_plan(out, cfg, minutes=s["minutes"], started=started, console=console,
+                               blimp_cached=cached)  # the steps that fit
             if plan:
                 cfg.train.max_steps = plan["steps"]
                 base.append(f"train.max_steps={plan['steps']}")  # the CE run trains as many

@@ -7,6 +7,8 @@ data, cached targets and precision as the real run; ``step_s`` of its ``metrics.
 
     steps = (budget * (1 - MARGIN) - elapsed - EVAL_RESERVE_S - 2 * RUN_OVERHEAD_S) / (2 * step_s)
 
+(``EVAL_RESERVE_S`` less ``TEACHER_BLIMP_S`` when the teacher's BLiMP table is already cached)
+
 rounded down to a multiple of ``MULTIPLE``, at most the recipe's steps and at least ``MIN_STEPS`` (then the demo
 says it will overrun). Both runs train that many steps (same data order, same schedule shape). The plan is written
 to ``plan.json`` in the demo folder, so a demo that is cut short and rerun trains the steps it planned the first
@@ -23,8 +25,11 @@ from pathlib import Path
 
 PROBE_STEPS = 8  # a step's time varies with its blocks' lengths (1.1-1.8 s on the AVX2 EPYC): average several
 # The evaluation after training (BLiMP of teacher and students, answers, perplexities): 124 s on the Zen 4 EPYC and
-# 142 s on the AVX2 EPYC with the teacher's BLiMP table not yet cached (benchmarks/results/demo.json, timings.eval_s).
+# 137-143 s on the AVX2 EPYC with the teacher's BLiMP table not yet cached (benchmarks/results/demo.json,
+# demo_zen3_*.json, timings.eval_s); 85 s and 102 s with it cached (demo_seed1.json, demo_zen3_budget_warm_seed1.json):
+# scoring the teacher's table is ~40 s of it, which a demo whose table is cached does not reserve.
 EVAL_RESERVE_S = 150.0
+TEACHER_BLIMP_S = 40.0
 RUN_OVERHEAD_S = 5.0  # per run: loading its data and cached targets, the final save and validation (~3 s measured)
 MIN_STEPS = 60
 # Steps vary around the probe's mean and the process starts before the demo's clock: a plan for exactly 15 min ended
@@ -62,8 +67,9 @@ def measure_step_seconds(cfg, folder: Path, steps: int = PROBE_STEPS) -> float:
     return statistics.fmean(timed[1:] or timed)
 
 
-def budget_plan(out: Path, cfg, *, minutes: float, started: float, console) -> dict | None:
-    """The steps both runs train (``plan.json`` in ``out``, measured once); None when there is no budget."""
+def budget_plan(out: Path, cfg, *, minutes: float, started: float, console, blimp_cached: bool = False) -> dict | None:
+    """The steps both runs train (``plan.json`` in ``out``, measured once); None when there is no budget.
+    ``blimp_cached``: the teacher's BLiMP table is cached, so the evaluation needs ``TEACHER_BLIMP_S`` less."""
     if minutes <= 0:
         return None
     path = out / "plan.json"
@@ -73,10 +79,11 @@ def budget_plan(out: Path, cfg, *, minutes: float, started: float, console) -> d
     console.print(f"timing {PROBE_STEPS} training steps to fit the {minutes:g}-minute budget ...", highlight=False)
     step_s = measure_step_seconds(cfg, out / "speed_probe")
     elapsed = time.perf_counter() - started
-    steps = plan_steps(minutes * 60, elapsed, step_s, max_steps=recipe_steps)
-    plan = {"minutes": minutes, "step_s": step_s, "elapsed_s": elapsed, "eval_reserve_s": EVAL_RESERVE_S,
-            "recipe_steps": recipe_steps, "steps": steps,
-            "expected_s": elapsed + 2 * (steps * step_s + RUN_OVERHEAD_S) + EVAL_RESERVE_S}
+    reserve = EVAL_RESERVE_S - (TEACHER_BLIMP_S if blimp_cached else 0.0)
+    steps = plan_steps(minutes * 60, elapsed, step_s, max_steps=recipe_steps, reserve_s=reserve)
+    plan = {"minutes": minutes, "step_s": step_s, "elapsed_s": elapsed, "eval_reserve_s": reserve,
+            "teacher_blimp_cached": blimp_cached, "recipe_steps": recipe_steps, "steps": steps,
+            "expected_s": elapsed + 2 * (steps * step_s + RUN_OVERHEAD_S) + reserve}
     path.write_text(json.dumps(plan, indent=1) + "\n")
     why = (f"the recipe's {recipe_steps}" if steps == recipe_steps else
            f"{steps} of the recipe's {recipe_steps} (--minutes 0 for all)")

@@ -36,6 +36,27 @@ def _blimp_lite(table: dict) -> dict:
     return {k: table[k] for k in ("overall", "per_field", "n_pairs", "n_paradigms", "prefix_token", "seconds")}
 
 
+def blimp_sample(per_paradigm: int) -> tuple[list[dict], dict, str]:
+    """The demo's BLiMP pairs, the key its teacher table is cached under, and that table's file name (in the
+    teacher's cache folder, :func:`.demo_chat.teacher_cache`)."""
+    from .demo_chat import keyed_name
+    from .tasks.blimp import load_pairs
+
+    pairs = load_pairs(per_paradigm=per_paradigm, seed=0)
+    key = {"per_paradigm": per_paradigm, "seed": 0, "prefix": BLIMP_PREFIX,
+           "pairs": hashlib.sha256(json.dumps([[p["good"], p["bad"]] for p in pairs]).encode()).hexdigest()}
+    return pairs, key, keyed_name("blimp", key) + ".json"
+
+
+def teacher_blimp_cached(cache: Path, per_paradigm: int) -> bool:
+    """Whether the teacher's table for this sample is already in ``cache`` (the evaluation then skips scoring it)."""
+    _, key, name = blimp_sample(per_paradigm)
+    try:
+        return json.loads((cache / name).read_text()).get("key") == key
+    except (OSError, ValueError):
+        return False
+
+
 def teacher_blimp(model, tok, pairs, path: Path, key: dict) -> dict:
     """The teacher's BLiMP table, computed once per teacher and ``key`` (pairs, prefix) and kept in ``path``."""
     from .tasks.blimp import score_blimp
@@ -82,10 +103,10 @@ def evaluate_demo(out: Path, runs: dict, data: dict, s: dict, console: Console, 
 
     from .config import DataConfig
     from .data import build_datasets
-    from .demo_chat import keyed_name, teacher_cache
+    from .demo_chat import teacher_cache
     from .evaluate import evaluate
     from .students import count_parameters
-    from .tasks.blimp import CREDIT, load_pairs
+    from .tasks.blimp import CREDIT
     from .tasks.fidelity import score_fidelity
     from .teachers import load_teacher
     from .train import collate
@@ -104,12 +125,10 @@ def evaluate_demo(out: Path, runs: dict, data: dict, s: dict, console: Console, 
     def batches(ds):
         return (collate(ds, torch.arange(i, min(i + bs, len(ds)))) for i in range(0, len(ds), bs))
 
-    pairs = load_pairs(per_paradigm=s["blimp_per_paradigm"], seed=0)
-    key = {"per_paradigm": s["blimp_per_paradigm"], "seed": 0, "prefix": BLIMP_PREFIX,
-           "pairs": hashlib.sha256(json.dumps([[p["good"], p["bad"]] for p in pairs]).encode()).hexdigest()}
+    pairs, key, table_name = blimp_sample(s["blimp_per_paradigm"])
     console.print(f"BLiMP: {len(pairs)} pairs ({s['blimp_per_paradigm']} per paradigm), teacher ...", highlight=False)
     cache = teacher_cache(teacher)  # the teacher's table is a pure function of it: every demo shares it
-    t_blimp = teacher_blimp(teacher.model, tok, pairs, cache / (keyed_name("blimp", key) + ".json"), key)
+    t_blimp = teacher_blimp(teacher.model, tok, pairs, cache / table_name, key)
     given = {"teacher_greedy": data["heldout_greedy"], "teacher_sampled": data["heldout_sampled"]}
     results = {"teacher": {"name": teacher.name, "parameters": count_parameters(teacher.model),
                            "blimp": _blimp_lite(t_blimp)},
