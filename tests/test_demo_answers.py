@@ -117,3 +117,16 @@ def test_demo_settings_take_prompt_and_plain_text_counts():
         demo_settings(False, train_prompts=0)
     with pytest.raises(DistilleryError, match="--plain-chars must be >= 0"):
         demo_settings(True, plain_chars=-1)
+
+
+def test_pruned_init_records_what_it_kept(teacher, tmp_path: Path, monkeypatch):
+    import distillery.demo as demo
+
+    monkeypatch.setattr(demo, "PRUNE", {"layers": 1, "hidden": 16, "ffn": 32, "heads": 2})
+    data = _data(teacher, tmp_path / "out", train_answer_settings())
+    folder = demo.make_student(teacher, data, tmp_path / "out", dict(S, micro_batch=2, calib_batches=1),
+                               Console(quiet=True))
+    plan = json.loads((folder / "pruning.json").read_text())
+    assert plan["student_parameters"] < plan["teacher_parameters"] and len(plan["layers"]) == 1
+    assert (folder / "model.safetensors").is_file() and not (folder / "tokenizer_config.json").exists()
+    assert not list(folder.parent.glob("*.tmp*"))  # written through a scratch folder, none left behind

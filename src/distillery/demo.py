@@ -171,15 +171,17 @@ def make_student(teacher, data: dict, out: Path, s: dict, console: Console) -> P
     if (folder / "config.json").is_file():
         return folder
     from .prune import prune_model
-    from .prune.cli import calibration_batches
+    from .prune.cli import calibration_batches, save_student
+    from .students import count_parameters
 
     console.print(f"pruning the teacher to {PRUNE} ...", highlight=False)
     calib = calibration_batches(data["train_files"], teacher.tokenizer, seq_len=256,
                                 batch_size=s["micro_batch"], n_batches=s["calib_batches"])
     student = prune_model(teacher.model, calib, **PRUNE)
-    tmp = folder.with_name(folder.name + ".tmp")
-    student.save_pretrained(tmp, safe_serialization=True)
-    tmp.replace(folder)
+    # weights and pruning.json (the teacher layers, channels and heads kept), as `distillery prune` writes them; no
+    # tokenizer: the runs read the teacher's, so the student stays on the teacher's vocabulary by construction
+    save_student(student, None, folder, {"teacher_parameters": count_parameters(teacher.model),
+                                         "student_parameters": count_parameters(student), **student.prune_plan})
     return folder
 
 
