@@ -97,20 +97,14 @@ def train_arm(recipe: Path, init: Path, run: Path, overrides: list[str], frozen:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--demo-dir", required=True, help="a finished demo folder (benchmarks/demo.py --work-dir)")
+    common.demo_folder_args(ap, "blimp_levers")
     ap.add_argument("--arms", default="demo,8wide", help=f"comma-separated, of {sorted(ARMS)}")
-    ap.add_argument("--work-dir", default="runs/bench/blimp_levers")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="benchmarks/results/blimp_levers.json")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    demo, work, machine = common.open_demo_folder(args)
     from transformers import AutoModelForCausalLM
 
     from distillery.tasks.blimp import load_pairs, retained_above_chance, score_blimp
 
-    demo, work = Path(args.demo_dir).resolve(), Path(args.work_dir).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    machine = common.machine_info(threads=args.threads)
     cfg = demo / "kd" / "config.yaml"
     files = [str(demo / "data" / n) for n in ("train_chat.jsonl", "plain.txt") if (demo / "data" / n).is_file()]
     exe = Path(sys.executable).with_name("distillery")
@@ -154,12 +148,10 @@ def main() -> None:
         rows.append(row)
     for r in rows:
         r["kept_above_chance"] = retained_above_chance(r["all"], rows[0]["all"])
-    machine["load_average_end"] = common.loadavg()
-    common.write_json({"benchmark": "blimp_levers", "machine": machine, "demo_dir": str(demo),
-                       "pairs": {g: len(ps) for g, ps in groups.items()}, "prefix": "<|endoftext|>",
-                       "rows": rows,
-                       "limits": "one BLiMP sample (10 pairs per paradigm); groups with fewer pairs are noisier "
-                                 "(about ±2.5 points at 400 pairs, ±4.8 at 109)"}, Path(args.out))
+    common.write_demo_result("blimp_levers", machine, demo, Path(args.out),
+                             pairs={g: len(ps) for g, ps in groups.items()}, prefix="<|endoftext|>", rows=rows,
+                             limits="one BLiMP sample (10 pairs per paradigm); groups with fewer pairs are noisier "
+                                    "(about ±2.5 points at 400 pairs, ±4.8 at 109)")
     print(f"wrote {args.out}")
 
 

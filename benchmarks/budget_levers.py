@@ -51,25 +51,19 @@ def train_arm(recipe: Path, init: Path, run: Path, overrides: list[str]) -> None
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--demo-dir", required=True, help="a finished demo folder (benchmarks/demo.py --work-dir)")
+    common.demo_folder_args(ap, "budget_levers")
     ap.add_argument("--arm", action="append", required=True, metavar="NAME=key=value;...",
                     help="a KD run: the demo's recipe with these overrides (repeat for more arms)")
     ap.add_argument("--seeds", default="0", help="comma-separated train.seed values, each arm once per seed "
                                                  "(an arm written NAME@0,1=... runs its own seeds)")
-    ap.add_argument("--work-dir", default="runs/bench/budget_levers")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="benchmarks/results/budget_levers.json")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    demo, work, machine = common.open_demo_folder(args)
     from transformers import AutoModelForCausalLM
 
     from distillery.tasks.fidelity import score_fidelity
     from distillery.teachers import load_teacher
 
-    demo, work = Path(args.demo_dir).resolve(), Path(args.work_dir).resolve()
-    work.mkdir(parents=True, exist_ok=True)
     arms = [parse_arm(a, [int(s) for s in args.seeds.split(",")]) for a in args.arm]
-    machine = common.machine_info(threads=args.threads)
     done = json.loads((demo / "results.json").read_text())
     records = done["answers"]  # the demo's held-out prompts and the teacher's own answers to them
     prompts = [r["prompt"] for r in records]
@@ -108,13 +102,11 @@ def main() -> None:
             print(json.dumps({k: v for k, v in row.items() if k != "greedy_answers"}), flush=True)
             rows.append(row)
             del student
-            machine["load_average_end"] = common.loadavg()
-            common.write_json({"benchmark": "budget_levers", "machine": machine, "demo_dir": str(demo),
-                               "teacher_greedy_ll_per_byte": done["teacher"]["fidelity"]["teacher_greedy"][
-                                   "teacher_logprob_per_byte"],
-                               "rows": rows,
-                               "limits": "12 held-out prompts: one answer that stops looping moves the mean "
-                                         "distinct-2 by up to ~0.08; compare arms over seeds"}, Path(args.out))
+            common.write_demo_result(
+                "budget_levers", machine, demo, Path(args.out), rows=rows,
+                teacher_greedy_ll_per_byte=done["teacher"]["fidelity"]["teacher_greedy"]["teacher_logprob_per_byte"],
+                limits="12 held-out prompts: one answer that stops looping moves the mean distinct-2 by up to ~0.08; "
+                       "compare arms over seeds")
     print(f"wrote {args.out}")
 
 

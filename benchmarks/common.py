@@ -275,3 +275,29 @@ def trainer_clock(cuda: bool = False):
                 self.losses.append(float(logs["loss"]))
 
     return Clock()
+
+
+def demo_folder_args(ap, name: str) -> None:
+    """The arguments of a script that reruns parts of a finished demo folder: ``--demo-dir``, and ``--work-dir``,
+    ``--threads``, ``--out`` defaulting to ``runs/bench/<name>`` and ``benchmarks/results/<name>.json``."""
+    ap.add_argument("--demo-dir", required=True, help="a finished demo folder (benchmarks/demo.py --work-dir)")
+    ap.add_argument("--work-dir", default=f"runs/bench/{name}")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=f"benchmarks/results/{name}.json")
+
+
+def open_demo_folder(args) -> tuple[Path, Path, dict]:
+    """For :func:`demo_folder_args`' arguments: torch's threads set, the demo and work folders (made), the machine."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    demo, work = Path(args.demo_dir).resolve(), Path(args.work_dir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    return demo, work, machine_info(threads=args.threads)
+
+
+def write_demo_result(name: str, machine: dict, demo: Path, out: Path, **fields) -> None:
+    """Write a :func:`open_demo_folder` script's result: its name, the machine (load at the end), the demo folder
+    it read, then ``fields``."""
+    machine["load_average_end"] = loadavg()
+    write_json({"benchmark": name, "machine": machine, "demo_dir": str(demo), **fields}, out)
