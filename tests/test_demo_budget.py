@@ -95,6 +95,8 @@ def test_teacher_blimp_cached_reads_the_table_the_evaluation_writes(tmp_path: Pa
     assert not teacher_blimp_cached(tmp_path, 1)  # another sample's table under that name: not this one
     (tmp_path / name).write_text("{half a fi")
     assert not teacher_blimp_cached(tmp_path, 1)  # a torn file: not cached (the evaluation scores it again)
+    (tmp_path / name).write_text("[]")
+    assert not teacher_blimp_cached(tmp_path, 1)
     (tmp_path / name).write_text(json.dumps({"key": key, "table": {"overall": 0.7}}))
     assert teacher_blimp_cached(tmp_path, 1) and not teacher_blimp_cached(tmp_path, 2)
     assert teacher_blimp(None, None, pairs, tmp_path / name, key) == {"overall": 0.7}  # what the evaluation reads

@@ -53,7 +53,7 @@ def teacher_blimp_cached(cache: Path, per_paradigm: int) -> bool:
     _, key, name = blimp_sample(per_paradigm)
     try:
         return json.loads((cache / name).read_text()).get("key") == key
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):  # missing, torn, or not a table
         return False
 
 
