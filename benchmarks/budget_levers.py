@@ -89,8 +89,10 @@ def main() -> None:
             greedy = fid["means"]["student_greedy"]
             row = {"arm": name, "overrides": overrides, "seed": seed, "steps": summary["steps"],
                    "tokens_seen": steps[-1]["tokens_seen"] if steps else None,
-                   # the steps' own time (step_s over the logging windows), the measure the demo's budget plans by
-                   "train_step_seconds": sum(m["step_s"] for m in steps) if steps else None,
+                   # the steps' own time (step_s: seconds a step over each logging window, times the window's
+                   # steps), the measure the demo's budget plans by
+                   "train_step_seconds": sum(m["step_s"] * (m["step"] - p["step"])
+                                             for p, m in zip([{"step": 0}] + steps, steps)) if steps else None,
                    "train_wall_seconds": round(train_s, 1) if train_s > 5 else None,  # None: the run was reused
                    "heldout_kl": summary["validation"]["kl_teacher_student"],
                    "heldout_perplexity": summary["validation"]["student_perplexity"],
