@@ -126,8 +126,8 @@ def main() -> None:
                      "kept_above_chance": retained_above_chance(b["overall"], t_blimp),
                      "seconds": time.perf_counter() - t0})
         print(rows[-1], flush=True)
-        common.write_json({"benchmark": "hidden_state_kd", "machine": machine, "demo_dir": str(demo),
-                           "teacher_blimp": t_blimp, "pairs": len(pairs), "rows": rows}, Path(args.out))
+        common.write_demo_result("hidden_state_kd", machine, demo, Path(args.out), teacher_blimp=t_blimp,
+                                 pairs=len(pairs), rows=rows)
 
 
 if __name__ == "__main__":

@@ -333,6 +333,8 @@ def run_demo(quick: bool = False, output_dir: str = "runs/demo", overrides: list
                                        f"data.train={json.dumps(data['train_files'])}",
                                        f"data.validation={json.dumps([data['heldout_chat']])}"]
     runs, targets, plan = {}, None, None
+    # steps given for either run (``train.max_steps``, ``kd:``/``ce:`` too): no time budget
+    steps_given = any(o.partition("=")[0] == "train.max_steps" for n in ("kd", "ce") for o in run_overrides(overrides, n))
     placeholder = str(Path(data["teacher_cache"]) / "targets")  # made exact (keyed) once the data is known
     kd_cache = ["teacher.kind=cache", f"teacher.cache_path={placeholder}"]
     for name, extra in (("kd", ["loss.kd_weight=1.0", "loss.ce_weight=0.0"] + kd_cache),
@@ -349,8 +351,7 @@ def run_demo(quick: bool = False, output_dir: str = "runs/demo", overrides: list
             console.print(f"{targets['target_tokens']:,} target positions, top-{targets['k_top']} + "
                           f"{targets['tail_samples']} tail draws each, {targets['seconds']:.0f} s"
                           + (" (reused)" if targets["reused"] else ""), highlight=False)
-        given = [o.partition("=")[0] for n in ("kd", "ce") for o in run_overrides(overrides, n)]
-        if name == "kd" and "train.max_steps" not in given:  # steps given for either run: no budget
+        if name == "kd" and not steps_given:
             cached = teacher_blimp_cached(Path(data["teacher_cache"]), s["blimp_per_paradigm"])
             plan = budget_plan(out, cfg, minutes=s["minutes"], started=started, console=console,
                                blimp_cached=cached)  # the steps that fit
