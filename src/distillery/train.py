@@ -38,7 +38,7 @@ from .checkpoint import check_validation, check_weights, usable_checkpoints
 from .locks import locked_run
 from .run_folder import check_resume, check_run_dir, identity_state
 from .config import RunConfig, dump_config
-from .data import BlockSampler
+from .data import BlockSampler, block_weights
 from .errors import DistilleryError
 from .evaluate import evaluate, student_hidden, write_json
 from .hardware import auto_precision, return_large_frees, trim_heap
@@ -122,9 +122,11 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
     world, rank = acc.num_processes, acc.process_index
     _check_launch(acc)  # say when the launcher did not do what was asked
     global_batch = tc.micro_batch_size * world * tc.grad_accum  # blocks per optimizer step, all ranks
-    sampler = BlockSampler(len(train_ds), tc.micro_batch_size, seed=tc.seed, rank=rank, world_size=world)
+    sampler = BlockSampler(len(train_ds), tc.micro_batch_size, seed=tc.seed, rank=rank, world_size=world,
+                           weights=block_weights(train_ds, cfg.data.weights))  # data.weights: a weighted pass
     if len(sampler) == 0:
-        raise DistilleryError(f"the training split has {len(train_ds)} blocks, fewer than one global batch "
+        weighted = f" ({sampler.n} a pass with data.weights)" if sampler.weights is not None else ""
+        raise DistilleryError(f"the training split has {len(train_ds)} blocks{weighted}, fewer than one global batch "
                               f"({tc.micro_batch_size * world} = micro_batch_size x processes)")
 
     use_fsdp = fsdp.fsdp_requested(acc.distributed_type.value, world)

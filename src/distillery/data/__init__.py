@@ -7,15 +7,15 @@ Batches are dicts: ``input_ids (B, T)``, ``labels (B, T)`` (already shifted, -10
 * ``tokenize`` / ``chat``: text -> one token stream; conversations -> ids + assistant mask
 * ``pack``: ``BlockDataset`` (blocks of ``seq_len + 1`` tokens over one flat tensor), ``collate``
 * ``split``: machine-independent seeded permutations, train/validation split
-* ``loader``: ``make_loader`` (deterministic, resumable, sharded over ranks)
+* ``loader``: ``make_loader`` (deterministic, resumable, sharded over ranks; ``block_weights``: ``data.weights``)
 * ``build``: ``build_datasets`` -> ``DataSplits(train, val, fingerprint)``, ``tokenizer_hash``
 """
 
 from .build import DataSplits, build_datasets, tokenizer_hash
-from .loader import BlockLoader, BlockSampler, make_loader
+from .loader import BlockLoader, BlockSampler, block_weights, make_loader
 from .pack import BlockDataset, collate
 from .readers import DEMO_CORPORA, Record, read_records, resolve_sources
 from .split import permutation
 
-__all__ = ["DataSplits", "build_datasets", "tokenizer_hash", "BlockLoader", "BlockSampler", "make_loader",
+__all__ = ["DataSplits", "build_datasets", "tokenizer_hash", "BlockLoader", "BlockSampler", "block_weights", "make_loader",
            "BlockDataset", "collate", "DEMO_CORPORA", "Record", "read_records", "resolve_sources", "permutation"]

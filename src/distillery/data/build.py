@@ -122,7 +122,8 @@ def build_blocks(entries: list[str], cfg, tokenizer, what: str, progress: bool =
         raise DistilleryError(f"{what}: {names} make only {n_tokens} tokens, fewer than one block of "
                               f"data.seq_len + 1 = {cfg.seq_len + 1}")
     ds = BlockDataset(torch.from_numpy(np.concatenate(tokens)), torch.from_numpy(starts), cfg.seq_len,
-                      targets=targets, real=real, teacher_rows=teacher_rows, positions=positions)
+                      targets=targets, real=real, teacher_rows=teacher_rows, positions=positions,
+                      chat_from=len(stream) if chats else None)
     stats.update(blocks=len(ds), seconds=round(time.perf_counter() - t0, 3))
     return ds, [s.info() for s in sources], stats
 

@@ -10,6 +10,12 @@ training each *global* batch holds ``world_size × batch_size`` blocks and rank 
 
 so a 2-process run sees exactly the global batches of a 1-process run with ``batch_size`` doubled.
 Gradient accumulation over ``A`` micro-batches is ``A`` consecutive global batches.
+
+**Weighted passes** (``data.weights``, :func:`block_weights`): with per-block weights ``w`` an epoch is one pass
+over a multiset of blocks, then shuffled as above: every block ``floor(w)`` times, plus, within each group of blocks
+of equal weight, a seeded share ``w - floor(w)`` of them once more (another share each epoch). The pass has the
+same length every epoch (the resume arithmetic above needs it) and the cached teacher targets still serve it:
+they are keyed by the block, not by its place in the pass. Without weights the order is exactly the unweighted one.
 """
 
 from __future__ import annotations
@@ -18,8 +24,41 @@ from typing import Iterator
 
 import torch
 
+from ..errors import DistilleryError
 from .pack import collate
 from .split import permutation
+
+# the permutation streams of the fractional shares (:func:`pass_items`), far from the epochs' own (epoch + 1)
+SHARE_STREAM = 1 << 40
+
+
+def pass_items(weights: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
+    """The blocks of one weighted pass, unshuffled (module docstring): each block ``i`` ``floor(w_i)`` times, and
+    of each group of equal weight a seeded ``round(share * size)`` of its blocks once more."""
+    parts = []
+    for w in torch.unique(weights).tolist():
+        members = torch.nonzero(weights == w).flatten()
+        whole, share = int(w), w - int(w)
+        parts += [members] * whole
+        take = round(share * len(members))
+        if take:
+            parts.append(members[permutation(len(members), seed, stream=SHARE_STREAM + epoch)[:take]])
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+
+
+def block_weights(dataset, weights: dict[str, float] | None) -> torch.Tensor | None:
+    """``data.weights`` (``{'chat': w, 'text': w}``, 1 where absent) as one weight per block of ``dataset`` (a
+    :class:`~.pack.BlockDataset` or a wrapper holding one as ``.blocks``); None when every weight is 1."""
+    weights = weights or {}
+    if all(float(weights.get(k, 1.0)) == 1.0 for k in ("chat", "text")):
+        return None
+    blocks = getattr(dataset, "blocks", dataset)
+    chat = blocks.chat_blocks()
+    out = torch.where(chat, float(weights.get("chat", 1.0)), float(weights.get("text", 1.0))).to(torch.float64)
+    if not out.any():
+        kinds = "conversation" if bool(chat.all()) else "plain-text" if not bool(chat.any()) else "training"
+        raise DistilleryError(f"data.weights {dict(weights)} leave none of the {len(out)} {kinds} blocks to train on")
+    return out
 
 
 class BlockSampler:
@@ -31,18 +70,26 @@ class BlockSampler:
     """
 
     def __init__(self, n_items: int, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, drop_last: bool = True):
+                 rank: int = 0, world_size: int = 1, drop_last: bool = True, weights: torch.Tensor | None = None):
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"bad sharding: batch_size={batch_size}, rank={rank}, world_size={world_size}")
-        self.n, self.batch_size, self.shuffle, self.seed = n_items, batch_size, shuffle, seed
+        if weights is not None and len(weights) != n_items:
+            raise ValueError(f"{len(weights)} block weights for {n_items} blocks")
+        self.weights = weights  # None: every block once a pass
+        # the items of a pass: the blocks, or the weighted pass's multiset (same length every epoch)
+        self.n = n_items if weights is None else len(pass_items(weights, seed, 0))
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.global_batch = batch_size * world_size
 
     def order(self, epoch: int) -> torch.Tensor:
-        """``(n,)`` int64: the epoch's order of all items (identical on every rank)."""
-        if not self.shuffle:
-            return torch.arange(self.n, dtype=torch.int64)
-        return permutation(self.n, self.seed, stream=epoch + 1)
+        """``(n,)`` int64: the epoch's order of all items (identical on every rank); with weights, of the pass."""
+        if self.weights is None:
+            if not self.shuffle:
+                return torch.arange(self.n, dtype=torch.int64)
+            return permutation(self.n, self.seed, stream=epoch + 1)
+        items = pass_items(self.weights, self.seed, epoch)
+        return items[permutation(self.n, self.seed, stream=epoch + 1)] if self.shuffle else items
 
     def __len__(self) -> int:
         """Global batches per epoch (the same count on every rank)."""
@@ -89,11 +136,12 @@ class BlockLoader:
 
 
 def make_loader(dataset, batch_size: int, shuffle: bool = True, seed: int = 0, epoch: int = 0, *,
-                rank: int = 0, world_size: int = 1, drop_last: bool = True) -> BlockLoader:
+                rank: int = 0, world_size: int = 1, drop_last: bool = True,
+                weights: torch.Tensor | None = None) -> BlockLoader:
     """A deterministic loader of ``dataset`` for ``epoch``; ``batch_size`` is per rank (micro-batch).
 
     ``loader.batches(start=k)`` resumes at global batch ``k`` of the epoch.
     """
     sampler = BlockSampler(len(dataset), batch_size, shuffle=shuffle, seed=seed, rank=rank,
-                           world_size=world_size, drop_last=drop_last)
+                           world_size=world_size, drop_last=drop_last, weights=weights)
     return BlockLoader(dataset, sampler, epoch)

@@ -37,6 +37,9 @@ class BlockDataset(Dataset):
             describes it (-1 = none); ``None`` = no side table (see ``distillery.teachers.api_logprobs``).
         positions: ``(N,)`` int64, each token's position within its own document (0 where a packed
             conversation, or a block's padding, starts); ``None`` = plain text, positions ``0..T-1``.
+        chat_from: the offset in ``tokens`` where the packed conversations begin (the plain-text stream comes
+            first): blocks starting there or later are conversation blocks (``data.weights``); ``None`` = no
+            conversations.
 
     ``dataset[i]`` is a dict ``input_ids (T,)``, ``labels (T,)``, ``attention_mask (T,)`` (int64) and
     ``index ()`` int64 = ``i``, the block's number within this dataset (the teacher cache's key); with
@@ -46,9 +49,11 @@ class BlockDataset(Dataset):
 
     def __init__(self, tokens: torch.Tensor, starts: torch.Tensor, seq_len: int,
                  targets: torch.Tensor | None = None, real: torch.Tensor | None = None,
-                 teacher_rows: torch.Tensor | None = None, positions: torch.Tensor | None = None):
+                 teacher_rows: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                 chat_from: int | None = None):
         self.tokens, self.starts, self.seq_len = tokens, starts.to(torch.int64), int(seq_len)
         self.targets, self.real, self.teacher_rows, self.positions = targets, real, teacher_rows, positions
+        self.chat_from = chat_from
         self._offsets = torch.arange(self.seq_len + 1, dtype=torch.int64)
 
     def __len__(self) -> int:
@@ -82,7 +87,13 @@ class BlockDataset(Dataset):
     def subset(self, order: torch.Tensor) -> "BlockDataset":
         """A dataset of blocks ``order`` (in that order, renumbered 0..len-1), sharing storage."""
         return BlockDataset(self.tokens, self.starts[order], self.seq_len, self.targets, self.real, self.teacher_rows,
-                            self.positions)
+                            self.positions, self.chat_from)
+
+    def chat_blocks(self) -> torch.Tensor:
+        """``(n,)`` bool: which blocks hold packed conversations (the others are plain text)."""
+        if self.chat_from is None:
+            return torch.zeros(len(self), dtype=torch.bool)
+        return self.starts >= self.chat_from
 
     def n_targets(self) -> int:
         """Number of label positions that are not -100 (counts each block's own targets)."""
