@@ -234,6 +234,7 @@ def test_compute_info_names_threads_and_the_resolved_precision(monkeypatch):
     try:
         cfg = load_config(None, train_overrides(SETTINGS["full"], quick=False))
         assert cfg.train.max_steps == SETTINGS["full"]["steps"] and cfg.train.mixed_precision == "auto"
+        assert cfg.data.weights == {"chat": SETTINGS["full"]["chat_weight"]}  # the demo weights its conversations
         info = compute_info(cfg)
         assert info["torch_threads"] == torch.get_num_threads()
         if info["device"] == "cpu":

@@ -64,6 +64,8 @@ def test_targets_keyed_by_content_written_once_and_trained_from(tmp_path: Path):
     shutil.copytree(data, moved)
     assert targets_folder(cache, _cfg(teacher, moved, tmp_path / "kd2", "p")) == folder
     assert targets_folder(cache, _cfg(teacher, data, tmp_path / "kd", "p", ["data.seq_len=32"])) != folder
+    # data.weights only reorder the blocks: the demo's conversation weight reads the same targets
+    assert targets_folder(cache, _cfg(teacher, data, tmp_path / "kd", "p", ["data.weights.chat=3"])) == folder
     changed = tmp_path / "changed"
     shutil.copytree(data, changed)
     (changed / "plain.txt").write_text("Other text entirely.\n" * 50)

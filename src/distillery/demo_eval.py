@@ -136,7 +136,8 @@ def evaluate_demo(out: Path, runs: dict, data: dict, s: dict, console: Console, 
                "data": {k: data[k] for k in ("n_train_conversations", "n_heldout_conversations", "system_prompt")}
                | {"train_answers": data.get("train_decoding")}
                | {"train_files": data["train_files"], "plain_chars": s["plain_chars"],
-                  "answer_tokens": s["answer_tokens"]},
+                  "answer_tokens": s["answer_tokens"],
+                  "weights": dict(cfg.data.weights)},  # data.weights: the conversations' weight
                "runs": {}, "samples": []}
     fid_records = None
     for name in runs:
