@@ -126,3 +126,14 @@ def test_a_run_trains_on_the_weighted_pass_and_resume_keeps_its_weights(tmp_path
     with pytest.raises(DistilleryError, match="data.weights.text"):
         distill(load_config(recipe, [f"data.train=[{tmp_path / 'corpus.txt'},{tmp_path / 'chat.jsonl'}]",
                                      "data.weights.text=1", "train.max_steps=6", "train.eval_every=0"]), resume=True)
+
+
+def test_the_kept_order_is_the_epochs_own_and_batches_do_not_share_it():
+    w = torch.tensor([2.0] * 4 + [0.5] * 6, dtype=torch.float64)
+    for weights in (None, w):
+        s = BlockSampler(10, 2, seed=7, weights=weights)
+        fresh = [BlockSampler(10, 2, seed=7, weights=weights).order(e) for e in (1, 2)]
+        assert [s.order(e).tolist() for e in (1, 2, 1, 2)] == [f.tolist() for f in fresh * 2]
+        idx = s.indices(1, 0)
+        idx.fill_(-1)  # a caller writing into its indices leaves the epoch's order alone
+        assert torch.equal(s.order(1), fresh[0])

@@ -79,11 +79,19 @@ class BlockSampler:
         # the items of a pass: the blocks, or the weighted pass's multiset (same length every epoch)
         self.n = n_items if weights is None else len(pass_items(weights, seed, 0))
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self._memo: tuple[int, torch.Tensor] | None = None
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.global_batch = batch_size * world_size
 
     def order(self, epoch: int) -> torch.Tensor:
-        """``(n,)`` int64: the epoch's order of all items (identical on every rank); with weights, of the pass."""
+        """``(n,)`` int64: the epoch's order of all items (identical on every rank); with weights, of the pass.
+        The last epoch's order is kept: the loop asks for it once per micro-batch (a pure function, so a memo)."""
+        if self._memo is not None and self._memo[0] == epoch:
+            return self._memo[1]
+        self._memo = (epoch, self._order(epoch))
+        return self._memo[1]
+
+    def _order(self, epoch: int) -> torch.Tensor:
         if self.weights is None:
             if not self.shuffle:
                 return torch.arange(self.n, dtype=torch.int64)
@@ -101,7 +109,7 @@ class BlockSampler:
         order = self.order(epoch) if order is None else order
         lo = k * self.global_batch + self.rank * self.batch_size
         hi = min(lo + self.batch_size, (k + 1) * self.global_batch)
-        return order[lo:hi]
+        return order[lo:hi].clone()  # not a view of the memo: a caller may write into its batch
 
     def iter(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
         """This rank's index batches of ``epoch`` from global batch ``start`` on (empty ones skipped)."""
