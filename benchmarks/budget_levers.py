@@ -14,6 +14,10 @@ log-likelihood per byte; held-out KL from the run's validation). BLiMP is left o
 
 (the recorded file: the six arms below its ``command``, ``mb4x140`` and ``mb2x280`` on seeds 0 and 1, the rest on 0.)
 
+``budget_levers_mix.json`` asks the same of the data mix at the 230 steps a warm budgeted demo gets there
+(``--demo-dir runs/bench/demo_budget``, arms ``plain``, ``chat3`` / ``chat8`` = ``data.weights.chat=3`` / ``8``,
+``textoff`` = ``data.weights.text=0``; its ``plain`` arm is the same run as the demo's KD run at that seed).
+
 An arm's run folder is reused when its student exists (``--work-dir``); the result file is written after every arm.
 """
 
