@@ -9,7 +9,7 @@ from rich.console import Console
 
 from distillery.config import load_config
 from distillery.demo import demo_settings
-from distillery.demo_budget import budget_plan, measure_step_seconds, plan_steps
+from distillery.demo_budget import budget_plan, measure_step_seconds, plan_steps, scaled_step_seconds
 from distillery.errors import DistilleryError
 from helpers_run import write_recipe
 
@@ -31,6 +31,54 @@ def test_measure_step_seconds_runs_the_recipe_and_leaves_nothing(tmp_path: Path)
     assert not (tmp_path / "run").exists() and cfg.train.max_steps == 6  # the recipe itself is left as it was
 
 
+def _records(steps):
+    """metrics.jsonl records of (seconds, target positions) per step, tokens_seen cumulative as the loop writes it."""
+    out, seen = [], 0
+    for i, (sec, targets) in enumerate(steps, 1):
+        seen += targets
+        out.append({"step": i, "step_s": sec, "tokens_seen": seen})
+    return out
+
+
+def test_probe_seconds_are_scaled_to_the_pass_mix_of_target_positions():
+    # warm-up step dropped; then t = 0.5 + 0.002 x targets exactly: 300 targets -> 1.1 s, 400 -> 1.3 s
+    recs = _records([(5.0, 350), (1.1, 300), (1.3, 400), (1.1, 300), (1.3, 400)])
+    assert scaled_step_seconds(recs, None) == pytest.approx(1.2)  # no pass mix known: the plain mean
+    assert scaled_step_seconds(recs, 350) == pytest.approx(1.2)
+    assert scaled_step_seconds(recs, 380) == pytest.approx(1.26)  # the pass holds more targets a step than the probe
+    assert scaled_step_seconds(recs, 100_000) == pytest.approx(1.6)  # at most a third above the mean
+    assert scaled_step_seconds(recs, 0) == pytest.approx(0.9)  # ... and at least a quarter below
+    same = _records([(5.0, 300), (1.1, 300), (1.3, 300), (1.2, 300)])
+    assert scaled_step_seconds(same, 500) == pytest.approx(1.2)  # no spread in the probe: nothing to fit
+    falling = _records([(5.0, 300), (1.3, 300), (1.1, 400), (1.2, 350)])
+    assert scaled_step_seconds(falling, 500) == pytest.approx(1.2)  # a line that does not rise is noise: the mean
+
+
+def test_pass_targets_count_the_weighted_pass(tmp_path: Path):
+    import torch
+
+    from distillery.data import block_weights, build_datasets
+    from distillery.demo_budget import pass_targets_per_step
+    from tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    (tmp_path / "cache" / "tokenizer").mkdir(parents=True)
+    tok.save_pretrained(tmp_path / "cache" / "tokenizer")
+    conv = [{"role": "user", "content": "Who?"}, {"role": "assistant", "content": "A player."}]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"messages": conv}) + "\n" for _ in range(30)))
+    cfg = load_config(write_recipe(tmp_path, tmp_path / "run"),
+                      [f"data.train=[{tmp_path / 'corpus.txt'},{tmp_path / 'chat.jsonl'}]", "teacher.kind=cache",
+                       f"teacher.cache_path={tmp_path / 'cache'}", "data.weights.chat=8", "train.micro_batch_size=2"])
+    train = build_datasets(cfg.data, tok, progress=False).train
+    t = train.batch(torch.arange(len(train)))["labels"].ne(-100).sum(1).double()
+    chat = train.chat_blocks()
+    assert 0 < int(chat.sum()) < len(train) and torch.equal(block_weights(train, cfg.data.weights) > 1, chat)
+    want = 2 * float((8 * t[chat].sum() + t[~chat].sum()) / (8 * chat.sum() + (~chat).sum()))
+    assert pass_targets_per_step(cfg) == pytest.approx(want)
+    cfg.teacher.kind = "hf"  # a live teacher: its tokenizer is not at hand without loading it
+    assert pass_targets_per_step(cfg) is None
+
+
 def test_metrics_records_carry_step_seconds(tmp_path: Path):
     from distillery.train import distill
 
@@ -44,7 +92,7 @@ def test_budget_plan_is_measured_once_and_reused(tmp_path: Path, monkeypatch):
     import distillery.demo_budget as budget
 
     calls = []
-    monkeypatch.setattr(budget, "measure_step_seconds", lambda cfg, folder: calls.append(folder) or 1.5)
+    monkeypatch.setattr(budget, "measure_step_seconds", lambda cfg, folder, **kw: calls.append(folder) or 1.5)
     cfg = load_config(write_recipe(tmp_path, tmp_path / "run"), ["train.max_steps=360"])
     console = Console(file=open(tmp_path / "log.txt", "w"))
     assert budget_plan(tmp_path, cfg, minutes=0, started=0.0, console=console) is None  # no budget: no plan
@@ -52,7 +100,7 @@ def test_budget_plan_is_measured_once_and_reused(tmp_path: Path, monkeypatch):
     assert plan["step_s"] == 1.5 and plan["recipe_steps"] == 360 and steps_ok(plan["steps"])
     assert plan["steps"] == plan_steps(900, plan["elapsed_s"], 1.5, max_steps=360)
     # a rerun (the demo cut short) reads the plan, whatever this machine measures now
-    monkeypatch.setattr(budget, "measure_step_seconds", lambda cfg, folder: 0.01)
+    monkeypatch.setattr(budget, "measure_step_seconds", lambda cfg, folder, **kw: 0.01)
     assert budget_plan(tmp_path, cfg, minutes=15, started=0.0, console=console) == plan
     assert len(calls) == 1 and json.loads((tmp_path / "plan.json").read_text()) == plan
 
@@ -71,7 +119,7 @@ def test_demo_minutes_setting():
 def test_budget_plan_reserves_less_when_the_teachers_blimp_table_is_cached(tmp_path: Path, monkeypatch):
     import distillery.demo_budget as budget
 
-    monkeypatch.setattr(budget, "measure_step_seconds", lambda cfg, folder: 1.5)
+    monkeypatch.setattr(budget, "measure_step_seconds", lambda cfg, folder, **kw: 1.5)
     cfg = load_config(write_recipe(tmp_path, tmp_path / "run"), ["train.max_steps=360"])
     console = Console(file=open(tmp_path / "log.txt", "w"))
     cold, warm = tmp_path / "cold", tmp_path / "warm"

@@ -8,8 +8,8 @@
    FFN 1,024, 6 query / 3 KV heads, tied embeddings: 31.9M parameters, 0.24x), saved in ``pruned_init/``.
 3. **The teacher's targets, written once** (:func:`make_targets`, ``distillery cache``): its top-16 log-probs and
    16 draws from its tail at every training position, in the teacher's cache folder (reused by the next demo).
-   The runs see the data ~7 times, so a live teacher would score every block ~7 times: KD read its targets from
-   the cache at ~2.7x the live loop's speed here, the steps saved went to training longer (``SETTINGS``).
+   The runs see each conversation block ~11 times, so a live teacher would score it ~11 times: KD read its targets
+   from the cache at ~2.7x the live loop's speed here, the steps saved went to training longer (``SETTINGS``).
 4. **Two runs from that same init**, same blocks, same steps (``distill``), each conversation block trained on
    8 times a pass for every plain-text block (``chat_weight``, ``data.weights``):
    * **KD**: forward KL to the teacher's cached targets (``kd_weight=1, ce_weight=0``) on the assistant tokens of
@@ -38,8 +38,9 @@ from .quiet import console as wide_console
 # What runs. The full demo fits in 15 min on an idle 2-core CPU, nothing of the teacher's cached yet (its answers,
 # targets and BLiMP table; README, benchmarks/results/demo.json): most of the time goes to training, ~0.75 s a step
 # of 4 x 256 tokens for KD (from the cached targets) and for CE alike, in bf16 where the CPU runs it fast
-# (distillery.hardware), fp32 elsewhere. 360 steps are ~7 passes over the data: the KD student kept improving to the
-# end (held-out perplexity 31.6 after 120 steps with a live teacher, 22.8 after 360), which 120 steps could not show.
+# (distillery.hardware), fp32 elsewhere. 360 steps were ~7 passes over the unweighted data: the KD student kept
+# improving to the end (held-out perplexity 31.6 after 120 steps with a live teacher, 22.8 after 360), which 120 steps
+# could not show.
 SETTINGS = {
     "full": dict(train_prompts=200, heldout_prompts=12, answer_tokens=64, plain_chars=90_000, steps=360,
                  micro_batch=4, warmup=8, calib_batches=4, blimp_per_paradigm=10, milton_blocks=8, gen_batch=16,

@@ -3,7 +3,8 @@
 The demo's recipe trains each student 360 steps. That fits 15 minutes where the CPU trains in bf16 (a Zen 4 EPYC:
 13.4 min for the whole demo) but not on an AVX2-only EPYC (fp32, ~1.4 s a step: 24 min). So before the first run
 the demo measures this machine: the KD recipe itself runs ``PROBE_STEPS`` steps in a scratch folder (the same code,
-data, cached targets and precision as the real run; ``step_s`` of its ``metrics.jsonl``), and
+data, cached targets and precision as the real run; ``step_s`` of its ``metrics.jsonl``, scaled from the probe's
+blocks to the whole pass's mix of target positions: :func:`scaled_step_seconds`), and
 
     steps = (budget * (1 - MARGIN) - elapsed - EVAL_RESERVE_S - 2 * RUN_OVERHEAD_S) / (2 * step_s)
 
@@ -23,7 +24,10 @@ import statistics
 import time
 from pathlib import Path
 
-PROBE_STEPS = 8  # a step's time varies with its blocks' lengths (1.1-1.8 s on the AVX2 EPYC): average several
+PROBE_STEPS = 12  # a step's time varies with its blocks (1.0-1.8 s on the AVX2 EPYC): average several, and scale
+# the mean to the whole pass's target positions (:func:`scaled_step_seconds`): a cold demo's 7 timed probe steps held
+# 298 target positions a step against the pass's 361, measured 0.98 s against the run's 1.13, and the demo planned
+# for 0.98 ended 12 s over its 15 minutes (benchmarks/results/demo_zen3_budget_chat8_cold.json)
 # The evaluation after training (BLiMP of teacher and students, answers, perplexities): 124 s on the Zen 4 EPYC and
 # 137-143 s on the AVX2 EPYC with the teacher's BLiMP table not yet cached (benchmarks/results/demo.json,
 # demo_zen3_*.json, timings.eval_s); 85 s and 102 s with it cached (demo_seed1.json, demo_zen3_budget_warm_seed1.json):
@@ -48,9 +52,46 @@ def plan_steps(budget_s: float, elapsed_s: float, step_s: float, *, max_steps: i
     return max(min(fit, max_steps), min(min_steps, max_steps))
 
 
-def measure_step_seconds(cfg, folder: Path, steps: int = PROBE_STEPS) -> float:
-    """Seconds per training step of ``cfg`` on this machine: ``steps`` steps in ``folder`` (removed after), the
-    mean ``step_s`` of all but the first (which pays for warm-up: allocations, kernel choice)."""
+def scaled_step_seconds(records: list[dict], pass_targets: float | None) -> float:
+    """A step's seconds from the probe's ``metrics.jsonl`` records (``step_s``, cumulative ``tokens_seen``), all but
+    the first (warm-up: allocations, kernel choice). The mean, moved along the least-squares line of step time on
+    the step's target positions to ``pass_targets``, the mean target positions a step of the whole (weighted) pass
+    holds: the LM head's cost grows with the target positions, and a few steps hold a few blocks, not the pass's mix.
+    The move is dropped where the line does not rise (too little spread to fit) and kept within a third of the mean."""
+    steps = [r for r in records if "step_s" in r]
+    per_step = [b["tokens_seen"] - a["tokens_seen"] for a, b in zip([{"tokens_seen": 0}] + steps, steps)]
+    x, y = per_step[1:] or per_step, [r["step_s"] for r in steps[1:] or steps]
+    mean_y = statistics.fmean(y)
+    if pass_targets is None or len(x) < 3 or len(set(x)) < 2:
+        return mean_y
+    mean_x = statistics.fmean(x)
+    slope = sum((a - mean_x) * (b - mean_y) for a, b in zip(x, y)) / sum((a - mean_x) ** 2 for a in x)
+    if not slope > 0:
+        return mean_y
+    return min(max(mean_y + slope * (pass_targets - mean_x), 0.75 * mean_y), mean_y * 4 / 3)
+
+
+def pass_targets_per_step(cfg) -> float | None:
+    """The mean target positions of a step of ``cfg``'s run over a whole pass, ``data.weights`` counted; None when the
+    run's tokenizer is not at hand without loading its teacher (only a cached teacher keeps it beside its targets)."""
+    tok_dir = Path(cfg.teacher.cache_path or "") / "tokenizer"
+    if cfg.teacher.kind != "cache" or not tok_dir.is_dir():
+        return None
+    import torch
+    from transformers import AutoTokenizer
+
+    from .data import block_weights, build_datasets
+
+    train = build_datasets(cfg.data, AutoTokenizer.from_pretrained(tok_dir), progress=False).train
+    targets = train.batch(torch.arange(len(train)))["labels"].ne(-100).sum(1).double()
+    w = block_weights(train, cfg.data.weights)
+    w = torch.ones_like(targets) if w is None else w
+    return float((w * targets).sum() / w.sum()) * cfg.train.micro_batch_size * cfg.train.grad_accum
+
+
+def measure_step_seconds(cfg, folder: Path, steps: int = PROBE_STEPS, pass_targets: float | None = None) -> float:
+    """Seconds per training step of ``cfg`` on this machine: ``steps`` steps in ``folder`` (removed after), their
+    :func:`scaled_step_seconds` (the plain mean of all but the first when ``pass_targets`` is None)."""
     from .train import distill
 
     probe = cfg.model_copy(deep=True)
@@ -63,8 +104,7 @@ def measure_step_seconds(cfg, folder: Path, steps: int = PROBE_STEPS) -> float:
         records = [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines() if ln]
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    timed = [r["step_s"] for r in records if "step_s" in r]
-    return statistics.fmean(timed[1:] or timed)
+    return scaled_step_seconds(records, pass_targets)
 
 
 def budget_plan(out: Path, cfg, *, minutes: float, started: float, console, blimp_cached: bool = False) -> dict | None:
@@ -77,12 +117,14 @@ def budget_plan(out: Path, cfg, *, minutes: float, started: float, console, blim
         return json.loads(path.read_text())
     recipe_steps = cfg.train.max_steps
     console.print(f"timing {PROBE_STEPS} training steps to fit the {minutes:g}-minute budget ...", highlight=False)
-    step_s = measure_step_seconds(cfg, out / "speed_probe")
+    pass_targets = pass_targets_per_step(cfg)
+    step_s = measure_step_seconds(cfg, out / "speed_probe", pass_targets=pass_targets)
     elapsed = time.perf_counter() - started
     reserve = EVAL_RESERVE_S - (TEACHER_BLIMP_S if blimp_cached else 0.0)
     steps = plan_steps(minutes * 60, elapsed, step_s, max_steps=recipe_steps, reserve_s=reserve)
     plan = {"minutes": minutes, "step_s": step_s, "elapsed_s": elapsed, "eval_reserve_s": reserve,
             "teacher_blimp_cached": blimp_cached, "recipe_steps": recipe_steps, "steps": steps,
+            "probe_steps": PROBE_STEPS, "pass_targets_per_step": pass_targets,
             "expected_s": elapsed + 2 * (steps * step_s + RUN_OVERHEAD_S) + reserve}
     path.write_text(json.dumps(plan, indent=1) + "\n")
     why = (f"the recipe's {recipe_steps}" if steps == recipe_steps else
