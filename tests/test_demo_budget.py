@@ -46,8 +46,8 @@ def test_probe_seconds_are_scaled_to_the_pass_mix_of_target_positions():
     assert scaled_step_seconds(recs, None) == pytest.approx(1.2)  # no pass mix known: the plain mean
     assert scaled_step_seconds(recs, 350) == pytest.approx(1.2)
     assert scaled_step_seconds(recs, 380) == pytest.approx(1.26)  # the pass holds more targets a step than the probe
-    assert scaled_step_seconds(recs, 100_000) == pytest.approx(1.6)  # at most a third above the mean
-    assert scaled_step_seconds(recs, 0) == pytest.approx(0.9)  # ... and at least a quarter below
+    assert scaled_step_seconds(recs, 100_000) == pytest.approx(1.44)  # at most 20 % above the mean
+    assert scaled_step_seconds(recs, 0) == pytest.approx(1.02)  # ... and at most 15 % below
     same = _records([(5.0, 300), (1.1, 300), (1.3, 300), (1.2, 300)])
     assert scaled_step_seconds(same, 500) == pytest.approx(1.2)  # no spread in the probe: nothing to fit
     falling = _records([(5.0, 300), (1.3, 300), (1.1, 400), (1.2, 350)])
