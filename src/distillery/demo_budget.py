@@ -26,7 +26,7 @@ from pathlib import Path
 
 PROBE_STEPS = 12  # a step's time varies with its blocks (1.0-1.8 s on the AVX2 EPYC): average several, and scale
 # the mean to the whole pass's target positions (:func:`scaled_step_seconds`): a cold demo's 7 timed probe steps held
-# 298 target positions a step against the pass's 361, measured 0.98 s against the run's 1.13, and the demo planned
+# 298 target positions a step against the pass's 366, measured 0.98 s against the run's 1.13, and the demo planned
 # for 0.98 ended 12 s over its 15 minutes (benchmarks/results/demo_zen3_budget_chat8_cold.json)
 # The evaluation after training (BLiMP of teacher and students, answers, perplexities): 124 s on the Zen 4 EPYC and
 # 137-143 s on the AVX2 EPYC with the teacher's BLiMP table not yet cached (benchmarks/results/demo.json,
@@ -59,7 +59,7 @@ def scaled_step_seconds(records: list[dict], pass_targets: float | None) -> floa
     holds: the LM head's cost grows with the target positions, and a few steps hold a few blocks, not the pass's mix.
     The move is dropped where the line does not rise (too little spread to fit) and kept within -15 % / +20 % of the
     mean: the mix alone moved it +15 % on the AVX2 EPYC, and a probe slowed by another process fits a steep line (a
-    probe at 1.40 s a step, its run at 1.17, was moved to 1.87 by a bound of a third)."""
+    probe at 1.40 s a step, whose run took 1.25, was moved to 1.87 by a bound of a third)."""
     steps = [r for r in records if "step_s" in r]
     per_step = [b["tokens_seen"] - a["tokens_seen"] for a, b in zip([{"tokens_seen": 0}] + steps, steps)]
     x, y = per_step[1:] or per_step, [r["step_s"] for r in steps[1:] or steps]
