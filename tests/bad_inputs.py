@@ -252,7 +252,7 @@ CASES: list[Case] = [
     Case("data-not-utf8", "data", "a text file that is not UTF-8", lambda c: c.data("latin.txt", "caf\xe9 ".encode("latin-1") * 2000), r"latin.txt"),
     Case("data-bad-gzip", "data", "a .gz file that is not gzip", lambda c: c.data("d.txt.gz", b"not gzip at all" * 100), r"d.txt.gz"),
     Case("data-too-little", "data", "less text than one global batch", lambda c: c.data("tiny.txt", "a few words only\n"), r"tiny.txt make only \d+ tokens, fewer than one block"),
-    Case("data-weights-negative", "data", "a negative `data.weights` entry", lambda c: ["distill", str(c.recipe()), "data.weights.chat=-2"], r"config key 'data.weights': Value error, must be finite and >= 0, got \{'chat': -2.0\}"),
+    Case("data-weights-negative", "data", "a negative `data.weights` entry", lambda c: ["distill", str(c.recipe()), "data.weights.chat=-2"], r"config key 'data.weights.chat': Input should be greater than or equal to 0"),
     Case("data-weights-nothing", "data", "`data.weights` that leave no block to train on (plain text only, its weight 0)", lambda c: ["distill", str(c.recipe()), "data.weights.text=0"], r"data.weights \{'text': 0.0\} leave none of the \d+ plain-text blocks to train on"),
     # ---------------------------------------------------------------- models
     Case("model-teacher-not-found", "model", "a teacher path that does not exist", lambda c: ["distill", str(c.recipe(teacher={"source": str(c.tmp / "no" / "model")}))], r"teacher '.*no/model' is neither a model folder, a .gguf file nor a hub id"),

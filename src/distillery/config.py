@@ -160,15 +160,7 @@ class DataConfig(_Section):
     seed: int = Field(0, description="Seed of the validation split.")
     max_train_blocks: int | None = Field(None, gt=0, description="Cap on training blocks (for quick runs).")
     max_val_blocks: int | None = Field(None, gt=0, description="Cap on validation blocks.")
-    weights: dict[Literal["chat", "text"], float] = Field(default_factory=dict, description="How often each block of a kind is trained on per pass over the data: 'chat' (packed conversations) and 'text' (plain text), 1 where absent. {chat: 3} trains on each conversation block three times for every plain-text block, e.g. to keep the answers a run is about in front of a short run; 0 leaves a kind out of training (its blocks stay in the data and the teacher cache). A fraction takes a seeded share of the blocks once more, another share each epoch.")
-
-    @field_validator("weights")
-    @classmethod
-    def _weights_non_negative(cls, v):
-        bad = {k: w for k, w in v.items() if not w >= 0 or w == float("inf")}
-        if bad:
-            raise ValueError(f"must be finite and >= 0, got {bad}")
-        return v
+    weights: dict[Literal["chat", "text"], Annotated[float, Field(ge=0, allow_inf_nan=False)]] = Field(default_factory=dict, description="How often each block of a kind is trained on per pass over the data: 'chat' (packed conversations) and 'text' (plain text), 1 where absent. {chat: 3} trains on each conversation block three times for every plain-text block, e.g. to keep the answers a run is about in front of a short run; 0 leaves a kind out of training (its blocks stay in the data and the teacher cache). A fraction takes a seeded share of the blocks once more, another share each epoch.")
 
 
 class LossConfig(_Section):

@@ -49,13 +49,10 @@ SETTINGS = {
                   micro_batch=2, warmup=2, calib_batches=2, blimp_per_paradigm=1, milton_blocks=4, gen_batch=16,
                   minutes=0, chat_weight=8),
 }
-# ``chat_weight``: each block of conversations is trained on this many times a pass for each plain-text block
-# (``data.weights.chat``; ``data.weights.chat=1`` as a demo override: the plain mix). The goals measure the answers,
-# and a slow CPU's budget buys fewer steps. At the AVX2 EPYC's 230 steps (benchmarks/results/budget_levers_mix.json,
-# seeds 0 / 1) the KD student's greedy distinct-2 was 0.40 / 0.40 with the plain mix, 0.42 / 0.37 at 3, 0.53 / 0.50
-# at 8 and 0.70 (seed 0) with no plain text; 8 keeps about one pass over the plain text in the budget, held-out KL
-# 2.12 / 2.11 against 2.04 / 2.00 and the teacher's log-likelihood of the answers as it was. A conversation block
-# holds fewer target positions than a text block, so the steps also run faster there (1.20 s against 1.48).
+# ``chat_weight``: each conversation block is trained on this many times a pass per plain-text block (``data.weights``;
+# ``data.weights.chat=1`` as a demo override: the plain mix). At the AVX2 EPYC's 230 steps the KD student's greedy
+# distinct-2 went from 0.40 / 0.40 (plain) to 0.53 / 0.50 at 8, held-out KL 2.12 against 2.04, and its steps ran 1.20 s
+# against 1.48 (fewer target positions a block): benchmarks/results/budget_levers_mix.json.
 PRUNE = {"layers": 8, "hidden": 384, "ffn": 1024, "heads": 6}
 # How the teacher writes the *training* answers (``--answer-temperature``, ``--answer-top-p``): 0 = greedy. The held-out
 # reference answers stay greedy whatever this says: the goals compare against the teacher's greedy answers.
@@ -63,8 +60,7 @@ TRAIN_ANSWERS = {"sample_temperature": 0.0, "top_p": 1.0}
 
 
 def train_overrides(s: dict, quick: bool) -> list[str]:
-    """The recipe settings ``SETTINGS`` decides (steps, batch, warm-up, the conversations' weight); the quick demo
-    keeps no checkpoints."""
+    """The recipe settings ``SETTINGS`` decides (steps, batch, warm-up, conversations' weight); quick: no checkpoints."""
     return [f"train.max_steps={s['steps']}", f"train.micro_batch_size={s['micro_batch']}",
             f"train.warmup_steps={s['warmup']}", f"data.weights.chat={s['chat_weight']}"] \
         + (["train.save_every=0"] if quick else [])
