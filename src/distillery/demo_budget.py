@@ -66,11 +66,10 @@ def scaled_step_seconds(records: list[dict], pass_targets: float | None) -> floa
     mean_y = statistics.fmean(y)
     if pass_targets is None or len(x) < 3 or len(set(x)) < 2:
         return mean_y
-    mean_x = statistics.fmean(x)
-    slope = sum((a - mean_x) * (b - mean_y) for a, b in zip(x, y)) / sum((a - mean_x) ** 2 for a in x)
+    slope = statistics.linear_regression(x, y).slope  # ordinary least squares
     if not slope > 0:
         return mean_y
-    return min(max(mean_y + slope * (pass_targets - mean_x), 0.85 * mean_y), 1.2 * mean_y)
+    return min(max(mean_y + slope * (pass_targets - statistics.fmean(x)), 0.85 * mean_y), 1.2 * mean_y)
 
 
 def pass_targets_per_step(cfg) -> float | None:
