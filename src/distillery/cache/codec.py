@@ -137,7 +137,7 @@ class Encoding:
 
 
 def to_sparse(out, k: int, loss_temperature: float, vocab_size: int | None, rows_per_chunk: int = 512, *,
-              tail_samples: int = 0, uniforms: torch.Tensor | None = None):
+              tail_samples: int = 0, uniforms: torch.Tensor | None = None, rows: np.ndarray | None = None):
     """A teacher's output for a batch -> ``(ids (B,T,K) int64, logprobs (B,T,K) f32, tail (B,T) f32,
     sample_ids (B,T,M) int64 | None, sample_logprobs (B,T,M) f32 | None)``.
 
@@ -150,6 +150,12 @@ def to_sparse(out, k: int, loss_temperature: float, vocab_size: int | None, rows
     (:func:`distillery.cache.sampling.tail_uniforms`). That needs the teacher's whole distribution,
     so a sparse input is accepted only if it already carries exactly ``M`` draws and exactly ``k``
     top entries (it is passed through as it is).
+
+    ``rows (B, T)`` bool, when given, marks the positions the caller keeps (the cache's target positions): a dense
+    input goes through the LM head, the softmax and the draws on those rows only; the other rows come back as zeros
+    (ids 0, log-probs 0, tail 0), which the cache never stores.
+    In chat data most positions are the prompt's: the head and the sampling were ~40 % of the teacher's time a
+    row on a 2-core CPU, paid for nothing there.
     """
     from ..targets import TeacherTargets, sparse_from_logits, tail_logprob_outside
 
@@ -179,10 +185,18 @@ def to_sparse(out, k: int, loss_temperature: float, vocab_size: int | None, rows
     if tail_samples and (uniforms is None or tuple(uniforms.shape) != (b, t, tail_samples)):
         raise DistilleryError(f"a sampled tail of m={tail_samples} needs uniforms of shape {(b, t, tail_samples)}")
     flat_u = None if not tail_samples else uniforms.reshape(b * t, tail_samples)
+    keep = None  # the kept rows (flattened), when the caller names them
+    if rows is not None:
+        keep = torch.from_numpy(np.flatnonzero(np.asarray(rows).reshape(-1)))
+        if not len(keep):  # no target in the batch: one row anyway, for the shapes (ignored like every other)
+            keep = torch.zeros(1, dtype=torch.long)
+    n_rows = b * t if keep is None else len(keep)
+    on = (out.logits if out.logits is not None else out.hidden).device
     ids, lps, tails, s_ids, s_lps = [], [], [], [], []
-    for start in range(0, b * t, rows_per_chunk):
-        logits = out.dense_logits(slice(start, start + rows_per_chunk))  # (n, V)
-        u = None if flat_u is None else flat_u[start:start + rows_per_chunk][None]
+    for start in range(0, n_rows, rows_per_chunk):
+        part = slice(start, start + rows_per_chunk) if keep is None else keep[start:start + rows_per_chunk]
+        logits = out.dense_logits(part if keep is None else part.to(on))  # (n, V)
+        u = None if flat_u is None else flat_u[part][None]
         sp = sparse_from_logits(logits[None], k, loss_temperature, vocab_size=vocab_size,
                                 tail_samples=tail_samples, uniforms=u)
         ids.append(sp.topk_ids[0].cpu())  # the teacher may run on a GPU; the cache is written from host memory
@@ -191,6 +205,16 @@ def to_sparse(out, k: int, loss_temperature: float, vocab_size: int | None, rows
         if sp.n_samples:
             s_ids.append(sp.sample_ids[0].cpu())
             s_lps.append(sp.sample_logprobs[0].cpu())
+    if keep is not None:  # scatter the target rows into zero-filled (B*T, ...) tensors
+        def full(parts: list[torch.Tensor]) -> list[torch.Tensor]:
+            kept = torch.cat(parts)
+            z = torch.zeros((b * t, *kept.shape[1:]), dtype=kept.dtype)
+            z[keep] = kept
+            return [z]
+
+        ids, lps, tails = full(ids), full(lps), full(tails)
+        if s_ids:
+            s_ids, s_lps = full(s_ids), full(s_lps)
     kk = ids[0].shape[-1]
     sampled = (torch.cat(s_ids).view(b, t, -1), torch.cat(s_lps).view(b, t, -1)) if s_ids else (None, None)
     return (torch.cat(ids).view(b, t, kk), torch.cat(lps).view(b, t, kk), torch.cat(tails).view(b, t), *sampled)

@@ -131,7 +131,7 @@ def _write_shard(teacher_fn: Callable, ds: Any, split: str, shard: int, root: Pa
         index = batch["index"].numpy().astype(np.int64) if "index" in batch else np.arange(b0, b0 + len(items))
         uniforms = tail_uniforms(tail["seed"], index, seq_len, m) if m else None  # (B, T, M)
         top_ids, top_lp, tail_lp, s_ids, s_lp = to_sparse(teacher_fn(batch), k, loss_temperature, vocab_size,
-                                                          tail_samples=m, uniforms=uniforms)  # (B,T,K) (B,T,K) (B,T) (B,T,M)x2
+                                                          tail_samples=m, uniforms=uniforms, rows=mask)  # (B,T,K) (B,T,K) (B,T) (B,T,M)x2
         if top_ids.shape != (len(items), seq_len, k):
             raise DistilleryError(f"the teacher returned targets of shape {tuple(top_ids.shape)}, expected "
                                   f"{(len(items), seq_len, k)} (is k larger than the vocabulary?)")

@@ -1,0 +1,115 @@
+"""Greedy distinct-2 of trained students on many more held-out prompts than the demo's 12.
+
+The demo's answer goal (issue 16: the KD student's greedy answers have mean distinct-2 >= 0.5) is read on its 12
+held-out prompts about *Paradise Lost*. Over 12 answers the mean moves by +-0.15 between runs that differ only in
+seed or steps, so a single demo says little about where a recipe stands. This scores each student folder given on
+``--prompts`` (default 96) other prompts drawn the same way (``distillery.demo_chat`` templates over Milton passages,
+another seed, none of the demo's 12), greedy, ``--answer-tokens`` new tokens as the demo, and reports the mean, its
+standard error, and the spread of the means of disjoint sets of 12 (what one demo would have seen). The demo's own
+12 are scored too, for comparison with the demo's record. The teacher is not needed.
+
+    flock /tmp/distillery-bench.lock .venv/bin/python benchmarks/wide_heldout.py \\
+        --students runs/bench/demo_cold2/kd/student runs/bench/demo_budget/kd/student \\
+        --out benchmarks/results/wide_heldout.json
+
+A folder given as ``name=path`` is reported under ``name``; a demo folder (holding ``kd/student``) stands for its KD
+student, and its ``results.json`` (steps, seed, data weights, the demo's own distinct-2) is copied into the row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402
+
+
+def wide_prompts(n: int, exclude: list[str], seed: int = 1234) -> list[str]:
+    """``n`` Milton prompts (templates taking turns over seeded passages), none of them in ``exclude``."""
+    from distillery.demo_chat import TEMPLATES, milton_passages
+
+    passages = milton_passages()
+    picked = random.Random(seed).sample(passages, min(len(passages), n + len(exclude)))
+    out = [p for p in (TEMPLATES[i % len(TEMPLATES)].format(p=x) for i, x in enumerate(picked)) if p not in set(exclude)]
+    if len(out) < n:
+        raise SystemExit(f"only {len(out)} prompts other than the demo's; ask for fewer")
+    return out[:n]
+
+
+def student_row(spec: str) -> tuple[str, Path, dict]:
+    name, _, path = spec.rpartition("=")
+    folder = Path(path)
+    info = {}
+    if (folder / "kd" / "student").is_dir():  # a demo folder: its KD student and what the demo recorded
+        res = folder / "results.json"
+        if res.is_file():
+            r = json.loads(res.read_text())
+            kd = r["runs"]["kd"]
+            info = {"steps": kd.get("steps"), "tokens": kd.get("tokens"), "data_weights": r["data"].get("weights"),
+                    "demo_distinct_2": r["goals"]["kd_greedy_distinct_2"], "demo_wall_s": r.get("wall_seconds")}
+        folder = folder / "kd" / "student"
+    elif (folder / "student").is_dir():  # a training run folder (benchmarks/budget_levers.py arms)
+        folder = folder / "student"
+    return name or str(Path(path)), folder, info
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--students", nargs="+", required=True, help="student, run or demo folders ([name=]path)")
+    ap.add_argument("--prompts", type=int, default=96)
+    ap.add_argument("--answer-tokens", type=int, default=64, help="new tokens an answer (the demo's 64)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/results/wide_heldout.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distillery.demo_chat import demo_prompts
+    from distillery.tasks.fidelity import distinct_2, generate_answers
+
+    machine = common.machine_info(threads=args.threads)
+    demo12 = demo_prompts(12, "milton", 0)  # the demo's held-out prompts (seed 0)
+    wide = wide_prompts(args.prompts, demo12)
+    rows = []
+    for spec in args.students:
+        name, folder, info = student_row(spec)
+        t0 = time.perf_counter()
+        tok = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        scores = {}
+        for label, prompts in (("demo12", demo12), ("wide", wide)):
+            answers = generate_answers(model, tok, prompts, do_sample=False, max_new_tokens=args.answer_tokens,
+                                       batch_size=args.batch_size)
+            d2 = [d for d in map(distinct_2, answers) if d is not None]
+            scores[label] = {"mean": statistics.mean(d2), "n": len(d2),
+                             "empty_or_whitespace": sum(not a.strip() for a in answers)}
+            if label == "wide":
+                scores[label]["stderr"] = statistics.stdev(d2) / len(d2) ** 0.5
+                sets = [statistics.mean(d2[i:i + 12]) for i in range(0, len(d2) - 11, 12)]
+                scores[label]["sets_of_12"] = [round(x, 3) for x in sets]
+                scores[label]["sets_of_12_below_0.5"] = sum(x < 0.5 for x in sets)
+        rows.append({"name": name, "student": str(folder), **info, "distinct_2_demo12": scores["demo12"]["mean"],
+                     "distinct_2_wide": scores["wide"]["mean"], "wide": scores["wide"],
+                     "seconds": round(time.perf_counter() - t0, 1)})
+        w = scores["wide"]
+        print(f"{name}: distinct-2 on the demo's 12 {scores['demo12']['mean']:.3f}, on {w['n']} others "
+              f"{w['mean']:.3f} +- {w['stderr']:.3f} (sets of 12 below 0.5: {w['sets_of_12_below_0.5']}/{len(w['sets_of_12'])})",
+              flush=True)
+    machine["load_average_end"] = common.loadavg()
+    common.write_json({"benchmark": "wide_heldout", "machine": machine, "prompts": len(wide),
+                       "answer_tokens": args.answer_tokens, "decoding": "greedy", "rows": rows}, Path(args.out))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
