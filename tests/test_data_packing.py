@@ -10,6 +10,7 @@ import torch
 from distillery.config import DataConfig
 from distillery.data import build_datasets, permutation, tokenizer_hash
 from distillery.data.build import build_blocks
+from distillery.data.pack import best_fit
 from distillery.data.chat import render_chat
 from distillery.data.readers import Record
 from distillery.data.split import split_blocks
@@ -73,10 +74,19 @@ def test_chat_labels_cover_only_assistant_tokens(tmp_path, tok):
     assert stats["chat_mask"] == "generation tags" and stats["conversations"] == 3
     b = ds.batch(torch.arange(len(ds)))
     targets = [t for row in b["labels"].tolist() for t in row if t != -100]
-    assert tok.decode(targets) == assistant_text(CONVS)
+    lens = [len(render_chat(Record("c", 1, messages=m), tok)[0]) for m in CONVS]
+    placed = [CONVS[i] for block in best_fit(lens, 129) for i in block]  # the blocks' order of conversations
+    assert tok.decode(targets) == assistant_text(placed)
     for row_ids, row_labels in zip(b["input_ids"], b["labels"]):  # targets are still the next token
         keep = row_labels[:-1] != -100
         assert torch.equal(row_labels[:-1][keep], row_ids[1:][keep])
+
+
+def test_best_fit_decreasing_by_hand():
+    # next fit in this order needs 4 blocks of 8 ([6] [3] [6] [3 2 2]); best fit decreasing 3, worked by hand:
+    # 6 -> A (room 2), 6 -> B (2), 3 -> C (5), 3 -> C (2), 2 -> the last opened of A, B, C with room 2: C (0), 2 -> B (0)
+    assert best_fit([6, 3, 6, 3, 2, 2], 8) == [[0], [2, 5], [1, 3, 4]]
+    assert best_fit([], 8) == [] and best_fit([8, 8], 8) == [[0], [1]]
 
 
 def test_chat_padding_and_greedy_packing(tmp_path, tok):
@@ -84,15 +94,10 @@ def test_chat_padding_and_greedy_packing(tmp_path, tok):
     lens = [len(render_chat(Record("c", 1, messages=m), tok)[0]) for m in CONVS]
     b = ds.batch(torch.arange(len(ds)))
     real = b["attention_mask"].sum(1).tolist()
-    # next fit in file order, each block holds whole conversations
-    expect, cur = [], 0
-    for n in lens:
-        if cur + n > 129:
-            expect.append(cur)
-            cur = 0
-        cur += n
-    expect.append(cur)
+    # best fit decreasing, each block holds whole conversations
+    expect = [sum(lens[i] for i in members) for members in best_fit(lens, 129)]
     assert len(expect) == len(ds) >= 2 and real == [min(e, 128) for e in expect]  # input_ids hold T of T+1
+    assert sorted(sum(best_fit(lens, 129), [])) == list(range(len(lens)))  # each conversation once
     pad = b["attention_mask"] == 0
     assert bool((b["input_ids"][pad] == tok.pad_token_id).all()) and bool((b["labels"][pad] == -100).all())
 

@@ -71,7 +71,7 @@ def test_plain_text_is_unchanged_and_mixed_text_counts_from_zero(tmp_path):
                                                      {"role": "assistant", "content": f"A{i}."}]}) + "\n"
                             for i in range(20)))
     mixed = build_datasets(DataConfig(train=[str(text), str(chat)], seq_len=32, val_fraction=0.0), tok, progress=False)
-    assert mixed.fingerprint["packing"] == "per-conversation attention"
+    assert mixed.fingerprint["packing"] == "per-conversation attention, best fit decreasing"
     pos = mixed.train.batch(torch.arange(len(mixed.train)))["position_ids"]  # (n, T)
     assert (pos[:, 0] == 0).all()  # every block starts a document
     is_text = (pos == torch.arange(32)).all(dim=1)

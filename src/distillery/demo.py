@@ -193,9 +193,9 @@ def make_student(teacher, data: dict, out: Path, s: dict, console: Console) -> P
 
 
 def targets_folder(cache: Path, cfg) -> Path:
-    """Where the teacher's targets over ``cfg``'s data live in the teacher's cache folder ``cache``: keyed by the
-    bytes of the data files (not their paths: every output folder shares them), the data and loss settings, and
-    the teacher's dtype as resolved here (``auto`` is bf16 on one CPU and fp32 on another: other targets)."""
+    """The folder of the teacher's targets over ``cfg``'s data in the teacher's cache ``cache``, keyed by the data files'
+    bytes (not paths), the data, packing and loss settings, and the teacher's dtype as resolved (``auto``: bf16/fp32)."""
+    from .data.pack import PACKING
     from .demo_chat import keyed_name
     from .hardware import auto_dtype
     from .hashing import file_sha256
@@ -206,8 +206,8 @@ def targets_folder(cache: Path, cfg) -> Path:
              for f in list(cfg.data.train) + list(cfg.data.validation or [])]
     dtype = str(auto_dtype(teacher_device(cfg.teacher.device, run_device()))) if cfg.teacher.dtype == "auto" \
         else cfg.teacher.dtype
-    # data.weights only reorder the blocks the targets are kept for: the same targets serve every weighting
-    key = {"files": files, "data": cfg.data.model_dump(exclude={"train", "validation", "weights"}),
+    # targets are kept per block: the packing makes the blocks; data.weights only reorder them (one cache serves all)
+    key = {"files": files, "data": cfg.data.model_dump(exclude={"train", "validation", "weights"}), "packing": PACKING,
            "loss_temperature": cfg.loss.loss_temperature, "teacher": cfg.teacher.source, "dtype": dtype}
     return cache / keyed_name("targets", key)
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..errors import DistilleryError
 from .chat import default_system_prompt, has_generation_tags, render_chat, use_chat_template
-from .pack import BlockDataset, pack_chat, text_starts
+from .pack import PACKING, BlockDataset, pack_chat, text_starts
 from .readers import read_source, resolve_sources
 from .split import permutation, split_blocks
 from .tokenize import tokenize_documents
@@ -186,7 +186,7 @@ def build_datasets(cfg, tokenizer, max_positions: int | None = None, progress: b
         "blocks": {"train": len(train), "val": len(val) if val is not None else 0},
     }
     if full.positions is not None:  # packed conversations see only themselves (a cache made before does not match)
-        fingerprint["packing"] = "per-conversation attention"
+        fingerprint["packing"] = f"per-conversation attention, {PACKING}"  # other blocks: caches made before differ
     if chat_renderer is not None:  # the token ids come from somewhere else than the chat template alone
         fingerprint["chat_renderer"] = str(getattr(chat_renderer, "name", "custom"))
     return DataSplits(train=train, val=val, fingerprint=fingerprint, stats=stats)
