@@ -241,3 +241,30 @@ def test_compute_info_names_threads_and_the_resolved_precision(monkeypatch):
             assert info["train_precision"] == "no" and info["cpu_bf16_probe"]["decided_by"] == "DISTILLERY_CPU_BF16"
     finally:
         _cached_probe.cache_clear()
+
+
+def test_remembered_teacher_scores_each_batch_once():
+    from distillery.demo_eval import RememberedTeacher
+    from distillery.evaluate import evaluate
+    from distillery.teachers.hf import HFTeacher
+
+    model = tiny_llama(seed=0).eval()
+    calls = []
+
+    class Counting(HFTeacher):
+        def targets(self, batch, vocab_size=None):
+            calls.append(1)
+            return super().targets(batch, vocab_size)
+
+    teacher = Counting(model=model, tokenizer=None, name="t", source="t", device=torch.device("cpu"))
+    ids = torch.randint(0, model.config.vocab_size, (2, 2, 12))
+    batches = [{"input_ids": x, "labels": x.clone(), "attention_mask": torch.ones_like(x)} for x in ids]
+    plain = [evaluate(teacher, tiny_llama(seed=s), batches) for s in (1, 2)]
+    assert len(calls) == 4
+    calls.clear()
+    kept = RememberedTeacher(teacher)
+    again = [evaluate(kept, tiny_llama(seed=s), batches) for s in (1, 2)]
+    assert len(calls) == 2 and again == plain  # the second student costs the teacher nothing, same numbers
+    masked = dict(batches[0], labels=batches[0]["labels"].masked_fill(torch.arange(12) < 6, -100))
+    kept.targets(masked)
+    assert len(calls) == 3  # other labels (another target mask): other targets

@@ -100,6 +100,16 @@ def test_score_fidelity_records_and_means():
     for a, b in zip(res["records"], other["records"]):
         for k in ("teacher_greedy", "teacher_sampled"):
             assert b["answers"][k] == a["answers"][k] and b["scores"][k] == a["scores"][k]
+    # ... and the teacher's log-likelihoods of them: taken as given (here marked), the students' still scored
+    marked = {k: [-9.0, -8.0] for k in reuse}
+    third = score_fidelity(model, tok, tiny_llama(seed=1), tok, prompts, max_new_tokens=6, seed=3, batch_size=2,
+                           teacher_answers=reuse, teacher_ll=marked)
+    for i, (b, c) in enumerate(zip(other["records"], third["records"])):
+        assert c["scores"]["teacher_greedy"]["teacher_logprob_per_byte"] == marked["teacher_greedy"][i]
+        assert c["scores"]["student_greedy"] == b["scores"]["student_greedy"]
+    with pytest.raises(DistilleryError, match="one log-likelihood per prompt"):
+        score_fidelity(model, tok, model, tok, prompts, max_new_tokens=2, teacher_answers=reuse,
+                       teacher_ll={"teacher_greedy": [-1.0]})
 
 
 def test_read_prompts(tmp_path):

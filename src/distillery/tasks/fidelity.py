@@ -224,7 +224,8 @@ def _mean(values) -> float | None:
 
 def score_fidelity(teacher_model, teacher_tok, student_model, student_tok, prompts: list[str] | None = None, *,
                    max_new_tokens: int = 64, sample_temperature: float = 1.0, seed: int = 0,
-                   batch_size: int = 8, teacher_answers: dict[str, list[str]] | None = None) -> dict:
+                   batch_size: int = 8, teacher_answers: dict[str, list[str]] | None = None,
+                   teacher_ll: dict[str, list[float | None]] | None = None) -> dict:
     """Answers of teacher and student to ``prompts`` (default :data:`DEFAULT_PROMPTS`), scored side by side.
 
     Returns ``{"records": [{"prompt", "answers": {name: text}, "scores": {name: {...}}}], "means": {name:
@@ -232,7 +233,9 @@ def score_fidelity(teacher_model, teacher_tok, student_model, student_tok, promp
     "repeat_share", "empty_or_whitespace"}},
     "settings": {...}}`` for the four answers in :data:`ANSWERS`; ``empty_or_whitespace`` in ``means`` is a count.
     ``teacher_answers`` (``{"teacher_greedy": [...], "teacher_sampled": [...]}`` from an earlier result's records,
-    same prompts and settings) skips the teacher's generation when several students are scored.
+    same prompts and settings) skips the teacher's generation when several students are scored; ``teacher_ll``
+    (``{"teacher_greedy": [...], ...}``: the teacher's per-byte log-likelihoods of those answers, from the same earlier
+    records) skips scoring them again.
     """
     prompts = list(DEFAULT_PROMPTS if prompts is None else prompts)
     if not prompts:
@@ -250,8 +253,11 @@ def score_fidelity(teacher_model, teacher_tok, student_model, student_tok, promp
             answers[f"{who}_{mode}"] = generate_answers(model, tok, prompts, do_sample=mode == "sampled",
                                                         max_new_tokens=max_new_tokens, batch_size=batch_size,
                                                         sample_temperature=sample_temperature, seed=seed)
-    ll = {name: teacher_logprob_per_byte(teacher_model, teacher_tok, prompts, answers[name], batch_size=batch_size)
+    ll = {name: list(teacher_ll[name]) if teacher_ll and name in teacher_ll else
+          teacher_logprob_per_byte(teacher_model, teacher_tok, prompts, answers[name], batch_size=batch_size)
           for name in ANSWERS}
+    if any(len(v) != len(prompts) for v in ll.values()):
+        raise DistilleryError("answer fidelity: teacher_ll must hold one log-likelihood per prompt")
     records = []
     for i, prompt in enumerate(prompts):
         ref = answers["teacher_greedy"][i]
