@@ -8,7 +8,7 @@
    FFN 1,024, 6 query / 3 KV heads, tied embeddings: 31.9M parameters, 0.24x), saved in ``pruned_init/``.
 3. **The teacher's targets, written once** (:func:`make_targets`, ``distillery cache``): its top-16 log-probs and
    16 draws from its tail at every training position, in the teacher's cache folder (reused by the next demo).
-   The runs see each conversation block ~11 times, so a live teacher would score it ~11 times: KD read its targets
+   The runs see each conversation block ~13 times, so a live teacher would score it ~13 times: KD read its targets
    from the cache at ~2.7x the live loop's speed here, the steps saved went to training longer (``SETTINGS``).
 4. **Two runs from that same init**, same blocks, same steps (``distill``), each conversation block trained on
    8 times a pass for every plain-text block (``chat_weight``, ``data.weights``):
