@@ -99,7 +99,7 @@ def goals(teacher: dict, runs: dict) -> dict:
 
 class RememberedTeacher:
     """A teacher whose targets for a batch are computed once and kept: the demo measures both students on the same
-    few held-out and Milton blocks (18 of them, ~0.6 MB of hidden states each), so the second pays nothing for it.
+    few held-out and Milton blocks (under 20, ~0.6 MB of hidden states each), so the second pays nothing for it.
     Keyed by the batch's token ids and labels (the targets' mask); nothing else of the teacher is used there."""
 
     def __init__(self, teacher):

@@ -154,8 +154,8 @@ def to_sparse(out, k: int, loss_temperature: float, vocab_size: int | None, rows
     ``rows (B, T)`` bool, when given, marks the positions the caller keeps (the cache's target positions): a dense
     input goes through the LM head, the softmax and the draws on those rows only; the other rows come back as zeros
     (ids 0, log-probs 0, tail 0), which the cache never stores.
-    In chat data most positions are the prompt's: the head and the sampling were ~40 % of the teacher's time a
-    row on a 2-core CPU, paid for nothing there.
+    In chat data most positions are the prompt's: the head and the sampling were ~35 % of the teacher's time a
+    row on a 2-core CPU (SmolLM2-135M), paid for nothing there.
     """
     from ..targets import TeacherTargets, sparse_from_logits, tail_logprob_outside
 
