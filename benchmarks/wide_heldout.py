@@ -38,7 +38,8 @@ def wide_prompts(n: int, exclude: list[str], seed: int = 1234) -> list[str]:
 
     passages = milton_passages()
     picked = random.Random(seed).sample(passages, min(len(passages), n + len(exclude)))
-    out = [p for p in (TEMPLATES[i % len(TEMPLATES)].format(p=x) for i, x in enumerate(picked)) if p not in set(exclude)]
+    skip = set(exclude)
+    out = [p for p in (TEMPLATES[i % len(TEMPLATES)].format(p=x) for i, x in enumerate(picked)) if p not in skip]
     if len(out) < n:
         raise SystemExit(f"only {len(out)} prompts other than the demo's; ask for fewer")
     return out[:n]
