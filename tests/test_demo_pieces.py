@@ -12,7 +12,8 @@ from tiny import tiny_llama, tiny_tokenizer
 
 from distillery.config import DataConfig
 from distillery.data import build_datasets
-from distillery.demo_chat import TEMPLATES, demo_prompts, milton_passages, shakespeare_passages, teacher_answers, write_chat
+from distillery.demo_chat import (TEMPLATES, demo_prompts, milton_passages, more_heldout_prompts, shakespeare_passages,
+                                  teacher_answers, write_chat)
 from distillery.demo_eval import goals
 from distillery.errors import DistilleryError
 from distillery.report.tasks import render_tasks
@@ -115,6 +116,34 @@ def test_goals_on_hand_numbers():
     assert g["goal: KD answers closer to the teacher's log-likelihood than CE's"] is True  # |-0.2| < |-0.6|
     bad = {"kd": dict(RESULTS["runs"]["kd"], blimp={"overall": 0.65}), "ce": RESULTS["runs"]["ce"]}
     assert goals(RESULTS["teacher"], bad)["goal: BLiMP kept above chance >= 0.9"] is False  # 0.75
+
+
+def test_answer_goal_reads_all_the_heldout_prompts():
+    """With the more prompts' answers the goal reads them and the fidelity ones together, not the fidelity 12."""
+    kd = dict(RESULTS["runs"]["kd"], greedy_all_heldout={"answers": 108, "scored": 108, "distinct_2": 0.45,
+                                                         "distinct_2_stderr": 0.03, "distinct_2_min": 0.1,
+                                                         "empty_or_whitespace": 0})
+    g = goals(RESULTS["teacher"], {"kd": kd, "ce": RESULTS["runs"]["ce"]})
+    assert g["kd_greedy_distinct_2_fidelity_prompts"] == 0.8 and g["kd_greedy_distinct_2"] == 0.45
+    assert g["kd_greedy_prompts"] == 108 and g["kd_greedy_distinct_2_stderr"] == 0.03
+    assert g["goal: greedy answers never empty, distinct-2 >= 0.5"] is False  # 0.8 on the 12 does not save it
+    html = render_tasks({**RESULTS, "runs": {"kd": kd, "ce": RESULTS["runs"]["ce"]}, "goals": g})
+    assert "Greedy answers to all the held-out prompts" in html and "<td>108</td>" in html and "0.450" in html
+    assert "all the held-out prompts" not in render_tasks(RESULTS)  # results without them: no such table
+    kd["greedy_all_heldout"] = dict(kd["greedy_all_heldout"], distinct_2=0.6, empty_or_whitespace=1)
+    assert goals(RESULTS["teacher"], {"kd": kd})["goal: greedy answers never empty, distinct-2 >= 0.5"] is False
+
+
+def test_more_heldout_prompts_are_seeded_and_other_than_the_demos():
+    demo12 = demo_prompts(12, "milton", 0)
+    more = more_heldout_prompts(96, demo12)
+    assert len(more) == len(set(more)) == 96 and not set(more) & set(demo12)
+    assert more == more_heldout_prompts(96, demo12)  # the same on every machine
+    assert more[:5] == more_heldout_prompts(5, demo12)  # a longer list extends a shorter one
+    assert all(any(p.startswith(t.split("{p}")[0]) for t in TEMPLATES) for p in more)
+    assert more_heldout_prompts(0, demo12) == []
+    with pytest.raises(DistilleryError, match="more held-out prompts"):
+        more_heldout_prompts(len(milton_passages()) + 1, [])
 
 
 def test_report_task_section():

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from tiny import tiny_llama, tiny_tokenizer
 
 from distillery.errors import DistilleryError
-from distillery.tasks.fidelity import (ANSWERS, chat_ids, distinct_2, generate_answers, longest_repeated_ngram,
+from distillery.tasks.fidelity import (ANSWERS, chat_ids, distinct_2, generate_answers, greedy_spread, longest_repeated_ngram,
                                        read_prompts, rouge_l, score_fidelity, teacher_logprob_per_byte)
 
 pytest.importorskip("rouge_score")
@@ -18,6 +18,18 @@ def test_distinct_2():
     assert distinct_2("the cat sat on the mat") == 1.0
     assert distinct_2(",  , , ,") == pytest.approx(1 / 3)  # a row of commas: one bigram, three times
     assert distinct_2("one") is None and distinct_2("   ") is None
+
+
+def test_greedy_spread_by_hand():
+    # distinct-2: "a b c" 2/2 = 1, "a a a" 1/2, "x" none (one word), "   " none and empty
+    out = greedy_spread(["a b c", "a a a", "x", "   "])
+    assert out["answers"] == 4 and out["scored"] == 2 and out["empty_or_whitespace"] == 1
+    assert out["distinct_2"] == pytest.approx(0.75) and out["distinct_2_min"] == pytest.approx(0.5)
+    # sample sd of (1, 0.5) = sqrt(0.125); / sqrt(2) = 0.25
+    assert out["distinct_2_stderr"] == pytest.approx(0.25)
+    one = greedy_spread(["a b"])
+    assert one["distinct_2"] == 1.0 and one["distinct_2_stderr"] is None
+    assert greedy_spread([""])["distinct_2"] is None and greedy_spread([""])["empty_or_whitespace"] == 1
 
 
 def test_longest_repeated_ngram():

@@ -44,10 +44,10 @@ from .quiet import console as wide_console
 SETTINGS = {
     "full": dict(train_prompts=200, heldout_prompts=12, answer_tokens=64, plain_chars=90_000, steps=720,
                  micro_batch=2, warmup=16, calib_batches=8, blimp_per_paradigm=10, milton_blocks=8, gen_batch=16,
-                 minutes=15, chat_weight=8),
+                 minutes=15, chat_weight=8, more_prompts=96),
     "quick": dict(train_prompts=16, heldout_prompts=4, answer_tokens=24, plain_chars=12_000, steps=12,
                   micro_batch=2, warmup=2, calib_batches=2, blimp_per_paradigm=1, milton_blocks=4, gen_batch=16,
-                  minutes=0, chat_weight=8),
+                  minutes=0, chat_weight=8, more_prompts=8),
 }
 # ``chat_weight``: each conversation block is trained on this many times a pass per plain-text block (``data.weights``;
 # ``data.weights.chat=1`` as a demo override: the plain mix). At the AVX2 EPYC's 230 steps the KD student's greedy

@@ -83,6 +83,19 @@ def demo_prompts(n: int, corpus: str, seed: int = 0) -> list[str]:
     return [TEMPLATES[i % len(TEMPLATES)].format(p=p) for i, p in enumerate(picked)]
 
 
+def more_heldout_prompts(n: int, exclude: list[str], seed: int = 1234) -> list[str]:
+    """``n`` more held-out prompts over Milton (the templates taking turns over passages drawn with ``seed``), none of
+    them in ``exclude``. The demo reads its answer goal on these and its own ``exclude``: its few prompts alone
+    misread a student's distinct-2 by up to +-0.24 (``benchmarks/wide_heldout.py``, which draws the same ones)."""
+    passages = milton_passages()
+    picked = random.Random(seed).sample(passages, min(len(passages), n + len(exclude)))
+    skip = set(exclude)
+    out = [p for p in (TEMPLATES[i % len(TEMPLATES)].format(p=x) for i, x in enumerate(picked)) if p not in skip]
+    if len(out) < n:
+        raise DistilleryError(f"demo: {n} more held-out prompts asked for, the Milton text gives {len(out)}")
+    return out[:n]
+
+
 def teacher_cache(teacher, home: Path | None = None) -> Path:
     """The folder of what is a pure function of the teacher (its answers, its BLiMP table), shared by every demo:
     ``<DISTILLERY_HOME>/demo/<name>-<first 16 hex digits of teacher.identity()['weights_hash']>``.
