@@ -23,7 +23,6 @@ width ``b`` in ``--bits``:
   the same weights), verified there (MLX vs torch on the file's dequantized weights, KV cache, greedy
   tokens) and scored by MLX itself on the same held-out blocks (``bench.quality.perplexity_windows``):
   the runtime runs what we claim. The goals are judged on the MLX perplexities.
-
 * ``--embedding-bits N``: the input embedding and the LM head (tied here: 80 % of the SmolLM2 student's weights)
   at N bits beside ``b``-bit layers, in the PTQ, the QAT runs (``qat.embedding_bits``) and the MLX files (mixed
   widths through ``mlx_lm.convert``'s ``quant_predicate``); rows ``ptq3_e4``, ``qat3_e4``, ... Every quantized

@@ -6,13 +6,13 @@ Every step of both systems: the student samples ``--max-new-tokens`` tokens (tem
 ``--batch`` chat prompts, the teacher scores the samples, and the student takes one AdamW step on the generalized
 JSD (β = 0.5, temperature 1) over the sampled tokens. Same saved student and teacher, same prompts (checked token
 for token), same stop tokens (written into the student's generation config), same learning rate; each system in
-its own process, alternated A B A B, with the same allocator setting (``--thp`` sets ``THP_MEM_ALLOC_ENABLE=1``
-for both). Ours sets glibc's mmap threshold in-process (``train.return_large_frees``), so TRL also runs under it
+its own process, alternated A B A B, with the same allocator setting (``--thp``: ``THP_MEM_ALLOC_ENABLE=1`` for
+both). Ours sets glibc's mmap threshold in-process (``train.return_large_frees``), so TRL also runs under it
 (``trl_<prec>+frees``: ``MALLOC_MMAP_THRESHOLD_=1048576``) and ours without it (``ours_<prec>-frees``); the RSS goal is
-judged against TRL's lowest peak in its fastest precision, with or without the setting (BENCHMARKS.md). Fair CPU settings for TRL: no gradient checkpointing, no vLLM, and bf16 exactly where the CPU runs it
-fast (``distillery.hardware.cpu_bf16_fast``); on a CPU with a bf16 flag both tools also run in the other precision
-and the headline ratio is ours (the precision ``auto`` picks) to whichever TRL run is faster. Ours runs in the precision ``auto`` picks
-(``train.mixed_precision`` bf16 and ``teacher.dtype`` bfloat16, or fp32). TRL in bf16 gets a bf16 teacher too.
+judged against TRL's lowest peak in its fastest precision (BENCHMARKS.md). Fair CPU settings for TRL: no gradient
+checkpointing, no vLLM, bf16 exactly where the CPU runs it fast (``distillery.hardware.cpu_bf16_fast``; there both
+tools also run fp32, and the headline is ours, in the precision ``auto`` picks, against the faster TRL run). TRL in
+bf16 gets a bf16 teacher too.
 
 Reported per system: generated tok/s (sampled tokens, EOS included), total tok/s (prompt + sampled tokens the
 step trains on), the split of a step (sampling / teacher backbone forward / the rest: student forward and
@@ -48,7 +48,6 @@ SIZES = {"tiny": {"full": (10, 2), "quick": (3, 1)}, "real": {"full": (6, 1), "q
 GOALS = {"tiny": (1.5, None), "real": (2.0, 0.5)}  # ours vs fastest TRL: >= x tok/s (total), <= y peak RSS
 
 
-# ----------------------------------------------------------------------------- setup (parent, untimed)
 def setup(name: str, work: Path, n_records: int, seq_len: int, prompt_tokens: int, student: str | None = None) -> dict:
     """Teacher, student and chat data (throughput.setup_pair), then one stop-token list for both tools. For the
     real pair, ``student`` (an HF folder with the teacher's vocabulary) replaces throughput's random 4x256 student."""
@@ -105,7 +104,6 @@ def prompt_check(tok, data: Path, seq_len: int) -> dict:
             "prompt_tokens_mean": sum(map(len, theirs)) / max(len(theirs), 1)}
 
 
-# ----------------------------------------------------------------------------- children (one system each)
 def timer_hooks(module, sink: list):
     """Seconds of each forward of ``module`` appended to ``sink`` (pre- and post-forward hooks)."""
     start = []
@@ -254,7 +252,6 @@ def child_main(spec_path: str, result_path: str) -> None:
     Path(result_path).write_text(json.dumps(result))
 
 
-# ----------------------------------------------------------------------------- parent: alternate, summarise
 def steady(run: dict, warm: int) -> dict:
     """Rates and the split over the steps after ``warm`` (sums over steps, not means of rates)."""
     sec = run["step_seconds"][warm:]
@@ -397,11 +394,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if "--child" in sys.argv:
-        ap = argparse.ArgumentParser()
-        ap.add_argument("--child", required=True)
-        ap.add_argument("--result", required=True)
-        a = ap.parse_args()
-        child_main(a.child, a.result)
+    if "--child" in sys.argv:  # common.run_child: onpolicy.py --child SPEC --result OUT
+        child_main(sys.argv[sys.argv.index("--child") + 1], sys.argv[sys.argv.index("--result") + 1])
     else:
         main()

@@ -64,7 +64,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from distillery.demo_chat import demo_prompts, more_heldout_prompts
-    from distillery.tasks.fidelity import distinct_2, generate_answers
+    from distillery.tasks.fidelity import distinct_2, generate_answers, greedy_spread
 
     machine = common.machine_info(threads=args.threads)
     demo12 = demo_prompts(12, "milton", 0)  # the demo's held-out prompts (seed 0)
@@ -79,11 +79,12 @@ def main() -> None:
         for label, prompts in (("demo12", demo12), ("wide", wide)):
             answers = generate_answers(model, tok, prompts, do_sample=False, max_new_tokens=args.answer_tokens,
                                        batch_size=args.batch_size)
-            d2 = [d for d in map(distinct_2, answers) if d is not None]
-            scores[label] = {"mean": statistics.mean(d2), "n": len(d2),
-                             "empty_or_whitespace": sum(not a.strip() for a in answers)}
+            spread = greedy_spread(answers)  # what the demo reads its answer goal with
+            scores[label] = {"mean": spread["distinct_2"], "n": spread["scored"],
+                             "empty_or_whitespace": spread["empty_or_whitespace"]}
             if label == "wide":
-                scores[label]["stderr"] = statistics.stdev(d2) / len(d2) ** 0.5
+                d2 = [d for d in map(distinct_2, answers) if d is not None]
+                scores[label]["stderr"] = spread["distinct_2_stderr"]
                 sets = [statistics.mean(d2[i:i + 12]) for i in range(0, len(d2) - 11, 12)]
                 scores[label]["sets_of_12"] = [round(x, 3) for x in sets]
                 scores[label]["sets_of_12_below_0.5"] = sum(x < 0.5 for x in sets)

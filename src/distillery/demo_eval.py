@@ -7,8 +7,7 @@
   ``<|endoftext|>`` (SmolLM2's document separator, what plain text follows in pretraining; its BOS
   ``<|im_start|>`` opens a chat turn and scores lower), the same prefix for teacher and students;
 * **answer fidelity** (:mod:`.tasks.fidelity`): greedy and sampled answers to the held-out prompts, the
-  teacher's ones generated once in the data step and reused.
-
+  teacher's ones generated once in the data step and reused;
 * **greedy answers to more held-out prompts** (:func:`.demo_chat.more_heldout_prompts`, ``more_prompts`` of
   them, student only, no teacher needed): their distinct-2 with its standard error (:func:`.tasks.fidelity.greedy_spread`)
   over these and the fidelity prompts' greedy answers together.
