@@ -14,7 +14,7 @@ from distillery.config import DataConfig
 from distillery.data import build_datasets
 from distillery.demo_chat import (TEMPLATES, demo_prompts, milton_passages, more_heldout_prompts, shakespeare_passages,
                                   teacher_answers, write_chat)
-from distillery.demo_eval import goals
+from distillery.demo_eval import goals, paired_difference
 from distillery.errors import DistilleryError
 from distillery.report.tasks import render_tasks
 from distillery.tasks.fidelity import chat_ids, distinct_char_4, repeat_share
@@ -132,6 +132,13 @@ def test_answer_goal_reads_all_the_heldout_prompts():
     assert "all the held-out prompts" not in render_tasks(RESULTS)  # results without them: no such table
     kd["greedy_all_heldout"] = dict(kd["greedy_all_heldout"], distinct_2=0.6, empty_or_whitespace=1)
     assert goals(RESULTS["teacher"], {"kd": kd})["goal: greedy answers never empty, distinct-2 >= 0.5"] is False
+
+
+def test_paired_difference_skips_unscored_prompts():
+    d = paired_difference([-0.2, -0.5, None, -0.3], [-0.6, -0.4, -0.1, None])  # pairs: +0.4, -0.1
+    assert d["prompts"] == 2 and d["mean"] == pytest.approx(0.15)
+    assert d["stderr"] == pytest.approx((0.125 ** 0.5) / 2 ** 0.5)  # sd of (0.4, -0.1) = sqrt(0.125)
+    assert paired_difference([-0.2, None], [-0.1, -0.3]) is None
 
 
 def test_more_heldout_prompts_are_seeded_and_other_than_the_demos():

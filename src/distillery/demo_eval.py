@@ -107,6 +107,17 @@ def goals(teacher: dict, runs: dict) -> dict:
     return out
 
 
+def paired_difference(a: list, b: list) -> dict | None:
+    """Mean of ``a_i - b_i`` over the prompts both scored, its standard error and how many: how far apart the two
+    students' log-likelihoods are beside how much a dozen prompts can tell (None under two pairs)."""
+    import statistics
+
+    d = [x - y for x, y in zip(a, b) if x is not None and y is not None]
+    if len(d) < 2:
+        return None
+    return {"mean": statistics.mean(d), "stderr": statistics.stdev(d) / len(d) ** 0.5, "prompts": len(d)}
+
+
 class RememberedTeacher:
     """A teacher whose targets for a batch are computed once and kept: the demo measures both students on the same
     few held-out and Milton blocks (under 20, ~0.6 MB of hidden states each), so the second pays nothing for it.
@@ -217,6 +228,9 @@ def evaluate_demo(out: Path, runs: dict, data: dict, s: dict, console: Console, 
     results["blimp"] = {"per_paradigm": s["blimp_per_paradigm"], "n_pairs": len(pairs), "prefix": BLIMP_PREFIX,
                         "chance": 0.5, "credit": CREDIT}
     results["goals"] = goals(results["teacher"], results["runs"])
+    results["goals"]["teacher_ll_kd_minus_ce"] = paired_difference(
+        [(r.get("kd_scores") or {}).get("teacher_logprob_per_byte") for r in fid_records],
+        [(r.get("ce_scores") or {}).get("teacher_logprob_per_byte") for r in fid_records])
     results["eval_seconds"] = time.perf_counter() - t0
     return results
 
@@ -271,4 +285,7 @@ def print_results(results: dict, console: Console) -> None:
             said = {"goal: greedy answers never empty, distinct-2 >= 0.5":
                     f" (on {g.get('kd_greedy_prompts')} held-out prompts: {_f(g.get('kd_greedy_distinct_2'))})",
                     "goal: BLiMP kept above chance >= 0.9": f" ({_f(g.get('blimp_kept_above_chance'), '{:.2f}')})"}
+            if (d := g.get("teacher_ll_kd_minus_ce")):
+                said["goal: KD answers closer to the teacher's log-likelihood than CE's"] = (
+                    f" (KD - CE: {d['mean']:+.3f} +- {d['stderr']:.3f} nats/byte over {d['prompts']} prompts)")
             console.print(f"{'[green]met[/]' if v else '[red]not met[/]'}  {k[6:]}{said.get(k, '')}", highlight=False)
