@@ -101,7 +101,7 @@ def main() -> None:
 
         teacher = load_teacher("smollm2", device="cpu", dtype="float32")
         own = teacher_answers(teacher.model, teacher.tokenizer, demo12 + wide,
-                              Path(args.work_dir) / f"teacher_greedy_{len(wide)}.jsonl",
+                              Path(args.work_dir) / f"teacher_greedy_{len(demo12) + len(wide)}.jsonl",
                               max_new_tokens=args.answer_tokens, batch_size=16)
         lls["teacher"] = teacher_logprob_per_byte(teacher.model, teacher.tokenizer, demo12 + wide, own)
     for spec in args.students:
