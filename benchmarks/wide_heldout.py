@@ -5,9 +5,8 @@ held-out prompts about *Paradise Lost* until stop 29; over 12 answers the mean m
 only in seed or steps. Since then the demo reads it on these 12 and the 96 prompts this scores too. This scores each
 student folder given on ``--prompts`` (default 96) other prompts (``distillery.demo_chat.more_heldout_prompts``:
 the templates over other Milton passages, none of the demo's 12), greedy, ``--answer-tokens`` new tokens as the demo,
-and reports the mean, its
-standard error, and the spread of the means of disjoint sets of 12 (what one demo would have seen). The demo's own
-12 are scored too, for comparison with the demo's record. The teacher is not needed.
+and reports the mean, its standard error, and the spread of the means of disjoint sets of 12 (what one demo would
+have seen). The demo's own 12 are scored too, for comparison with the demo's record. The teacher is not needed.
 
     flock /tmp/distillery-bench.lock .venv/bin/python benchmarks/wide_heldout.py \\
         --students runs/bench/demo_cold2/kd/student runs/bench/demo_budget/kd/student \\
