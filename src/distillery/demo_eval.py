@@ -280,12 +280,12 @@ def print_results(results: dict, console: Console) -> None:
         for who in ("teacher", "kd", "ce"):
             console.print(f"  [bold]{who}[/]: {rec.get(f'{who}_greedy', '')!r}", highlight=False)
     g = results["goals"]
+    said = {"goal: greedy answers never empty, distinct-2 >= 0.5":  # each goal's numbers beside its verdict
+            f" (on {g.get('kd_greedy_prompts')} held-out prompts: {_f(g.get('kd_greedy_distinct_2'))})",
+            "goal: BLiMP kept above chance >= 0.9": f" ({_f(g.get('blimp_kept_above_chance'), '{:.2f}')})"}
+    if (d := g.get("teacher_ll_kd_minus_ce")):
+        said["goal: KD answers closer to the teacher's log-likelihood than CE's"] = (
+            f" (KD - CE: {d['mean']:+.3f} +- {d['stderr']:.3f} nats/byte over {d['prompts']} prompts)")
     for k, v in g.items():
         if k.startswith("goal:"):
-            said = {"goal: greedy answers never empty, distinct-2 >= 0.5":
-                    f" (on {g.get('kd_greedy_prompts')} held-out prompts: {_f(g.get('kd_greedy_distinct_2'))})",
-                    "goal: BLiMP kept above chance >= 0.9": f" ({_f(g.get('blimp_kept_above_chance'), '{:.2f}')})"}
-            if (d := g.get("teacher_ll_kd_minus_ce")):
-                said["goal: KD answers closer to the teacher's log-likelihood than CE's"] = (
-                    f" (KD - CE: {d['mean']:+.3f} +- {d['stderr']:.3f} nats/byte over {d['prompts']} prompts)")
             console.print(f"{'[green]met[/]' if v else '[red]not met[/]'}  {k[6:]}{said.get(k, '')}", highlight=False)
