@@ -31,7 +31,13 @@ def _digest(root: Path) -> dict[str, str]:
 
 
 def _progress(out: Path):
-    return lambda: len(list(out.rglob("*.commit.json"))) if out.exists() else 0
+    def committed() -> int:
+        while True:
+            try:
+                return len(list(out.rglob("*.commit.json"))) if out.exists() else 0
+            except FileNotFoundError:  # the run renamed a temp folder (its tokenizer's atomic write) under the walk
+                continue
+    return committed
 
 
 def _invariants(out: Path):

@@ -75,6 +75,7 @@ def test_batched_greedy_equals_one_prompt_argmax_loop():
     tok, model = tiny_tokenizer(), tiny_llama(seed=6)
     prompts = ["To be or not to be?", "Hi", "What news from the court of Denmark today?"]
     got = generate_answers(model, tok, prompts, do_sample=False, max_new_tokens=8, batch_size=3)
+    assert generate_answers(model, tok, prompts, do_sample=False, max_new_tokens=8, batch_size=2) == got  # in prompt order
     for p, g in zip(prompts, got):
         ids, new = chat_ids(tok, p), []
         with torch.no_grad():
@@ -84,6 +85,16 @@ def test_batched_greedy_equals_one_prompt_argmax_loop():
                     break
                 new.append(nxt)
         assert g == tok.decode(new, skip_special_tokens=True)
+
+
+def test_sampled_answers_are_seeded():
+    tok, model = tiny_tokenizer(), tiny_llama(seed=6)
+    prompts = ["To be or not to be?", "Hi", "What news from the court of Denmark today?", "Who is there?"]
+    kw = dict(do_sample=True, max_new_tokens=8, batch_size=2)
+    first = generate_answers(model, tok, prompts, seed=5, **kw)
+    assert generate_answers(model, tok, prompts, seed=5, **kw) == first
+    assert generate_answers(model, tok, prompts, seed=6, **kw) != first  # other draws (a random tiny model: many words)
+    assert first != generate_answers(model, tok, prompts, do_sample=False, max_new_tokens=8, batch_size=2)
 
 
 def test_score_fidelity_records_and_means():

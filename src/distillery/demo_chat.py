@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .errors import DistilleryError
-from .tasks.fidelity import chat_ids, stop_ids
+from .tasks.fidelity import answer_batch
 
 TEMPLATES = (
     "Explain in plain modern English what this passage means:\n\n{p}",
@@ -167,39 +167,24 @@ def teacher_answers(model, tokenizer, prompts: list[str], path: str | Path, *, m
     todo = [(k, b) for k, b in enumerate(batches) if any(i not in done for i in b)]
     if not todo:
         return [done[i] for i in range(len(prompts))]
-    stops = stop_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    device = next(model.parameters()).device
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = path.read_bytes() if path.is_file() else b""
     if raw and not raw.endswith(b"\n"):  # a line torn by a kill: cut it, or the next record would join it
         path.write_bytes(raw[:raw.rfind(b"\n") + 1])
-    from .generate import sample
-
-    t0, new_tokens = time.perf_counter(), 0
+    t0, answered = time.perf_counter(), 0
     with open(path, "a", encoding="utf-8") as fh:
         for n, (k, batch) in enumerate(todo, 1):
-            seqs = [chat_ids(tokenizer, prompts[i]) for i in batch]
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-            mask = torch.zeros(len(seqs), width, dtype=torch.long)
-            for row, s in enumerate(seqs):  # left padding: every prompt ends at the last column
-                ids[row, width - len(s):] = torch.tensor(s)
-                mask[row, width - len(s):] = 1
-            gen = torch.Generator().manual_seed(seed + k)
-            out, completion = sample(model, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
-                                     sample_temperature=sample_temperature, top_p=top_p, eos_token_id=stops, pad_token_id=pad,
-                                     generator=gen)
-            new_tokens += int(completion.sum())
-            for row, i in enumerate(batch):
-                toks = out[row, width:].tolist()
-                cut = next((j for j, t in enumerate(toks) if t in stops), len(toks))
-                done[i] = tokenizer.decode(toks[:cut], skip_special_tokens=True)
-                fh.write(json.dumps({"i": i, "prompt": prompts[i], "answer": done[i], "settings": settings}) + "\n")
+            got = answer_batch(model, tokenizer, [prompts[i] for i in batch], max_new_tokens=max_new_tokens,
+                               sample_temperature=sample_temperature, top_p=top_p,
+                               generator=torch.Generator().manual_seed(seed + k))
+            answered += len(got)
+            for i, answer in zip(batch, got):
+                done[i] = answer
+                fh.write(json.dumps({"i": i, "prompt": prompts[i], "answer": answer, "settings": settings}) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
             dt = time.perf_counter() - t0
-            log(f"  teacher answers {path.name}: batch {n}/{len(todo)}, {new_tokens:,} tokens, {new_tokens / dt:.0f} tok/s")
+            log(f"  teacher answers {path.name}: batch {n}/{len(todo)}, {answered} answers, {answered / dt:.2f} a second")
     return [done[i] for i in range(len(prompts))]
 
 
