@@ -60,7 +60,7 @@ def test_peak_rss_goal_is_judged_against_trls_lowest_peak_of_its_fastest_precisi
 
 @pytest.mark.slow
 def test_onpolicy_end_to_end(tmp_path):
-    pytest.importorskip("trl", minversion="1.16", reason="TRL not installed (bench extra)")
+    pytest.importorskip("trl", minversion="1.16", reason="TRL not installed (the test and bench extras)")
     out = tmp_path / "onpolicy.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "onpolicy.py"), "--quick", "--pair", "tiny", "--steps", "2",
            "--warmup", "1", "--batch", "2", "--max-new-tokens", "8", "--work-dir", str(tmp_path / "work"), "--out", str(out)]

@@ -55,7 +55,7 @@ def test_chat_records_render_to_exactly_seq_len(bpe):
 
 
 def test_both_tools_see_identical_blocks_and_targets(bpe, tmp_path):
-    pytest.importorskip("trl.experimental.utils", reason="TRL not installed (bench extra)")
+    pytest.importorskip("trl.experimental.utils", reason="TRL not installed (the test and bench extras)")
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in common.chat_records(bpe, 5, seq_len=64, prompt_tokens=16)))
     check = throughput.data_check(bpe, data, 64)
@@ -66,7 +66,7 @@ def test_both_tools_see_identical_blocks_and_targets(bpe, tmp_path):
 
 
 def test_timed_objective_equals_trl_jsd():
-    gkd = pytest.importorskip("trl.experimental.gkd", reason="TRL not installed (bench extra)")
+    gkd = pytest.importorskip("trl.experimental.gkd", reason="TRL not installed (the test and bench extras)")
     from distillery.losses import chunked_distill_loss
 
     g = torch.Generator().manual_seed(3)
@@ -188,7 +188,7 @@ def test_run_all_commands(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_throughput_end_to_end(tmp_path):
-    pytest.importorskip("trl.experimental.gkd", reason="TRL not installed (bench extra)")
+    pytest.importorskip("trl.experimental.gkd", reason="TRL not installed (the test and bench extras)")
     out = tmp_path / "tp.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--pair", "tiny", "--steps", "2", "--warmup", "1",
            "--rounds", "1", "--no-thp", "--systems", "trl_fair,ours_live,ours_cached,student_ce",

@@ -85,7 +85,7 @@ def test_gap_closed_goals_and_recommended_default():
 
 @pytest.mark.slow
 def test_cross_tokenizer_quick_end_to_end(tmp_path):
-    pytest.importorskip("trl.experimental.gold", reason="TRL not installed (bench extra)")
+    pytest.importorskip("trl.experimental.gold", reason="TRL not installed (the test and bench extras)")
     from helpers_run import make_teacher
 
     out = tmp_path / "x.json"

@@ -140,7 +140,7 @@ def test_sparse_forward_kl_is_exact_on_kept_mass():
 
 
 def test_trl_jsd_parity():
-    trl = pytest.importorskip("trl.experimental.gkd", reason="TRL not installed (bench extra)")
+    trl = pytest.importorskip("trl.experimental.gkd", reason="TRL not installed (the test and bench extras)")
     torch.manual_seed(5)
     s, t = torch.randn(2, 6, 40), torch.randn(2, 6, 40)
     labels = torch.randint(0, 40, (2, 6))

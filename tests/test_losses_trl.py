@@ -11,7 +11,7 @@ from distillery.losses import chunked_distill_loss, jsd
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 gkd = pytest.importorskip("trl.experimental.gkd.gkd_trainer",
-                          reason="trl is not installed (it is a benchmark extra: pip install -e '.[bench]')")
+                          reason="TRL not installed (the test and bench extras: pip install -e '.[test]')")
 
 
 @pytest.mark.parametrize("tau", [1.0, 2.0])
