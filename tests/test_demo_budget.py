@@ -30,8 +30,10 @@ def test_plan_steps_fills_the_budget_and_stays_in_bounds():
 def test_measure_step_seconds_runs_the_recipe_and_leaves_nothing(tmp_path: Path):
     cfg = load_config(write_recipe(tmp_path, tmp_path / "run"), [])
     folder = tmp_path / "probe"
-    step_s = measure_step_seconds(cfg, folder, steps=3)
+    seen: list[float] = []
+    step_s = measure_step_seconds(cfg, folder, steps=3, record=seen)
     assert 0 < step_s < 60 and not folder.exists()
+    assert len(seen) == 3 and step_s == pytest.approx(sum(seen[1:]) / 2, abs=1e-3)  # the first (warm-up) left out
     assert not (tmp_path / "run").exists() and cfg.train.max_steps == 6  # the recipe itself is left as it was
 
 
@@ -96,12 +98,14 @@ def test_budget_plan_is_measured_once_and_reused(tmp_path: Path, monkeypatch):
     import distillery.demo_budget as budget
 
     calls = []
-    monkeypatch.setattr(budget, "measure_step_seconds", lambda cfg, folder, **kw: calls.append(folder) or 1.5)
+    monkeypatch.setattr(budget, "measure_step_seconds",
+                        lambda cfg, folder, **kw: calls.append(folder) or kw["record"].extend([2.0, 1.5]) or 1.5)
     cfg = load_config(write_recipe(tmp_path, tmp_path / "run"), ["train.max_steps=360"])
     console = Console(file=open(tmp_path / "log.txt", "w"))
     assert budget_plan(tmp_path, cfg, minutes=0, started=0.0, console=console) is None  # no budget: no plan
     plan = budget_plan(tmp_path, cfg, minutes=15, started=time.perf_counter(), console=console)
     assert plan["step_s"] == 1.5 and plan["recipe_steps"] == 360 and steps_ok(plan["steps"])
+    assert plan["probe_step_s"] == [2.0, 1.5]  # each probe step's seconds, kept for reading a misled plan later
     assert plan["steps"] == plan_steps(900, plan["elapsed_s"], 1.5, max_steps=360)
     # a rerun (the demo cut short) reads the plan, whatever this machine measures now
     monkeypatch.setattr(budget, "measure_step_seconds", lambda cfg, folder, **kw: 0.01)

@@ -110,9 +110,11 @@ def pass_targets_per_step(cfg) -> float | None:
     return float((w * targets).sum() / w.sum()) * cfg.train.micro_batch_size * cfg.train.grad_accum
 
 
-def measure_step_seconds(cfg, folder: Path, steps: int = PROBE_STEPS, pass_targets: float | None = None) -> float:
+def measure_step_seconds(cfg, folder: Path, steps: int = PROBE_STEPS, pass_targets: float | None = None,
+                         record: list | None = None) -> float:
     """Seconds per training step of ``cfg`` on this machine: ``steps`` steps in ``folder`` (removed after), their
-    :func:`scaled_step_seconds` (the plain mean of all but the first when ``pass_targets`` is None)."""
+    :func:`scaled_step_seconds` (the plain mean of all but the first when ``pass_targets`` is None). ``record``, a
+    list, receives each step's seconds (``plan.json`` keeps them: a probe's misreadings can be told apart later)."""
     from .train import distill
 
     probe = cfg.model_copy(deep=True)
@@ -125,6 +127,8 @@ def measure_step_seconds(cfg, folder: Path, steps: int = PROBE_STEPS, pass_targe
         records = [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines() if ln]
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+    if record is not None:
+        record.extend(round(r["step_s"], 4) for r in records if "step_s" in r)
     return scaled_step_seconds(records, pass_targets)
 
 
@@ -139,13 +143,14 @@ def budget_plan(out: Path, cfg, *, minutes: float, started: float, console, blim
     recipe_steps = cfg.train.max_steps
     console.print(f"timing {PROBE_STEPS} training steps to fit the {minutes:g}-minute budget ...", highlight=False)
     pass_targets = pass_targets_per_step(cfg)
-    step_s = measure_step_seconds(cfg, out / "speed_probe", pass_targets=pass_targets)
+    probe_steps: list[float] = []
+    step_s = measure_step_seconds(cfg, out / "speed_probe", pass_targets=pass_targets, record=probe_steps)
     elapsed = time.perf_counter() - started
     reserve = EVAL_RESERVE_S - (TEACHER_BLIMP_S if blimp_cached else 0.0)
     steps = plan_steps(minutes * 60, elapsed, step_s, max_steps=recipe_steps, reserve_s=reserve)
     plan = {"minutes": minutes, "step_s": step_s, "elapsed_s": elapsed, "eval_reserve_s": reserve,
             "teacher_blimp_cached": blimp_cached, "recipe_steps": recipe_steps, "steps": steps,
-            "probe_steps": PROBE_STEPS, "pass_targets_per_step": pass_targets,
+            "probe_steps": PROBE_STEPS, "probe_step_s": probe_steps, "pass_targets_per_step": pass_targets,
             "step_slack": STEP_SLACK, "expected_s": elapsed + 2 * (steps * step_s * STEP_SLACK + RUN_OVERHEAD_S) + reserve}
     path.write_text(json.dumps(plan, indent=1) + "\n")
     why = (f"the recipe's {recipe_steps}" if steps == recipe_steps else
