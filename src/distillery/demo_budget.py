@@ -57,6 +57,9 @@ MIN_STEPS = 60
 # runs' steps took 0.94-1.09x the probe's time in the four cold ones and 1.10-1.27x in the three warm ones (a warm
 # probe runs first thing in a fresh process; why it reads fast is not known). At 1.20 and a 3 % margin all seven
 # would have ended at 775-877 s (benchmarks/results/demo_zen3_{more,slack}*.json), 10-30 fewer steps a run than 1.12.
+# The error runs the other way too: a warm demo at 1.20 whose probe ran beside another process read 1.18 s a step
+# against 0.94 / 0.85 run, planned 250 steps and ended at 606 s (demo_zen3_slack120_warm.json); plan.json keeps each
+# probe step's seconds since, so such a reading can be told apart.
 MARGIN = 0.03
 STEP_SLACK = 1.20
 MULTIPLE = 10
